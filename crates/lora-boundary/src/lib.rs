@@ -1,0 +1,31 @@
+//! # lora-boundary
+//!
+//! Find the LoRA *boundary layer* of a fine-tuned LLM and drop LoRA above it at inference, with no retraining
+//! (Chen et al., "Not All LoRA Parameters Are Essential: Insights on Inference Necessity", arXiv 2503.23360).
+//!
+//! This crate is the facade: it re-exports what a user needs from the workspace crates and adds the pipeline and
+//! the `lora-boundary` command line.
+//!
+//! ```no_run
+//! use lora_boundary::{load_model, LayerMask, GenerationConfig, generate};
+//! let (model, tokenizer) = load_model("models/SmolLM2-135M-Instruct.Q4_1.gguf", Default::default())?;
+//! let prompt = tokenizer.encode_prompt("What is the capital of France?", true)?;
+//! let cfg = GenerationConfig { max_new_tokens: 16, eos_token_ids: tokenizer.eos_token_ids().to_vec(), ..Default::default() };
+//! let (out, _timing) = generate(&model, Some(&tokenizer), &[prompt], &cfg, &LayerMask::keep_through(14))?;
+//! println!("{}", out[0].text);
+//! # Ok::<(), lora_boundary::Error>(())
+//! ```
+#![warn(missing_docs)]
+
+pub mod cli;
+mod error;
+mod loading;
+
+pub use error::{Error, Result};
+pub use loading::{load_model, parse_device, parse_kind, DEFAULT_MODEL};
+pub use lora_model::{
+    self as model, generate, load_adapter, prune_adapter, AdapterInfo, ChatMessage, ForwardOptions, Generation,
+    GenerationConfig, LayerMask, Llama, Logits, LoraConfig, ModelConfig, Module, Placement, Sampling, Tokenizer,
+};
+pub use lora_metrics as metrics;
+pub use lora_search as search;

@@ -1,0 +1,717 @@
+//! PEFT LoRA adapters: `adapter_config.json` + `adapter_model.safetensors`, loaded onto a [`Llama`], pruned to
+//! the kept blocks, and saved back in PEFT's format.
+//!
+//! Matching follows PEFT 0.21 (`check_target_module_exists`, `get_pattern_key`): a list of `target_modules` matches
+//! a module whose name equals an entry or ends with `.entry`; a string is a regex that must match the whole
+//! module name; `all-linear` means every projection of the decoder blocks (not the LM head). `layers_to_transform`
+//! applies only with a list of targets, as in PEFT. Variants we do not implement are refused before any compute.
+use std::collections::{BTreeMap, BTreeSet};
+use std::path::{Path, PathBuf};
+
+use regex::Regex;
+use serde::{Deserialize, Serialize};
+use tch::Tensor;
+
+use crate::error::{ModelError, Result};
+use crate::lora::LoraWeights;
+use crate::mask::{LayerMask, Module};
+use crate::model::Llama;
+use crate::weights::{save_safetensors, write_atomic, SafetensorsWeights, WeightSource};
+
+/// `target_modules` / `exclude_modules`: a list (suffix match) or a regex (full match).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(untagged)]
+pub enum ModuleSelector {
+    /// Names; a module matches if its name equals one or ends with `.name`.
+    List(Vec<String>),
+    /// A regular expression over the whole module name (or `all-linear`).
+    Regex(String),
+}
+
+/// An int or a list of ints (`layers_to_transform`).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(untagged)]
+pub enum LayerList {
+    /// One block.
+    One(usize),
+    /// Several blocks.
+    Many(Vec<usize>),
+}
+
+/// A string or a list of strings (`layers_pattern`).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(untagged)]
+pub enum StringList {
+    /// One.
+    One(String),
+    /// Several.
+    Many(Vec<String>),
+}
+
+fn default_r() -> usize {
+    8
+}
+fn default_alpha() -> f64 {
+    8.0
+}
+fn default_bias() -> String {
+    "none".into()
+}
+
+/// The fields of PEFT's `LoraConfig` that decide what an adapter computes. Unknown keys are ignored.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct LoraConfig {
+    /// `LORA` (other PEFT methods are refused).
+    #[serde(default)]
+    pub peft_type: Option<String>,
+    /// Default rank.
+    #[serde(default = "default_r")]
+    pub r: usize,
+    /// Default alpha.
+    #[serde(default = "default_alpha")]
+    pub lora_alpha: f64,
+    /// rsLoRA scaling `alpha / sqrt(r)`.
+    #[serde(default)]
+    pub use_rslora: bool,
+    /// Modules to wrap.
+    #[serde(default)]
+    pub target_modules: Option<ModuleSelector>,
+    /// Modules never to wrap.
+    #[serde(default)]
+    pub exclude_modules: Option<ModuleSelector>,
+    /// Restrict to these blocks (list targets only, as in PEFT).
+    #[serde(default)]
+    pub layers_to_transform: Option<LayerList>,
+    /// Name of the layer list in module paths (`layers`).
+    #[serde(default)]
+    pub layers_pattern: Option<StringList>,
+    /// Per-module ranks, in file order (PEFT's `get_pattern_key` takes the first key that matches).
+    #[serde(default, deserialize_with = "ordered_map", serialize_with = "ordered_map_ser")]
+    pub rank_pattern: Vec<(String, usize)>,
+    /// Per-module alphas, in file order.
+    #[serde(default, deserialize_with = "ordered_map", serialize_with = "ordered_map_ser")]
+    pub alpha_pattern: Vec<(String, f64)>,
+    /// Dropout on the LoRA branch while training.
+    #[serde(default)]
+    pub lora_dropout: f64,
+    /// Transposed (Conv1D-style) weights: PEFT turns this off for `nn.Linear`, so it changes nothing here.
+    #[serde(default)]
+    pub fan_in_fan_out: bool,
+    /// Must be `none`.
+    #[serde(default = "default_bias")]
+    pub bias: String,
+    /// DoRA: refused.
+    #[serde(default)]
+    pub use_dora: bool,
+    /// Fully trained extra modules: refused.
+    #[serde(default)]
+    pub modules_to_save: Option<Vec<String>>,
+    /// Layer replication: refused.
+    #[serde(default)]
+    pub layer_replication: Option<serde_json::Value>,
+    /// Parameter targeting (MoE experts): refused.
+    #[serde(default)]
+    pub target_parameters: Option<Vec<String>>,
+    /// Trainable token indices: refused.
+    #[serde(default)]
+    pub trainable_token_indices: Option<serde_json::Value>,
+    /// The base model's name or path.
+    #[serde(default)]
+    pub base_model_name_or_path: Option<String>,
+}
+
+impl Default for LoraConfig {
+    fn default() -> Self {
+        LoraConfig {
+            peft_type: Some("LORA".into()),
+            r: 8,
+            lora_alpha: 16.0,
+            use_rslora: false,
+            target_modules: Some(ModuleSelector::List(
+                Module::ALL.iter().map(|m| m.hf_name().to_string()).collect(),
+            )),
+            exclude_modules: None,
+            layers_to_transform: None,
+            layers_pattern: None,
+            rank_pattern: Vec::new(),
+            alpha_pattern: Vec::new(),
+            lora_dropout: 0.0,
+            fan_in_fan_out: false,
+            bias: "none".into(),
+            use_dora: false,
+            modules_to_save: None,
+            layer_replication: None,
+            target_parameters: None,
+            trainable_token_indices: None,
+            base_model_name_or_path: None,
+        }
+    }
+}
+
+fn full_regex(pattern: &str, origin: &Path, field: &str) -> Result<Regex> {
+    Regex::new(&format!("^(?:{pattern})$")).map_err(|e| ModelError::Adapter {
+        path: origin.to_path_buf(),
+        message: format!("`{field}` regex `{pattern}` is not supported: {e}"),
+    })
+}
+
+/// The compiled matching rules of a [`LoraConfig`].
+struct Matcher {
+    targets: Option<Either>,
+    excludes: Option<Either>,
+    layers: Option<BTreeSet<usize>>,
+    layer_regexes: Vec<Regex>,
+    rank_keys: Vec<(Regex, usize)>,
+    alpha_keys: Vec<(Regex, f64)>,
+}
+
+enum Either {
+    List(Vec<String>),
+    Regex(Regex),
+}
+
+fn list_match(list: &[String], key: &str) -> bool {
+    list.iter().any(|t| key == t || key.ends_with(&format!(".{t}")))
+}
+
+impl LoraConfig {
+    /// Reads `adapter_config.json`.
+    pub fn from_file(path: &Path) -> Result<Self> {
+        let text = std::fs::read_to_string(path).map_err(|e| ModelError::io(path, e))?;
+        serde_json::from_str(&text).map_err(|source| ModelError::Json {
+            path: path.to_path_buf(),
+            source,
+        })
+    }
+
+    /// Refuses variants we do not implement, naming the field.
+    pub fn check_supported(&self, origin: &Path) -> Result<()> {
+        let refuse = |message: String| {
+            Err(ModelError::Adapter {
+                path: origin.to_path_buf(),
+                message,
+            })
+        };
+        if let Some(t) = &self.peft_type {
+            if !t.eq_ignore_ascii_case("lora") {
+                return refuse(format!("peft_type `{t}` is not LoRA"));
+            }
+        }
+        if self.use_dora {
+            return refuse("DoRA adapters (`use_dora: true`) are not supported".into());
+        }
+        if self.modules_to_save.as_ref().is_some_and(|m| !m.is_empty()) {
+            return refuse("`modules_to_save` (fully trained extra modules) is not supported".into());
+        }
+        if self.bias != "none" {
+            return refuse(format!("`bias: {}` is not supported (only `none`)", self.bias));
+        }
+        if self.layer_replication.as_ref().is_some_and(|v| !v.is_null()) {
+            return refuse("`layer_replication` is not supported".into());
+        }
+        if self.target_parameters.as_ref().is_some_and(|v| !v.is_empty()) {
+            return refuse("`target_parameters` is not supported".into());
+        }
+        if self.trainable_token_indices.as_ref().is_some_and(|v| !v.is_null()) {
+            return refuse("`trainable_token_indices` is not supported".into());
+        }
+        if self.r == 0 {
+            return refuse("`r` must be positive".into());
+        }
+        Ok(())
+    }
+
+    fn matcher(&self, origin: &Path) -> Result<Matcher> {
+        let sel = |s: &Option<ModuleSelector>, field: &str| -> Result<Option<Either>> {
+            Ok(match s {
+                None => None,
+                Some(ModuleSelector::List(l)) => Some(Either::List(l.clone())),
+                Some(ModuleSelector::Regex(r)) if r.eq_ignore_ascii_case("all-linear") && field == "target_modules" => {
+                    Some(Either::List(Module::ALL.iter().map(|m| m.hf_name().to_string()).collect()))
+                }
+                Some(ModuleSelector::Regex(r)) => Some(Either::Regex(full_regex(r, origin, field)?)),
+            })
+        };
+        let layers = match &self.layers_to_transform {
+            None => None,
+            Some(LayerList::One(l)) => Some(BTreeSet::from([*l])),
+            Some(LayerList::Many(v)) if v.is_empty() => None,
+            Some(LayerList::Many(v)) => Some(v.iter().copied().collect()),
+        };
+        let patterns: Vec<String> = match &self.layers_pattern {
+            None => vec![],
+            Some(StringList::One(s)) if s.is_empty() => vec![],
+            Some(StringList::One(s)) => vec![s.clone()],
+            Some(StringList::Many(v)) => v.clone(),
+        };
+        let layer_regexes = if patterns.is_empty() {
+            vec![Regex::new(r"^.*?\.[^.]*\.(?P<idx>\d+)\.").map_err(|e| ModelError::InvalidArgument(e.to_string()))?]
+        } else {
+            patterns
+                .iter()
+                .map(|p| {
+                    Regex::new(&format!(r"^(?:|.*?\.){p}\.(?P<idx>\d+)\.")).map_err(|e| ModelError::Adapter {
+                        path: origin.to_path_buf(),
+                        message: format!("`layers_pattern` `{p}`: {e}"),
+                    })
+                })
+                .collect::<Result<_>>()?
+        };
+        let key_regex = |k: &str, field: &str| {
+            Regex::new(&format!(r"^(?:.*\.)?(?:{k})$")).map_err(|e| ModelError::Adapter {
+                path: origin.to_path_buf(),
+                message: format!("`{field}` key `{k}`: {e}"),
+            })
+        };
+        let rank_keys = self
+            .rank_pattern
+            .iter()
+            .map(|(k, v)| Ok((key_regex(k, "rank_pattern")?, *v)))
+            .collect::<Result<_>>()?;
+        let alpha_keys = self
+            .alpha_pattern
+            .iter()
+            .map(|(k, v)| Ok((key_regex(k, "alpha_pattern")?, *v)))
+            .collect::<Result<_>>()?;
+        Ok(Matcher {
+            targets: sel(&self.target_modules, "target_modules")?,
+            excludes: sel(&self.exclude_modules, "exclude_modules")?,
+            layers,
+            layer_regexes,
+            rank_keys,
+            alpha_keys,
+        })
+    }
+}
+
+impl Matcher {
+    /// PEFT's `check_target_module_exists` for module name `key`.
+    fn targets(&self, key: &str) -> bool {
+        match &self.excludes {
+            Some(Either::Regex(r)) if r.is_match(key) => return false,
+            Some(Either::List(l)) if list_match(l, key) => return false,
+            _ => {}
+        }
+        match &self.targets {
+            None => false,
+            Some(Either::Regex(r)) => r.is_match(key),
+            Some(Either::List(l)) => {
+                let found = list_match(l, key);
+                match (&self.layers, found) {
+                    (Some(layers), true) => {
+                        let idx = self
+                            .layer_regexes
+                            .iter()
+                            .find_map(|r| r.captures(key))
+                            .and_then(|c| c.name("idx"))
+                            .and_then(|m| m.as_str().parse::<usize>().ok());
+                        idx.is_some_and(|i| layers.contains(&i))
+                    }
+                    _ => found,
+                }
+            }
+        }
+    }
+
+    fn rank_alpha(&self, key: &str, cfg: &LoraConfig) -> (usize, f64) {
+        let r = self.rank_keys.iter().find(|(re, _)| re.is_match(key)).map_or(cfg.r, |p| p.1);
+        let a = self
+            .alpha_keys
+            .iter()
+            .find(|(re, _)| re.is_match(key))
+            .map_or(cfg.lora_alpha, |p| p.1);
+        (r, a)
+    }
+}
+
+/// The PEFT scaling of a module with rank `r` and alpha `alpha`.
+pub fn lora_scaling(alpha: f64, r: usize, use_rslora: bool) -> f64 {
+    if use_rslora {
+        alpha / (r as f64).sqrt()
+    } else {
+        alpha / r as f64
+    }
+}
+
+/// What [`load_adapter`] attached.
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct AdapterInfo {
+    /// The adapter directory.
+    pub path: PathBuf,
+    /// The parsed config.
+    pub config: LoraConfig,
+    /// Wrapped modules, as (block, module, rank, scaling).
+    pub modules: Vec<(usize, Module, usize, f64)>,
+    /// LoRA parameters per block (A and B elements).
+    pub params_per_layer: Vec<u64>,
+}
+
+impl AdapterInfo {
+    /// Blocks that carry LoRA.
+    pub fn layers(&self) -> BTreeSet<usize> {
+        self.modules.iter().map(|m| m.0).collect()
+    }
+
+    /// Fraction of the adapter's parameters that a mask keeps.
+    pub fn kept_fraction(&self, mask: &LayerMask) -> f64 {
+        let total: u64 = self.modules.iter().map(|m| self.module_params(m.0, m.1)).sum();
+        let kept: u64 = self
+            .modules
+            .iter()
+            .filter(|m| mask.is_active(m.0, m.1))
+            .map(|m| self.module_params(m.0, m.1))
+            .sum();
+        if total == 0 {
+            0.0
+        } else {
+            kept as f64 / total as f64
+        }
+    }
+
+    fn module_params(&self, layer: usize, module: Module) -> u64 {
+        // Per-module counts are not stored separately; split the block's count by rank share.
+        let in_layer: Vec<_> = self.modules.iter().filter(|m| m.0 == layer).collect();
+        let ranks: usize = in_layer.iter().map(|m| m.2).sum();
+        let mine = in_layer.iter().find(|m| m.1 == module).map_or(0, |m| m.2);
+        if ranks == 0 {
+            0
+        } else {
+            self.params_per_layer.get(layer).copied().unwrap_or(0) * mine as u64 / ranks as u64
+        }
+    }
+}
+
+/// Deserializes a JSON object into (key, value) pairs in document order.
+fn ordered_map<'de, D, T>(d: D) -> std::result::Result<Vec<(String, T)>, D::Error>
+where
+    D: serde::Deserializer<'de>,
+    T: Deserialize<'de>,
+{
+    struct V<T>(std::marker::PhantomData<T>);
+    impl<'de, T: Deserialize<'de>> serde::de::Visitor<'de> for V<T> {
+        type Value = Vec<(String, T)>;
+        fn expecting(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+            f.write_str("a map")
+        }
+        fn visit_unit<E>(self) -> std::result::Result<Self::Value, E> {
+            Ok(Vec::new())
+        }
+        fn visit_map<A: serde::de::MapAccess<'de>>(self, mut m: A) -> std::result::Result<Self::Value, A::Error> {
+            let mut out = Vec::new();
+            while let Some((k, v)) = m.next_entry::<String, T>()? {
+                out.push((k, v));
+            }
+            Ok(out)
+        }
+    }
+    d.deserialize_any(V(std::marker::PhantomData))
+}
+
+fn ordered_map_ser<S: serde::Serializer, T: Serialize>(v: &[(String, T)], s: S) -> std::result::Result<S::Ok, S::Error> {
+    use serde::ser::SerializeMap;
+    let mut m = s.serialize_map(Some(v.len()))?;
+    for (k, x) in v {
+        m.serialize_entry(k, x)?;
+    }
+    m.end()
+}
+
+const PREFIX: &str = "base_model.model.";
+
+/// Splits a PEFT tensor name into (module path, `A`/`B`).
+fn split_key(name: &str) -> Option<(&str, char)> {
+    let rest = name.strip_prefix(PREFIX).unwrap_or(name);
+    if let Some(m) = rest.strip_suffix(".lora_A.weight") {
+        Some((m, 'A'))
+    } else {
+        rest.strip_suffix(".lora_B.weight").map(|m| (m, 'B'))
+    }
+}
+
+/// Loads a PEFT LoRA adapter directory onto `model` (replacing any adapter already attached).
+///
+/// Everything is checked before anything is attached: unsupported variants, pickled weights, tensors that fit no
+/// module, modules the config targets but the file lacks, shapes and ranks, and an adapter that matches nothing.
+pub fn load_adapter(model: &mut Llama, dir: impl AsRef<Path>) -> Result<AdapterInfo> {
+    let _guard = tch::no_grad_guard();
+    let dir = dir.as_ref();
+    let cfg_path = dir.join("adapter_config.json");
+    let adapter_err = |message: String| ModelError::Adapter {
+        path: dir.to_path_buf(),
+        message,
+    };
+    if !cfg_path.exists() {
+        return Err(adapter_err("no adapter_config.json".into()));
+    }
+    let cfg = LoraConfig::from_file(&cfg_path)?;
+    cfg.check_supported(&cfg_path)?;
+    let st_path = dir.join("adapter_model.safetensors");
+    if !st_path.exists() {
+        if dir.join("adapter_model.bin").exists() {
+            return Err(adapter_err(
+                "adapter_model.bin is a pickle and is never loaded (unpickling runs code); save with safetensors"
+                    .into(),
+            ));
+        }
+        return Err(adapter_err("no adapter_model.safetensors".into()));
+    }
+    let weights = SafetensorsWeights::open_file(&st_path)?;
+    let matcher = cfg.matcher(&cfg_path)?;
+
+    // Group the file's tensors by module path.
+    let mut found: BTreeMap<String, (bool, bool)> = BTreeMap::new();
+    for name in weights.names() {
+        let (module, which) = split_key(&name).ok_or_else(|| {
+            adapter_err(format!(
+                "tensor `{name}` is not a LoRA A/B weight (embedding LoRA, DoRA magnitudes and extra modules are not supported)"
+            ))
+        })?;
+        let e = found.entry(module.to_string()).or_default();
+        if which == 'A' {
+            e.0 = true;
+        } else {
+            e.1 = true;
+        }
+    }
+    let n_layers = model.num_layers();
+    let mut known: BTreeMap<String, (usize, Module)> = BTreeMap::new();
+    for l in 0..n_layers {
+        for m in Module::ALL {
+            known.insert(m.hf_path(l), (l, m));
+        }
+    }
+    for (module, (a, b)) in &found {
+        if !known.contains_key(module) {
+            return Err(adapter_err(format!(
+                "tensor for module `{module}`, which the base model does not have (it has {n_layers} blocks)"
+            )));
+        }
+        if !(*a && *b) {
+            return Err(adapter_err(format!("module `{module}` lacks its lora_{}", if *a { 'B' } else { 'A' })));
+        }
+    }
+    let mut plan = Vec::new();
+    for (path, &(l, m)) in &known {
+        let targeted = matcher.targets(path);
+        let present = found.contains_key(path);
+        if targeted != present {
+            return Err(adapter_err(if targeted {
+                format!("the config targets `{path}` but adapter_model.safetensors has no weights for it")
+            } else {
+                format!("adapter_model.safetensors has weights for `{path}`, which the config does not target")
+            }));
+        }
+        if !targeted {
+            continue;
+        }
+        let (r, alpha) = matcher.rank_alpha(path, &cfg);
+        let (out, inp) = model
+            .config()
+            .projection_shape(m.hf_name())
+            .ok_or_else(|| adapter_err(format!("unknown module {m:?}")))?;
+        let key = |s: &str| {
+            let bare = format!("{path}.lora_{s}.weight");
+            if weights.contains(&bare) {
+                bare
+            } else {
+                format!("{PREFIX}{bare}")
+            }
+        };
+        let a = weights.load(&key("A"), Some(&[r as i64, inp as i64]))?;
+        let b = weights.load(&key("B"), Some(&[out as i64, r as i64]))?;
+        plan.push((l, m, r, lora_scaling(alpha, r, cfg.use_rslora), a, b));
+    }
+    if plan.is_empty() {
+        return Err(adapter_err(
+            "the adapter matches no module of the base model (refusing to serve the base model silently)".into(),
+        ));
+    }
+    let (device, kind) = (model.device(), model.kind());
+    let mut modules = Vec::with_capacity(plan.len());
+    let mut params_per_layer = vec![0u64; n_layers];
+    // Detach any previous adapter first so a partial failure cannot mix two adapters.
+    for l in 0..n_layers {
+        for m in Module::ALL {
+            if let Some(p) = model.projection_mut(l, m) {
+                p.unmerge()?;
+                p.lora = None;
+            }
+        }
+    }
+    for (l, m, r, scaling, a, b) in plan {
+        params_per_layer[l] += (a.numel() + b.numel()) as u64;
+        let lw = LoraWeights {
+            a: a.f_to_device(device)?.f_to_kind(kind)?,
+            b: b.f_to_device(device)?.f_to_kind(kind)?,
+            scaling,
+            dropout: cfg.lora_dropout,
+            merged: false,
+        };
+        let proj = model
+            .projection_mut(l, m)
+            .ok_or_else(|| adapter_err(format!("block {l} has no {}", m.hf_name())))?;
+        proj.attach(lw, &m.hf_path(l))?;
+        modules.push((l, m, r, scaling));
+    }
+    Ok(AdapterInfo {
+        path: dir.to_path_buf(),
+        config: cfg,
+        modules,
+        params_per_layer,
+    })
+}
+
+/// Writes a PEFT adapter directory that holds only the LoRA of blocks kept by `mask`.
+///
+/// The config is the original with `layers_to_transform` set to the kept blocks, so PEFT (and any server that
+/// loads PEFT adapters) reproduces our masked model. The directory appears whole or not at all.
+pub fn prune_adapter(src_dir: &Path, mask: &LayerMask, out_dir: &Path) -> Result<Vec<usize>> {
+    let err = |message: String| ModelError::Adapter {
+        path: src_dir.to_path_buf(),
+        message,
+    };
+    if mask.to_string().contains('@') {
+        return Err(err("pruning by module is not expressible in PEFT's config; use a block mask".into()));
+    }
+    if out_dir.exists() {
+        return Err(ModelError::InvalidArgument(format!(
+            "{}: output directory exists; choose a new path",
+            out_dir.display()
+        )));
+    }
+    let cfg_path = src_dir.join("adapter_config.json");
+    let text = std::fs::read_to_string(&cfg_path).map_err(|e| ModelError::io(&cfg_path, e))?;
+    let mut cfg_json: serde_json::Value = serde_json::from_str(&text).map_err(|source| ModelError::Json {
+        path: cfg_path.clone(),
+        source,
+    })?;
+    let cfg: LoraConfig = serde_json::from_value(cfg_json.clone()).map_err(|source| ModelError::Json {
+        path: cfg_path.clone(),
+        source,
+    })?;
+    cfg.check_supported(&cfg_path)?;
+    if matches!(cfg.target_modules, Some(ModuleSelector::Regex(ref r)) if !r.eq_ignore_ascii_case("all-linear")) {
+        return Err(err(
+            "`target_modules` is a regex, and PEFT ignores `layers_to_transform` for regex targets; cannot prune in PEFT's format"
+                .into(),
+        ));
+    }
+    let weights = SafetensorsWeights::open_file(src_dir.join("adapter_model.safetensors"))?;
+    let idx_re = Regex::new(r"\.layers\.(\d+)\.").map_err(|e| ModelError::InvalidArgument(e.to_string()))?;
+    let mut kept_layers = BTreeSet::new();
+    let mut tensors: Vec<(String, Tensor)> = Vec::new();
+    for name in weights.names() {
+        let layer = idx_re
+            .captures(&name)
+            .and_then(|c| c.get(1))
+            .and_then(|m| m.as_str().parse::<usize>().ok())
+            .ok_or_else(|| err(format!("tensor `{name}` has no block index")))?;
+        if mask.layer_active(layer) {
+            kept_layers.insert(layer);
+            tensors.push((name.clone(), weights.load(&name, None)?));
+        }
+    }
+    if tensors.is_empty() {
+        return Err(err(format!("mask `{mask}` keeps no LoRA block of this adapter")));
+    }
+    let kept: Vec<usize> = kept_layers.into_iter().collect();
+    if let Some(obj) = cfg_json.as_object_mut() {
+        obj.insert("layers_to_transform".into(), serde_json::json!(kept));
+    }
+    let parent = out_dir.parent().filter(|p| !p.as_os_str().is_empty()).unwrap_or(Path::new("."));
+    std::fs::create_dir_all(parent).map_err(|e| ModelError::io(parent, e))?;
+    let tmp_dir = crate::weights::tmp_path(out_dir);
+    std::fs::create_dir_all(&tmp_dir).map_err(|e| ModelError::io(&tmp_dir, e))?;
+    let result = (|| {
+        let body = serde_json::to_string_pretty(&cfg_json).map_err(|source| ModelError::Json {
+            path: out_dir.join("adapter_config.json"),
+            source,
+        })?;
+        write_atomic(&tmp_dir.join("adapter_config.json"), body.as_bytes())?;
+        let mut meta = std::collections::HashMap::new();
+        meta.insert("format".to_string(), "pt".to_string());
+        save_safetensors(&tmp_dir.join("adapter_model.safetensors"), &tensors, Some(meta))?;
+        std::fs::rename(&tmp_dir, out_dir).map_err(|e| ModelError::io(out_dir, e))
+    })();
+    if result.is_err() {
+        let _ = std::fs::remove_dir_all(&tmp_dir);
+    }
+    result.map(|_| kept)
+}
+
+/// Merges the LoRA of modules active under `mask` into the base weights (in place).
+pub fn merge(model: &mut Llama, mask: &LayerMask) -> Result<()> {
+    for l in 0..model.num_layers() {
+        for m in Module::ALL {
+            if mask.is_active(l, m) {
+                if let Some(p) = model.projection_mut(l, m) {
+                    p.merge()?;
+                }
+            }
+        }
+    }
+    Ok(())
+}
+
+/// Undoes [`merge`] for every merged module.
+pub fn unmerge(model: &mut Llama) -> Result<()> {
+    for l in 0..model.num_layers() {
+        for m in Module::ALL {
+            if let Some(p) = model.projection_mut(l, m) {
+                p.unmerge()?;
+            }
+        }
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn matcher(json: &str) -> (LoraConfig, Matcher) {
+        let cfg: LoraConfig = serde_json::from_str(json).unwrap();
+        let m = cfg.matcher(Path::new("adapter_config.json")).unwrap();
+        (cfg, m)
+    }
+
+    #[test]
+    fn peft_matching_rules() {
+        let (_, m) = matcher(r#"{"target_modules":["q_proj","v_proj"],"layers_to_transform":[0,2]}"#);
+        assert!(m.targets("model.layers.0.self_attn.q_proj"));
+        assert!(!m.targets("model.layers.1.self_attn.q_proj"));
+        assert!(!m.targets("model.layers.2.self_attn.k_proj"));
+        // Regex targets ignore layers_to_transform, as in PEFT.
+        let (_, m) = matcher(r#"{"target_modules":".*\\.(q_proj|v_proj)","layers_to_transform":[0]}"#);
+        assert!(m.targets("model.layers.3.self_attn.v_proj"));
+        assert!(!m.targets("model.layers.3.self_attn.o_proj"));
+        let (_, m) = matcher(r#"{"target_modules":"all-linear","exclude_modules":["down_proj"]}"#);
+        assert!(m.targets("model.layers.3.mlp.up_proj"));
+        assert!(!m.targets("model.layers.3.mlp.down_proj"));
+    }
+
+    #[test]
+    fn rank_and_alpha_patterns() {
+        let (cfg, m) = matcher(
+            r#"{"r":4,"lora_alpha":16,"target_modules":"all-linear","rank_pattern":{"layers.1.self_attn.q_proj":2,"mlp.down_proj":6},"alpha_pattern":{"v_proj":4}}"#,
+        );
+        assert_eq!(m.rank_alpha("model.layers.1.self_attn.q_proj", &cfg), (2, 16.0));
+        assert_eq!(m.rank_alpha("model.layers.11.self_attn.q_proj", &cfg), (4, 16.0));
+        assert_eq!(m.rank_alpha("model.layers.0.mlp.down_proj", &cfg), (6, 16.0));
+        assert_eq!(m.rank_alpha("model.layers.0.self_attn.v_proj", &cfg), (4, 4.0));
+        assert_eq!(lora_scaling(16.0, 4, true), 8.0);
+    }
+
+    #[test]
+    fn unsupported_variants_are_refused() {
+        for json in [
+            r#"{"use_dora":true}"#,
+            r#"{"modules_to_save":["lm_head"]}"#,
+            r#"{"bias":"all"}"#,
+            r#"{"peft_type":"IA3"}"#,
+        ] {
+            let cfg: LoraConfig = serde_json::from_str(json).unwrap();
+            assert!(cfg.check_supported(Path::new("x")).is_err(), "{json}");
+        }
+    }
+}

@@ -1,0 +1,399 @@
+//! Model configuration, mirroring Hugging Face `config.json` for the Llama family.
+//!
+//! [`HfConfig`] is the raw serde view of the file; [`ModelConfig`] is the validated, resolved form the
+//! decoder runs on (architecture, head dimension, rotary settings, biases).
+use std::path::{Path, PathBuf};
+
+use serde::{Deserialize, Serialize};
+
+use crate::error::{ModelError, Result};
+
+/// One token id or several (HF allows both for `eos_token_id`).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(untagged)]
+pub enum TokenIds {
+    /// A single id.
+    One(i64),
+    /// Several ids.
+    Many(Vec<i64>),
+}
+
+impl TokenIds {
+    /// All ids as a vector.
+    pub fn to_vec(&self) -> Vec<i64> {
+        match self {
+            TokenIds::One(id) => vec![*id],
+            TokenIds::Many(ids) => ids.clone(),
+        }
+    }
+}
+
+/// Rotary-embedding parameters as HF writes them: `rope_scaling` (transformers 4) or `rope_parameters`
+/// (transformers 5, which also carries `rope_theta`).
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+pub struct RopeParameters {
+    /// `default`, `linear` or `llama3` (`type` is accepted as an alias).
+    #[serde(default, alias = "type")]
+    pub rope_type: Option<String>,
+    /// Base of the rotary frequencies (transformers 5 layout).
+    #[serde(default)]
+    pub rope_theta: Option<f64>,
+    /// Scaling factor (`linear`, `llama3`).
+    #[serde(default)]
+    pub factor: Option<f64>,
+    /// `llama3`: low-frequency factor.
+    #[serde(default)]
+    pub low_freq_factor: Option<f64>,
+    /// `llama3`: high-frequency factor.
+    #[serde(default)]
+    pub high_freq_factor: Option<f64>,
+    /// `llama3`: the context length the model was pre-trained with.
+    #[serde(default)]
+    pub original_max_position_embeddings: Option<usize>,
+}
+
+/// The raw fields of an HF `config.json` that a Llama-family decoder needs. Unknown fields are ignored.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+pub struct HfConfig {
+    /// e.g. `["LlamaForCausalLM"]`.
+    #[serde(default)]
+    pub architectures: Option<Vec<String>>,
+    /// e.g. `llama`, `mistral`, `qwen2`.
+    #[serde(default)]
+    pub model_type: Option<String>,
+    /// Vocabulary size.
+    pub vocab_size: Option<usize>,
+    /// Model width.
+    pub hidden_size: Option<usize>,
+    /// MLP width.
+    pub intermediate_size: Option<usize>,
+    /// Number of decoder blocks.
+    pub num_hidden_layers: Option<usize>,
+    /// Query heads.
+    pub num_attention_heads: Option<usize>,
+    /// Key/value heads (GQA); defaults to `num_attention_heads`.
+    #[serde(default)]
+    pub num_key_value_heads: Option<usize>,
+    /// Per-head width; defaults to `hidden_size / num_attention_heads`.
+    #[serde(default)]
+    pub head_dim: Option<usize>,
+    /// RMSNorm epsilon.
+    #[serde(default)]
+    pub rms_norm_eps: Option<f64>,
+    /// Rotary base (transformers 4 layout).
+    #[serde(default)]
+    pub rope_theta: Option<f64>,
+    /// Rotary scaling (transformers 4 layout).
+    #[serde(default)]
+    pub rope_scaling: Option<RopeParameters>,
+    /// Rotary parameters (transformers 5 layout).
+    #[serde(default)]
+    pub rope_parameters: Option<RopeParameters>,
+    /// Maximum positions.
+    #[serde(default)]
+    pub max_position_embeddings: Option<usize>,
+    /// Whether the LM head shares the embedding matrix.
+    #[serde(default)]
+    pub tie_word_embeddings: Option<bool>,
+    /// Llama: bias on q/k/v/o.
+    #[serde(default)]
+    pub attention_bias: Option<bool>,
+    /// Llama: bias on the MLP projections.
+    #[serde(default)]
+    pub mlp_bias: Option<bool>,
+    /// Mistral / Qwen2 sliding-window size.
+    #[serde(default)]
+    pub sliding_window: Option<usize>,
+    /// Qwen2: whether the sliding window is used at all.
+    #[serde(default)]
+    pub use_sliding_window: Option<bool>,
+    /// Beginning-of-sequence id.
+    #[serde(default)]
+    pub bos_token_id: Option<TokenIds>,
+    /// End-of-sequence id(s).
+    #[serde(default)]
+    pub eos_token_id: Option<TokenIds>,
+    /// Padding id.
+    #[serde(default)]
+    pub pad_token_id: Option<TokenIds>,
+}
+
+/// The decoder families implemented.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Architecture {
+    /// Llama 2/3/3.1/3.2, SmolLM2 and other `LlamaForCausalLM` models.
+    Llama,
+    /// `MistralForCausalLM`.
+    Mistral,
+    /// `Qwen2ForCausalLM` (q/k/v bias).
+    Qwen2,
+}
+
+/// How rotary frequencies are scaled.
+#[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize)]
+#[serde(tag = "rope_type", rename_all = "lowercase")]
+pub enum RopeScaling {
+    /// Plain RoPE.
+    Default,
+    /// Positions divided by `factor`.
+    Linear {
+        /// The divisor.
+        factor: f64,
+    },
+    /// Llama 3.1 frequency-dependent scaling.
+    Llama3 {
+        /// Overall factor.
+        factor: f64,
+        /// Low-frequency factor.
+        low_freq_factor: f64,
+        /// High-frequency factor.
+        high_freq_factor: f64,
+        /// Pre-training context length.
+        original_max_position_embeddings: usize,
+    },
+}
+
+/// A validated configuration the decoder runs on.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct ModelConfig {
+    /// Decoder family.
+    pub architecture: Architecture,
+    /// Vocabulary size.
+    pub vocab_size: usize,
+    /// Model width.
+    pub hidden_size: usize,
+    /// MLP width.
+    pub intermediate_size: usize,
+    /// Number of decoder blocks, `L`.
+    pub num_layers: usize,
+    /// Query heads.
+    pub num_heads: usize,
+    /// Key/value heads.
+    pub num_kv_heads: usize,
+    /// Per-head width.
+    pub head_dim: usize,
+    /// RMSNorm epsilon.
+    pub rms_norm_eps: f64,
+    /// Rotary base.
+    pub rope_theta: f64,
+    /// Rotary scaling.
+    pub rope_scaling: RopeScaling,
+    /// Maximum positions.
+    pub max_position_embeddings: usize,
+    /// Whether the LM head is the embedding matrix.
+    pub tie_word_embeddings: bool,
+    /// Bias on q/k/v.
+    pub qkv_bias: bool,
+    /// Bias on the attention output projection.
+    pub o_bias: bool,
+    /// Bias on the MLP projections.
+    pub mlp_bias: bool,
+    /// Sliding attention window, if the model uses one.
+    pub sliding_window: Option<usize>,
+    /// Beginning-of-sequence id.
+    pub bos_token_id: Option<i64>,
+    /// End-of-sequence ids (generation stops on any).
+    pub eos_token_ids: Vec<i64>,
+    /// Padding id.
+    pub pad_token_id: Option<i64>,
+}
+
+impl ModelConfig {
+    /// Reads and validates `config.json`.
+    pub fn from_file(path: impl AsRef<Path>) -> Result<Self> {
+        let path = path.as_ref();
+        let text = std::fs::read_to_string(path).map_err(|e| ModelError::io(path, e))?;
+        let raw: HfConfig = serde_json::from_str(&text).map_err(|source| ModelError::Json {
+            path: path.to_path_buf(),
+            source,
+        })?;
+        Self::from_hf(&raw, path)
+    }
+
+    /// Validates a parsed HF config; `origin` names the file in errors.
+    pub fn from_hf(raw: &HfConfig, origin: &Path) -> Result<Self> {
+        let origin: PathBuf = origin.to_path_buf();
+        let cfg_err = |message: String| ModelError::Config {
+            path: origin.clone(),
+            message,
+        };
+        let need = |v: Option<usize>, name: &str| {
+            v.ok_or_else(|| cfg_err(format!("missing required field `{name}`")))
+        };
+        let arch_name = raw
+            .architectures
+            .as_ref()
+            .and_then(|a| a.first().cloned())
+            .or_else(|| raw.model_type.clone())
+            .ok_or_else(|| cfg_err("neither `architectures` nor `model_type` is set".into()))?;
+        let architecture = match arch_name.as_str() {
+            "LlamaForCausalLM" | "llama" => Architecture::Llama,
+            "MistralForCausalLM" | "mistral" => Architecture::Mistral,
+            "Qwen2ForCausalLM" | "qwen2" => Architecture::Qwen2,
+            other => {
+                return Err(ModelError::UnsupportedArchitecture {
+                    path: origin,
+                    arch: other.to_string(),
+                })
+            }
+        };
+        let hidden_size = need(raw.hidden_size, "hidden_size")?;
+        let num_heads = need(raw.num_attention_heads, "num_attention_heads")?;
+        let num_layers = need(raw.num_hidden_layers, "num_hidden_layers")?;
+        let vocab_size = need(raw.vocab_size, "vocab_size")?;
+        let intermediate_size = need(raw.intermediate_size, "intermediate_size")?;
+        let num_kv_heads = raw.num_key_value_heads.unwrap_or(num_heads);
+        if num_heads == 0 || num_kv_heads == 0 || num_heads % num_kv_heads != 0 {
+            return Err(cfg_err(format!(
+                "num_attention_heads ({num_heads}) must be a positive multiple of num_key_value_heads ({num_kv_heads})"
+            )));
+        }
+        let head_dim = match raw.head_dim {
+            Some(d) => d,
+            None if hidden_size % num_heads == 0 => hidden_size / num_heads,
+            None => {
+                return Err(cfg_err(format!(
+                    "hidden_size ({hidden_size}) is not divisible by num_attention_heads ({num_heads}) and no head_dim is given"
+                )))
+            }
+        };
+        if head_dim == 0 || head_dim % 2 != 0 {
+            return Err(cfg_err(format!("head_dim must be even and positive, got {head_dim}")));
+        }
+        if num_layers == 0 || hidden_size == 0 || vocab_size == 0 || intermediate_size == 0 {
+            return Err(cfg_err("sizes must be positive".into()));
+        }
+        let rope_params = raw.rope_parameters.as_ref().or(raw.rope_scaling.as_ref());
+        let rope_theta = raw
+            .rope_theta
+            .or_else(|| raw.rope_parameters.as_ref().and_then(|p| p.rope_theta))
+            .unwrap_or(10_000.0);
+        let rope_scaling = match rope_params {
+            None => RopeScaling::Default,
+            Some(p) => match p.rope_type.as_deref().unwrap_or("default") {
+                "default" => RopeScaling::Default,
+                "linear" => RopeScaling::Linear {
+                    factor: p
+                        .factor
+                        .ok_or_else(|| cfg_err("rope `linear` needs `factor`".into()))?,
+                },
+                "llama3" => {
+                    let get = |v: Option<f64>, name: &str| {
+                        v.ok_or_else(|| cfg_err(format!("rope `llama3` needs `{name}`")))
+                    };
+                    RopeScaling::Llama3 {
+                        factor: get(p.factor, "factor")?,
+                        low_freq_factor: get(p.low_freq_factor, "low_freq_factor")?,
+                        high_freq_factor: get(p.high_freq_factor, "high_freq_factor")?,
+                        original_max_position_embeddings: p
+                            .original_max_position_embeddings
+                            .ok_or_else(|| {
+                                cfg_err("rope `llama3` needs `original_max_position_embeddings`".into())
+                            })?,
+                    }
+                }
+                other => {
+                    return Err(cfg_err(format!(
+                        "unsupported rope type `{other}` (supported: default, linear, llama3)"
+                    )))
+                }
+            },
+        };
+        let attention_bias = raw.attention_bias.unwrap_or(false);
+        let (qkv_bias, o_bias) = match architecture {
+            Architecture::Qwen2 => (true, false),
+            _ => (attention_bias, attention_bias),
+        };
+        let sliding_window = match architecture {
+            Architecture::Mistral => raw.sliding_window,
+            Architecture::Qwen2 if raw.use_sliding_window.unwrap_or(false) => raw.sliding_window,
+            _ => None,
+        };
+        let first = |ids: &Option<TokenIds>| ids.as_ref().and_then(|t| t.to_vec().first().copied());
+        Ok(ModelConfig {
+            architecture,
+            vocab_size,
+            hidden_size,
+            intermediate_size,
+            num_layers,
+            num_heads,
+            num_kv_heads,
+            head_dim,
+            rms_norm_eps: raw.rms_norm_eps.unwrap_or(1e-6),
+            rope_theta,
+            rope_scaling,
+            max_position_embeddings: raw.max_position_embeddings.unwrap_or(4096),
+            tie_word_embeddings: raw.tie_word_embeddings.unwrap_or(false),
+            qkv_bias,
+            o_bias,
+            mlp_bias: raw.mlp_bias.unwrap_or(false),
+            sliding_window,
+            bos_token_id: first(&raw.bos_token_id),
+            eos_token_ids: raw.eos_token_id.as_ref().map(TokenIds::to_vec).unwrap_or_default(),
+            pad_token_id: first(&raw.pad_token_id),
+        })
+    }
+
+    /// Output width of each projection, by HF module name (`q_proj`, …, `down_proj`).
+    pub fn projection_shape(&self, module: &str) -> Option<(usize, usize)> {
+        let (h, i) = (self.hidden_size, self.intermediate_size);
+        let q = self.num_heads * self.head_dim;
+        let kv = self.num_kv_heads * self.head_dim;
+        Some(match module {
+            "q_proj" => (q, h),
+            "k_proj" | "v_proj" => (kv, h),
+            "o_proj" => (h, q),
+            "gate_proj" | "up_proj" => (i, h),
+            "down_proj" => (h, i),
+            _ => return None,
+        })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn parse(json: &str) -> Result<ModelConfig> {
+        let raw: HfConfig = serde_json::from_str(json).map_err(|source| ModelError::Json {
+            path: "config.json".into(),
+            source,
+        })?;
+        ModelConfig::from_hf(&raw, Path::new("config.json"))
+    }
+
+    #[test]
+    fn rope_theta_in_either_layout() {
+        let base = r#""architectures":["LlamaForCausalLM"],"vocab_size":10,"hidden_size":8,"intermediate_size":16,"num_hidden_layers":2,"num_attention_heads":2"#;
+        let v4 = parse(&format!("{{{base},\"rope_theta\":500000.0}}")).unwrap();
+        assert_eq!(v4.rope_theta, 500000.0);
+        let v5 = parse(&format!(
+            "{{{base},\"rope_parameters\":{{\"rope_theta\":100000.0,\"rope_type\":\"default\"}}}}"
+        ))
+        .unwrap();
+        assert_eq!(v5.rope_theta, 100000.0);
+        assert_eq!(v5.rope_scaling, RopeScaling::Default);
+        assert_eq!(v5.head_dim, 4);
+        assert_eq!(v5.num_kv_heads, 2);
+    }
+
+    #[test]
+    fn llama3_scaling_and_qwen_bias() {
+        let cfg = parse(r#"{"model_type":"qwen2","vocab_size":10,"hidden_size":8,"intermediate_size":16,"num_hidden_layers":2,"num_attention_heads":2,"num_key_value_heads":1,"rope_scaling":{"rope_type":"llama3","factor":8.0,"low_freq_factor":1.0,"high_freq_factor":4.0,"original_max_position_embeddings":64}}"#).unwrap();
+        assert!(cfg.qkv_bias && !cfg.o_bias);
+        assert!(matches!(cfg.rope_scaling, RopeScaling::Llama3 { factor, .. } if factor == 8.0));
+    }
+
+    #[test]
+    fn errors_name_the_problem() {
+        let err = parse(r#"{"architectures":["GPT2LMHeadModel"]}"#).unwrap_err();
+        assert!(err.to_string().contains("GPT2LMHeadModel"), "{err}");
+        let err = parse(r#"{"architectures":["LlamaForCausalLM"],"vocab_size":10}"#).unwrap_err();
+        assert!(err.to_string().contains("hidden_size"), "{err}");
+        let err = parse(r#"{"model_type":"llama","vocab_size":10,"hidden_size":8,"intermediate_size":16,"num_hidden_layers":2,"num_attention_heads":3,"num_key_value_heads":2}"#).unwrap_err();
+        assert!(err.to_string().contains("multiple"), "{err}");
+        let err = parse(r#"{"model_type":"llama","vocab_size":10,"hidden_size":8,"intermediate_size":16,"num_hidden_layers":2,"num_attention_heads":2,"rope_scaling":{"type":"yarn","factor":2.0}}"#).unwrap_err();
+        assert!(err.to_string().contains("yarn"), "{err}");
+    }
+}

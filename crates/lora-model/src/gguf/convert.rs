@@ -1,0 +1,201 @@
+//! From llama.cpp's layout to Hugging Face's: tensor names, q/k row order, and `config.json`.
+
+use serde_json::{json, Value};
+
+use super::GgufFile;
+use crate::error::Result;
+
+/// Which attention projection [`unpermute_qk`] is undoing, which decides the head count it uses.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum QkKind {
+    /// `attn_q`: permuted per query head (`n_head`).
+    Query,
+    /// `attn_k`: permuted per key/value head (`n_head_kv`).
+    Key,
+}
+
+/// The Hugging Face (transformers Llama) name of a GGUF tensor, or `None` for a name with no HF
+/// counterpart (such as `rope_freqs.weight`) or one this mapping does not know.
+///
+/// `token_embd.weight` → `model.embed_tokens.weight`, `blk.N.attn_q.weight` →
+/// `model.layers.N.self_attn.q_proj.weight` (likewise `attn_k`, `attn_v`, `attn_output` → `o_proj`,
+/// `ffn_gate`/`ffn_up`/`ffn_down` → `mlp.*_proj`, `attn_norm` → `input_layernorm`, `ffn_norm` →
+/// `post_attention_layernorm`), `output_norm.weight` → `model.norm.weight`, `output.weight` →
+/// `lm_head.weight`. Biases (`.bias`) map the same way.
+pub fn hf_tensor_name(gguf_name: &str) -> Option<String> {
+    let (stem, suffix) = if let Some(s) = gguf_name.strip_suffix(".weight") {
+        (s, "weight")
+    } else if let Some(s) = gguf_name.strip_suffix(".bias") {
+        (s, "bias")
+    } else {
+        return None;
+    };
+    let top = match stem {
+        "token_embd" => Some("model.embed_tokens"),
+        "output_norm" => Some("model.norm"),
+        "output" => Some("lm_head"),
+        _ => None,
+    };
+    if let Some(t) = top {
+        return Some(format!("{t}.{suffix}"));
+    }
+    let rest = stem.strip_prefix("blk.")?;
+    let (layer, leaf) = rest.split_once('.')?;
+    if layer.is_empty() || !layer.bytes().all(|b| b.is_ascii_digit()) {
+        return None;
+    }
+    let hf = match leaf {
+        "attn_q" => "self_attn.q_proj",
+        "attn_k" => "self_attn.k_proj",
+        "attn_v" => "self_attn.v_proj",
+        "attn_output" => "self_attn.o_proj",
+        "ffn_gate" => "mlp.gate_proj",
+        "ffn_up" => "mlp.up_proj",
+        "ffn_down" => "mlp.down_proj",
+        "attn_norm" => "input_layernorm",
+        "ffn_norm" => "post_attention_layernorm",
+        _ => return None,
+    };
+    Some(format!("model.layers.{layer}.{hf}.{suffix}"))
+}
+
+/// Undoes llama.cpp's rotary row permutation of an `attn_q` / `attn_k` weight (or bias), as
+/// transformers does when it loads a GGUF.
+///
+/// `data` is row-major with `shape` in PyTorch order (`[out_features, in_features]`, or
+/// `[out_features]` for a bias); `n_head` is the number of heads of this projection (query heads for
+/// `attn_q`, key/value heads for `attn_k`). With `d = rows / n_head / 2`, llama.cpp stores HF row
+/// `h·2d + a·d + i` at row `h·2d + 2i + a` (`a ∈ {0, 1}`); this moves each row back. In numpy terms:
+/// `w.reshape(n_head, d, 2, -1).swapaxes(1, 2).reshape(w.shape)`.
+///
+/// Fails with [`crate::error::ModelError::InvalidArgument`] when the shape does not match the data
+/// or the row count is not a multiple of `2 * n_head`.
+pub fn unpermute_qk(data: &[f32], shape: &[usize], n_head: usize) -> Result<Vec<f32>> {
+    let bad = |m: String| crate::error::ModelError::InvalidArgument(m);
+    let rows = *shape.first().ok_or_else(|| bad("unpermute_qk: empty shape".into()))?;
+    let cols = shape.iter().skip(1).try_fold(1usize, |a, &d| a.checked_mul(d));
+    let cols = cols.ok_or_else(|| bad(format!("unpermute_qk: shape {shape:?} overflows")))?;
+    if rows.checked_mul(cols) != Some(data.len()) {
+        return Err(bad(format!("unpermute_qk: shape {shape:?} does not match {} values", data.len())));
+    }
+    if n_head == 0 || rows % (2 * n_head) != 0 {
+        return Err(bad(format!(
+            "unpermute_qk: {rows} rows do not split into {n_head} heads of even size"
+        )));
+    }
+    let d = rows / n_head / 2;
+    let mut out = vec![0f32; data.len()];
+    for h in 0..n_head {
+        for a in 0..2 {
+            for i in 0..d {
+                let dst = (h * 2 * d + a * d + i) * cols;
+                let src = (h * 2 * d + 2 * i + a) * cols;
+                out[dst..dst + cols].copy_from_slice(&data[src..src + cols]);
+            }
+        }
+    }
+    Ok(out)
+}
+
+impl GgufFile {
+    /// Dequantizes a tensor by its GGUF name and returns it the way transformers holds it: the
+    /// row permutation of `attn_q` / `attn_k` undone with the head counts from the metadata.
+    /// Returns the HF name with the data and the shape (PyTorch order).
+    pub fn load_hf_tensor(&self, gguf_name: &str) -> Result<(String, Vec<f32>, Vec<usize>)> {
+        let hf = hf_tensor_name(gguf_name)
+            .ok_or_else(|| self.err(format!("tensor `{gguf_name}` has no Hugging Face name")))?;
+        let (data, shape) = self.dequantize(gguf_name)?;
+        let kind = if gguf_name.contains(".attn_q.") {
+            Some(QkKind::Query)
+        } else if gguf_name.contains(".attn_k.") {
+            Some(QkKind::Key)
+        } else {
+            None
+        };
+        let Some(kind) = kind else {
+            return Ok((hf, data, shape));
+        };
+        let arch = self.get_str("general.architecture")?;
+        let n_head = self.get_u64(&format!("{arch}.attention.head_count"))?;
+        let n_kv = self.get_u64_opt(&format!("{arch}.attention.head_count_kv"))?.unwrap_or(n_head);
+        let heads = if kind == QkKind::Query { n_head } else { n_kv };
+        let heads = usize::try_from(heads)
+            .map_err(|_| self.err(format!("head count {heads} does not fit in memory")))?;
+        let data = unpermute_qk(&data, &shape, heads).map_err(|e| {
+            self.err(format!("tensor `{gguf_name}`: {e}"))
+        })?;
+        Ok((hf, data, shape))
+    }
+}
+
+/// An HF-style `config.json` (`LlamaForCausalLM`) built from a GGUF file's metadata.
+///
+/// Reads `general.architecture` (only `llama` is supported; others fail naming it) and the
+/// `llama.*` hyper-parameters: `block_count`, `embedding_length`, `feed_forward_length`,
+/// `attention.head_count`, `attention.head_count_kv` (default: `head_count`), `rope.freq_base`
+/// (default 10000), `attention.layer_norm_rms_epsilon`, `context_length`. `vocab_size` comes from
+/// `llama.vocab_size`, else the length of `tokenizer.ggml.tokens`, else `token_embd.weight`.
+/// `tie_word_embeddings` is true when there is no `output.weight`. Token ids come from
+/// `tokenizer.ggml.{bos,eos,padding}_token_id` when present.
+pub fn hf_config(file: &GgufFile) -> Result<Value> {
+    let arch = file.get_str("general.architecture")?;
+    if arch != "llama" {
+        return Err(file.err(format!(
+            "unsupported GGUF architecture `{arch}` (supported: llama)"
+        )));
+    }
+    let key = |k: &str| format!("{arch}.{k}");
+    let hidden = file.get_u64(&key("embedding_length"))?;
+    let n_head = file.get_u64(&key("attention.head_count"))?;
+    let n_kv = file.get_u64_opt(&key("attention.head_count_kv"))?.unwrap_or(n_head);
+    let vocab = match file.get_u64_opt(&key("vocab_size"))? {
+        Some(v) => v,
+        None => match file.get("tokenizer.ggml.tokens").and_then(|v| v.as_array()) {
+            Some(tokens) => tokens.len() as u64,
+            None => {
+                let t = file.tensor_info("token_embd.weight").ok_or_else(|| {
+                    file.err("cannot tell the vocabulary size: no `llama.vocab_size`, \
+                              `tokenizer.ggml.tokens` or `token_embd.weight`")
+                })?;
+                *t.dims.get(1).ok_or_else(|| file.err("`token_embd.weight` is not 2-D"))?
+            }
+        },
+    };
+    let rope_theta = file.get_f32_opt(&key("rope.freq_base"))?.unwrap_or(10_000.0);
+    let mut config = json!({
+        "architectures": ["LlamaForCausalLM"],
+        "model_type": "llama",
+        "hidden_size": hidden,
+        "intermediate_size": file.get_u64(&key("feed_forward_length"))?,
+        "num_hidden_layers": file.get_u64(&key("block_count"))?,
+        "num_attention_heads": n_head,
+        "num_key_value_heads": n_kv,
+        "rms_norm_eps": short_f64(file.get_f32(&key("attention.layer_norm_rms_epsilon"))?),
+        "rope_theta": short_f64(rope_theta),
+        "max_position_embeddings": file.get_u64(&key("context_length"))?,
+        "vocab_size": vocab,
+        "tie_word_embeddings": file.tensor_info("output.weight").is_none(),
+        "hidden_act": "silu",
+        "attention_bias": false,
+        "mlp_bias": false,
+    });
+    if let Some(head_dim) = file.get_u64_opt(&key("attention.key_length"))? {
+        config["head_dim"] = json!(head_dim);
+    }
+    for (gguf, hf) in [
+        ("tokenizer.ggml.bos_token_id", "bos_token_id"),
+        ("tokenizer.ggml.eos_token_id", "eos_token_id"),
+        ("tokenizer.ggml.padding_token_id", "pad_token_id"),
+    ] {
+        if let Some(id) = file.get_u64_opt(gguf)? {
+            config[hf] = json!(id);
+        }
+    }
+    Ok(config)
+}
+
+/// The `f64` with the shortest decimal form that rounds to `x` as an `f32` (`1e-5`, not
+/// `9.999999747378752e-6`), so the config reads like the one the model was converted from.
+fn short_f64(x: f32) -> f64 {
+    x.to_string().parse().unwrap_or(f64::from(x))
+}

@@ -1,0 +1,36 @@
+//! # lora-model
+//!
+//! A Llama-family decoder (Llama 2/3.x, Mistral, Qwen2, SmolLM2) on libtorch via `tch`, with LoRA layers whose
+//! activity is chosen per call by a [`LayerMask`]: the building block for finding and using the LoRA *boundary
+//! layer* (Chen et al., "Not All LoRA Parameters Are Essential", arXiv 2503.23360).
+//!
+//! - [`Llama`]: load an HF model directory or a `.gguf` file; forward with every layer's hidden state.
+//! - [`LoraLinear`], [`LayerMask`]: LoRA beside each projection, switched on per block at run time.
+//! - [`generate`]: batched KV-cache generation.
+//! - [`Tokenizer`], [`ChatTemplate`]: `tokenizers` + chat templates rendered as transformers renders them.
+#![warn(missing_docs)]
+
+pub mod adapter;
+pub mod config;
+pub mod error;
+pub mod generate;
+pub mod gguf;
+mod gguf_weights;
+pub use gguf_weights::gguf_tokenizer_for;
+pub mod lora;
+pub mod mask;
+pub mod model;
+pub mod tokenizer;
+pub mod weights;
+
+pub use adapter::{load_adapter, prune_adapter, AdapterInfo, LoraConfig};
+pub use config::{Architecture, ModelConfig};
+pub use error::{ModelError, Result};
+pub use generate::{generate, Generation, GenerationConfig, GenerationTiming, Sampling};
+pub use lora::{LoraLinear, LoraWeights};
+pub use mask::{LayerMask, Module};
+pub use model::{ForwardOptions, ForwardOutput, KvCache, Llama, Logits};
+pub use tokenizer::{ChatMessage, ChatTemplate, Tokenizer};
+pub use weights::{Placement, SafetensorsWeights, WeightSource};
+
+pub use tch;

@@ -1,0 +1,233 @@
+//! Tokenizer (the `tokenizers` crate) and chat template (rendered with `minijinja` as transformers renders it).
+use std::path::Path;
+
+use serde::Serialize;
+
+use crate::error::{ModelError, Result};
+
+/// One chat message.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, serde::Deserialize)]
+pub struct ChatMessage {
+    /// `system`, `user` or `assistant`.
+    pub role: String,
+    /// The text.
+    pub content: String,
+}
+
+impl ChatMessage {
+    /// A `user` message.
+    pub fn user(content: impl Into<String>) -> Self {
+        ChatMessage {
+            role: "user".into(),
+            content: content.into(),
+        }
+    }
+}
+
+/// A Jinja chat template, rendered like transformers' `apply_chat_template` (`trim_blocks`, `lstrip_blocks`,
+/// Python string methods, `raise_exception`).
+#[derive(Debug, Clone)]
+pub struct ChatTemplate {
+    source: String,
+    bos_token: String,
+    eos_token: String,
+}
+
+impl ChatTemplate {
+    /// A template with the special-token strings it may reference.
+    pub fn new(source: impl Into<String>, bos_token: impl Into<String>, eos_token: impl Into<String>) -> Self {
+        ChatTemplate {
+            source: source.into(),
+            bos_token: bos_token.into(),
+            eos_token: eos_token.into(),
+        }
+    }
+
+    /// The template source.
+    pub fn source(&self) -> &str {
+        &self.source
+    }
+
+    /// Renders `messages`, appending the assistant prompt when `add_generation_prompt`.
+    pub fn render(&self, messages: &[ChatMessage], add_generation_prompt: bool) -> Result<String> {
+        let mut env = minijinja::Environment::new();
+        env.set_trim_blocks(true);
+        env.set_lstrip_blocks(true);
+        env.set_unknown_method_callback(minijinja_contrib::pycompat::unknown_method_callback);
+        env.add_function("raise_exception", |msg: String| -> std::result::Result<String, minijinja::Error> {
+            Err(minijinja::Error::new(minijinja::ErrorKind::InvalidOperation, msg))
+        });
+        env.add_template("chat", &self.source)
+            .map_err(|e| ModelError::Template(e.to_string()))?;
+        let tmpl = env.get_template("chat").map_err(|e| ModelError::Template(e.to_string()))?;
+        tmpl.render(minijinja::context! {
+            messages => messages,
+            add_generation_prompt => add_generation_prompt,
+            bos_token => self.bos_token,
+            eos_token => self.eos_token,
+        })
+        .map_err(|e| ModelError::Template(e.to_string()))
+    }
+}
+
+/// A tokenizer with its special tokens and optional chat template.
+#[derive(Clone)]
+pub struct Tokenizer {
+    inner: tokenizers::Tokenizer,
+    chat_template: Option<ChatTemplate>,
+    eos_token_ids: Vec<i64>,
+    bos_token_id: Option<i64>,
+    pad_token_id: Option<i64>,
+}
+
+impl std::fmt::Debug for Tokenizer {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Tokenizer")
+            .field("vocab_size", &self.inner.get_vocab_size(true))
+            .field("eos_token_ids", &self.eos_token_ids)
+            .field("has_chat_template", &self.chat_template.is_some())
+            .finish()
+    }
+}
+
+fn tok_err(e: impl std::fmt::Display) -> ModelError {
+    ModelError::Tokenizer(e.to_string())
+}
+
+impl Tokenizer {
+    /// Wraps a `tokenizers` tokenizer.
+    pub fn new(
+        inner: tokenizers::Tokenizer,
+        chat_template: Option<ChatTemplate>,
+        bos_token_id: Option<i64>,
+        eos_token_ids: Vec<i64>,
+        pad_token_id: Option<i64>,
+    ) -> Self {
+        Tokenizer {
+            inner,
+            chat_template,
+            eos_token_ids,
+            bos_token_id,
+            pad_token_id,
+        }
+    }
+
+    /// Loads `tokenizer.json` (and `tokenizer_config.json` for the chat template and special tokens) from an HF
+    /// model directory.
+    pub fn from_dir(dir: impl AsRef<Path>) -> Result<Self> {
+        let dir = dir.as_ref();
+        let file = dir.join("tokenizer.json");
+        let inner = tokenizers::Tokenizer::from_file(&file)
+            .map_err(|e| ModelError::Tokenizer(format!("{}: {e}", file.display())))?;
+        let cfg_path = dir.join("tokenizer_config.json");
+        let cfg: serde_json::Value = if cfg_path.exists() {
+            let text = std::fs::read_to_string(&cfg_path).map_err(|e| ModelError::io(&cfg_path, e))?;
+            serde_json::from_str(&text).map_err(|source| ModelError::Json {
+                path: cfg_path.clone(),
+                source,
+            })?
+        } else {
+            serde_json::Value::Null
+        };
+        let token_str = |key: &str| -> Option<String> {
+            match cfg.get(key)? {
+                serde_json::Value::String(s) => Some(s.clone()),
+                serde_json::Value::Object(o) => o.get("content")?.as_str().map(str::to_string),
+                _ => None,
+            }
+        };
+        let bos = token_str("bos_token");
+        let eos = token_str("eos_token");
+        let pad = token_str("pad_token");
+        let id_of = |t: &Option<String>| t.as_ref().and_then(|t| inner.token_to_id(t)).map(i64::from);
+        let mut template = cfg.get("chat_template").and_then(|v| v.as_str()).map(str::to_string);
+        let jinja = dir.join("chat_template.jinja");
+        if template.is_none() && jinja.exists() {
+            template = Some(std::fs::read_to_string(&jinja).map_err(|e| ModelError::io(&jinja, e))?);
+        }
+        let chat_template = template.map(|t| {
+            ChatTemplate::new(t, bos.clone().unwrap_or_default(), eos.clone().unwrap_or_default())
+        });
+        let mut eos_ids: Vec<i64> = id_of(&eos).into_iter().collect();
+        let gen_cfg = dir.join("generation_config.json");
+        if let Ok(text) = std::fs::read_to_string(&gen_cfg) {
+            if let Ok(v) = serde_json::from_str::<serde_json::Value>(&text) {
+                match v.get("eos_token_id") {
+                    Some(serde_json::Value::Number(n)) => eos_ids.extend(n.as_i64()),
+                    Some(serde_json::Value::Array(a)) => eos_ids.extend(a.iter().filter_map(|x| x.as_i64())),
+                    _ => {}
+                }
+            }
+        }
+        eos_ids.sort_unstable();
+        eos_ids.dedup();
+        Ok(Tokenizer {
+            chat_template,
+            bos_token_id: id_of(&bos),
+            pad_token_id: id_of(&pad),
+            eos_token_ids: eos_ids,
+            inner,
+        })
+    }
+
+    /// The underlying `tokenizers` tokenizer.
+    pub fn inner(&self) -> &tokenizers::Tokenizer {
+        &self.inner
+    }
+
+    /// The chat template, if the model has one.
+    pub fn chat_template(&self) -> Option<&ChatTemplate> {
+        self.chat_template.as_ref()
+    }
+
+    /// End-of-sequence ids (generation stops on any).
+    pub fn eos_token_ids(&self) -> &[i64] {
+        &self.eos_token_ids
+    }
+
+    /// Beginning-of-sequence id.
+    pub fn bos_token_id(&self) -> Option<i64> {
+        self.bos_token_id
+    }
+
+    /// Padding id.
+    pub fn pad_token_id(&self) -> Option<i64> {
+        self.pad_token_id
+    }
+
+    /// Token ids of `text`; `add_special_tokens` applies the tokenizer's post-processor (e.g. a BOS).
+    pub fn encode(&self, text: &str, add_special_tokens: bool) -> Result<Vec<i64>> {
+        let enc = self.inner.encode(text, add_special_tokens).map_err(tok_err)?;
+        Ok(enc.get_ids().iter().map(|&i| i64::from(i)).collect())
+    }
+
+    /// Text of `ids`.
+    pub fn decode(&self, ids: &[i64], skip_special_tokens: bool) -> Result<String> {
+        let ids: Vec<u32> = ids
+            .iter()
+            .map(|&i| u32::try_from(i).map_err(|_| ModelError::Tokenizer(format!("token id {i} out of range"))))
+            .collect::<Result<_>>()?;
+        self.inner.decode(&ids, skip_special_tokens).map_err(tok_err)
+    }
+
+    /// Renders a single user turn with the chat template and the assistant prompt appended.
+    pub fn apply_chat_template(&self, messages: &[ChatMessage]) -> Result<String> {
+        let t = self
+            .chat_template
+            .as_ref()
+            .ok_or_else(|| ModelError::Template("this model has no chat template".into()))?;
+        t.render(messages, true)
+    }
+
+    /// Prompt ids as transformers builds them: with `chat`, the templated single user turn encoded without
+    /// special tokens (the template carries its own, as `apply_chat_template(tokenize=True)` does); without, the
+    /// raw text with the tokenizer's special tokens (as `tokenizer(prompt)` does).
+    pub fn encode_prompt(&self, prompt: &str, chat: bool) -> Result<Vec<i64>> {
+        if chat {
+            let text = self.apply_chat_template(&[ChatMessage::user(prompt)])?;
+            self.encode(&text, false)
+        } else {
+            self.encode(prompt, true)
+        }
+    }
+}

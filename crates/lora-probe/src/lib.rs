@@ -1,0 +1,1 @@
+//! lora-probe (work in progress).

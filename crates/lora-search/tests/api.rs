@@ -1,0 +1,236 @@
+//! Error cases, JSON shape, parameter accounting and memoisation.
+
+use lora_search::synthetic::{Profile, SyntheticScorer};
+use lora_search::{BoundarySearch, FnScorer, Memo, Scorer, SearchError, Strategy};
+
+fn step(l: usize) -> SyntheticScorer {
+    SyntheticScorer::new(
+        Profile::Step {
+            at: l / 2,
+            low: 0.2,
+            high: 0.9,
+        }
+        .means(l),
+        0.05,
+        0.05,
+        1,
+    )
+}
+
+#[test]
+fn empty_samples_and_ranges_are_errors_for_every_strategy() {
+    for st in Strategy::ALL {
+        let s = BoundarySearch::new(8).strategy(st);
+        let mut sc = step(8);
+        let mut px = step(8);
+        assert_eq!(
+            s.run_with_proxy(&mut px, &mut sc, 0),
+            Err(SearchError::EmptySamples)
+        );
+        assert_eq!(
+            s.clone().range(5, 2).run_with_proxy(&mut px, &mut sc, 10),
+            Err(SearchError::EmptyRange { lo: 5, hi: 2 })
+        );
+        assert_eq!(
+            s.clone().range(2, 8).run_with_proxy(&mut px, &mut sc, 10),
+            Err(SearchError::RangeOutOfBounds {
+                lo: 2,
+                hi: 8,
+                num_layers: 8
+            })
+        );
+        assert_eq!(
+            BoundarySearch::new(0)
+                .strategy(st)
+                .run_with_proxy(&mut px, &mut sc, 10),
+            Err(SearchError::ZeroLayers)
+        );
+    }
+    let mut sc = step(8);
+    assert_eq!(
+        BoundarySearch::new(8)
+            .strategy(Strategy::ProxyFirst)
+            .run(&mut sc, 10),
+        Err(SearchError::MissingProxy)
+    );
+}
+
+#[test]
+fn bad_configuration_is_an_error() {
+    let mut sc = step(8);
+    let base = BoundarySearch::new(8);
+    let cases = [
+        base.clone().epsilon(-1.0),
+        base.clone().epsilon(f64::NAN),
+        base.clone().bootstrap_resamples(0),
+        base.clone().stride(0),
+        base.clone().eta(1),
+        base.clone().budget(0.5),
+        base.clone().min_samples(0),
+        base.clone().shortlist(0),
+        base.clone().z(-1.0),
+        base.clone()
+            .param_counts(vec![1.0; 8].into_iter().map(|_| -1.0).collect()),
+    ];
+    for c in cases {
+        assert!(
+            matches!(c.run(&mut sc, 10), Err(SearchError::InvalidConfig { .. })),
+            "{c:?}"
+        );
+    }
+    assert_eq!(
+        base.clone().param_counts(vec![1.0; 3]).run(&mut sc, 10),
+        Err(SearchError::ParamCountLength {
+            expected: 8,
+            got: 3
+        })
+    );
+    assert_eq!(
+        base.param_counts(vec![0.0; 8]).run(&mut sc, 10),
+        Err(SearchError::ZeroParams)
+    );
+}
+
+#[test]
+fn scorer_failures_propagate() {
+    let mut short = FnScorer::new(|b, _| {
+        if b == 3 {
+            Err(SearchError::Scorer {
+                boundary: b,
+                message: "model exploded".into(),
+            })
+        } else {
+            Ok(1.0)
+        }
+    });
+    let r = BoundarySearch::new(6)
+        .strategy(Strategy::Exhaustive)
+        .run(&mut short, 4);
+    assert!(matches!(r, Err(SearchError::Scorer { boundary: 3, .. })));
+    let mut nan = FnScorer::new(|_, _| Ok(f64::INFINITY));
+    let r = BoundarySearch::new(6).run(&mut nan, 4);
+    assert!(matches!(r, Err(SearchError::NonFiniteScore { .. })));
+    struct Wrong;
+    impl Scorer for Wrong {
+        fn score(&mut self, _: usize, _: &[usize]) -> Result<Vec<f64>, SearchError> {
+            Ok(vec![])
+        }
+    }
+    let r = BoundarySearch::new(6).run(&mut Wrong, 4);
+    assert!(matches!(r, Err(SearchError::ScoreCount { got: 0, .. })));
+}
+
+#[test]
+fn report_json_has_the_cli_fields() {
+    let mut sc = step(12);
+    let r = BoundarySearch::new(12)
+        .seed(3)
+        .epsilon(0.05)
+        .run(&mut sc, 64)
+        .unwrap();
+    let j = serde_json::to_value(&r).unwrap();
+    assert_eq!(j["boundary"], 6);
+    assert_eq!(j["strategy"], "halving");
+    assert_eq!(j["scorer_calls"].as_u64().unwrap() as usize, r.scorer_calls);
+    let c = &j["candidates"][0];
+    for key in ["boundary", "score", "ci", "lora_params_kept"] {
+        assert!(!c[key].is_null(), "{key}");
+    }
+    assert_eq!(c["ci"].as_array().unwrap().len(), 2);
+    assert!(j.get("proxy_ranking").is_none());
+    // Proxy-first adds the proxy ranking.
+    let mut px = step(12);
+    let r = BoundarySearch::new(12)
+        .strategy(Strategy::ProxyFirst)
+        .run_with_proxy(&mut px, &mut sc, 64)
+        .unwrap();
+    let j = serde_json::to_value(&r).unwrap();
+    assert_eq!(j["strategy"], "proxy-first");
+    assert_eq!(j["proxy_ranking"].as_array().unwrap().len(), 12);
+    assert_eq!(r.proxy_calls, 12 * 64);
+    assert_eq!(r.scorer_calls, 3 * 64);
+}
+
+#[test]
+fn lora_params_kept_follows_counts() {
+    let mut sc = step(4);
+    let r = BoundarySearch::new(4)
+        .strategy(Strategy::Exhaustive)
+        .run(&mut sc, 8)
+        .unwrap();
+    let kept: Vec<f64> = r.candidates.iter().map(|c| c.lora_params_kept).collect();
+    assert_eq!(kept, vec![25.0, 50.0, 75.0, 100.0]);
+    let r = BoundarySearch::new(4)
+        .strategy(Strategy::Exhaustive)
+        .param_counts(vec![1.0, 1.0, 2.0, 4.0])
+        .run(&mut sc, 8)
+        .unwrap();
+    let kept: Vec<f64> = r.candidates.iter().map(|c| c.lora_params_kept).collect();
+    assert_eq!(kept, vec![12.5, 25.0, 50.0, 100.0]);
+    assert_eq!(r.reference.ci, [0.0, 0.0]);
+    assert_eq!(r.reference.lora_params_kept, 100.0);
+}
+
+#[test]
+fn ci_is_of_the_difference_to_full_lora() {
+    // Deterministic scores: boundary b scores b/10 on every sample; full LoRA (b=4) 0.4.
+    let mut sc = FnScorer::new(|b, _| Ok(b as f64 / 10.0));
+    let r = BoundarySearch::new(5)
+        .strategy(Strategy::Exhaustive)
+        .epsilon(0.0)
+        .run(&mut sc, 6)
+        .unwrap();
+    let c = r.candidate(1).unwrap();
+    assert!((c.score - 0.1).abs() < 1e-12);
+    assert!((c.ci[0] + 0.3).abs() < 1e-12 && (c.ci[1] + 0.3).abs() < 1e-12);
+    assert_eq!(r.boundary, 4);
+    assert_eq!(r.best, 4);
+    assert_eq!(r.full_evaluations, 5.0);
+}
+
+#[test]
+fn shared_memo_spans_runs() {
+    let mut memo = Memo::new(step(10), 32);
+    let s = BoundarySearch::new(10).strategy(Strategy::Exhaustive);
+    let a = s.run(&mut memo, 32).unwrap();
+    let after_first = memo.sample_evals();
+    assert_eq!(after_first, 10 * 32);
+    let b = s
+        .clone()
+        .strategy(Strategy::CoarseToFine)
+        .run(&mut memo, 32)
+        .unwrap();
+    assert_eq!(
+        memo.sample_evals(),
+        after_first,
+        "second run is served from the shared memo"
+    );
+    assert_eq!(a.boundary, b.boundary);
+}
+
+#[test]
+fn single_candidate_range() {
+    let mut sc = step(6);
+    for st in [
+        Strategy::Exhaustive,
+        Strategy::CoarseToFine,
+        Strategy::Halving,
+    ] {
+        let r = BoundarySearch::new(6)
+            .strategy(st)
+            .range(5, 5)
+            .run(&mut sc, 7)
+            .unwrap();
+        assert_eq!(r.boundary, 5);
+        assert_eq!(r.scorer_calls, 7);
+        let r = BoundarySearch::new(6)
+            .strategy(st)
+            .range(2, 2)
+            .run(&mut sc, 7)
+            .unwrap();
+        assert_eq!(r.boundary, 2);
+        assert_eq!(r.scorer_calls, 14);
+    }
+    let r = BoundarySearch::new(1).run(&mut step(1), 3).unwrap();
+    assert_eq!(r.boundary, 0);
+}
