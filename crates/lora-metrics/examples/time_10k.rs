@@ -40,7 +40,12 @@ fn main() {
         eprintln!("../shared/data/scitldr not found");
         return;
     };
+    // `ONLY=bleu` (for example) restricts the run to one metric.
+    let only = std::env::var("ONLY").ok();
     let run = |name: &str, f: &dyn Fn() -> f64| {
+        if only.as_deref().is_some_and(|o| o != name) {
+            return;
+        }
         let (t, c) = (Instant::now(), cpu_seconds());
         let v = f();
         println!(

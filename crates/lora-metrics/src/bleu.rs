@@ -37,7 +37,7 @@ fn tokenized_13a(line: &str) -> String {
             .replace("&lt;", "<")
             .replace("&gt;", ">");
     }
-    let mut b: Vec<u8> = Vec::with_capacity(s.len() * 2 + 2);
+    let mut b: Vec<u8> = Vec::with_capacity(s.len() * 2 + 4);
     // ' {line} ' then `([\{-\~\[-\` -\&\(-\+\:-\@\/])` -> ' \1 '
     b.push(b' ');
     for &c in s.as_bytes() {
@@ -48,26 +48,34 @@ fn tokenized_13a(line: &str) -> String {
         }
     }
     b.extend_from_slice(b"   ");
-    // `([^0-9])([\.,])` -> '\1 \2 '
-    let b = sub2(
-        &b,
-        |x, y| !x.is_ascii_digit() && matches!(y, b'.' | b','),
-        |x, y, o| o.extend_from_slice(&[x, b' ', y, b' ']),
-    );
-    // `([\.,])([^0-9])` -> ' \1 \2'
-    let b = sub2(
-        &b,
-        |x, y| matches!(x, b'.' | b',') && !y.is_ascii_digit(),
-        |x, y, o| o.extend_from_slice(&[b' ', x, b' ', y]),
-    );
-    // `([0-9])(-)` -> '\1 \2 '
-    let b = sub2(
-        &b,
-        |x, y| x.is_ascii_digit() && y == b'-',
-        |x, y, o| o.extend_from_slice(&[x, b' ', y, b' ']),
-    );
+    let has = |b: &[u8], x: u8| b.contains(&x);
+    if has(&b, b'.') || has(&b, b',') {
+        // `([^0-9])([\.,])` -> '\1 \2 '
+        b = sub2(
+            &b,
+            |x, y| !x.is_ascii_digit() && matches!(y, b'.' | b','),
+            |x, y, o| o.extend_from_slice(&[x, b' ', y, b' ']),
+        );
+        // `([\.,])([^0-9])` -> ' \1 \2'
+        b = sub2(
+            &b,
+            |x, y| matches!(x, b'.' | b',') && !y.is_ascii_digit(),
+            |x, y, o| o.extend_from_slice(&[b' ', x, b' ', y]),
+        );
+    }
+    if has(&b, b'-') {
+        // `([0-9])(-)` -> '\1 \2 '
+        b = sub2(
+            &b,
+            |x, y| x.is_ascii_digit() && y == b'-',
+            |x, y, o| o.extend_from_slice(&[x, b' ', y, b' ']),
+        );
+    }
     // Only ASCII bytes are inserted, always next to ASCII bytes, so the bytes stay valid UTF-8.
-    String::from_utf8_lossy(&b).into_owned()
+    match String::from_utf8(b) {
+        Ok(s) => s,
+        Err(e) => String::from_utf8_lossy(e.as_bytes()).into_owned(),
+    }
 }
 
 /// Non-overlapping left-to-right substitution of a two-byte pattern (Python `re.sub` semantics for a
@@ -127,13 +135,15 @@ fn closest_ref_len(hyp_len: u64, ref_lens: &[u64]) -> u64 {
 
 /// Statistics of one segment against its references (all of them; sacrebleu drops only `None`).
 pub(crate) fn segment_stats(hyp: &str, refs: &[String]) -> Stats {
-    NgramIds::with_reused(|ng| segment_stats_with(ng, hyp, refs))
+    let n = hyp.len() + 16;
+    segment_stats_with(&mut NgramIds::with_capacity(n), hyp, refs)
 }
 
 fn segment_stats_with(ng: &mut NgramIds, hyp: &str, refs: &[String]) -> Stats {
     let hyp_s = tokenized_13a(py_rstrip(hyp));
     let ref_s: Vec<String> = refs.iter().map(|r| tokenized_13a(py_rstrip(r))).collect();
-    let mut int = Interner::default();
+    let total_bytes = hyp_s.len() + ref_s.iter().map(String::len).sum::<usize>();
+    let mut int = Interner::with_capacity(total_bytes / 4 + 8);
     let hyp_ids: Vec<u32> = py_split(&hyp_s).map(|t| int.id(t)).collect();
     let hyp_grams = ng.ids(&hyp_ids, 0, MAX_ORDER);
     let mut ref_lens = Vec::with_capacity(refs.len());
@@ -142,23 +152,27 @@ fn segment_stats_with(ng: &mut NgramIds, hyp: &str, refs: &[String]) -> Stats {
         .map(|r| {
             let ids: Vec<u32> = py_split(r).map(|t| int.id(t)).collect();
             ref_lens.push(ids.len() as u64);
-            ng.ids(&ids, 0, MAX_ORDER)
+            ng.lookup(&ids, 0, MAX_ORDER)
         })
         .collect();
     // Per n-gram, the maximum count over the references.
     let mut max_cnt = vec![0u32; ng.len()];
     let mut tmp = vec![0u32; ng.len()];
+    // Reference n-grams absent from the hypothesis cannot be matched and are skipped.
     for g in ref_grams.iter().flatten() {
-        for &x in g {
-            tmp[x as usize] += 1;
+        let present = || {
+            g.iter()
+                .filter(|&&x| x != NgramIds::ABSENT)
+                .map(|&x| x as usize)
+        };
+        for x in present() {
+            tmp[x] += 1;
         }
-        for &x in g {
-            let t = tmp[x as usize];
-            let m = &mut max_cnt[x as usize];
-            *m = (*m).max(t);
+        for x in present() {
+            max_cnt[x] = max_cnt[x].max(tmp[x]);
         }
-        for &x in g {
-            tmp[x as usize] = 0;
+        for x in present() {
+            tmp[x] = 0;
         }
     }
     let hyp_len = hyp_ids.len() as u64;

@@ -50,21 +50,30 @@ fn remove_punctuation(sent: &str) -> Vec<&str> {
 }
 
 /// Ids of the character n-grams (orders 1..=6, white space removed) followed by the word n-grams
-/// (orders 1..=`word_order`) of one text.
+/// (orders 1..=`word_order`) of one text. With `assign` false (references), n-grams the
+/// hypothesis does not have get [`NgramIds::ABSENT`].
 fn all_grams<'a>(
     text: &'a str,
     word_order: usize,
     ng: &mut NgramIds,
     words: &mut Interner<'a>,
+    assign: bool,
 ) -> Vec<Vec<u32>> {
+    let grams = |ng: &mut NgramIds, units: &[u32], space: u32, order: usize| {
+        if assign {
+            ng.ids(units, space, order)
+        } else {
+            ng.lookup(units, space, order)
+        }
+    };
     let chars: Vec<u32> = py_split(text).flat_map(str::chars).map(u32::from).collect();
-    let mut g = ng.ids(&chars, 0, CHAR_ORDER);
+    let mut g = grams(ng, &chars, 0, CHAR_ORDER);
     if word_order > 0 {
         let ids: Vec<u32> = remove_punctuation(text)
             .into_iter()
             .map(|w| words.id(w))
             .collect();
-        g.extend(ng.ids(&ids, 1, word_order));
+        g.extend(grams(ng, &ids, 1, word_order));
     }
     g
 }
@@ -111,7 +120,8 @@ fn f_score(stats: &[u64]) -> f64 {
 
 /// Best-reference statistics `[hyp, ref, match] x orders` of one row.
 pub(crate) fn segment_stats(hyp: &str, refs: &[String], word_order: usize) -> Vec<u64> {
-    NgramIds::with_reused(|ng| segment_stats_with(ng, hyp, refs, word_order))
+    let n = hyp.len() * CHAR_ORDER + 16;
+    segment_stats_with(&mut NgramIds::with_capacity(n), hyp, refs, word_order)
 }
 
 fn segment_stats_with(
@@ -121,10 +131,10 @@ fn segment_stats_with(
     word_order: usize,
 ) -> Vec<u64> {
     let mut words = Interner::default();
-    let h = all_grams(hyp, word_order, ng, &mut words);
+    let h = all_grams(hyp, word_order, ng, &mut words, true);
     let rgs: Vec<Vec<Vec<u32>>> = refs
         .iter()
-        .map(|r| all_grams(r, word_order, ng, &mut words))
+        .map(|r| all_grams(r, word_order, ng, &mut words, false))
         .collect();
     let mut scratch = vec![0u32; ng.len()];
     let mut best: Vec<u64> = Vec::new();

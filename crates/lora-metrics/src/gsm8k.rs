@@ -111,7 +111,7 @@ pub fn gold_answer(reference: &str) -> Option<String> {
 /// Strict correctness (1.0 / 0.0) against already extracted gold answers.
 pub fn strict_correct(prediction: &str, golds: &[String]) -> f64 {
     match extract_strict(prediction) {
-        Some(p) if golds.iter().any(|g| *g == p) => 1.0,
+        Some(p) if golds.contains(&p) => 1.0,
         _ => 0.0,
     }
 }

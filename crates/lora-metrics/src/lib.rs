@@ -23,6 +23,8 @@
 //! # Ok::<(), lora_metrics::MetricsError>(())
 //! ```
 
+#![warn(missing_docs)]
+
 pub mod bleu;
 pub mod bootstrap;
 pub mod chrf;
@@ -225,6 +227,9 @@ pub fn item_scores(
     })
 }
 
+/// Selects one F-measure from a row's ROUGE scores.
+type RougeField = fn(&rouge::RougeScores) -> f64;
+
 /// Left-to-right mean (the order Python's `for` loop would use).
 fn mean(v: &[f64]) -> f64 {
     v.iter().fold(0.0, |a, &x| a + x) / v.len() as f64
@@ -367,7 +372,7 @@ pub fn score_report(
         MetricGroup::Gsm8kFlexible => single(Metric::Gsm8kFlexible, &mut scores)?,
         MetricGroup::Rouge => {
             let rows = rouge_rows(predictions, references);
-            let pick: [(&str, fn(&rouge::RougeScores) -> f64); 4] = [
+            let pick: [(&str, RougeField); 4] = [
                 ("rouge1", |s| s.rouge1.fmeasure),
                 ("rouge2", |s| s.rouge2.fmeasure),
                 ("rougeL", |s| s.rouge_l.fmeasure),

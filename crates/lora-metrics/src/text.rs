@@ -142,22 +142,40 @@ impl NgramIds {
         out
     }
 
-    /// Runs `f` with this thread's reusable, emptied id table (keeps its allocation across rows).
-    pub(crate) fn with_reused<R>(f: impl FnOnce(&mut NgramIds) -> R) -> R {
-        thread_local! {
-            static IDS: std::cell::RefCell<NgramIds> = std::cell::RefCell::new(NgramIds::default());
+    /// Like [`NgramIds::ids`] but only looks ids up, never assigns them: an n-gram not seen before
+    /// (in particular one whose (n-1)-gram prefix was not seen) gets [`NgramIds::ABSENT`]. Used for
+    /// references, whose n-grams only matter if the hypothesis has them.
+    pub(crate) fn lookup(&self, units: &[u32], space: u32, max_order: usize) -> Vec<Vec<u32>> {
+        let mut out: Vec<Vec<u32>> = Vec::with_capacity(max_order);
+        let tag = u64::from(u32::MAX - space) << 32;
+        let find = |key: u64| self.map.get(&key).copied().unwrap_or(Self::ABSENT);
+        out.push(units.iter().map(|&u| find(tag | u64::from(u))).collect());
+        for n in 2..=max_order {
+            let prev = &out[n - 2];
+            let cur: Vec<u32> = if units.len() >= n {
+                (0..=units.len() - n)
+                    .map(|i| match prev[i] {
+                        Self::ABSENT => Self::ABSENT,
+                        p => find((u64::from(p) << 32) | u64::from(units[i + n - 1])),
+                    })
+                    .collect()
+            } else {
+                Vec::new()
+            };
+            out.push(cur);
         }
-        IDS.with(|cell| match cell.try_borrow_mut() {
-            Ok(mut ng) => {
-                if ng.map.capacity() > 1 << 20 {
-                    ng.map = FxMap::default();
-                }
-                ng.map.clear();
-                f(&mut ng)
-            }
-            // Re-entrant use (not done in this crate) gets a fresh table.
-            Err(_) => f(&mut NgramIds::default()),
-        })
+        out
+    }
+
+    /// Id given by [`NgramIds::lookup`] to n-grams that were never assigned one.
+    pub(crate) const ABSENT: u32 = u32::MAX;
+
+    /// A table with room for `n` n-grams (size it for the hypothesis only: references are looked
+    /// up, not inserted, which keeps the table small and cache-resident).
+    pub(crate) fn with_capacity(n: usize) -> Self {
+        NgramIds {
+            map: FxMap::with_capacity_and_hasher(n, Default::default()),
+        }
     }
 
     /// Number of distinct n-grams seen (one past the largest id).
@@ -167,9 +185,12 @@ impl NgramIds {
 }
 
 /// `sum_k min(count_a[k], count_b[k])` for two id lists, using a zeroed scratch array (left zeroed).
+/// Ids equal to [`NgramIds::ABSENT`] in `b` are skipped (they cannot occur in `a`).
 pub(crate) fn clipped_matches(a: &[u32], b: &[u32], scratch: &mut [u32]) -> u64 {
     for &x in b {
-        scratch[x as usize] += 1;
+        if x != NgramIds::ABSENT {
+            scratch[x as usize] += 1;
+        }
     }
     let mut m = 0u64;
     for &x in a {
@@ -180,7 +201,9 @@ pub(crate) fn clipped_matches(a: &[u32], b: &[u32], scratch: &mut [u32]) -> u64 
         }
     }
     for &x in b {
-        scratch[x as usize] = 0;
+        if x != NgramIds::ABSENT {
+            scratch[x as usize] = 0;
+        }
     }
     m
 }
@@ -192,6 +215,13 @@ pub(crate) struct Interner<'a> {
 }
 
 impl<'a> Interner<'a> {
+    /// An interner with room for `n` distinct tokens.
+    pub(crate) fn with_capacity(n: usize) -> Self {
+        Interner {
+            map: FxMap::with_capacity_and_hasher(n, Default::default()),
+        }
+    }
+
     /// Id of `tok`, assigning the next one on first sight.
     pub(crate) fn id(&mut self, tok: &'a str) -> u32 {
         let next = self.map.len() as u32;
@@ -266,5 +296,8 @@ mod tests {
         assert_eq!(clipped_matches(&a[0], &b[0], &mut scratch), 3);
         assert_eq!(clipped_matches(&a[1], &b[1], &mut scratch), 2);
         assert!(scratch.iter().all(|&x| x == 0));
+        let c = ng.lookup(&[2, 9, 2, 1], 0, 2);
+        assert_eq!(c[0], [a[0][1], NgramIds::ABSENT, a[0][1], a[0][0]]);
+        assert_eq!(c[1], [NgramIds::ABSENT, NgramIds::ABSENT, a[1][1]]);
     }
 }

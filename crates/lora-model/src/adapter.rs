@@ -324,6 +324,27 @@ impl Matcher {
     }
 }
 
+/// The modules `cfg` wraps on a model with `num_layers` blocks, as (block, module, rank, alpha), by PEFT's rules
+/// (target/exclude matching, `layers_to_transform`, `rank_pattern`, `alpha_pattern`). Used to attach fresh LoRA.
+pub(crate) fn targeted_modules(
+    cfg: &LoraConfig,
+    num_layers: usize,
+    origin: &Path,
+) -> Result<Vec<(usize, Module, usize, f64)>> {
+    let matcher = cfg.matcher(origin)?;
+    let mut out = Vec::new();
+    for l in 0..num_layers {
+        for m in Module::ALL {
+            let path = m.hf_path(l);
+            if matcher.targets(&path) {
+                let (r, alpha) = matcher.rank_alpha(&path, cfg);
+                out.push((l, m, r, alpha));
+            }
+        }
+    }
+    Ok(out)
+}
+
 /// The PEFT scaling of a module with rank `r` and alpha `alpha`.
 pub fn lora_scaling(alpha: f64, r: usize, use_rslora: bool) -> f64 {
     if use_rslora {

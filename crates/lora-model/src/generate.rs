@@ -34,7 +34,7 @@ pub struct GenerationConfig {
     pub max_new_tokens: usize,
     /// Token choice.
     pub sampling: Sampling,
-    /// Generation stops at any of these ids (not included in the text).
+    /// Generation stops at any of these ids (kept in `token_ids`, left out of the text).
     pub eos_token_ids: Vec<i64>,
     /// Generation stops when the decoded text contains any of these; the text is cut before it.
     pub stop_strings: Vec<String>,
@@ -54,7 +54,7 @@ impl Default for GenerationConfig {
 /// One prompt's result.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct Generation {
-    /// New token ids (an EOS that ended generation is not included).
+    /// New token ids, including the EOS that ended generation (as transformers' `generate` returns them).
     pub token_ids: Vec<i64>,
     /// Decoded text of the new tokens (empty without a tokenizer), cut at a stop string.
     pub text: String,
@@ -231,11 +231,11 @@ pub fn generate(
             if done[r] {
                 continue;
             }
+            out[r].push(tok);
             if config.eos_token_ids.contains(&tok) {
                 done[r] = true;
                 continue;
             }
-            out[r].push(tok);
             produced += 1;
             if let (Some(tk), false) = (tokenizer, config.stop_strings.is_empty()) {
                 let text = tk.decode(&out[r], true)?;

@@ -1,22 +1,112 @@
-//! HF-named weights and config from a GGUF file (dequantized, q/k rows un-permuted as transformers does).
-use std::path::Path;
+//! HF-named weights, config and tokenizer from a GGUF file (dequantized, q/k rows un-permuted as transformers
+//! does on load).
+use std::collections::HashMap;
+use std::path::{Path, PathBuf};
 
-use crate::config::ModelConfig;
+use tch::Tensor;
+
+use crate::config::{HfConfig, ModelConfig};
 use crate::error::{ModelError, Result};
+use crate::gguf::{
+    gguf_chat_template, gguf_tokenizer, hf_tensor_name, GgufFile, GgufSpecialTokens,
+};
+use crate::tokenizer::{ChatTemplate, Tokenizer};
 use crate::weights::WeightSource;
+
+/// A GGUF file seen through HF tensor names.
+pub struct GgufWeights {
+    file: GgufFile,
+    origin: PathBuf,
+    /// HF name → GGUF name.
+    names: HashMap<String, String>,
+}
+
+impl GgufWeights {
+    /// Opens `path` and indexes its tensors by HF name.
+    pub fn open(path: &Path) -> Result<Self> {
+        let file = GgufFile::open(path)?;
+        let names = file
+            .tensor_names()
+            .filter_map(|g| hf_tensor_name(g).map(|h| (h, g.to_string())))
+            .collect();
+        Ok(GgufWeights {
+            file,
+            origin: path.to_path_buf(),
+            names,
+        })
+    }
+
+    /// The underlying file.
+    pub fn file(&self) -> &GgufFile {
+        &self.file
+    }
+}
+
+impl WeightSource for GgufWeights {
+    fn origin(&self) -> &Path {
+        &self.origin
+    }
+
+    fn contains(&self, name: &str) -> bool {
+        self.names.contains_key(name)
+    }
+
+    fn names(&self) -> Vec<String> {
+        let mut v: Vec<String> = self.names.keys().cloned().collect();
+        v.sort();
+        v
+    }
+
+    fn load(&self, name: &str, expected: Option<&[i64]>) -> Result<Tensor> {
+        let gguf_name = self
+            .names
+            .get(name)
+            .ok_or_else(|| ModelError::MissingTensor {
+                name: name.to_string(),
+                file: self.origin.clone(),
+            })?;
+        let (_, data, shape) = self.file.load_hf_tensor(gguf_name)?;
+        let shape: Vec<i64> = shape.iter().map(|&d| d as i64).collect();
+        if let Some(exp) = expected {
+            if exp != shape.as_slice() {
+                return Err(ModelError::TensorShape {
+                    name: format!("{name} (GGUF `{gguf_name}`)"),
+                    file: self.origin.clone(),
+                    expected: exp.to_vec(),
+                    actual: shape,
+                });
+            }
+        }
+        Ok(Tensor::from_slice(&data).f_view(shape.as_slice())?)
+    }
+}
 
 /// Opens a GGUF file as a config plus a weight source.
 pub(crate) fn open(path: &Path) -> Result<(ModelConfig, Box<dyn WeightSource>)> {
-    Err(ModelError::Gguf {
+    let weights = GgufWeights::open(path)?;
+    let json = crate::gguf::hf_config(weights.file())?;
+    let raw: HfConfig = serde_json::from_value(json).map_err(|source| ModelError::Json {
         path: path.to_path_buf(),
-        message: "GGUF import is not built yet".into(),
-    })
+        source,
+    })?;
+    let config = ModelConfig::from_hf(&raw, path)?;
+    Ok((config, Box::new(weights)))
 }
 
-/// Loads the tokenizer (and chat template) stored in a GGUF file's metadata.
-pub fn gguf_tokenizer_for(path: &Path) -> Result<crate::Tokenizer> {
-    Err(ModelError::Gguf {
-        path: path.to_path_buf(),
-        message: "GGUF tokenizer import is not built yet".into(),
-    })
+/// Loads the tokenizer, special tokens and chat template stored in a GGUF file's metadata, as transformers'
+/// `AutoTokenizer.from_pretrained(dir, gguf_file=…)` builds them.
+pub fn gguf_tokenizer_for(path: &Path) -> Result<Tokenizer> {
+    let file = GgufFile::open(path)?;
+    let inner = gguf_tokenizer(&file)?;
+    let special = GgufSpecialTokens::from_file(&file)?;
+    let text_of = |id: Option<u32>| id.and_then(|i| inner.id_to_token(i)).unwrap_or_default();
+    let template = gguf_chat_template(&file)
+        .map(|t| ChatTemplate::new(t, text_of(special.bos), text_of(special.eos)));
+    Ok(Tokenizer::new(
+        inner,
+        template,
+        special.bos.map(i64::from),
+        special.eos.map(i64::from).into_iter().collect(),
+        special.pad.map(i64::from),
+    ))
 }

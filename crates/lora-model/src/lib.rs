@@ -16,11 +16,12 @@ pub mod error;
 pub mod generate;
 pub mod gguf;
 mod gguf_weights;
-pub use gguf_weights::gguf_tokenizer_for;
+pub use gguf_weights::{gguf_tokenizer_for, GgufWeights};
 pub mod lora;
 pub mod mask;
 pub mod model;
 pub mod tokenizer;
+pub mod train;
 pub mod weights;
 
 pub use adapter::{load_adapter, prune_adapter, AdapterInfo, LoraConfig};
@@ -31,6 +32,7 @@ pub use lora::{LoraLinear, LoraWeights};
 pub use mask::{LayerMask, Module};
 pub use model::{ForwardOptions, ForwardOutput, KvCache, Llama, Logits};
 pub use tokenizer::{ChatMessage, ChatTemplate, Tokenizer};
+pub use train::{init_lora, train, TrainConfig, TrainProgress, TrainSample, Trainer};
 pub use weights::{Placement, SafetensorsWeights, WeightSource};
 
 pub use tch;

@@ -72,7 +72,7 @@ impl LoraLinear {
                 } else {
                     // y ← y + scaling · d, in place: one fused kernel, no extra allocation.
                     let mut y = y;
-                    y.f_add_(&d.f_mul_scalar(l.scaling)?)?;
+                    let _ = y.f_add_(&d.f_mul_scalar(l.scaling)?)?;
                     Ok(y)
                 }
             }
@@ -85,7 +85,7 @@ impl LoraLinear {
         if let Some(l) = &mut self.lora {
             if !l.merged {
                 let delta = l.delta()?.f_to_kind(self.weight.kind())?;
-                tch::no_grad(|| self.weight.f_add_(&delta))?;
+                let _ = tch::no_grad(|| self.weight.f_add_(&delta))?;
                 l.merged = true;
             }
         }
@@ -97,7 +97,7 @@ impl LoraLinear {
         if let Some(l) = &mut self.lora {
             if l.merged {
                 let delta = l.delta()?.f_to_kind(self.weight.kind())?;
-                tch::no_grad(|| self.weight.f_sub_(&delta))?;
+                let _ = tch::no_grad(|| self.weight.f_sub_(&delta))?;
                 l.merged = false;
             }
         }

@@ -72,11 +72,19 @@ pub fn hf_tensor_name(gguf_name: &str) -> Option<String> {
 /// or the row count is not a multiple of `2 * n_head`.
 pub fn unpermute_qk(data: &[f32], shape: &[usize], n_head: usize) -> Result<Vec<f32>> {
     let bad = |m: String| crate::error::ModelError::InvalidArgument(m);
-    let rows = *shape.first().ok_or_else(|| bad("unpermute_qk: empty shape".into()))?;
-    let cols = shape.iter().skip(1).try_fold(1usize, |a, &d| a.checked_mul(d));
+    let rows = *shape
+        .first()
+        .ok_or_else(|| bad("unpermute_qk: empty shape".into()))?;
+    let cols = shape
+        .iter()
+        .skip(1)
+        .try_fold(1usize, |a, &d| a.checked_mul(d));
     let cols = cols.ok_or_else(|| bad(format!("unpermute_qk: shape {shape:?} overflows")))?;
     if rows.checked_mul(cols) != Some(data.len()) {
-        return Err(bad(format!("unpermute_qk: shape {shape:?} does not match {} values", data.len())));
+        return Err(bad(format!(
+            "unpermute_qk: shape {shape:?} does not match {} values",
+            data.len()
+        )));
     }
     if n_head == 0 || rows % (2 * n_head) != 0 {
         return Err(bad(format!(
@@ -117,13 +125,14 @@ impl GgufFile {
         };
         let arch = self.get_str("general.architecture")?;
         let n_head = self.get_u64(&format!("{arch}.attention.head_count"))?;
-        let n_kv = self.get_u64_opt(&format!("{arch}.attention.head_count_kv"))?.unwrap_or(n_head);
+        let n_kv = self
+            .get_u64_opt(&format!("{arch}.attention.head_count_kv"))?
+            .unwrap_or(n_head);
         let heads = if kind == QkKind::Query { n_head } else { n_kv };
         let heads = usize::try_from(heads)
             .map_err(|_| self.err(format!("head count {heads} does not fit in memory")))?;
-        let data = unpermute_qk(&data, &shape, heads).map_err(|e| {
-            self.err(format!("tensor `{gguf_name}`: {e}"))
-        })?;
+        let data = unpermute_qk(&data, &shape, heads)
+            .map_err(|e| self.err(format!("tensor `{gguf_name}`: {e}")))?;
         Ok((hf, data, shape))
     }
 }
@@ -135,8 +144,9 @@ impl GgufFile {
 /// `attention.head_count`, `attention.head_count_kv` (default: `head_count`), `rope.freq_base`
 /// (default 10000), `attention.layer_norm_rms_epsilon`, `context_length`. `vocab_size` comes from
 /// `llama.vocab_size`, else the length of `tokenizer.ggml.tokens`, else `token_embd.weight`.
-/// `tie_word_embeddings` is true when there is no `output.weight`. Token ids come from
-/// `tokenizer.ggml.{bos,eos,padding}_token_id` when present.
+/// `tie_word_embeddings` is true when there is no `output.weight`; `head_dim` comes from
+/// `attention.key_length` or `rope.dimension_count` when present (as transformers does). Token ids
+/// come from `tokenizer.ggml.{bos,eos,unknown,padding}_token_id` when present.
 pub fn hf_config(file: &GgufFile) -> Result<Value> {
     let arch = file.get_str("general.architecture")?;
     if arch != "llama" {
@@ -147,21 +157,29 @@ pub fn hf_config(file: &GgufFile) -> Result<Value> {
     let key = |k: &str| format!("{arch}.{k}");
     let hidden = file.get_u64(&key("embedding_length"))?;
     let n_head = file.get_u64(&key("attention.head_count"))?;
-    let n_kv = file.get_u64_opt(&key("attention.head_count_kv"))?.unwrap_or(n_head);
+    let n_kv = file
+        .get_u64_opt(&key("attention.head_count_kv"))?
+        .unwrap_or(n_head);
     let vocab = match file.get_u64_opt(&key("vocab_size"))? {
         Some(v) => v,
         None => match file.get("tokenizer.ggml.tokens").and_then(|v| v.as_array()) {
             Some(tokens) => tokens.len() as u64,
             None => {
                 let t = file.tensor_info("token_embd.weight").ok_or_else(|| {
-                    file.err("cannot tell the vocabulary size: no `llama.vocab_size`, \
-                              `tokenizer.ggml.tokens` or `token_embd.weight`")
+                    file.err(
+                        "cannot tell the vocabulary size: no `llama.vocab_size`, \
+                              `tokenizer.ggml.tokens` or `token_embd.weight`",
+                    )
                 })?;
-                *t.dims.get(1).ok_or_else(|| file.err("`token_embd.weight` is not 2-D"))?
+                *t.dims
+                    .get(1)
+                    .ok_or_else(|| file.err("`token_embd.weight` is not 2-D"))?
             }
         },
     };
-    let rope_theta = file.get_f32_opt(&key("rope.freq_base"))?.unwrap_or(10_000.0);
+    let rope_theta = file
+        .get_f32_opt(&key("rope.freq_base"))?
+        .unwrap_or(10_000.0);
     let mut config = json!({
         "architectures": ["LlamaForCausalLM"],
         "model_type": "llama",
@@ -179,12 +197,17 @@ pub fn hf_config(file: &GgufFile) -> Result<Value> {
         "attention_bias": false,
         "mlp_bias": false,
     });
-    if let Some(head_dim) = file.get_u64_opt(&key("attention.key_length"))? {
+    let head_dim = match file.get_u64_opt(&key("attention.key_length"))? {
+        Some(d) => Some(d),
+        None => file.get_u64_opt(&key("rope.dimension_count"))?,
+    };
+    if let Some(head_dim) = head_dim {
         config["head_dim"] = json!(head_dim);
     }
     for (gguf, hf) in [
         ("tokenizer.ggml.bos_token_id", "bos_token_id"),
         ("tokenizer.ggml.eos_token_id", "eos_token_id"),
+        ("tokenizer.ggml.unknown_token_id", "unk_token_id"),
         ("tokenizer.ggml.padding_token_id", "pad_token_id"),
     ] {
         if let Some(id) = file.get_u64_opt(gguf)? {

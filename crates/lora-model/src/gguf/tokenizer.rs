@@ -16,10 +16,8 @@
 //! * decoder: `ByteLevel`; post-processor: BOS / EOS only when `tokenizer.ggml.add_bos_token` /
 //!   `tokenizer.ggml.add_eos_token` say so (both absent or false for SmolLM2: no BOS is added).
 
-use std::collections::HashMap;
-
 use tokenizers::decoders::byte_level::ByteLevel as ByteLevelDecoder;
-use tokenizers::models::bpe::BPE;
+use tokenizers::models::bpe::{Vocab, BPE};
 use tokenizers::pre_tokenizers::byte_level::ByteLevel;
 use tokenizers::pre_tokenizers::sequence::Sequence;
 use tokenizers::pre_tokenizers::split::{Split, SplitPattern};
@@ -62,15 +60,21 @@ impl GgufSpecialTokens {
             eos: id("tokenizer.ggml.eos_token_id")?,
             unk: id("tokenizer.ggml.unknown_token_id")?,
             pad: id("tokenizer.ggml.padding_token_id")?,
-            add_bos: file.get_bool_opt("tokenizer.ggml.add_bos_token")?.unwrap_or(false),
-            add_eos: file.get_bool_opt("tokenizer.ggml.add_eos_token")?.unwrap_or(false),
+            add_bos: file
+                .get_bool_opt("tokenizer.ggml.add_bos_token")?
+                .unwrap_or(false),
+            add_eos: file
+                .get_bool_opt("tokenizer.ggml.add_eos_token")?
+                .unwrap_or(false),
         })
     }
 }
 
 /// The chat template stored in the file (`tokenizer.chat_template`), if any.
 pub fn gguf_chat_template(file: &GgufFile) -> Option<String> {
-    file.get("tokenizer.chat_template").and_then(|v| v.as_str()).map(str::to_owned)
+    file.get("tokenizer.chat_template")
+        .and_then(|v| v.as_str())
+        .map(str::to_owned)
 }
 
 /// GPT-2's byte → printable character table (`bytes_to_unicode`).
@@ -129,7 +133,8 @@ pub fn gguf_tokenizer(file: &GgufFile) -> Result<Tokenizer> {
     let alphabet = byte_alphabet();
     let in_alphabet = |t: &str| t.chars().all(|c| alphabet.contains(&c));
 
-    let mut vocab: HashMap<String, u32> = HashMap::with_capacity(tokens.len());
+    let mut vocab = Vocab::default();
+    vocab.reserve(tokens.len());
     for (i, &t) in tokens.iter().enumerate() {
         let id = u32::try_from(i)
             .map_err(|_| file.err("`tokenizer.ggml.tokens` has more than 2^32 entries"))?;
@@ -161,9 +166,17 @@ pub fn gguf_tokenizer(file: &GgufFile) -> Result<Tokenizer> {
     let pre = file.get_str_opt("tokenizer.ggml.pre")?.unwrap_or("");
     let pre_tokenizer: PreTokenizerWrapper = match pre_split(pre) {
         Some(re) => {
-            let split = Split::new(SplitPattern::Regex(re.to_owned()), SplitDelimiterBehavior::Isolated, false)
-                .map_err(|e| ModelError::Tokenizer(format!("split regex for `{pre}`: {e}")))?;
-            Sequence::new(vec![split.into(), ByteLevel::new(false, true, false).into()]).into()
+            let split = Split::new(
+                SplitPattern::Regex(re.to_owned()),
+                SplitDelimiterBehavior::Isolated,
+                false,
+            )
+            .map_err(|e| ModelError::Tokenizer(format!("split regex for `{pre}`: {e}")))?;
+            Sequence::new(vec![
+                split.into(),
+                ByteLevel::new(false, true, false).into(),
+            ])
+            .into()
         }
         None => ByteLevel::new(false, true, true).into(),
     };
@@ -180,8 +193,16 @@ pub fn gguf_tokenizer(file: &GgufFile) -> Result<Tokenizer> {
                 .ok_or_else(|| file.err(format!("{what} token id {id} is outside the vocabulary"))),
         }
     };
-    let bos = if special.add_bos { name_of(special.bos, "BOS")? } else { None };
-    let eos = if special.add_eos { name_of(special.eos, "EOS")? } else { None };
+    let bos = if special.add_bos {
+        name_of(special.bos, "BOS")?
+    } else {
+        None
+    };
+    let eos = if special.add_eos {
+        name_of(special.eos, "EOS")?
+    } else {
+        None
+    };
     let mut single = Vec::new();
     let mut pair = Vec::new();
     let mut specials = Vec::new();
@@ -214,7 +235,9 @@ pub fn gguf_tokenizer(file: &GgufFile) -> Result<Tokenizer> {
         .try_pair(pair.join(" "))
         .map_err(|e| ModelError::Tokenizer(format!("post-processor template: {e}")))?;
     builder.special_tokens(specials);
-    let post = builder.build().map_err(|e| ModelError::Tokenizer(format!("post-processor: {e}")))?;
+    let post = builder
+        .build()
+        .map_err(|e| ModelError::Tokenizer(format!("post-processor: {e}")))?;
     tok.with_post_processor(Some(post));
 
     let control: Vec<AddedToken> = tokens
@@ -224,7 +247,8 @@ pub fn gguf_tokenizer(file: &GgufFile) -> Result<Tokenizer> {
         .map(|(t, _)| AddedToken::from(*t, true).normalized(false))
         .collect();
     if !control.is_empty() {
-        tok.add_special_tokens(&control);
+        tok.add_special_tokens(control)
+            .map_err(|e| ModelError::Tokenizer(format!("adding control tokens: {e}")))?;
     }
     let user: Vec<AddedToken> = tokens
         .iter()
@@ -233,7 +257,8 @@ pub fn gguf_tokenizer(file: &GgufFile) -> Result<Tokenizer> {
         .map(|(t, _)| AddedToken::from(*t, false).normalized(false))
         .collect();
     if !user.is_empty() {
-        tok.add_tokens(&user);
+        tok.add_tokens(user)
+            .map_err(|e| ModelError::Tokenizer(format!("adding user-defined tokens: {e}")))?;
     }
     Ok(tok)
 }

@@ -1,0 +1,113 @@
+//! [`LogitLens`]: the final norm and LM head applied to chosen positions of every hidden state.
+use lora_model::tch::{Kind, Tensor};
+use lora_model::Llama;
+
+use crate::error::Result;
+
+/// Most logits (rows × vocabulary) materialised at once; larger projections are split by points.
+const MAX_LOGIT_ELEMENTS: i64 = 64 * 1024 * 1024;
+
+/// Per-point statistics of the lens, each `[points, n]` row-major (`points = L + 1`, `n` gathered positions).
+#[derive(Debug, Clone, PartialEq)]
+pub struct LensStats {
+    /// Number of points (hidden states) projected.
+    pub points: usize,
+    /// Number of gathered positions per point.
+    pub positions: usize,
+    /// Probability of the target token.
+    pub gt_prob: Vec<f32>,
+    /// Largest probability.
+    pub max_prob: Vec<f32>,
+    /// 1-based rank of the target: 1 + number of vocabulary entries with a strictly larger logit.
+    pub gt_rank: Vec<f32>,
+    /// Entropy of the distribution in nats.
+    pub entropy: Vec<f32>,
+}
+
+impl LensStats {
+    /// Flat index of point `point`, gathered position `n`.
+    pub fn index(&self, point: usize, n: usize) -> usize {
+        point * self.positions + n
+    }
+}
+
+/// The logit lens of one model: `softmax(lm_head(final_norm(h)))` for any hidden state `h`.
+///
+/// Only the gathered positions are projected, never the full `sequence × vocabulary` of each layer.
+#[derive(Debug, Clone, Copy)]
+pub struct LogitLens<'a> {
+    model: &'a Llama,
+}
+
+impl<'a> LogitLens<'a> {
+    /// The lens of `model`.
+    pub fn new(model: &'a Llama) -> Self {
+        LogitLens { model }
+    }
+
+    /// Projects the positions `(rows[n], cols[n])` of every state in `hidden` (each `[B, T, H]`, as returned by
+    /// [`Llama::forward`] with `hidden_states`; every state is pre-final-norm, so each is normed exactly once) and
+    /// scores them against `targets[n]`.
+    pub fn project(&self, hidden: &[Tensor], rows: &[i64], cols: &[i64], targets: &[i64]) -> Result<LensStats> {
+        if rows.len() != cols.len() || rows.len() != targets.len() {
+            return Err(crate::ProbeError::InvalidArgument(format!(
+                "lens: {} rows, {} columns and {} targets differ",
+                rows.len(),
+                cols.len(),
+                targets.len()
+            )));
+        }
+        let n = rows.len() as i64;
+        let points = hidden.len();
+        let mut stats = LensStats {
+            points,
+            positions: rows.len(),
+            gt_prob: Vec::with_capacity(points * rows.len()),
+            max_prob: Vec::with_capacity(points * rows.len()),
+            gt_rank: Vec::with_capacity(points * rows.len()),
+            entropy: Vec::with_capacity(points * rows.len()),
+        };
+        if n == 0 || points == 0 {
+            return Ok(stats);
+        }
+        let _guard = lora_model::tch::no_grad_guard();
+        let dev = self.model.device();
+        let rows_t = Tensor::from_slice(rows).f_to_device(dev)?;
+        let cols_t = Tensor::from_slice(cols).f_to_device(dev)?;
+        let vocab = self.model.config().vocab_size as i64;
+        let per_chunk = (MAX_LOGIT_ELEMENTS / (n * vocab.max(1))).max(1) as usize;
+        let tgt = Tensor::from_slice(targets).f_to_device(dev)?;
+        for chunk in hidden.chunks(per_chunk) {
+            let gathered = chunk
+                .iter()
+                .map(|h| h.f_index(&[Some(&rows_t), Some(&cols_t)]))
+                .collect::<std::result::Result<Vec<_>, _>>()?;
+            let c = chunk.len() as i64;
+            let x = Tensor::f_cat(&gathered, 0)?; // [c * n, H]
+            let logits = self.model.lm_head(&self.model.final_norm(&x)?)?.f_to_kind(Kind::Float)?;
+            let t = tgt.f_repeat([c])?.f_unsqueeze(1)?; // [c * n, 1]
+            let logp = logits.f_log_softmax(-1, Kind::Float)?;
+            let gt_logit = logits.f_gather(1, &t, false)?;
+            let gt_prob = logp.f_gather(1, &t, false)?.f_exp()?.f_squeeze_dim(1)?;
+            let (max_logp, _) = logp.f_max_dim(1, false)?;
+            let max_prob = max_logp.f_exp()?;
+            let rank = logits
+                .f_gt_tensor(&gt_logit)?
+                .f_sum_dim_intlist(Some(&[1i64][..]), false, Kind::Float)?
+                .f_add_scalar(1.0)?;
+            // p log p is 0 where p = 0 (a -inf logit would give 0 * -inf = NaN otherwise).
+            let plogp = logp.f_exp()?.f_mul(&logp)?.f_nan_to_num(0.0, None, None)?;
+            let entropy = plogp.f_sum_dim_intlist(Some(&[1i64][..]), false, Kind::Float)?.f_neg()?;
+            stats.gt_prob.extend(to_vec(&gt_prob)?);
+            stats.max_prob.extend(to_vec(&max_prob)?);
+            stats.gt_rank.extend(to_vec(&rank)?);
+            stats.entropy.extend(to_vec(&entropy)?);
+        }
+        Ok(stats)
+    }
+}
+
+fn to_vec(t: &Tensor) -> Result<Vec<f32>> {
+    let t = t.f_to_kind(Kind::Float)?.f_to_device(lora_model::tch::Device::Cpu)?.f_contiguous()?;
+    Ok(Vec::<f32>::try_from(&t.f_flatten(0, -1)?)?)
+}
