@@ -118,7 +118,22 @@ pub struct LoraConfig {
     /// The base model's name or path.
     #[serde(default)]
     pub base_model_name_or_path: Option<String>,
+    /// Other PEFT switches that change what the adapter computes; any that is set is refused.
+    #[serde(flatten, default)]
+    pub other: BTreeMap<String, serde_json::Value>,
 }
+
+/// PEFT config keys that, when set, make the adapter compute something other than plain LoRA.
+const REFUSED_WHEN_SET: &[&str] = &[
+    "lora_bias",
+    "use_qalora",
+    "use_bdlora",
+    "alora_invocation_tokens",
+    "arrow_config",
+    "monteclora_config",
+    "velora_config",
+    "kasa_config",
+];
 
 impl Default for LoraConfig {
     fn default() -> Self {
@@ -144,6 +159,7 @@ impl Default for LoraConfig {
             target_parameters: None,
             trainable_token_indices: None,
             base_model_name_or_path: None,
+            other: BTreeMap::new(),
         }
     }
 }
@@ -217,6 +233,17 @@ impl LoraConfig {
         }
         if self.r == 0 {
             return refuse("`r` must be positive".into());
+        }
+        for key in REFUSED_WHEN_SET {
+            let set = match self.other.get(*key) {
+                None | Some(serde_json::Value::Null) | Some(serde_json::Value::Bool(false)) => false,
+                Some(serde_json::Value::Object(o)) => !o.is_empty(),
+                Some(serde_json::Value::Array(a)) => !a.is_empty(),
+                Some(_) => true,
+            };
+            if set {
+                return refuse(format!("`{key}` is set: this LoRA variant is not supported"));
+            }
         }
         Ok(())
     }

@@ -553,6 +553,21 @@ impl Trainer {
         Ok(())
     }
 
+    /// Stops gradient tracking on the model's LoRA tensors (call when training is over, so that inference does not
+    /// build autograd graphs). [`train`] does this before returning.
+    pub fn release(&self, model: &mut Llama) -> Result<()> {
+        for p in &self.params {
+            if let Some(lw) = model
+                .projection_mut(p.layer, p.module)
+                .and_then(|x| x.lora.as_mut())
+            {
+                let t = if p.is_a { &mut lw.a } else { &mut lw.b };
+                let _ = t.f_set_requires_grad(false)?;
+            }
+        }
+        Ok(())
+    }
+
     /// The `adapter_config.json` PEFT writes for this adapter.
     pub fn adapter_config_json(&self) -> Result<serde_json::Value> {
         let mut v = serde_json::to_value(&self.lora).map_err(|source| ModelError::Json {
@@ -872,6 +887,7 @@ pub fn train_encoded(
             trainer.save_checkpoint(&out_dir.join(format!("checkpoint-{done}")), &state)?;
         }
     }
+    trainer.release(model)?;
     trainer.save_adapter(out_dir, cfg.save_bf16)?;
     let state = TrainerState {
         global_step: trainer.global_step(),

@@ -408,6 +408,16 @@ fn training_lowers_loss_and_checkpoints_reload() {
     assert!(out.path().join("checkpoint-6/trainer_state.json").exists());
     assert!(out.path().join("trainer_state.json").exists());
 
+    let q = model
+        .projection(0, Module::Q)
+        .unwrap()
+        .lora
+        .as_ref()
+        .unwrap();
+    assert!(
+        !q.a.requires_grad() && !q.b.requires_grad(),
+        "train() releases the LoRA tensors"
+    );
     let mut reloaded = tiny();
     load_adapter(&mut reloaded, out.path()).unwrap();
     let rows: Vec<&EncodedSample> = samples.iter().collect();

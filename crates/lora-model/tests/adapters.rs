@@ -1,0 +1,194 @@
+//! PEFT adapters against PEFT itself (fixtures from `scripts/fixtures/model/make_adapter_fixtures.py`): full,
+//! base, keep-through, dropped ranges and merged logits; unmerge; prune; refusals.
+use std::collections::HashMap;
+use std::path::{Path, PathBuf};
+
+use lora_model::adapter::{merge, unmerge};
+use lora_model::tch::{Kind, Tensor};
+use lora_model::{load_adapter, prune_adapter, ForwardOptions, LayerMask, Llama, Module, Placement};
+
+fn fixtures() -> PathBuf {
+    PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../../tests/fixtures")
+}
+
+fn load(base: &str, adapter: Option<&Path>) -> Llama {
+    let mut m = Llama::load(fixtures().join("models").join(base), Placement::default()).unwrap();
+    if let Some(a) = adapter {
+        load_adapter(&mut m, a).unwrap();
+    }
+    m
+}
+
+fn reference(adapter: &str) -> HashMap<String, Tensor> {
+    Tensor::read_safetensors(fixtures().join("adapters").join(adapter).join("reference.safetensors"))
+        .unwrap()
+        .into_iter()
+        .collect()
+}
+
+fn logits(m: &Llama, r: &HashMap<String, Tensor>, mask: &LayerMask) -> Tensor {
+    m.forward(&r["input_ids"], Some(&r["attention_mask"]), &ForwardOptions::new(mask))
+        .unwrap()
+        .logits
+        .unwrap()
+}
+
+fn diff(a: &Tensor, b: &Tensor, mask: &Tensor) -> f64 {
+    let m = mask.to_kind(Kind::Float).unsqueeze(-1);
+    ((a - b) * m).abs().max().double_value(&[])
+}
+
+/// Every logits key of the fixture, with the mask that reproduces it.
+fn masks(r: &HashMap<String, Tensor>, layers: usize) -> Vec<(String, LayerMask)> {
+    let mut out = vec![("logits_full".to_string(), LayerMask::all()), ("logits_base".to_string(), LayerMask::none())];
+    for key in r.keys() {
+        if let Some(b) = key.strip_prefix("logits_keep_through_") {
+            out.push((key.clone(), LayerMask::keep_through(b.parse().unwrap())));
+        } else if let Some(range) = key.strip_prefix("logits_drop_") {
+            let (lo, hi) = range.split_once('_').unwrap();
+            let (lo, hi): (usize, usize) = (lo.parse().unwrap(), hi.parse().unwrap());
+            out.push((key.clone(), LayerMask::from_layers((0..layers).filter(|l| *l < lo || *l > hi))));
+        }
+    }
+    out
+}
+
+fn check_adapter(base: &str, adapter: &str) {
+    let dir = fixtures().join("adapters").join(adapter);
+    let mut m = load(base, Some(&dir));
+    let r = reference(adapter);
+    let am = &r["attention_mask"];
+    let cases = masks(&r, m.num_layers());
+    assert!(cases.len() >= 4, "{adapter}: fixture has too few masks");
+    for (key, mask) in &cases {
+        let d = diff(&logits(&m, &r, mask), &r[key], am);
+        assert!(d < 1e-4, "{adapter}: {key} (mask {mask}) differs from PEFT by {d}");
+    }
+    // Merged: LoRA folded into the weights equals PEFT's merge_and_unload.
+    let w0 = m.projection(0, Module::Q).unwrap().weight.copy();
+    merge(&mut m, &LayerMask::all()).unwrap();
+    let d = diff(&logits(&m, &r, &LayerMask::all()), &r["logits_merged"], am);
+    assert!(d < 1e-4, "{adapter}: merged logits differ from PEFT by {d}");
+    unmerge(&mut m).unwrap();
+    let restored = (&m.projection(0, Module::Q).unwrap().weight - &w0).abs().max().double_value(&[]);
+    assert!(restored < 1e-5, "{adapter}: unmerge left a difference of {restored}");
+    let d = diff(&logits(&m, &r, &LayerMask::all()), &r["logits_full"], am);
+    assert!(d < 1e-4, "{adapter}: after unmerge, full logits differ by {d}");
+}
+
+#[test]
+fn basic_adapter_matches_peft() {
+    check_adapter("tiny-llama", "tiny-llama-basic");
+}
+
+#[test]
+fn rslora_rank_and_alpha_patterns_match_peft() {
+    check_adapter("tiny-llama", "tiny-llama-rslora-patterns");
+}
+
+#[test]
+fn layers_to_transform_and_regex_targets_match_peft() {
+    check_adapter("tiny-llama", "tiny-llama-layers");
+    check_adapter("tiny-llama", "tiny-llama-regex");
+}
+
+#[test]
+fn qwen2_adapter_matches_peft() {
+    check_adapter("tiny-qwen2", "tiny-qwen2-basic");
+}
+
+#[test]
+fn prune_writes_what_peft_loads() {
+    let src = fixtures().join("adapters/tiny-llama-basic");
+    let tmp = tempfile::tempdir().unwrap();
+    let out = tmp.path().join("pruned");
+    let kept = prune_adapter(&src, &LayerMask::keep_through(1), &out).unwrap();
+    assert_eq!(kept, vec![0, 1]);
+    // Same tensors as the adapter PEFT itself wrote for blocks 0-1.
+    let expected: HashMap<String, Tensor> =
+        Tensor::read_safetensors(fixtures().join("adapters/tiny-llama-basic-pruned-expected/adapter_model.safetensors"))
+            .unwrap()
+            .into_iter()
+            .collect();
+    let ours: HashMap<String, Tensor> = Tensor::read_safetensors(out.join("adapter_model.safetensors"))
+        .unwrap()
+        .into_iter()
+        .collect();
+    assert_eq!(ours.len(), expected.len());
+    for (k, v) in &expected {
+        assert!(ours[k].equal(v), "{k}");
+    }
+    let cfg: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(out.join("adapter_config.json")).unwrap()).unwrap();
+    assert_eq!(cfg["layers_to_transform"], serde_json::json!([0, 1]));
+    // Our own loader on the pruned adapter gives PEFT's keep-through-1 logits.
+    let m = load("tiny-llama", Some(&out));
+    let r = reference("tiny-llama-basic");
+    let d = diff(&logits(&m, &r, &LayerMask::all()), &r["logits_keep_through_1"], &r["attention_mask"]);
+    assert!(d < 1e-4, "pruned adapter differs from PEFT keep-through-1 by {d}");
+    // Writing over an existing directory is refused, leaving it untouched.
+    assert!(prune_adapter(&src, &LayerMask::keep_through(1), &out).is_err());
+}
+
+fn write_adapter(dir: &Path, config: serde_json::Value, from: &str) {
+    std::fs::create_dir_all(dir).unwrap();
+    std::fs::write(dir.join("adapter_config.json"), config.to_string()).unwrap();
+    std::fs::copy(
+        fixtures().join("adapters").join(from).join("adapter_model.safetensors"),
+        dir.join("adapter_model.safetensors"),
+    )
+    .unwrap();
+}
+
+fn base_config(from: &str) -> serde_json::Value {
+    serde_json::from_str(
+        &std::fs::read_to_string(fixtures().join("adapters").join(from).join("adapter_config.json")).unwrap(),
+    )
+    .unwrap()
+}
+
+#[test]
+fn unsupported_or_mismatched_adapters_are_refused_before_compute() {
+    let tmp = tempfile::tempdir().unwrap();
+    let mut m = load("tiny-llama", None);
+    let refuse = |m: &mut Llama, name: &str, patch: serde_json::Value, from: &str, expect: &str| {
+        let dir = tmp.path().join(name);
+        let mut cfg = base_config(from);
+        for (k, v) in patch.as_object().unwrap() {
+            cfg[k] = v.clone();
+        }
+        write_adapter(&dir, cfg, from);
+        let err = load_adapter(m, &dir).unwrap_err().to_string();
+        assert!(err.contains(expect), "{name}: `{err}` should mention `{expect}`");
+        // Nothing was attached.
+        assert!(m.projection(0, Module::Q).unwrap().lora.is_none(), "{name}");
+    };
+    refuse(&mut m, "dora", serde_json::json!({"use_dora": true}), "tiny-llama-basic", "DoRA");
+    refuse(&mut m, "save", serde_json::json!({"modules_to_save": ["lm_head"]}), "tiny-llama-basic", "modules_to_save");
+    refuse(&mut m, "bias", serde_json::json!({"bias": "lora_only"}), "tiny-llama-basic", "bias");
+    refuse(&mut m, "lora_bias", serde_json::json!({"lora_bias": true}), "tiny-llama-basic", "lora_bias");
+    refuse(&mut m, "nomatch", serde_json::json!({"target_modules": ["c_attn"]}), "tiny-llama-basic", "does not target");
+    refuse(&mut m, "rank", serde_json::json!({"r": 8}), "tiny-llama-basic", "shape");
+    // An adapter made for another model (Qwen2, 3 blocks, different widths).
+    refuse(&mut m, "qwen", serde_json::json!({}), "tiny-qwen2-basic", "model.layers.3");
+    // Pickled weights are never loaded.
+    let dir = tmp.path().join("pickle");
+    std::fs::create_dir_all(&dir).unwrap();
+    std::fs::write(dir.join("adapter_config.json"), base_config("tiny-llama-basic").to_string()).unwrap();
+    std::fs::write(dir.join("adapter_model.bin"), b"not a pickle").unwrap();
+    let err = load_adapter(&mut m, &dir).unwrap_err().to_string();
+    assert!(err.contains("pickle"), "{err}");
+}
+
+#[test]
+fn masks_switch_without_reloading() {
+    let m = load("tiny-llama", Some(&fixtures().join("adapters/tiny-llama-basic")));
+    let r = reference("tiny-llama-basic");
+    let am = &r["attention_mask"];
+    // Alternate masks on the same loaded model; each result stays exact.
+    for _ in 0..2 {
+        for (key, mask) in [("logits_keep_through_0", LayerMask::keep_through(0)), ("logits_full", LayerMask::all())] {
+            assert!(diff(&logits(&m, &r, &mask), &r[key], am) < 1e-4, "{key}");
+        }
+    }
+}
