@@ -8,6 +8,9 @@ use serde::Serialize;
 
 use crate::error::{Error, Result};
 use crate::loading::{load_model, parse_device, parse_kind, DEFAULT_MODEL};
+use crate::scoring::{generate_answers, item_scores, GenerationScorer, ProxyScorer};
+use crate::tasks::{Sample, Task};
+use lora_search::SearchError;
 use lora_model::{generate, load_adapter, prune_adapter, GenerationConfig, LayerMask, Placement, Sampling};
 
 /// Find the LoRA boundary layer of a fine-tuned LLM and drop LoRA above it.
@@ -77,6 +80,193 @@ pub enum Command {
     Generate(GenerateArgs),
     /// Write a PEFT adapter holding only the LoRA of blocks `0..=B`.
     Prune(PruneArgs),
+    /// Merge (masked) LoRA into the base weights and write an HF model directory.
+    Merge(MergeArgs),
+    /// Score prediction/reference pairs with a metric that matches its reference implementation.
+    Score(ScoreArgs),
+    /// Generate on a test set under one or more LoRA masks and score with the task metric.
+    Eval(EvalArgs),
+    /// Search the boundary on validation samples.
+    Search(SearchArgs),
+    /// Fine-tune LoRA on `{"prompt", "answer"}` JSONL (or a task file) and save a PEFT adapter.
+    Train(TrainArgs),
+}
+
+/// Where samples come from.
+#[derive(Debug, Args)]
+pub struct DataArgs {
+    /// Data file (format per `--task`).
+    #[arg(long)]
+    pub data: PathBuf,
+    /// `jsonl` (`prompt`, `answer`, optional `references`), `e2e`, `hotpotqa`, `gsm8k`, `scitldr`.
+    #[arg(long, default_value = "jsonl")]
+    pub task: String,
+    /// Use the first N samples only.
+    #[arg(long)]
+    pub limit: Option<usize>,
+    /// Wrap prompts in the model's chat template.
+    #[arg(long)]
+    pub chat: bool,
+}
+
+impl DataArgs {
+    /// Loads the samples and the task.
+    pub fn load(&self) -> Result<(Task, Vec<Sample>)> {
+        let task: Task = self.task.parse()?;
+        let mut samples = task.load(&self.data)?;
+        if let Some(n) = self.limit {
+            samples.truncate(n);
+        }
+        Ok((task, samples))
+    }
+}
+
+/// `merge` flags.
+#[derive(Debug, Args)]
+pub struct MergeArgs {
+    /// Model flags (`--adapter` required).
+    #[command(flatten)]
+    pub model: ModelArgs,
+    /// Mask flags: which LoRA to merge (default all).
+    #[command(flatten)]
+    pub mask: MaskArgs,
+    /// Output HF model directory (must not exist).
+    #[arg(long)]
+    pub out: PathBuf,
+}
+
+/// `score` flags.
+#[derive(Debug, Args)]
+pub struct ScoreArgs {
+    /// `em`, `f1`, `hotpot-f1`, `rouge`, `bleu`, `chrf`, `chrf++`, `gsm8k-strict`, `gsm8k-flexible`.
+    #[arg(long)]
+    pub metric: String,
+    /// JSONL with `{"prediction": str, "references": [str, …]}` per line.
+    #[arg(long)]
+    pub input: PathBuf,
+    /// Output format.
+    #[arg(long, value_enum, default_value = "text")]
+    pub format: Format,
+}
+
+/// `eval` flags.
+#[derive(Debug, Args)]
+pub struct EvalArgs {
+    /// Model flags.
+    #[command(flatten)]
+    pub model: ModelArgs,
+    /// Data flags.
+    #[command(flatten)]
+    pub data: DataArgs,
+    /// Masks to compare (repeatable; the first is the reference for the paired bootstrap). Default: `all`.
+    #[arg(long = "mask")]
+    pub masks: Vec<String>,
+    /// Metric name (default: the task's metric).
+    #[arg(long)]
+    pub metric: Option<String>,
+    /// New-token budget.
+    #[arg(long, default_value_t = 64)]
+    pub max_new_tokens: usize,
+    /// Generation batch size.
+    #[arg(long, default_value_t = 8)]
+    pub batch_size: usize,
+    /// Bootstrap seed.
+    #[arg(long, default_value_t = 0)]
+    pub seed: u64,
+    /// Output format.
+    #[arg(long, value_enum, default_value = "text")]
+    pub format: Format,
+}
+
+/// `search` flags.
+#[derive(Debug, Args)]
+pub struct SearchArgs {
+    /// Model flags (`--adapter` required).
+    #[command(flatten)]
+    pub model: ModelArgs,
+    /// Validation data.
+    #[command(flatten)]
+    pub data: DataArgs,
+    /// Metric name, or `logprob` for the teacher-forced proxy alone (default: the task's metric).
+    #[arg(long)]
+    pub metric: Option<String>,
+    /// `exhaustive`, `coarse-to-fine`, `halving`, `proxy-first`.
+    #[arg(long, default_value = "halving")]
+    pub strategy: String,
+    /// Candidate boundaries `LO-HI` (default: all blocks).
+    #[arg(long)]
+    pub range: Option<String>,
+    /// Seed.
+    #[arg(long, default_value_t = 0)]
+    pub seed: u64,
+    /// New-token budget for generation scoring.
+    #[arg(long, default_value_t = 64)]
+    pub max_new_tokens: usize,
+    /// Batch size.
+    #[arg(long, default_value_t = 8)]
+    pub batch_size: usize,
+    /// Output format.
+    #[arg(long, value_enum, default_value = "text")]
+    pub format: Format,
+}
+
+/// `train` flags.
+#[derive(Debug, Args)]
+pub struct TrainArgs {
+    /// Base model (HF directory or `.gguf`).
+    #[arg(long, default_value = DEFAULT_MODEL)]
+    pub model: PathBuf,
+    /// Training data.
+    #[command(flatten)]
+    pub data: DataArgs,
+    /// Output adapter directory.
+    #[arg(long)]
+    pub out: PathBuf,
+    /// LoRA rank.
+    #[arg(long, default_value_t = 8)]
+    pub r: usize,
+    /// LoRA alpha.
+    #[arg(long, default_value_t = 16.0)]
+    pub alpha: f64,
+    /// Target modules, comma-separated, or `all-linear`.
+    #[arg(long, default_value = "all-linear")]
+    pub targets: String,
+    /// LoRA dropout.
+    #[arg(long, default_value_t = 0.0)]
+    pub dropout: f64,
+    /// Epochs.
+    #[arg(long, default_value_t = 1)]
+    pub epochs: usize,
+    /// Peak learning rate.
+    #[arg(long, default_value_t = 2e-4)]
+    pub lr: f64,
+    /// Micro-batch size.
+    #[arg(long, default_value_t = 4)]
+    pub batch_size: usize,
+    /// Gradient accumulation steps.
+    #[arg(long, default_value_t = 1)]
+    pub grad_accum: usize,
+    /// Maximum tokens per sample.
+    #[arg(long, default_value_t = 512)]
+    pub max_len: usize,
+    /// Seed.
+    #[arg(long, default_value_t = 0)]
+    pub seed: u64,
+    /// Save a checkpoint every N steps.
+    #[arg(long)]
+    pub save_every: Option<usize>,
+    /// Resume from a checkpoint directory.
+    #[arg(long)]
+    pub resume: Option<PathBuf>,
+    /// Save the final adapter in bf16.
+    #[arg(long)]
+    pub bf16_adapter: bool,
+    /// `cpu`, `cuda`, `auto` (CUDA trains with bf16 weights, f32 master copies).
+    #[arg(long, default_value = "cpu")]
+    pub device: String,
+    /// Output format.
+    #[arg(long, value_enum, default_value = "text")]
+    pub format: Format,
 }
 
 /// `generate` flags.
@@ -284,10 +474,257 @@ fn run_prune(a: &PruneArgs) -> Result<()> {
     }
 }
 
+fn load_with_adapter(args: &ModelArgs, required: bool) -> Result<(lora_model::Llama, lora_model::Tokenizer, Option<lora_model::AdapterInfo>)> {
+    let (mut model, tokenizer) = load_model(&args.model, placement(args)?)?;
+    let info = match &args.adapter {
+        Some(dir) => Some(load_adapter(&mut model, dir)?),
+        None if required => return Err(Error::Usage("--adapter DIR is required".into())),
+        None => None,
+    };
+    Ok((model, tokenizer, info))
+}
+
+fn run_merge(a: &MergeArgs) -> Result<()> {
+    let (mut model, tokenizer, _) = load_with_adapter(&a.model, true)?;
+    let mask = a.mask.mask()?;
+    lora_model::adapter::merge(&mut model, &mask)?;
+    lora_model::save_hf_model(&model, Some(&tokenizer), &a.out)?;
+    println!("wrote {} (LoRA merged under mask {mask})", a.out.display());
+    Ok(())
+}
+
+fn run_score(a: &ScoreArgs) -> Result<()> {
+    let group = lora_metrics::MetricGroup::from_name(&a.metric).map_err(|e| Error::Usage(e.to_string()))?;
+    let report = lora_metrics::score_jsonl(group, &a.input).map_err(|e| Error::Usage(e.to_string()))?;
+    match a.format {
+        Format::Json => print_json(&report),
+        Format::Text => {
+            for (k, v) in &report.scores {
+                println!("{k:>12}  {v:.6}");
+            }
+            if let Some(sig) = &report.signature {
+                println!("{sig}");
+            }
+            Ok(())
+        }
+    }
+}
+
+fn metric_for(task: Task, name: &Option<String>) -> Result<lora_metrics::Metric> {
+    match name {
+        Some(n) => lora_metrics::Metric::from_name(n).map_err(|e| Error::Usage(e.to_string())),
+        None => Ok(task.primary_metric()),
+    }
+}
+
+/// One mask's result in `eval`.
+#[derive(Debug, Serialize)]
+pub struct EvalRow {
+    /// The mask.
+    pub mask: String,
+    /// Corpus score of the metric.
+    pub score: f64,
+    /// Mean of per-item scores.
+    pub item_mean: f64,
+    /// Paired-bootstrap 95% CI of the per-item difference to the first mask.
+    pub ci_vs_first: Option<[f64; 2]>,
+    /// Fraction of the adapter's LoRA parameters active.
+    pub lora_params_kept: Option<f64>,
+    /// Predictions.
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub predictions: Vec<String>,
+}
+
+fn run_eval(a: &EvalArgs) -> Result<()> {
+    let (task, samples) = a.data.load()?;
+    let metric = metric_for(task, &a.metric)?;
+    let (model, tokenizer, info) = load_with_adapter(&a.model, false)?;
+    let masks: Vec<LayerMask> = if a.masks.is_empty() {
+        vec![LayerMask::all()]
+    } else {
+        a.masks.iter().map(|m| m.parse()).collect::<std::result::Result<_, _>>()?
+    };
+    let refs: Vec<&Sample> = samples.iter().collect();
+    let references: Vec<Vec<String>> = samples.iter().map(|s| s.references.clone()).collect();
+    let mut rows: Vec<EvalRow> = Vec::new();
+    let mut first_items: Option<Vec<f64>> = None;
+    for mask in &masks {
+        let preds = generate_answers(&model, &tokenizer, &refs, mask, a.max_new_tokens, a.data.chat, a.batch_size)?;
+        let score = lora_metrics::corpus_score(metric, &preds, &references).map_err(|e| Error::Usage(e.to_string()))?;
+        let items = item_scores(metric, &preds, &refs)?;
+        let ci = match &first_items {
+            Some(f) => Some(
+                lora_metrics::paired_bootstrap(&items, f, 1000, a.seed)
+                    .map(|b| [b.ci_low, b.ci_high])
+                    .map_err(|e| Error::Usage(e.to_string()))?,
+            ),
+            None => None,
+        };
+        let item_mean = items.iter().sum::<f64>() / items.len().max(1) as f64;
+        if first_items.is_none() {
+            first_items = Some(items);
+        }
+        rows.push(EvalRow {
+            mask: mask.to_string(),
+            score,
+            item_mean,
+            ci_vs_first: ci,
+            lora_params_kept: info.as_ref().map(|i| i.kept_fraction(mask)),
+            predictions: if a.format == Format::Json { preds } else { Vec::new() },
+        });
+    }
+    match a.format {
+        Format::Json => print_json(&serde_json::json!({"metric": metric.name(), "n": samples.len(), "results": rows})),
+        Format::Text => {
+            println!("{:<16} {:>10} {:>22} {:>10}", "mask", metric.name(), "95% CI vs first", "LoRA kept");
+            for r in &rows {
+                let ci = r.ci_vs_first.map_or("-".to_string(), |c| format!("[{:+.4}, {:+.4}]", c[0], c[1]));
+                let kept = r.lora_params_kept.map_or("-".to_string(), |k| format!("{:.0}%", k * 100.0));
+                println!("{:<16} {:>10.4} {:>22} {:>10}", r.mask, r.score, ci, kept);
+            }
+            Ok(())
+        }
+    }
+}
+
+fn run_search(a: &SearchArgs) -> Result<()> {
+    let (task, samples) = a.data.load()?;
+    let (model, tokenizer, info) = load_with_adapter(&a.model, true)?;
+    let l = model.num_layers();
+    let strategy: lora_search::Strategy = a.strategy.parse().map_err(|e: SearchError| Error::Usage(e.to_string()))?;
+    let mut search = lora_search::BoundarySearch::new(l).strategy(strategy).seed(a.seed);
+    if let Some(r) = &a.range {
+        let (lo, hi) = lora_search::parse_range(r).map_err(|e| Error::Usage(e.to_string()))?;
+        search = search.range(lo, hi);
+    }
+    if let Some(i) = &info {
+        search = search.param_counts(i.params_per_layer.iter().map(|&p| p as f64).collect());
+    }
+    let mut proxy = ProxyScorer {
+        model: &model,
+        tokenizer: &tokenizer,
+        samples: &samples,
+        chat: a.data.chat,
+        batch_size: a.batch_size,
+    };
+    let report = if a.metric.as_deref() == Some("logprob") {
+        search.run(&mut proxy, samples.len())
+    } else {
+        let metric = metric_for(task, &a.metric)?;
+        let mut real = GenerationScorer {
+            model: &model,
+            tokenizer: &tokenizer,
+            samples: &samples,
+            metric,
+            max_new_tokens: a.max_new_tokens,
+            chat: a.data.chat,
+            batch_size: a.batch_size,
+        };
+        if strategy == lora_search::Strategy::ProxyFirst {
+            search.run_with_proxy(&mut proxy, &mut real, samples.len())
+        } else {
+            search.run(&mut real, samples.len())
+        }
+    }
+    .map_err(|e| Error::Usage(e.to_string()))?;
+    match a.format {
+        Format::Json => print_json(&report),
+        Format::Text => {
+            println!("boundary {} ({} strategy, {} scorer calls)", report.boundary, a.strategy, report.scorer_calls);
+            for c in &report.candidates {
+                println!(
+                    "  b={:>3}  score {:>9.4}  CI vs full [{:+.4}, {:+.4}]  LoRA kept {:>5.1}%",
+                    c.boundary, c.score, c.ci[0], c.ci[1], c.lora_params_kept
+                );
+            }
+            Ok(())
+        }
+    }
+}
+
+fn run_train(a: &TrainArgs) -> Result<()> {
+    let (_, samples) = a.data.load()?;
+    let device = parse_device(&a.device)?;
+    let kind = if matches!(device, lora_model::tch::Device::Cuda(_)) {
+        lora_model::tch::Kind::BFloat16
+    } else {
+        lora_model::tch::Kind::Float
+    };
+    let (mut model, tokenizer) = load_model(&a.model, Placement { device, kind })?;
+    let targets = if a.targets == "all-linear" {
+        lora_model::adapter::ModuleSelector::Regex("all-linear".into())
+    } else {
+        lora_model::adapter::ModuleSelector::List(a.targets.split(',').map(|s| s.trim().to_string()).collect())
+    };
+    let lora = lora_model::LoraConfig {
+        r: a.r,
+        lora_alpha: a.alpha,
+        lora_dropout: a.dropout,
+        target_modules: Some(targets),
+        base_model_name_or_path: Some(a.model.display().to_string()),
+        ..Default::default()
+    };
+    let cfg = lora_model::TrainConfig {
+        learning_rate: a.lr,
+        epochs: a.epochs,
+        batch_size: a.batch_size,
+        grad_accum: a.grad_accum,
+        max_len: a.max_len,
+        seed: a.seed,
+        chat: a.data.chat,
+        save_every: a.save_every,
+        save_bf16: a.bf16_adapter,
+        resume_from: a.resume.clone(),
+        ..Default::default()
+    };
+    let train_samples: Vec<lora_model::TrainSample> = samples
+        .iter()
+        .map(|s| lora_model::TrainSample {
+            prompt: s.prompt.clone(),
+            answer: s.answer.clone(),
+        })
+        .collect();
+    let bar = indicatif::ProgressBar::new(0);
+    bar.set_style(
+        indicatif::ProgressStyle::with_template("{bar:30} {pos}/{len} steps {msg} [{elapsed_precise}<{eta_precise}]")
+            .unwrap_or_else(|_| indicatif::ProgressStyle::default_bar()),
+    );
+    if a.format == Format::Json {
+        bar.set_draw_target(indicatif::ProgressDrawTarget::hidden());
+    }
+    let summary = lora_model::train(&mut model, &tokenizer, &train_samples, &lora, &cfg, &a.out, |p| {
+        bar.set_length(p.total_steps as u64);
+        bar.set_position(p.step as u64);
+        bar.set_message(format!("loss {:.4} lr {:.2e} {:.0} tok/s", p.loss, p.lr, p.tokens_per_sec));
+    })?;
+    bar.finish_and_clear();
+    match a.format {
+        Format::Json => print_json(&serde_json::json!({
+            "out": a.out, "steps": summary.steps, "final_loss": summary.final_loss,
+            "samples": summary.samples, "dropped_samples": summary.dropped_samples,
+        })),
+        Format::Text => {
+            println!(
+                "trained {} steps on {} samples (final loss {:.4}); adapter in {}",
+                summary.steps,
+                summary.samples,
+                summary.final_loss,
+                a.out.display()
+            );
+            Ok(())
+        }
+    }
+}
+
 /// Runs a parsed command line.
 pub fn run(cli: &Cli) -> Result<()> {
     match &cli.command {
         Command::Generate(a) => run_generate(a),
         Command::Prune(a) => run_prune(a),
+        Command::Merge(a) => run_merge(a),
+        Command::Score(a) => run_score(a),
+        Command::Eval(a) => run_eval(a),
+        Command::Search(a) => run_search(a),
+        Command::Train(a) => run_train(a),
     }
 }

@@ -42,6 +42,7 @@ impl Error {
     pub fn exit_code(&self) -> i32 {
         match self {
             Error::Usage(_) | Error::Data { .. } => 2,
+            Error::Model(lora_model::ModelError::InvalidArgument(_)) => 2,
             _ => 1,
         }
     }

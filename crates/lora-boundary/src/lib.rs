@@ -20,6 +20,8 @@
 pub mod cli;
 mod error;
 mod loading;
+pub mod scoring;
+pub mod tasks;
 
 pub use error::{Error, Result};
 pub use loading::{load_model, parse_device, parse_kind, DEFAULT_MODEL};

@@ -13,6 +13,7 @@
 pub mod adapter;
 pub mod config;
 pub mod error;
+pub mod export;
 pub mod generate;
 pub mod gguf;
 mod gguf_weights;
@@ -27,6 +28,7 @@ pub mod weights;
 pub use adapter::{load_adapter, prune_adapter, AdapterInfo, LoraConfig};
 pub use config::{Architecture, ModelConfig};
 pub use error::{ModelError, Result};
+pub use export::save_hf_model;
 pub use generate::{generate, Generation, GenerationConfig, GenerationTiming, Sampling};
 pub use lora::{LoraLinear, LoraWeights};
 pub use mask::{LayerMask, Module};

@@ -613,3 +613,35 @@ impl Llama {
         Ok(m.f_logical_or(&diag.f_unsqueeze(0)?.f_unsqueeze(0)?)?)
     }
 }
+
+impl Llama {
+    /// The base weights under their HF names (`lm_head.weight` only when untied). Merged LoRA is part of them.
+    pub fn named_weights(&self) -> Vec<(String, Tensor)> {
+        let mut out = vec![("model.embed_tokens.weight".to_string(), self.embed.shallow_clone())];
+        for b in &self.blocks {
+            let p = format!("model.layers.{}", b.index);
+            out.push((format!("{p}.input_layernorm.weight"), b.input_norm.shallow_clone()));
+            out.push((format!("{p}.post_attention_layernorm.weight"), b.post_norm.shallow_clone()));
+            for m in Module::ALL {
+                let lin = match m {
+                    Module::Q => &b.attn.q,
+                    Module::K => &b.attn.k,
+                    Module::V => &b.attn.v,
+                    Module::O => &b.attn.o,
+                    Module::Gate => &b.mlp.gate,
+                    Module::Up => &b.mlp.up,
+                    Module::Down => &b.mlp.down,
+                };
+                out.push((format!("{}.weight", m.hf_path(b.index)), lin.weight.shallow_clone()));
+                if let Some(bias) = &lin.bias {
+                    out.push((format!("{}.bias", m.hf_path(b.index)), bias.shallow_clone()));
+                }
+            }
+        }
+        out.push(("model.norm.weight".to_string(), self.norm.shallow_clone()));
+        if let Some(h) = &self.lm_head {
+            out.push(("lm_head.weight".to_string(), h.shallow_clone()));
+        }
+        out
+    }
+}

@@ -230,4 +230,30 @@ impl Tokenizer {
             self.encode(prompt, true)
         }
     }
+
+    /// Writes `tokenizer.json` and `tokenizer_config.json` (special tokens, chat template) into `dir`.
+    pub fn save_dir(&self, dir: &Path) -> Result<()> {
+        let file = dir.join("tokenizer.json");
+        self.inner
+            .save(&file, false)
+            .map_err(|e| ModelError::Tokenizer(format!("{}: {e}", file.display())))?;
+        let name = |id: Option<i64>| {
+            id.and_then(|i| u32::try_from(i).ok())
+                .and_then(|i| self.inner.id_to_token(i))
+                .map_or(serde_json::Value::Null, serde_json::Value::String)
+        };
+        let cfg = serde_json::json!({
+            "bos_token": name(self.bos_token_id),
+            "eos_token": name(self.eos_token_ids.first().copied()),
+            "pad_token": name(self.pad_token_id),
+            "chat_template": self.chat_template.as_ref().map(|t| t.source().to_string()),
+            "tokenizer_class": "PreTrainedTokenizerFast",
+        });
+        let path = dir.join("tokenizer_config.json");
+        let text = serde_json::to_string_pretty(&cfg).map_err(|source| ModelError::Json {
+            path: path.clone(),
+            source,
+        })?;
+        crate::weights::write_atomic(&path, text.as_bytes())
+    }
 }

@@ -52,7 +52,9 @@ fn bench_model(c: &mut Criterion, name: &str, model: &Llama) {
         ..Default::default()
     });
     let mut g = c.benchmark_group(name);
-    g.sample_size(20).measurement_time(Duration::from_secs(8));
+    g.sample_size(10)
+        .warm_up_time(Duration::from_secs(1))
+        .measurement_time(Duration::from_secs(4));
     g.bench_function("plain_forward", |b| {
         b.iter(|| {
             let _guard = lora_model::tch::no_grad_guard();

@@ -1,0 +1,181 @@
+//! Model-backed scorers for boundary search: generation + a task metric, and the cheap teacher-forced proxy
+//! (mean log-probability of the ground-truth answer tokens).
+use lora_model::tch::{Kind, Tensor};
+use lora_model::{generate, ForwardOptions, GenerationConfig, LayerMask, Llama, Logits, Tokenizer};
+use lora_metrics::Metric;
+use lora_search::{Scorer, SearchError};
+
+use crate::error::{Error, Result};
+use crate::tasks::Sample;
+
+/// Generates answers for `samples` under `mask`, in batches.
+pub fn generate_answers(
+    model: &Llama,
+    tokenizer: &Tokenizer,
+    samples: &[&Sample],
+    mask: &LayerMask,
+    max_new_tokens: usize,
+    chat: bool,
+    batch_size: usize,
+) -> Result<Vec<String>> {
+    let cfg = GenerationConfig {
+        max_new_tokens,
+        eos_token_ids: tokenizer.eos_token_ids().to_vec(),
+        ..Default::default()
+    };
+    let mut out = Vec::with_capacity(samples.len());
+    for chunk in samples.chunks(batch_size.max(1)) {
+        let ids = chunk
+            .iter()
+            .map(|s| tokenizer.encode_prompt(&s.prompt, chat))
+            .collect::<std::result::Result<Vec<_>, _>>()?;
+        let (gens, _) = generate(model, Some(tokenizer), &ids, &cfg, mask)?;
+        out.extend(gens.into_iter().map(|g| g.text.trim().to_string()));
+    }
+    Ok(out)
+}
+
+/// Per-item metric scores of predictions against the samples' references.
+pub fn item_scores(metric: Metric, predictions: &[String], samples: &[&Sample]) -> Result<Vec<f64>> {
+    let refs: Vec<Vec<String>> = samples.iter().map(|s| s.references.clone()).collect();
+    lora_metrics::item_scores(metric, predictions, &refs).map_err(|e| Error::Usage(format!("metric: {e}")))
+}
+
+/// Mean log-probability of each sample's answer tokens (teacher-forced) under `mask`.
+pub fn answer_logprobs(
+    model: &Llama,
+    tokenizer: &Tokenizer,
+    samples: &[&Sample],
+    mask: &LayerMask,
+    chat: bool,
+    batch_size: usize,
+) -> Result<Vec<f64>> {
+    let _guard = lora_model::tch::no_grad_guard();
+    let mut out = Vec::with_capacity(samples.len());
+    for chunk in samples.chunks(batch_size.max(1)) {
+        let mut rows = Vec::with_capacity(chunk.len());
+        for s in chunk {
+            let p = tokenizer.encode_prompt(&s.prompt, chat)?;
+            let a = tokenizer.encode(&s.answer, false)?;
+            if a.is_empty() {
+                return Err(Error::Usage(format!("sample with prompt {:?} has an empty answer", s.prompt)));
+            }
+            rows.push((p, a));
+        }
+        let max_len = rows.iter().map(|(p, a)| p.len() + a.len()).max().unwrap_or(0);
+        let pad = tokenizer.pad_token_id().unwrap_or(0);
+        let (mut ids, mut att) = (Vec::new(), Vec::new());
+        for (p, a) in &rows {
+            let n = p.len() + a.len();
+            ids.extend(std::iter::repeat_n(pad, max_len - n).chain(p.iter().copied()).chain(a.iter().copied()));
+            att.extend(std::iter::repeat_n(0i64, max_len - n).chain(std::iter::repeat_n(1i64, n)));
+        }
+        let b = rows.len() as i64;
+        let input = Tensor::from_slice(&ids).view([b, max_len as i64]);
+        let attention = Tensor::from_slice(&att).view([b, max_len as i64]);
+        let opts = ForwardOptions {
+            logits: Logits::Skip,
+            hidden_states: true,
+            ..ForwardOptions::new(mask)
+        };
+        let fwd = model.forward(&input, Some(&attention), &opts)?;
+        let last = fwd
+            .hidden_states
+            .last()
+            .ok_or_else(|| Error::Usage("model returned no hidden states".into()))?;
+        for (r, (_, a)) in rows.iter().enumerate() {
+            // Answer token j sits at position max_len - |a| + j and is predicted from the position before it.
+            let start = (max_len - a.len() - 1) as i64;
+            let h = last.f_select(0, r as i64).and_then(|h| h.f_narrow(0, start, a.len() as i64)).map_err(lora_model::ModelError::from)?;
+            let logits = model.lm_head(&model.final_norm(&h)?)?;
+            let logp = logits.f_log_softmax(-1, Kind::Float).map_err(lora_model::ModelError::from)?;
+            let target = Tensor::from_slice(a).unsqueeze(1).to_device(logp.device());
+            let gt = logp.f_gather(1, &target, false).map_err(lora_model::ModelError::from)?;
+            out.push(gt.f_mean(Kind::Double).map_err(lora_model::ModelError::from)?.double_value(&[]));
+        }
+    }
+    Ok(out)
+}
+
+/// Scores keep-through(b) by generating and applying a task metric per sample.
+pub struct GenerationScorer<'a> {
+    /// The model with its adapter attached.
+    pub model: &'a Llama,
+    /// Its tokenizer.
+    pub tokenizer: &'a Tokenizer,
+    /// Validation samples.
+    pub samples: &'a [Sample],
+    /// The metric.
+    pub metric: Metric,
+    /// New-token budget.
+    pub max_new_tokens: usize,
+    /// Use the chat template.
+    pub chat: bool,
+    /// Generation batch size.
+    pub batch_size: usize,
+}
+
+fn pick<'s>(samples: &'s [Sample], idx: &[usize], boundary: usize) -> std::result::Result<Vec<&'s Sample>, SearchError> {
+    idx.iter()
+        .map(|&i| {
+            samples.get(i).ok_or_else(|| SearchError::Scorer {
+                boundary,
+                message: format!("sample {i} out of range ({} samples)", samples.len()),
+            })
+        })
+        .collect()
+}
+
+impl Scorer for GenerationScorer<'_> {
+    fn score(&mut self, boundary: usize, samples: &[usize]) -> std::result::Result<Vec<f64>, SearchError> {
+        let chosen = pick(self.samples, samples, boundary)?;
+        let wrap = |e: Error| SearchError::Scorer {
+            boundary,
+            message: e.to_string(),
+        };
+        let preds = generate_answers(
+            self.model,
+            self.tokenizer,
+            &chosen,
+            &LayerMask::keep_through(boundary),
+            self.max_new_tokens,
+            self.chat,
+            self.batch_size,
+        )
+        .map_err(wrap)?;
+        item_scores(self.metric, &preds, &chosen).map_err(wrap)
+    }
+}
+
+/// Scores keep-through(b) by the teacher-forced mean log-probability of the answer (cheap: one forward, no
+/// generation).
+pub struct ProxyScorer<'a> {
+    /// The model with its adapter attached.
+    pub model: &'a Llama,
+    /// Its tokenizer.
+    pub tokenizer: &'a Tokenizer,
+    /// Validation samples.
+    pub samples: &'a [Sample],
+    /// Use the chat template.
+    pub chat: bool,
+    /// Forward batch size.
+    pub batch_size: usize,
+}
+
+impl Scorer for ProxyScorer<'_> {
+    fn score(&mut self, boundary: usize, samples: &[usize]) -> std::result::Result<Vec<f64>, SearchError> {
+        let chosen = pick(self.samples, samples, boundary)?;
+        answer_logprobs(
+            self.model,
+            self.tokenizer,
+            &chosen,
+            &LayerMask::keep_through(boundary),
+            self.chat,
+            self.batch_size,
+        )
+        .map_err(|e| SearchError::Scorer {
+            boundary,
+            message: e.to_string(),
+        })
+    }
+}

@@ -1,0 +1,69 @@
+//! The text path (tokenizer, chat template, JSONL, CLI function) on SmolLM2-135M-Instruct when
+//! `models/SmolLM2-135M-Instruct.Q4_1.gguf` is present (skipped otherwise: the file is not committed).
+use std::path::PathBuf;
+
+use lora_probe::{load_tokenizer, run_probe_command, Probe, ProbeConfig, ProbeMode, ProbeOptions, TokenizedSample};
+
+fn gguf() -> Option<PathBuf> {
+    let p = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../../models/SmolLM2-135M-Instruct.Q4_1.gguf");
+    if p.exists() {
+        Some(p)
+    } else {
+        eprintln!("skipping: {} not found", p.display());
+        None
+    }
+}
+
+#[test]
+fn text_samples_through_the_cli_function() {
+    let Some(model) = gguf() else { return };
+    let dir = tempfile::tempdir().expect("tempdir");
+    let data = dir.path().join("data.jsonl");
+    std::fs::write(
+        &data,
+        "{\"prompt\": \"What is the capital of France?\", \"answer\": \"The capital of France is Paris.\"}\n\
+         {\"prompt\": \"What is 2 + 3?\", \"answer\": \"5\"}\n",
+    )
+    .expect("write data");
+    let mut opts = ProbeOptions::new(&model, &data);
+    opts.masks = vec!["none".into()];
+    opts.config = ProbeConfig {
+        k: 4,
+        chat: true,
+        bootstrap_resamples: 100,
+        ..Default::default()
+    };
+    opts.plot = Some(dir.path().join("probe.svg"));
+    let result = run_probe_command(&opts).expect("probe command");
+    assert_eq!(result.num_layers, 30);
+    let c = &result.curves[0];
+    assert_eq!(c.gt_prob.len(), 31);
+    assert!(c.gt_prob.iter().all(|p| (0.0..=1.0).contains(p)));
+    // Answers are tokenized on their own, without special tokens, and appended as they are.
+    let tok = load_tokenizer(&model, None).expect("tokenizer");
+    let first = tok.encode("The capital of France is Paris.", false).expect("encode");
+    assert_eq!(c.per_sample.answer_ids[0], first[..4].to_vec());
+    assert_eq!(c.per_sample.positions, vec![4, tok.encode("5", false).expect("encode").len().min(4)]);
+    // The instruct model is far surer of the answer at the output than at the embeddings.
+    assert!(c.max_prob[30] > c.max_prob[0]);
+    assert!(std::fs::read_to_string(dir.path().join("probe.svg")).expect("svg").contains("<svg"));
+
+    // Same numbers from pre-tokenized samples.
+    let tokenized = vec![TokenizedSample {
+        prompt_ids: tok.encode_prompt("What is the capital of France?", true).expect("prompt"),
+        answer_ids: first,
+    }];
+    let m = lora_model::Llama::load(&model, lora_model::Placement::default()).expect("model");
+    let again = Probe::new(ProbeConfig {
+        mode: ProbeMode::Teacher,
+        ..Default::default()
+    })
+    .run_tokenized(&m, &tokenized, &[lora_model::LayerMask::none()])
+    .expect("probe");
+    for p in 0..31 {
+        for j in 0..4 {
+            let (x, y) = (again.curves[0].per_sample.gt_prob[[0, p, j]], c.per_sample.gt_prob[[0, p, j]]);
+            assert!((x - y).abs() < 1e-4, "point {p} position {j}: {x} vs {y}");
+        }
+    }
+}
