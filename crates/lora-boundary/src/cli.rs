@@ -90,6 +90,67 @@ pub enum Command {
     Search(SearchArgs),
     /// Fine-tune LoRA on `{"prompt", "answer"}` JSONL (or a task file) and save a PEFT adapter.
     Train(TrainArgs),
+    /// Per-layer logit-lens probe of the answer tokens under one or more masks.
+    Probe(ProbeArgs),
+    /// The whole pipeline from one TOML config: probe, detect, search, evaluate, export.
+    Run(RunArgs),
+}
+
+/// `probe` flags.
+#[derive(Debug, Args)]
+pub struct ProbeArgs {
+    /// Model flags.
+    #[command(flatten)]
+    pub model: ModelArgs,
+    /// `{"prompt", "answer"}` JSONL.
+    #[arg(long)]
+    pub data: PathBuf,
+    /// Wrap prompts in the chat template.
+    #[arg(long)]
+    pub chat: bool,
+    /// Answer tokens probed.
+    #[arg(long, default_value_t = 4)]
+    pub k: usize,
+    /// Masks (repeatable); default `all` and `none` with an adapter.
+    #[arg(long = "mask")]
+    pub masks: Vec<String>,
+    /// `teacher` (ground truth) or `free` (the model's own greedy tokens).
+    #[arg(long, default_value = "teacher")]
+    pub mode: String,
+    /// Difference curves `A,B` (repeatable): mask A minus mask B.
+    #[arg(long = "diff")]
+    pub diffs: Vec<String>,
+    /// Write an SVG plot here.
+    #[arg(long)]
+    pub plot: Option<PathBuf>,
+    /// Samples per forward pass.
+    #[arg(long, default_value_t = 8)]
+    pub batch_size: usize,
+    /// Bootstrap seed.
+    #[arg(long, default_value_t = 0)]
+    pub seed: u64,
+    /// Include the per-sample matrices in JSON.
+    #[arg(long)]
+    pub per_sample: bool,
+    /// `text`, `json` or `csv`.
+    #[arg(long, default_value = "text")]
+    pub format: String,
+}
+
+/// `run` flags.
+#[derive(Debug, Args)]
+pub struct RunArgs {
+    /// The TOML config (see `docs/cli.md`).
+    pub config: PathBuf,
+    /// `cpu`, `cuda`, `auto`.
+    #[arg(long, default_value = "cpu")]
+    pub device: String,
+    /// `f32`, `bf16`, `f16`.
+    #[arg(long, default_value = "f32")]
+    pub dtype: String,
+    /// Output format.
+    #[arg(long, value_enum, default_value = "text")]
+    pub format: Format,
 }
 
 /// Where samples come from.
@@ -716,6 +777,79 @@ fn run_train(a: &TrainArgs) -> Result<()> {
     }
 }
 
+fn run_probe(a: &ProbeArgs) -> Result<()> {
+    let mode = match a.mode.as_str() {
+        "teacher" => lora_probe::ProbeMode::Teacher,
+        "free" => lora_probe::ProbeMode::Free,
+        m => return Err(Error::Usage(format!("unknown probe mode `{m}` (teacher, free)"))),
+    };
+    let mut opts = lora_probe::ProbeOptions::new(&a.model.model, &a.data);
+    opts.adapter = a.model.adapter.clone();
+    opts.masks = a.masks.clone();
+    opts.plot = a.plot.clone();
+    opts.placement = placement(&a.model)?;
+    opts.config.k = a.k;
+    opts.config.mode = mode;
+    opts.config.chat = a.chat;
+    opts.config.batch_size = a.batch_size;
+    opts.config.seed = a.seed;
+    opts.differences = a
+        .diffs
+        .iter()
+        .map(|d| {
+            d.split_once(',')
+                .map(|(x, y)| (x.trim().to_string(), y.trim().to_string()))
+                .ok_or_else(|| Error::Usage(format!("--diff `{d}`: expected MASK_A,MASK_B")))
+        })
+        .collect::<Result<_>>()?;
+    let result = lora_probe::run_probe_command(&opts).map_err(|e| Error::Usage(format!("probe: {e}")))?;
+    match a.format.as_str() {
+        "json" => print_json(&result.to_json(a.per_sample).map_err(|e| Error::Usage(e.to_string()))?),
+        "csv" => {
+            print!("{}", result.to_csv());
+            Ok(())
+        }
+        "text" => {
+            for c in &result.curves {
+                println!("mask {}: gt_prob per point (state after i blocks)", c.mask);
+                let row: Vec<String> = c.gt_prob.iter().map(|p| format!("{p:.3}")).collect();
+                println!("  {}", row.join(" "));
+            }
+            Ok(())
+        }
+        f => Err(Error::Usage(format!("unknown format `{f}` (text, json, csv)"))),
+    }
+}
+
+fn run_run(a: &RunArgs) -> Result<()> {
+    let text = std::fs::read_to_string(&a.config).map_err(|source| Error::Io {
+        path: a.config.clone(),
+        source,
+    })?;
+    let cfg: crate::pipeline::PipelineConfig = toml::from_str(&text).map_err(|e| Error::Data {
+        path: a.config.clone(),
+        line: e.span().map_or(0, |s| text[..s.start.min(text.len())].lines().count()),
+        message: e.message().to_string(),
+    })?;
+    let place = Placement {
+        device: parse_device(&a.device)?,
+        kind: parse_kind(&a.dtype)?,
+    };
+    let quiet = a.format == Format::Json;
+    let report = crate::pipeline::run_pipeline(&cfg, place, |line| {
+        if !quiet {
+            eprintln!("{line}");
+        }
+    })?;
+    match a.format {
+        Format::Json => print_json(&report),
+        Format::Text => {
+            print!("{}", crate::pipeline::markdown(&report));
+            Ok(())
+        }
+    }
+}
+
 /// Runs a parsed command line.
 pub fn run(cli: &Cli) -> Result<()> {
     match &cli.command {
@@ -726,5 +860,7 @@ pub fn run(cli: &Cli) -> Result<()> {
         Command::Eval(a) => run_eval(a),
         Command::Search(a) => run_search(a),
         Command::Train(a) => run_train(a),
+        Command::Probe(a) => run_probe(a),
+        Command::Run(a) => run_run(a),
     }
 }

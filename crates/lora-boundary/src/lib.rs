@@ -20,6 +20,7 @@
 pub mod cli;
 mod error;
 mod loading;
+pub mod pipeline;
 pub mod scoring;
 pub mod tasks;
 
@@ -30,4 +31,5 @@ pub use lora_model::{
     GenerationConfig, LayerMask, Llama, Logits, LoraConfig, ModelConfig, Module, Placement, Sampling, Tokenizer,
 };
 pub use lora_metrics as metrics;
+pub use lora_probe as probe;
 pub use lora_search as search;

@@ -40,44 +40,28 @@ fn samples(vocab: i64) -> Vec<TokenizedSample> {
 fn bench_model(c: &mut Criterion, name: &str, model: &Llama) {
     let s = samples(model.config().vocab_size as i64);
     // The plain forward sees exactly what the probe feeds: prompt + all but the last probed answer token.
-    let ids: Vec<i64> = s
-        .iter()
-        .flat_map(|x| x.prompt_ids.iter().chain(&x.answer_ids[..K - 1]).copied())
-        .collect();
+    let ids: Vec<i64> = s.iter().flat_map(|x| x.prompt_ids.iter().chain(&x.answer_ids[..K - 1]).copied()).collect();
     let input = Tensor::from_slice(&ids).view([BATCH as i64, (PROMPT + K - 1) as i64]);
     let mask = LayerMask::all();
-    let probe = Probe::new(ProbeConfig {
-        k: K,
-        batch_size: BATCH,
-        ..Default::default()
-    });
+    let probe = Probe::new(ProbeConfig { k: K, batch_size: BATCH, ..Default::default() });
     let mut g = c.benchmark_group(name);
-    g.sample_size(10)
-        .warm_up_time(Duration::from_secs(1))
-        .measurement_time(Duration::from_secs(4));
+    g.sample_size(10).warm_up_time(Duration::from_secs(1)).measurement_time(Duration::from_secs(4));
     g.bench_function("plain_forward", |b| {
         b.iter(|| {
             let _guard = lora_model::tch::no_grad_guard();
-            let out = model
-                .forward(&input, None, &ForwardOptions::new(&mask))
-                .expect("forward");
+            let out = model.forward(&input, None, &ForwardOptions::new(&mask)).expect("forward");
             std::hint::black_box(out.logits);
         })
     });
     g.bench_function("hidden_states_forward", |b| {
         b.iter(|| {
             let _guard = lora_model::tch::no_grad_guard();
-            let opts = ForwardOptions {
-                mask: &mask,
-                hidden_states: true,
-                logits: Logits::Skip,
-                train: false,
-            };
+            let opts = ForwardOptions { mask: &mask, hidden_states: true, logits: Logits::Skip, train: false };
             std::hint::black_box(model.forward(&input, None, &opts).expect("forward").hidden_states);
         })
     });
     g.bench_function("probe_k4", |b| {
-        b.iter(|| std::hint::black_box(probe.run_tokenized(model, &s, &[mask.clone()]).expect("probe")))
+        b.iter(|| std::hint::black_box(probe.run_tokenized(model, &s, std::slice::from_ref(&mask)).expect("probe")))
     });
     g.finish();
 }

@@ -65,10 +65,9 @@ pub fn parse_masks(specs: &[String]) -> Result<Vec<(String, LayerMask)>> {
     specs
         .iter()
         .map(|s| {
-            let m: LayerMask = s.parse().map_err(|e: lora_model::ModelError| ProbeError::Mask {
-                spec: s.clone(),
-                message: e.to_string(),
-            })?;
+            let m: LayerMask = s
+                .parse()
+                .map_err(|e: lora_model::ModelError| ProbeError::Mask { spec: s.clone(), message: e.to_string() })?;
             Ok((s.clone(), m))
         })
         .collect()
@@ -94,17 +93,15 @@ pub fn run_probe_command(opts: &ProbeOptions) -> Result<ProbeResult> {
     if let Some(a) = &opts.adapter {
         load_adapter(&mut model, a)?;
     }
-    let mut result = Probe::new(opts.config.clone())
-        .run_labelled(&model, &tokenized, &masks)
-        .map_err(|e| match e {
-            // Rows of in-memory samples are the data file's non-blank rows in order.
-            ProbeError::Row { row, message, .. } => ProbeError::Row {
-                file: opts.data.clone(),
-                row,
-                message: format!("{message} (row = n-th sample, blank lines not counted)"),
-            },
-            other => other,
-        })?;
+    let mut result = Probe::new(opts.config.clone()).run_labelled(&model, &tokenized, &masks).map_err(|e| match e {
+        // Rows of in-memory samples are the data file's non-blank rows in order.
+        ProbeError::Row { row, message, .. } => ProbeError::Row {
+            file: opts.data.clone(),
+            row,
+            message: format!("{message} (row = n-th sample, blank lines not counted)"),
+        },
+        other => other,
+    })?;
     for (a, b) in &opts.differences {
         result.add_difference(a, b)?;
     }

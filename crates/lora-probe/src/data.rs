@@ -49,11 +49,7 @@ pub fn read_jsonl(path: impl AsRef<Path>) -> Result<Vec<Sample>> {
         out.push(s);
     }
     if out.is_empty() {
-        return Err(ProbeError::Row {
-            file: path.to_path_buf(),
-            row: 0,
-            message: "no samples in the file".into(),
-        });
+        return Err(ProbeError::Row { file: path.to_path_buf(), row: 0, message: "no samples in the file".into() });
     }
     Ok(out)
 }
@@ -75,11 +71,7 @@ pub fn tokenize_samples(
         .iter()
         .enumerate()
         .map(|(i, s)| {
-            let row_err = |message: String| ProbeError::Row {
-                file: file.clone(),
-                row: i + 1,
-                message,
-            };
+            let row_err = |message: String| ProbeError::Row { file: file.clone(), row: i + 1, message };
             let prompt_ids = tokenizer.encode_prompt(&s.prompt, chat)?;
             if prompt_ids.is_empty() {
                 return Err(row_err("the prompt has no tokens".into()));

@@ -54,10 +54,7 @@ pub enum ProbeError {
 
 impl ProbeError {
     pub(crate) fn io(path: impl Into<PathBuf>, source: std::io::Error) -> Self {
-        ProbeError::Io {
-            path: path.into(),
-            source,
-        }
+        ProbeError::Io { path: path.into(), source }
     }
 }
 

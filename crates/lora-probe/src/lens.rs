@@ -86,18 +86,7 @@ impl<'a> LogitLens<'a> {
             let x = Tensor::f_cat(&gathered, 0)?; // [c * n, H]
             let logits = self.model.lm_head(&self.model.final_norm(&x)?)?.f_to_kind(Kind::Float)?;
             let t = tgt.f_repeat([c])?.f_unsqueeze(1)?; // [c * n, 1]
-            let logp = logits.f_log_softmax(-1, Kind::Float)?;
-            let gt_logit = logits.f_gather(1, &t, false)?;
-            let gt_prob = logp.f_gather(1, &t, false)?.f_exp()?.f_squeeze_dim(1)?;
-            let (max_logp, _) = logp.f_max_dim(1, false)?;
-            let max_prob = max_logp.f_exp()?;
-            let rank = logits
-                .f_gt_tensor(&gt_logit)?
-                .f_sum_dim_intlist(Some(&[1i64][..]), false, Kind::Float)?
-                .f_add_scalar(1.0)?;
-            // p log p is 0 where p = 0 (a -inf logit would give 0 * -inf = NaN otherwise).
-            let plogp = logp.f_exp()?.f_mul(&logp)?.f_nan_to_num(0.0, None, None)?;
-            let entropy = plogp.f_sum_dim_intlist(Some(&[1i64][..]), false, Kind::Float)?.f_neg()?;
+            let (gt_prob, max_prob, rank, entropy) = scores(&logits, &t)?;
             stats.gt_prob.extend(to_vec(&gt_prob)?);
             stats.max_prob.extend(to_vec(&max_prob)?);
             stats.gt_rank.extend(to_vec(&rank)?);
@@ -105,6 +94,31 @@ impl<'a> LogitLens<'a> {
         }
         Ok(stats)
     }
+}
+
+/// Probed-token probability, max probability, 1-based rank and entropy of each row of f32 `logits` `[M, V]`
+/// against `targets` `[M, 1]`, in few passes over the `M × V` logits: one softmax, one max, one dot product and one
+/// comparison (the statistics are memory-bound, so passes are what costs).
+fn scores(logits: &Tensor, targets: &Tensor) -> Result<(Tensor, Tensor, Tensor, Tensor)> {
+    let (m, v) = (logits.size()[0], logits.size()[1]);
+    let (max_logit, argmax) = logits.f_max_dim(1, true)?; // [M, 1]
+    let probs = logits.f_softmax(-1, Kind::Float)?;
+    let max_prob = probs.f_gather(1, &argmax, false)?;
+    let gt_prob = probs.f_gather(1, targets, false)?.f_squeeze_dim(1)?;
+    let gt_logit = logits.f_gather(1, targets, false)?;
+    let rank =
+        logits.f_gt_tensor(&gt_logit)?.f_sum_dim_intlist(Some(&[1i64][..]), false, Kind::Float)?.f_add_scalar(1.0)?;
+    // H = logsumexp - E_p[logit], with logsumexp = max_logit - log(max_prob) (max_prob >= 1/V: no underflow).
+    let lse = max_logit.f_sub(&max_prob.f_log()?)?.f_squeeze_dim(1)?;
+    let mean_logit = probs.f_view([m, 1, v])?.f_bmm(&logits.f_view([m, v, 1])?)?.f_view([m])?;
+    let mut entropy = lse.f_sub(&mean_logit)?;
+    // A -inf logit makes 0 * -inf = NaN in the dot product: recompute those rows as -sum p log p with 0 log 0 = 0.
+    if bool::try_from(entropy.f_isnan()?.f_any()?)? {
+        let logp = logits.f_log_softmax(-1, Kind::Float)?;
+        let plogp = probs.f_mul(&logp)?.f_nan_to_num(0.0, None, None)?;
+        entropy = plogp.f_sum_dim_intlist(Some(&[1i64][..]), false, Kind::Float)?.f_neg()?;
+    }
+    Ok((gt_prob, max_prob.f_squeeze_dim(1)?, rank, entropy))
 }
 
 fn to_vec(t: &Tensor) -> Result<Vec<f32>> {

@@ -30,12 +30,14 @@ const COLORS: [RGBColor; 10] = [
     RGBColor(23, 190, 207),
 ];
 
+/// One line of a plot: label, means, CI low, CI high.
+type Series<'a> = (&'a str, &'a [f64], &'a [f64], &'a [f64]);
+
 impl ProbeResult {
     /// Renders the answer-token probability vs layer as SVG (see [`ProbeResult::plot_svg_metric`]).
     pub fn render_svg(&self, metric: PlotMetric) -> Result<String> {
         let mut svg = String::new();
-        self.draw(&mut svg, metric)
-            .map_err(|message| ProbeError::InvalidArgument(format!("plot: {message}")))?;
+        self.draw(&mut svg, metric).map_err(|message| ProbeError::InvalidArgument(format!("plot: {message}")))?;
         Ok(svg)
     }
 
@@ -48,26 +50,20 @@ impl ProbeResult {
     pub fn plot_svg_metric(&self, path: impl AsRef<Path>, metric: PlotMetric) -> Result<()> {
         let path = path.as_ref();
         let mut svg = String::new();
-        self.draw(&mut svg, metric).map_err(|message| ProbeError::Plot {
-            path: path.to_path_buf(),
-            message,
-        })?;
+        self.draw(&mut svg, metric).map_err(|message| ProbeError::Plot { path: path.to_path_buf(), message })?;
         write_atomic(path, svg.as_bytes())
     }
 
     fn draw(&self, svg: &mut String, metric: PlotMetric) -> std::result::Result<(), String> {
         let err = |e: &dyn std::fmt::Display| e.to_string();
-        let series: Vec<(&str, &[f64], &[f64], &[f64])> = self
+        let series: Vec<Series<'_>> = self
             .curves
             .iter()
             .map(|c| match metric {
                 PlotMetric::GtProb => (c.mask.as_str(), &c.gt_prob[..], &c.gt_prob_ci_low[..], &c.gt_prob_ci_high[..]),
-                PlotMetric::MaxProb => (
-                    c.mask.as_str(),
-                    &c.max_prob[..],
-                    &c.max_prob_ci_low[..],
-                    &c.max_prob_ci_high[..],
-                ),
+                PlotMetric::MaxProb => {
+                    (c.mask.as_str(), &c.max_prob[..], &c.max_prob_ci_low[..], &c.max_prob_ci_high[..])
+                }
             })
             .collect();
         let y_max = series
@@ -79,10 +75,9 @@ impl ProbeResult {
         let y_max = if y_max > 0.0 { (y_max * 1.1).min(1.0) } else { 1.0 };
         let x_max = self.num_layers.max(1) as f64;
         let (title, y_desc) = match metric {
-            PlotMetric::GtProb => (
-                format!("Answer-token probability by layer ({}, k = {})", self.mode, self.k),
-                "P(answer token)",
-            ),
+            PlotMetric::GtProb => {
+                (format!("Answer-token probability by layer ({}, k = {})", self.mode, self.k), "P(answer token)")
+            }
             PlotMetric::MaxProb => (format!("Max probability by layer ({}, k = {})", self.mode, self.k), "max P"),
         };
         {
@@ -106,9 +101,7 @@ impl ProbeResult {
                 let color = COLORS[i % COLORS.len()];
                 let mut band: Vec<(f64, f64)> = low.iter().enumerate().map(|(p, &v)| (p as f64, v)).collect();
                 band.extend(high.iter().enumerate().rev().map(|(p, &v)| (p as f64, v)));
-                chart
-                    .draw_series(std::iter::once(Polygon::new(band, color.mix(0.18))))
-                    .map_err(|e| err(&e))?;
+                chart.draw_series(std::iter::once(Polygon::new(band, color.mix(0.18)))).map_err(|e| err(&e))?;
                 chart
                     .draw_series(LineSeries::new(
                         mean.iter().enumerate().map(|(p, &v)| (p as f64, v)),

@@ -39,9 +39,7 @@ impl FromStr for ProbeMode {
         match s {
             "teacher" | "teacher-forced" => Ok(ProbeMode::Teacher),
             "free" | "free-running" => Ok(ProbeMode::Free),
-            other => Err(ProbeError::InvalidArgument(format!(
-                "probe mode `{other}`: expected `teacher` or `free`"
-            ))),
+            other => Err(ProbeError::InvalidArgument(format!("probe mode `{other}`: expected `teacher` or `free`"))),
         }
     }
 }
@@ -65,14 +63,7 @@ pub struct ProbeConfig {
 
 impl Default for ProbeConfig {
     fn default() -> Self {
-        ProbeConfig {
-            k: 4,
-            mode: ProbeMode::Teacher,
-            batch_size: 8,
-            chat: false,
-            bootstrap_resamples: 1000,
-            seed: 0,
-        }
+        ProbeConfig { k: 4, mode: ProbeMode::Teacher, batch_size: 8, chat: false, bootstrap_resamples: 1000, seed: 0 }
     }
 }
 
@@ -146,11 +137,7 @@ impl Probe {
         }
         let vocab = model.config().vocab_size as i64;
         for (i, s) in samples.iter().enumerate() {
-            let row_err = |message: String| ProbeError::Row {
-                file: memory_origin(),
-                row: i + 1,
-                message,
-            };
+            let row_err = |message: String| ProbeError::Row { file: memory_origin(), row: i + 1, message };
             if s.prompt_ids.is_empty() {
                 return Err(row_err("the prompt has no tokens".into()));
             }
@@ -163,22 +150,14 @@ impl Probe {
         }
         let num_layers = model.num_layers();
         for (label, mask) in masks {
-            mask.validate(num_layers).map_err(|e| ProbeError::Mask {
-                spec: label.clone(),
-                message: e.to_string(),
-            })?;
+            mask.validate(num_layers).map_err(|e| ProbeError::Mask { spec: label.clone(), message: e.to_string() })?;
         }
         let _guard = lora_model::tch::no_grad_guard();
         let lens = LogitLens::new(model);
         let mut curves = Vec::with_capacity(masks.len());
         for (label, mask) in masks {
             let per_sample = self.probe_mask(model, &lens, samples, mask)?;
-            curves.push(MaskCurve::from_per_sample(
-                label.clone(),
-                per_sample,
-                cfg.bootstrap_resamples,
-                cfg.seed,
-            ));
+            curves.push(MaskCurve::from_per_sample(label.clone(), per_sample, cfg.bootstrap_resamples, cfg.seed));
         }
         Ok(ProbeResult {
             num_layers,
@@ -213,16 +192,10 @@ impl Probe {
         for (b, batch) in samples.chunks(self.config.batch_size).enumerate() {
             let first = b * self.config.batch_size;
             let targets: Vec<Vec<i64>> = match self.config.mode {
-                ProbeMode::Teacher => batch
-                    .iter()
-                    .map(|s| s.answer_ids.iter().take(k).copied().collect())
-                    .collect(),
+                ProbeMode::Teacher => batch.iter().map(|s| s.answer_ids.iter().take(k).copied().collect()).collect(),
                 ProbeMode::Free => {
                     let prompts: Vec<Vec<i64>> = batch.iter().map(|s| s.prompt_ids.clone()).collect();
-                    let gen = GenerationConfig {
-                        max_new_tokens: k,
-                        ..Default::default()
-                    };
+                    let gen = GenerationConfig { max_new_tokens: k, ..Default::default() };
                     let (generated, _) = generate(model, None, &prompts, &gen, mask)?;
                     generated.into_iter().map(|g| g.token_ids).collect()
                 }
@@ -265,12 +238,7 @@ impl Probe {
             let fwd = model.forward(
                 &input_ids,
                 Some(&attention),
-                &ForwardOptions {
-                    mask,
-                    hidden_states: true,
-                    logits: Logits::Skip,
-                    train: false,
-                },
+                &ForwardOptions { mask, hidden_states: true, logits: Logits::Skip, train: false },
             )?;
             let stats = lens.project(&fwd.hidden_states, &rows, &cols, &tgts)?;
             let mut n = 0;

@@ -147,9 +147,7 @@ fn ratio(num: f64, den: f64) -> f64 {
 /// Pooled means `Σ_s sums[s][p] / Σ_s counts[s]` and their 95% percentile-bootstrap CI, resampling samples.
 fn pooled_with_ci(sums: &[Vec<f64>], counts: &[f64], points: usize, resamples: usize, seed: u64) -> [Vec<f64>; 3] {
     let total: f64 = counts.iter().sum();
-    let mean: Vec<f64> = (0..points)
-        .map(|p| ratio(sums.iter().map(|s| s[p]).sum(), total))
-        .collect();
+    let mean: Vec<f64> = (0..points).map(|p| ratio(sums.iter().map(|s| s[p]).sum(), total)).collect();
     if resamples == 0 || sums.is_empty() {
         return [mean.clone(), mean.clone(), mean];
     }
@@ -182,10 +180,7 @@ fn pooled_with_ci(sums: &[Vec<f64>], counts: &[f64], points: usize, resamples: u
 
 /// Per-sample sums over the first `n[s]` positions of `f(s, p, j)`: `[samples][points]`.
 fn sample_sums(n: &[usize], points: usize, f: impl Fn(usize, usize, usize) -> f64) -> Vec<Vec<f64>> {
-    n.iter()
-        .enumerate()
-        .map(|(s, &ns)| (0..points).map(|p| (0..ns).map(|j| f(s, p, j)).sum()).collect())
-        .collect()
+    n.iter().enumerate().map(|(s, &ns)| (0..points).map(|p| (0..ns).map(|j| f(s, p, j)).sum()).collect()).collect()
 }
 
 impl MaskCurve {
@@ -250,12 +245,7 @@ pub fn difference(a: &MaskCurve, b: &MaskCurve, resamples: usize, seed: u64) -> 
         )));
     }
     let (_, points, k) = pa.gt_prob.dim();
-    let n: Vec<usize> = pa
-        .positions
-        .iter()
-        .zip(&pb.positions)
-        .map(|(&x, &y)| x.min(y).min(k))
-        .collect();
+    let n: Vec<usize> = pa.positions.iter().zip(&pb.positions).map(|(&x, &y)| x.min(y).min(k)).collect();
     let counts: Vec<f64> = n.iter().map(|&c| c as f64).collect();
     let diff = |x: &Array3<f32>, y: &Array3<f32>| {
         sample_sums(&n, points, |s, p, j| f64::from(x[[s, p, j]]) - f64::from(y[[s, p, j]]))
@@ -276,9 +266,8 @@ pub fn difference(a: &MaskCurve, b: &MaskCurve, resamples: usize, seed: u64) -> 
 
 /// Writes `contents` to `path` through a temporary file in the same directory and a rename.
 pub(crate) fn write_atomic(path: &Path, contents: &[u8]) -> Result<()> {
-    let name = path
-        .file_name()
-        .ok_or_else(|| ProbeError::InvalidArgument(format!("{}: not a file path", path.display())))?;
+    let name =
+        path.file_name().ok_or_else(|| ProbeError::InvalidArgument(format!("{}: not a file path", path.display())))?;
     let mut tmp_name = std::ffi::OsString::from(".");
     tmp_name.push(name);
     tmp_name.push(format!(".tmp{}", std::process::id()));
@@ -295,11 +284,7 @@ fn array_json(a: &Array3<f32>, n: &[usize]) -> serde_json::Value {
     let (s, p, _) = a.dim();
     serde_json::Value::from(
         (0..s)
-            .map(|i| {
-                (0..p)
-                    .map(|l| (0..n[i]).map(|j| f64::from(a[[i, l, j]])).collect::<Vec<_>>())
-                    .collect::<Vec<_>>()
-            })
+            .map(|i| (0..p).map(|l| (0..n[i]).map(|j| f64::from(a[[i, l, j]])).collect::<Vec<_>>()).collect::<Vec<_>>())
             .collect::<Vec<_>>(),
     )
 }
@@ -328,9 +313,7 @@ impl ProbeResult {
     pub fn add_difference(&mut self, a: &str, b: &str) -> Result<&DifferenceCurve> {
         let d = self.difference(a, b)?;
         self.differences.push(d);
-        self.differences
-            .last()
-            .ok_or_else(|| ProbeError::InvalidArgument("unreachable: just pushed".into()))
+        self.differences.last().ok_or_else(|| ProbeError::InvalidArgument("unreachable: just pushed".into()))
     }
 
     /// The result as JSON; with `per_sample`, each curve also carries `per_sample`: `positions`, `answer_ids`

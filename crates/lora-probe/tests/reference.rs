@@ -34,10 +34,7 @@ fn samples(r: &Value) -> Vec<TokenizedSample> {
         .as_array()
         .expect("samples")
         .iter()
-        .map(|s| TokenizedSample {
-            prompt_ids: ids(&s["prompt_ids"]),
-            answer_ids: ids(&s["answer_ids"]),
-        })
+        .map(|s| TokenizedSample { prompt_ids: ids(&s["prompt_ids"]), answer_ids: ids(&s["answer_ids"]) })
         .collect()
 }
 
@@ -147,10 +144,8 @@ fn manual_means(c: &MaskCurve, k: usize) -> (Vec<f64>, Vec<Vec<f64>>) {
         }
         pooled[p] = sum / n;
         for (j, slot) in per_pos[p].iter_mut().enumerate() {
-            let vals: Vec<f64> = (0..samples)
-                .filter(|&s| ps.positions[s] > j)
-                .map(|s| f64::from(ps.gt_prob[[s, p, j]]))
-                .collect();
+            let vals: Vec<f64> =
+                (0..samples).filter(|&s| ps.positions[s] > j).map(|s| f64::from(ps.gt_prob[[s, p, j]])).collect();
             *slot = vals.iter().sum::<f64>() / vals.len() as f64;
         }
     }
@@ -165,8 +160,8 @@ fn aggregates_cis_and_differences() {
         let (pooled, per_pos) = manual_means(c, k);
         for p in 0..c.points() {
             assert!((c.gt_prob[p] - pooled[p]).abs() < 1e-9);
-            for j in 0..k {
-                assert!((c.gt_prob_per_position[p][j] - per_pos[p][j]).abs() < 1e-9);
+            for (got, want) in c.gt_prob_per_position[p].iter().zip(&per_pos[p]) {
+                assert!((got - want).abs() < 1e-9);
             }
             assert!(c.gt_prob_ci_low[p] <= c.gt_prob[p] + 1e-12 && c.gt_prob[p] <= c.gt_prob_ci_high[p] + 1e-12);
             assert!(c.max_prob_ci_low[p] <= c.max_prob_ci_high[p]);
@@ -234,34 +229,19 @@ fn bad_input_is_a_typed_error_naming_the_row() {
     let m = model();
     let probe = Probe::new(ProbeConfig::default());
     let samples = vec![
-        TokenizedSample {
-            prompt_ids: vec![5, 6],
-            answer_ids: vec![7],
-        },
-        TokenizedSample {
-            prompt_ids: vec![5, 6],
-            answer_ids: vec![],
-        },
+        TokenizedSample { prompt_ids: vec![5, 6], answer_ids: vec![7] },
+        TokenizedSample { prompt_ids: vec![5, 6], answer_ids: vec![] },
     ];
     let e = probe.run_tokenized(&m, &samples, &[LayerMask::all()]).expect_err("empty answer");
     assert!(matches!(e, ProbeError::Row { row: 2, .. }), "{e}");
     assert!(e.to_string().contains("row 2"), "{e}");
-    let bad_tok = vec![TokenizedSample {
-        prompt_ids: vec![5, 999],
-        answer_ids: vec![7],
-    }];
+    let bad_tok = vec![TokenizedSample { prompt_ids: vec![5, 999], answer_ids: vec![7] }];
     assert!(matches!(probe.run_tokenized(&m, &bad_tok, &[LayerMask::all()]), Err(ProbeError::Row { row: 1, .. })));
-    let e = probe
-        .run_tokenized(&m, &samples[..1], &[LayerMask::keep_through(9)])
-        .expect_err("mask beyond the model");
+    let e = probe.run_tokenized(&m, &samples[..1], &[LayerMask::keep_through(9)]).expect_err("mask beyond the model");
     assert!(matches!(e, ProbeError::Mask { .. }), "{e}");
     assert!(matches!(parse_masks(&["0-x".to_string()]), Err(ProbeError::Mask { .. })));
     // Free-running mode needs no answer.
-    let free = Probe::new(ProbeConfig {
-        mode: ProbeMode::Free,
-        k: 2,
-        ..Default::default()
-    });
+    let free = Probe::new(ProbeConfig { mode: ProbeMode::Free, k: 2, ..Default::default() });
     let r = free.run_tokenized(&m, &samples, &[LayerMask::none()]).expect("free run");
     assert_eq!(r.curves[0].per_sample.positions, vec![2, 2]);
 

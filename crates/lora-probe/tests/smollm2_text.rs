@@ -27,12 +27,7 @@ fn text_samples_through_the_cli_function() {
     .expect("write data");
     let mut opts = ProbeOptions::new(&model, &data);
     opts.masks = vec!["none".into()];
-    opts.config = ProbeConfig {
-        k: 4,
-        chat: true,
-        bootstrap_resamples: 100,
-        ..Default::default()
-    };
+    opts.config = ProbeConfig { k: 4, chat: true, bootstrap_resamples: 100, ..Default::default() };
     opts.plot = Some(dir.path().join("probe.svg"));
     let result = run_probe_command(&opts).expect("probe command");
     assert_eq!(result.num_layers, 30);
@@ -44,8 +39,10 @@ fn text_samples_through_the_cli_function() {
     let first = tok.encode("The capital of France is Paris.", false).expect("encode");
     assert_eq!(c.per_sample.answer_ids[0], first[..4].to_vec());
     assert_eq!(c.per_sample.positions, vec![4, tok.encode("5", false).expect("encode").len().min(4)]);
-    // The instruct model is far surer of the answer at the output than at the embeddings.
-    assert!(c.max_prob[30] > c.max_prob[0]);
+    // The instruct model is surer of the reference answer at the output than at the embeddings (where the tied
+    // embeddings mostly predict the input token itself).
+    eprintln!("gt_prob {:?}\nmax_prob {:?}", c.gt_prob, c.max_prob);
+    assert!(c.gt_prob[30] > c.gt_prob[0]);
     assert!(std::fs::read_to_string(dir.path().join("probe.svg")).expect("svg").contains("<svg"));
 
     // Same numbers from pre-tokenized samples.
@@ -54,12 +51,9 @@ fn text_samples_through_the_cli_function() {
         answer_ids: first,
     }];
     let m = lora_model::Llama::load(&model, lora_model::Placement::default()).expect("model");
-    let again = Probe::new(ProbeConfig {
-        mode: ProbeMode::Teacher,
-        ..Default::default()
-    })
-    .run_tokenized(&m, &tokenized, &[lora_model::LayerMask::none()])
-    .expect("probe");
+    let again = Probe::new(ProbeConfig { mode: ProbeMode::Teacher, ..Default::default() })
+        .run_tokenized(&m, &tokenized, &[lora_model::LayerMask::none()])
+        .expect("probe");
     for p in 0..31 {
         for j in 0..4 {
             let (x, y) = (again.curves[0].per_sample.gt_prob[[0, p, j]], c.per_sample.gt_prob[[0, p, j]]);

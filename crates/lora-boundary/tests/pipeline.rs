@@ -1,0 +1,167 @@
+//! The whole pipeline end to end on the tiny fixture model (CPU, seconds): train LoRA, probe, detect, search,
+//! evaluate full vs pruned vs base, export the pruned adapter and the report; then the CLI on the same files.
+use std::path::{Path, PathBuf};
+use std::process::Command;
+
+use lora_boundary::pipeline::{run_pipeline, PipelineConfig};
+use lora_boundary::{load_adapter, load_model, LayerMask, Placement};
+
+fn fixtures() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("../../tests/fixtures")
+}
+
+/// GPT-2's byte → printable character map: a 256-token byte-level vocabulary fits the tiny model's 256 ids.
+fn byte_vocab() -> serde_json::Map<String, serde_json::Value> {
+    let mut extra = 0u32;
+    let mut map = serde_json::Map::new();
+    for b in 0u32..256 {
+        let printable = matches!(b, 0x21..=0x7E | 0xA1..=0xAC | 0xAE..=0xFF);
+        let c = if printable {
+            b
+        } else {
+            extra += 1;
+            255 + extra
+        };
+        map.insert(char::from_u32(c).unwrap().to_string(), serde_json::json!(b));
+    }
+    map
+}
+
+/// A copy of tiny-llama with a byte-level tokenizer and a minimal chat template.
+fn tiny_model_dir(dir: &Path) -> PathBuf {
+    let m = dir.join("tiny-llama");
+    std::fs::create_dir_all(&m).unwrap();
+    for f in ["config.json", "model.safetensors"] {
+        std::fs::copy(fixtures().join("models/tiny-llama").join(f), m.join(f)).unwrap();
+    }
+    let tok = serde_json::json!({
+        "version": "1.0", "truncation": null, "padding": null, "added_tokens": [], "normalizer": null,
+        "pre_tokenizer": {"type": "ByteLevel", "add_prefix_space": false, "trim_offsets": true, "use_regex": true},
+        "post_processor": null,
+        "decoder": {"type": "ByteLevel", "add_prefix_space": true, "trim_offsets": true, "use_regex": true},
+        "model": {"type": "BPE", "dropout": null, "unk_token": null, "continuing_subword_prefix": null,
+                  "end_of_word_suffix": null, "fuse_unk": false, "byte_fallback": false, "ignore_merges": false,
+                  "vocab": byte_vocab(), "merges": []}
+    });
+    std::fs::write(m.join("tokenizer.json"), tok.to_string()).unwrap();
+    let cfg = serde_json::json!({
+        "chat_template": "{% for m in messages %}<{{ m['role'] }}>{{ m['content'] }}\n{% endfor %}{% if add_generation_prompt %}<assistant>{% endif %}"
+    });
+    std::fs::write(m.join("tokenizer_config.json"), cfg.to_string()).unwrap();
+    m
+}
+
+fn write_jsonl(path: &Path, n: usize, offset: usize) {
+    let rows: Vec<String> = (offset..offset + n)
+        .map(|i| {
+            let a = ["red", "blue", "green", "gold"][i % 4];
+            serde_json::json!({"prompt": format!("colour {i}?"), "answer": format!("{a} {a}")}).to_string()
+        })
+        .collect();
+    std::fs::write(path, rows.join("\n")).unwrap();
+}
+
+#[test]
+fn pipeline_runs_end_to_end_on_the_tiny_model() {
+    let tmp = tempfile::tempdir().unwrap();
+    let model_dir = tiny_model_dir(tmp.path());
+    let (train_f, val_f, test_f) = (tmp.path().join("train.jsonl"), tmp.path().join("val.jsonl"), tmp.path().join("test.jsonl"));
+    write_jsonl(&train_f, 16, 0);
+    write_jsonl(&val_f, 8, 100);
+    write_jsonl(&test_f, 8, 200);
+
+    // Fine-tune "full LoRA" with the project's trainer.
+    let (mut model, tokenizer) = load_model(&model_dir, Placement::default()).unwrap();
+    let samples: Vec<_> = lora_boundary::tasks::Task::Jsonl
+        .load(&train_f)
+        .unwrap()
+        .into_iter()
+        .map(|s| lora_boundary::model::TrainSample { prompt: s.prompt, answer: s.answer })
+        .collect();
+    let lora = lora_boundary::LoraConfig { r: 4, lora_alpha: 8.0, ..Default::default() };
+    let cfg = lora_boundary::model::TrainConfig { epochs: 2, batch_size: 4, learning_rate: 5e-3, ..Default::default() };
+    let adapter = tmp.path().join("adapter");
+    let summary = lora_boundary::model::train(&mut model, &tokenizer, &samples, &lora, &cfg, &adapter, |_| {}).unwrap();
+    assert_eq!(summary.steps, 8);
+
+    let out = tmp.path().join("run");
+    let cfg = PipelineConfig {
+        model: model_dir.clone(),
+        adapter: adapter.clone(),
+        task: "jsonl".into(),
+        validation: val_f.clone(),
+        test: test_f.clone(),
+        validation_samples: 8,
+        test_samples: 8,
+        validation_offset: 0,
+        test_offset: 0,
+        chat: true,
+        k: 2,
+        metric: Some("rougeL".into()),
+        strategy: "exhaustive".into(),
+        proxy_only: false,
+        max_new_tokens: 4,
+        batch_size: 4,
+        seed: 0,
+        out: out.clone(),
+    };
+    let report = run_pipeline(&cfg, Placement::default(), |_| {}).unwrap();
+    assert_eq!(report.num_layers, 4);
+    assert!(report.search.boundary < 4);
+    assert_eq!(report.search.candidates.len(), 4, "exhaustive scores every boundary");
+    let labels: Vec<&str> = report.evaluation.iter().map(|e| e.label.as_str()).collect();
+    assert_eq!(&labels[..2], &["full", "base"]);
+    let full = &report.evaluation[0];
+    assert!((full.lora_params_kept - 1.0).abs() < 1e-12 && report.evaluation[1].lora_params_kept == 0.0);
+    for f in ["report.json", "report.md", "probe.svg"] {
+        assert!(out.join(f).exists(), "{f}");
+    }
+    assert!(std::fs::read_to_string(out.join("report.md")).unwrap().contains("| full |"));
+    // The pruned adapter holds exactly blocks 0..=boundary and loads.
+    let (mut m2, _) = load_model(&model_dir, Placement::default()).unwrap();
+    let info = load_adapter(&mut m2, &report.pruned_adapter).unwrap();
+    assert_eq!(info.layers().into_iter().collect::<Vec<_>>(), (0..=report.search.boundary).collect::<Vec<_>>());
+    // Probe curves have L + 1 points for both masks.
+    let curves = report.probe["curves"].as_array().unwrap();
+    assert_eq!(curves.len(), 2);
+    assert_eq!(curves[0]["gt_prob"].as_array().unwrap().len(), 5);
+    // A second run into the same directory is refused instead of mixing results.
+    assert!(run_pipeline(&cfg, Placement::default(), |_| {}).is_err());
+
+    // The CLI on the same files: eval under two masks, then search, as JSON.
+    let bin = env!("CARGO_BIN_EXE_lora-boundary");
+    let eval = Command::new(bin)
+        .args(["eval", "--model"])
+        .arg(&model_dir)
+        .arg("--adapter")
+        .arg(&adapter)
+        .arg("--data")
+        .arg(&test_f)
+        .args(["--chat", "--mask", "all", "--mask", "0-1", "--max-new-tokens", "4", "--metric", "rougeL", "--format", "json"])
+        .output()
+        .unwrap();
+    assert!(eval.status.success(), "{}", String::from_utf8_lossy(&eval.stderr));
+    let v: serde_json::Value = serde_json::from_slice(&eval.stdout).unwrap();
+    assert_eq!(v["results"].as_array().unwrap().len(), 2);
+    assert_eq!(v["results"][1]["mask"], "0-1");
+    let search = Command::new(bin)
+        .args(["search", "--model"])
+        .arg(&model_dir)
+        .arg("--adapter")
+        .arg(&adapter)
+        .arg("--data")
+        .arg(&val_f)
+        .args(["--chat", "--metric", "logprob", "--strategy", "exhaustive", "--format", "json"])
+        .output()
+        .unwrap();
+    assert!(search.status.success(), "{}", String::from_utf8_lossy(&search.stderr));
+    let v: serde_json::Value = serde_json::from_slice(&search.stdout).unwrap();
+    assert!(v["boundary"].as_u64().unwrap() < 4);
+    assert_eq!(v["candidates"].as_array().unwrap().len(), 4);
+    // Bad input: exit code 2 and a message naming the problem.
+    let bad = Command::new(bin).args(["eval", "--model"]).arg(&model_dir).args(["--data", "/nonexistent.jsonl"]).output().unwrap();
+    assert_eq!(bad.status.code(), Some(1));
+    let bad = Command::new(bin).args(["generate", "--model"]).arg(&model_dir).args(["--prompt", "x", "--mask", "9-2"]).output().unwrap();
+    assert_eq!(bad.status.code(), Some(2), "{}", String::from_utf8_lossy(&bad.stderr));
+    let _ = LayerMask::all();
+}
