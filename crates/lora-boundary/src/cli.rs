@@ -10,8 +10,8 @@ use crate::error::{Error, Result};
 use crate::loading::{load_model, parse_device, parse_kind, DEFAULT_MODEL};
 use crate::scoring::{generate_answers, item_scores, GenerationScorer, ProxyScorer};
 use crate::tasks::{Sample, Task};
-use lora_search::SearchError;
 use lora_model::{generate, load_adapter, prune_adapter, GenerationConfig, LayerMask, Placement, Sampling};
+use lora_search::SearchError;
 
 /// Find the LoRA boundary layer of a fine-tuned LLM and drop LoRA above it.
 #[derive(Debug, Parser)]
@@ -393,16 +393,10 @@ pub struct PruneArgs {
 
 /// Reads a JSONL file into rows, naming the line of any bad row.
 pub fn read_jsonl<T: serde::de::DeserializeOwned>(path: &Path) -> Result<Vec<T>> {
-    let file = std::fs::File::open(path).map_err(|source| Error::Io {
-        path: path.to_path_buf(),
-        source,
-    })?;
+    let file = std::fs::File::open(path).map_err(|source| Error::Io { path: path.to_path_buf(), source })?;
     let mut rows = Vec::new();
     for (i, line) in std::io::BufReader::new(file).lines().enumerate() {
-        let line = line.map_err(|source| Error::Io {
-            path: path.to_path_buf(),
-            source,
-        })?;
+        let line = line.map_err(|source| Error::Io { path: path.to_path_buf(), source })?;
         if line.trim().is_empty() {
             continue;
         }
@@ -416,19 +410,13 @@ pub fn read_jsonl<T: serde::de::DeserializeOwned>(path: &Path) -> Result<Vec<T>>
 }
 
 fn placement(args: &ModelArgs) -> Result<Placement> {
-    Ok(Placement {
-        device: parse_device(&args.device)?,
-        kind: parse_kind(&args.dtype)?,
-    })
+    Ok(Placement { device: parse_device(&args.device)?, kind: parse_kind(&args.dtype)? })
 }
 
 fn print_json<T: Serialize>(value: &T) -> Result<()> {
     let mut out = std::io::stdout().lock();
     serde_json::to_writer(&mut out, value)?;
-    writeln!(out).map_err(|source| Error::Io {
-        path: "<stdout>".into(),
-        source,
-    })
+    writeln!(out).map_err(|source| Error::Io { path: "<stdout>".into(), source })
 }
 
 #[derive(Serialize)]
@@ -471,11 +459,7 @@ fn run_generate(a: &GenerateArgs) -> Result<()> {
     }
     let load_s = t0.elapsed().as_secs_f64();
     let sampling = match a.temperature {
-        Some(t) if !a.greedy => Sampling::Sample {
-            temperature: t,
-            top_p: a.top_p,
-            seed: a.seed,
-        },
+        Some(t) if !a.greedy => Sampling::Sample { temperature: t, top_p: a.top_p, seed: a.seed },
         _ => Sampling::Greedy,
     };
     let cfg = GenerationConfig {
@@ -484,10 +468,8 @@ fn run_generate(a: &GenerateArgs) -> Result<()> {
         eos_token_ids: tokenizer.eos_token_ids().to_vec(),
         stop_strings: a.stop.clone(),
     };
-    let ids: Vec<Vec<i64>> = prompts
-        .iter()
-        .map(|p| tokenizer.encode_prompt(p, a.chat))
-        .collect::<std::result::Result<_, _>>()?;
+    let ids: Vec<Vec<i64>> =
+        prompts.iter().map(|p| tokenizer.encode_prompt(p, a.chat)).collect::<std::result::Result<_, _>>()?;
     let mut rows = Vec::with_capacity(ids.len());
     let (mut prefill_tok, mut prefill_s, mut decode_tok, mut decode_s) = (0.0, 0.0, 0.0, 0.0);
     for chunk in ids.chunks(a.batch_size) {
@@ -500,10 +482,7 @@ fn run_generate(a: &GenerateArgs) -> Result<()> {
             if a.format == Format::Text {
                 println!("{}", g.text);
             }
-            rows.push(GenerateRow {
-                text: g.text,
-                token_ids: g.token_ids,
-            });
+            rows.push(GenerateRow { text: g.text, token_ids: g.token_ids });
         }
     }
     let timing = GenerateTiming {
@@ -535,7 +514,10 @@ fn run_prune(a: &PruneArgs) -> Result<()> {
     }
 }
 
-fn load_with_adapter(args: &ModelArgs, required: bool) -> Result<(lora_model::Llama, lora_model::Tokenizer, Option<lora_model::AdapterInfo>)> {
+fn load_with_adapter(
+    args: &ModelArgs,
+    required: bool,
+) -> Result<(lora_model::Llama, lora_model::Tokenizer, Option<lora_model::AdapterInfo>)> {
     let (mut model, tokenizer) = load_model(&args.model, placement(args)?)?;
     let info = match &args.adapter {
         Some(dir) => Some(load_adapter(&mut model, dir)?),
@@ -740,10 +722,7 @@ fn run_train(a: &TrainArgs) -> Result<()> {
     };
     let train_samples: Vec<lora_model::TrainSample> = samples
         .iter()
-        .map(|s| lora_model::TrainSample {
-            prompt: s.prompt.clone(),
-            answer: s.answer.clone(),
-        })
+        .map(|s| lora_model::TrainSample { prompt: s.prompt.clone(), answer: s.answer.clone() })
         .collect();
     let bar = indicatif::ProgressBar::new(0);
     bar.set_style(
@@ -822,19 +801,13 @@ fn run_probe(a: &ProbeArgs) -> Result<()> {
 }
 
 fn run_run(a: &RunArgs) -> Result<()> {
-    let text = std::fs::read_to_string(&a.config).map_err(|source| Error::Io {
-        path: a.config.clone(),
-        source,
-    })?;
+    let text = std::fs::read_to_string(&a.config).map_err(|source| Error::Io { path: a.config.clone(), source })?;
     let cfg: crate::pipeline::PipelineConfig = toml::from_str(&text).map_err(|e| Error::Data {
         path: a.config.clone(),
         line: e.span().map_or(0, |s| text[..s.start.min(text.len())].lines().count()),
         message: e.message().to_string(),
     })?;
-    let place = Placement {
-        device: parse_device(&a.device)?,
-        kind: parse_kind(&a.dtype)?,
-    };
+    let place = Placement { device: parse_device(&a.device)?, kind: parse_kind(&a.dtype)? };
     let quiet = a.format == Format::Json;
     let report = crate::pipeline::run_pipeline(&cfg, place, |line| {
         if !quiet {

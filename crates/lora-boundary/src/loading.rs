@@ -44,10 +44,6 @@ pub fn parse_kind(s: &str) -> Result<Kind> {
 pub fn load_model(path: impl AsRef<Path>, place: Placement) -> Result<(Llama, Tokenizer)> {
     let path = path.as_ref();
     let model = Llama::load(path, place)?;
-    let tokenizer = if path.is_dir() {
-        Tokenizer::from_dir(path)?
-    } else {
-        lora_model::gguf_tokenizer_for(path)?
-    };
+    let tokenizer = if path.is_dir() { Tokenizer::from_dir(path)? } else { lora_model::gguf_tokenizer_for(path)? };
     Ok((model, tokenizer))
 }

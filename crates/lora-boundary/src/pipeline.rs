@@ -131,23 +131,10 @@ pub fn probe_curves(
     batch_size: usize,
     seed: u64,
 ) -> Result<ProbeResult> {
-    let probe_samples: Vec<lora_probe::Sample> = samples
-        .iter()
-        .map(|s| lora_probe::Sample {
-            prompt: s.prompt.clone(),
-            answer: s.answer.clone(),
-        })
-        .collect();
-    let cfg = ProbeConfig {
-        k,
-        chat,
-        batch_size,
-        seed,
-        ..Default::default()
-    };
-    Probe::new(cfg)
-        .run(model, tokenizer, &probe_samples, masks)
-        .map_err(|e| Error::Usage(format!("probe: {e}")))
+    let probe_samples: Vec<lora_probe::Sample> =
+        samples.iter().map(|s| lora_probe::Sample { prompt: s.prompt.clone(), answer: s.answer.clone() }).collect();
+    let cfg = ProbeConfig { k, chat, batch_size, seed, ..Default::default() };
+    Probe::new(cfg).run(model, tokenizer, &probe_samples, masks).map_err(|e| Error::Usage(format!("probe: {e}")))
 }
 
 /// The curve rules applied to one probe curve (`gt_prob` with its CI).
@@ -237,10 +224,7 @@ pub fn run_pipeline(cfg: &PipelineConfig, place: Placement, mut log: impl FnMut(
     if cfg.out.join("report.json").exists() || cfg.out.join("pruned-adapter").exists() {
         return Err(Error::Usage(format!("{}: holds a previous run; choose a new --out", cfg.out.display())));
     }
-    std::fs::create_dir_all(&cfg.out).map_err(|source| Error::Io {
-        path: cfg.out.clone(),
-        source,
-    })?;
+    std::fs::create_dir_all(&cfg.out).map_err(|source| Error::Io { path: cfg.out.clone(), source })?;
     let mut timings = Vec::new();
     let t = std::time::Instant::now();
     let (mut model, tokenizer) = load_model(&cfg.model, place)?;
@@ -265,9 +249,7 @@ pub fn run_pipeline(cfg: &PipelineConfig, place: Placement, mut log: impl FnMut(
     let full_curve = probe.curve("all").ok_or_else(|| Error::Usage("probe returned no `all` curve".into()))?;
     let detections = detect_boundaries(full_curve)?;
     let manual_boundary = detections.iter().find_map(|d| d.boundary);
-    probe
-        .plot_svg(cfg.out.join("probe.svg"))
-        .map_err(|e| Error::Usage(format!("plot: {e}")))?;
+    probe.plot_svg(cfg.out.join("probe.svg")).map_err(|e| Error::Usage(format!("plot: {e}")))?;
     timings.push(("probe".to_string(), t.elapsed().as_secs_f64()));
     log(&format!(
         "probe on {} samples: manual boundary {}",
@@ -281,13 +263,8 @@ pub fn run_pipeline(cfg: &PipelineConfig, place: Placement, mut log: impl FnMut(
         .strategy(strategy)
         .seed(cfg.seed)
         .param_counts(info.params_per_layer.iter().map(|&p| p as f64).collect());
-    let mut proxy = ProxyScorer {
-        model: &model,
-        tokenizer: &tokenizer,
-        samples: &val,
-        chat: cfg.chat,
-        batch_size: cfg.batch_size,
-    };
+    let mut proxy =
+        ProxyScorer { model: &model, tokenizer: &tokenizer, samples: &val, chat: cfg.chat, batch_size: cfg.batch_size };
     let report = if cfg.proxy_only {
         search.run(&mut proxy, val.len())
     } else {
@@ -343,14 +320,8 @@ pub fn run_pipeline(cfg: &PipelineConfig, place: Placement, mut log: impl FnMut(
 
 fn write_text(path: &Path, text: &str) -> Result<()> {
     let tmp = path.with_extension("tmp");
-    std::fs::write(&tmp, text).map_err(|source| Error::Io {
-        path: tmp.clone(),
-        source,
-    })?;
-    std::fs::rename(&tmp, path).map_err(|source| Error::Io {
-        path: path.to_path_buf(),
-        source,
-    })
+    std::fs::write(&tmp, text).map_err(|source| Error::Io { path: tmp.clone(), source })?;
+    std::fs::rename(&tmp, path).map_err(|source| Error::Io { path: path.to_path_buf(), source })
 }
 
 /// The report's Markdown summary: boundary, the full-vs-pruned table, the probe curve.
@@ -367,7 +338,8 @@ pub fn markdown(r: &PipelineReport) -> String {
         r.search.boundary,
         r.search.full_evaluations
     ));
-    let names: Vec<&str> = r.evaluation.first().map(|e| e.scores.iter().map(|s| s.0.as_str()).collect()).unwrap_or_default();
+    let names: Vec<&str> =
+        r.evaluation.first().map(|e| e.scores.iter().map(|s| s.0.as_str()).collect()).unwrap_or_default();
     s.push_str(&format!("| setting | mask | {} | 95% CI vs full | LoRA kept |\n", names.join(" | ")));
     s.push_str(&format!("|---|---|{}---|---|\n", "---|".repeat(names.len())));
     for e in &r.evaluation {

@@ -1,8 +1,8 @@
 //! Model-backed scorers for boundary search: generation + a task metric, and the cheap teacher-forced proxy
 //! (mean log-probability of the ground-truth answer tokens).
+use lora_metrics::Metric;
 use lora_model::tch::{Kind, Tensor};
 use lora_model::{generate, ForwardOptions, GenerationConfig, LayerMask, Llama, Logits, Tokenizer};
-use lora_metrics::Metric;
 use lora_search::{Scorer, SearchError};
 
 use crate::error::{Error, Result};
@@ -18,11 +18,8 @@ pub fn generate_answers(
     chat: bool,
     batch_size: usize,
 ) -> Result<Vec<String>> {
-    let cfg = GenerationConfig {
-        max_new_tokens,
-        eos_token_ids: tokenizer.eos_token_ids().to_vec(),
-        ..Default::default()
-    };
+    let cfg =
+        GenerationConfig { max_new_tokens, eos_token_ids: tokenizer.eos_token_ids().to_vec(), ..Default::default() };
     let mut out = Vec::with_capacity(samples.len());
     for chunk in samples.chunks(batch_size.max(1)) {
         let ids = chunk
@@ -73,20 +70,16 @@ pub fn answer_logprobs(
         let b = rows.len() as i64;
         let input = Tensor::from_slice(&ids).view([b, max_len as i64]);
         let attention = Tensor::from_slice(&att).view([b, max_len as i64]);
-        let opts = ForwardOptions {
-            logits: Logits::Skip,
-            hidden_states: true,
-            ..ForwardOptions::new(mask)
-        };
+        let opts = ForwardOptions { logits: Logits::Skip, hidden_states: true, ..ForwardOptions::new(mask) };
         let fwd = model.forward(&input, Some(&attention), &opts)?;
-        let last = fwd
-            .hidden_states
-            .last()
-            .ok_or_else(|| Error::Usage("model returned no hidden states".into()))?;
+        let last = fwd.hidden_states.last().ok_or_else(|| Error::Usage("model returned no hidden states".into()))?;
         for (r, (_, a)) in rows.iter().enumerate() {
             // Answer token j sits at position max_len - |a| + j and is predicted from the position before it.
             let start = (max_len - a.len() - 1) as i64;
-            let h = last.f_select(0, r as i64).and_then(|h| h.f_narrow(0, start, a.len() as i64)).map_err(lora_model::ModelError::from)?;
+            let h = last
+                .f_select(0, r as i64)
+                .and_then(|h| h.f_narrow(0, start, a.len() as i64))
+                .map_err(lora_model::ModelError::from)?;
             let logits = model.lm_head(&model.final_norm(&h)?)?;
             let logp = logits.f_log_softmax(-1, Kind::Float).map_err(lora_model::ModelError::from)?;
             let target = Tensor::from_slice(a).unsqueeze(1).to_device(logp.device());
@@ -115,7 +108,11 @@ pub struct GenerationScorer<'a> {
     pub batch_size: usize,
 }
 
-fn pick<'s>(samples: &'s [Sample], idx: &[usize], boundary: usize) -> std::result::Result<Vec<&'s Sample>, SearchError> {
+fn pick<'s>(
+    samples: &'s [Sample],
+    idx: &[usize],
+    boundary: usize,
+) -> std::result::Result<Vec<&'s Sample>, SearchError> {
     idx.iter()
         .map(|&i| {
             samples.get(i).ok_or_else(|| SearchError::Scorer {
@@ -129,10 +126,7 @@ fn pick<'s>(samples: &'s [Sample], idx: &[usize], boundary: usize) -> std::resul
 impl Scorer for GenerationScorer<'_> {
     fn score(&mut self, boundary: usize, samples: &[usize]) -> std::result::Result<Vec<f64>, SearchError> {
         let chosen = pick(self.samples, samples, boundary)?;
-        let wrap = |e: Error| SearchError::Scorer {
-            boundary,
-            message: e.to_string(),
-        };
+        let wrap = |e: Error| SearchError::Scorer { boundary, message: e.to_string() };
         let preds = generate_answers(
             self.model,
             self.tokenizer,
@@ -173,9 +167,6 @@ impl Scorer for ProxyScorer<'_> {
             self.chat,
             self.batch_size,
         )
-        .map_err(|e| SearchError::Scorer {
-            boundary,
-            message: e.to_string(),
-        })
+        .map_err(|e| SearchError::Scorer { boundary, message: e.to_string() })
     }
 }

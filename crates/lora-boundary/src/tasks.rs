@@ -76,15 +76,8 @@ impl Task {
 
     /// Loads the task's file.
     pub fn load(self, path: &Path) -> Result<Vec<Sample>> {
-        let text = std::fs::read_to_string(path).map_err(|source| Error::Io {
-            path: path.to_path_buf(),
-            source,
-        })?;
-        let bad = |line: usize, message: String| Error::Data {
-            path: path.to_path_buf(),
-            line,
-            message,
-        };
+        let text = std::fs::read_to_string(path).map_err(|source| Error::Io { path: path.to_path_buf(), source })?;
+        let bad = |line: usize, message: String| Error::Data { path: path.to_path_buf(), line, message };
         let samples = match self {
             Task::E2e => load_e2e(&text, &bad)?,
             Task::Hotpotqa => {
@@ -144,11 +137,8 @@ impl Task {
                 jsonl_rows::<Row>(&text, &bad)?
                     .into_iter()
                     .map(|(line, r)| {
-                        let answer = r
-                            .target
-                            .first()
-                            .cloned()
-                            .ok_or_else(|| bad(line, "SciTLDR row has no target".into()))?;
+                        let answer =
+                            r.target.first().cloned().ok_or_else(|| bad(line, "SciTLDR row has no target".into()))?;
                         Ok(Sample {
                             prompt: format!("Write a one-sentence TL;DR of this abstract.\n{}", r.source.join(" ")),
                             answer,
@@ -168,11 +158,7 @@ impl Task {
                 jsonl_rows::<Row>(&text, &bad)?
                     .into_iter()
                     .map(|(_, r)| Sample {
-                        references: if r.references.is_empty() {
-                            vec![r.answer.clone()]
-                        } else {
-                            r.references
-                        },
+                        references: if r.references.is_empty() { vec![r.answer.clone()] } else { r.references },
                         prompt: r.prompt,
                         answer: r.answer,
                     })
@@ -180,11 +166,7 @@ impl Task {
             }
         };
         if samples.is_empty() {
-            return Err(Error::Data {
-                path: path.to_path_buf(),
-                line: 0,
-                message: "no samples".into(),
-            });
+            return Err(Error::Data { path: path.to_path_buf(), line: 0, message: "no samples".into() });
         }
         Ok(samples)
     }
@@ -266,12 +248,8 @@ fn load_e2e(text: &str, bad: &dyn Fn(usize, String) -> Error) -> Result<Vec<Samp
     let rows = parse_csv(text).map_err(|(l, m)| bad(l, m))?;
     let mut iter = rows.into_iter();
     let header = iter.next().ok_or_else(|| bad(1, "empty CSV".into()))?.1;
-    let col = |name: &str| {
-        header
-            .iter()
-            .position(|h| h.trim() == name)
-            .ok_or_else(|| bad(1, format!("no `{name}` column")))
-    };
+    let col =
+        |name: &str| header.iter().position(|h| h.trim() == name).ok_or_else(|| bad(1, format!("no `{name}` column")));
     let (mr_col, ref_col) = (col("mr")?, col("ref")?);
     let mut order: Vec<String> = Vec::new();
     let mut refs: std::collections::HashMap<String, Vec<String>> = std::collections::HashMap::new();
@@ -341,9 +319,8 @@ mod tests {
 
     #[test]
     fn split_is_disjoint_and_seeded() {
-        let s: Vec<Sample> = (0..10)
-            .map(|i| Sample { prompt: i.to_string(), answer: String::new(), references: vec![] })
-            .collect();
+        let s: Vec<Sample> =
+            (0..10).map(|i| Sample { prompt: i.to_string(), answer: String::new(), references: vec![] }).collect();
         let a = split(&s, &[3, 3], 7).unwrap();
         let b = split(&s, &[3, 3], 7).unwrap();
         assert_eq!(a, b);

@@ -65,7 +65,8 @@ fn write_jsonl(path: &Path, n: usize, offset: usize) {
 fn pipeline_runs_end_to_end_on_the_tiny_model() {
     let tmp = tempfile::tempdir().unwrap();
     let model_dir = tiny_model_dir(tmp.path());
-    let (train_f, val_f, test_f) = (tmp.path().join("train.jsonl"), tmp.path().join("val.jsonl"), tmp.path().join("test.jsonl"));
+    let (train_f, val_f, test_f) =
+        (tmp.path().join("train.jsonl"), tmp.path().join("val.jsonl"), tmp.path().join("test.jsonl"));
     write_jsonl(&train_f, 16, 0);
     write_jsonl(&val_f, 8, 100);
     write_jsonl(&test_f, 8, 200);
@@ -137,7 +138,19 @@ fn pipeline_runs_end_to_end_on_the_tiny_model() {
         .arg(&adapter)
         .arg("--data")
         .arg(&test_f)
-        .args(["--chat", "--mask", "all", "--mask", "0-1", "--max-new-tokens", "4", "--metric", "rougeL", "--format", "json"])
+        .args([
+            "--chat",
+            "--mask",
+            "all",
+            "--mask",
+            "0-1",
+            "--max-new-tokens",
+            "4",
+            "--metric",
+            "rougeL",
+            "--format",
+            "json",
+        ])
         .output()
         .unwrap();
     assert!(eval.status.success(), "{}", String::from_utf8_lossy(&eval.stderr));
@@ -159,9 +172,19 @@ fn pipeline_runs_end_to_end_on_the_tiny_model() {
     assert!(v["boundary"].as_u64().unwrap() < 4);
     assert_eq!(v["candidates"].as_array().unwrap().len(), 4);
     // Bad input: exit code 2 and a message naming the problem.
-    let bad = Command::new(bin).args(["eval", "--model"]).arg(&model_dir).args(["--data", "/nonexistent.jsonl"]).output().unwrap();
+    let bad = Command::new(bin)
+        .args(["eval", "--model"])
+        .arg(&model_dir)
+        .args(["--data", "/nonexistent.jsonl"])
+        .output()
+        .unwrap();
     assert_eq!(bad.status.code(), Some(1));
-    let bad = Command::new(bin).args(["generate", "--model"]).arg(&model_dir).args(["--prompt", "x", "--mask", "9-2"]).output().unwrap();
+    let bad = Command::new(bin)
+        .args(["generate", "--model"])
+        .arg(&model_dir)
+        .args(["--prompt", "x", "--mask", "9-2"])
+        .output()
+        .unwrap();
     assert_eq!(bad.status.code(), Some(2), "{}", String::from_utf8_lossy(&bad.stderr));
     let _ = LayerMask::all();
 }

@@ -61,18 +61,10 @@ fn synthetic_pairs() -> (Vec<String>, Vec<Vec<String>>) {
     ];
     let mut x: u64 = 42;
     let mut next = || {
-        x = x
-            .wrapping_mul(6_364_136_223_846_793_005)
-            .wrapping_add(1_442_695_040_888_963_407);
+        x = x.wrapping_mul(6_364_136_223_846_793_005).wrapping_add(1_442_695_040_888_963_407);
         (x >> 33) as usize
     };
-    let mut sent = |n: usize| {
-        (0..n)
-            .map(|_| words[next() % words.len()])
-            .collect::<Vec<_>>()
-            .join(" ")
-            + "."
-    };
+    let mut sent = |n: usize| (0..n).map(|_| words[next() % words.len()]).collect::<Vec<_>>().join(" ") + ".";
     let preds = (0..N).map(|_| sent(25)).collect();
     let refs = (0..N).map(|_| vec![sent(20), sent(20)]).collect();
     (preds, refs)
@@ -82,23 +74,11 @@ fn bench(c: &mut Criterion) {
     let (preds, refs) = scitldr_pairs().unwrap_or_else(synthetic_pairs);
     let mut g = c.benchmark_group("corpus_10k");
     g.sample_size(10);
-    g.bench_function("rouge_4types_stemmer", |b| {
-        b.iter(|| black_box(score_report(MetricGroup::Rouge, &preds, &refs)))
-    });
-    for m in [
-        Metric::Bleu,
-        Metric::Chrf,
-        Metric::ChrfPlusPlus,
-        Metric::Em,
-        Metric::F1,
-    ] {
-        g.bench_function(m.name(), |b| {
-            b.iter(|| black_box(corpus_score(m, &preds, &refs)))
-        });
+    g.bench_function("rouge_4types_stemmer", |b| b.iter(|| black_box(score_report(MetricGroup::Rouge, &preds, &refs))));
+    for m in [Metric::Bleu, Metric::Chrf, Metric::ChrfPlusPlus, Metric::Em, Metric::F1] {
+        g.bench_function(m.name(), |b| b.iter(|| black_box(corpus_score(m, &preds, &refs))));
     }
-    g.bench_function("sentence_bleu", |b| {
-        b.iter(|| black_box(lora_metrics::item_scores(Metric::Bleu, &preds, &refs)))
-    });
+    g.bench_function("sentence_bleu", |b| b.iter(|| black_box(lora_metrics::item_scores(Metric::Bleu, &preds, &refs))));
     g.finish();
 }
 

@@ -55,13 +55,9 @@ fn main() {
         );
     };
     run("rouge_4types_stemmer", &|| {
-        score_report(MetricGroup::Rouge, &preds, &refs)
-            .map(|r| r.scores["rouge1"])
-            .unwrap_or(f64::NAN)
+        score_report(MetricGroup::Rouge, &preds, &refs).map(|r| r.scores["rouge1"]).unwrap_or(f64::NAN)
     });
     for m in [Metric::Bleu, Metric::Chrf, Metric::ChrfPlusPlus] {
-        run(m.name(), &|| {
-            corpus_score(m, &preds, &refs).unwrap_or(f64::NAN)
-        });
+        run(m.name(), &|| corpus_score(m, &preds, &refs).unwrap_or(f64::NAN));
     }
 }

@@ -31,11 +31,7 @@ fn tokenized_13a(line: &str) -> String {
         s = s.replace("-\n", "").replace('\n', " ");
     }
     if s.contains('&') {
-        s = s
-            .replace("&quot;", "\"")
-            .replace("&amp;", "&")
-            .replace("&lt;", "<")
-            .replace("&gt;", ">");
+        s = s.replace("&quot;", "\"").replace("&amp;", "&").replace("&lt;", "<").replace("&gt;", ">");
     }
     let mut b: Vec<u8> = Vec::with_capacity(s.len() * 2 + 4);
     // ' {line} ' then `([\{-\~\[-\` -\&\(-\+\:-\@\/])` -> ' \1 '
@@ -65,11 +61,7 @@ fn tokenized_13a(line: &str) -> String {
     }
     if has(&b, b'-') {
         // `([0-9])(-)` -> '\1 \2 '
-        b = sub2(
-            &b,
-            |x, y| x.is_ascii_digit() && y == b'-',
-            |x, y, o| o.extend_from_slice(&[x, b' ', y, b' ']),
-        );
+        b = sub2(&b, |x, y| x.is_ascii_digit() && y == b'-', |x, y, o| o.extend_from_slice(&[x, b' ', y, b' ']));
     }
     // Only ASCII bytes are inserted, always next to ASCII bytes, so the bytes stay valid UTF-8.
     match String::from_utf8(b) {
@@ -160,11 +152,7 @@ fn segment_stats_with(ng: &mut NgramIds, hyp: &str, refs: &[String]) -> Stats {
     let mut tmp = vec![0u32; ng.len()];
     // Reference n-grams absent from the hypothesis cannot be matched and are skipped.
     for g in ref_grams.iter().flatten() {
-        let present = || {
-            g.iter()
-                .filter(|&&x| x != NgramIds::ABSENT)
-                .map(|&x| x as usize)
-        };
+        let present = || g.iter().filter(|&&x| x != NgramIds::ABSENT).map(|&x| x as usize);
         for x in present() {
             tmp[x] += 1;
         }
@@ -235,21 +223,10 @@ fn compute_bleu(st: &Stats, effective_order: bool, signature: String) -> BleuSco
                 precisions[n - 1] = 100.0 * correct[n - 1] as f64 / total[n - 1] as f64;
             }
         }
-        let s: f64 = precisions[..eff_order]
-            .iter()
-            .fold(0.0, |a, &p| a + my_log(p));
+        let s: f64 = precisions[..eff_order].iter().fold(0.0, |a, &p| a + my_log(p));
         score = bp * (s / eff_order as f64).exp();
     }
-    BleuScore {
-        score,
-        counts: correct,
-        totals: total,
-        precisions,
-        bp,
-        sys_len,
-        ref_len,
-        signature,
-    }
+    BleuScore { score, counts: correct, totals: total, precisions, bp, sys_len, ref_len, signature }
 }
 
 /// sacrebleu's `nrefs` value: the common reference count, or `var`.
@@ -281,11 +258,8 @@ fn signature(references: &[Vec<String>], eff: bool) -> String {
 /// ```
 pub fn corpus_bleu(predictions: &[String], references: &[Vec<String>]) -> crate::Result<BleuScore> {
     crate::error::validate(predictions, references)?;
-    let stats: Vec<Stats> = predictions
-        .par_iter()
-        .zip(references.par_iter())
-        .map(|(h, r)| segment_stats(h, r))
-        .collect();
+    let stats: Vec<Stats> =
+        predictions.par_iter().zip(references.par_iter()).map(|(h, r)| segment_stats(h, r)).collect();
     let mut sum: Stats = [0; 2 + 2 * MAX_ORDER];
     for s in &stats {
         for (a, b) in sum.iter_mut().zip(s) {
@@ -298,18 +272,12 @@ pub fn corpus_bleu(predictions: &[String], references: &[Vec<String>]) -> crate:
 /// `sacrebleu.sentence_bleu(prediction, references)` (exp smoothing, effective order).
 pub fn sentence_bleu(prediction: &str, references: &[String]) -> BleuScore {
     let st = segment_stats(prediction, references);
-    let sig = format!(
-        "nrefs:{}|case:mixed|eff:yes|tok:13a|smooth:exp|version:{SACREBLEU_VERSION}",
-        references.len()
-    );
+    let sig = format!("nrefs:{}|case:mixed|eff:yes|tok:13a|smooth:exp|version:{SACREBLEU_VERSION}", references.len());
     compute_bleu(&st, true, sig)
 }
 
 /// Sentence-level BLEU of every row (0-100), in parallel.
-pub fn sentence_bleu_scores(
-    predictions: &[String],
-    references: &[Vec<String>],
-) -> crate::Result<Vec<f64>> {
+pub fn sentence_bleu_scores(predictions: &[String], references: &[Vec<String>]) -> crate::Result<Vec<f64>> {
     crate::error::validate(predictions, references)?;
     Ok(predictions
         .par_iter()
@@ -325,10 +293,7 @@ mod tests {
     #[test]
     fn tokenizer_regex_order() {
         assert_eq!(tokenize_13a("a..,b").join(" "), "a . . , b");
-        assert_eq!(
-            tokenize_13a("1,000.5 2-3 x-y").join(" "),
-            "1,000.5 2 - 3 x-y"
-        );
+        assert_eq!(tokenize_13a("1,000.5 2-3 x-y").join(" "), "1,000.5 2 - 3 x-y");
         assert_eq!(tokenize_13a("&amp;lt; <skipped>ok").join(" "), "< ok");
         assert!(tokenize_13a("").is_empty());
     }

@@ -49,12 +49,7 @@ impl Xoshiro {
     fn new(seed: u64, stream: u64) -> Self {
         let mut sm = seed;
         let mut sm = splitmix64(&mut sm) ^ stream.wrapping_mul(0xD1B5_4A32_D192_ED03);
-        Xoshiro([
-            splitmix64(&mut sm),
-            splitmix64(&mut sm),
-            splitmix64(&mut sm),
-            splitmix64(&mut sm),
-        ])
+        Xoshiro([splitmix64(&mut sm), splitmix64(&mut sm), splitmix64(&mut sm), splitmix64(&mut sm)])
     }
 
     fn next(&mut self) -> u64 {
@@ -99,12 +94,7 @@ fn percentile(sorted: &[f64], q: f64) -> f64 {
 /// assert!((r.mean_diff - 0.375).abs() < 1e-12);
 /// assert!(r.ci_low <= r.mean_diff && r.mean_diff <= r.ci_high);
 /// ```
-pub fn paired_bootstrap(
-    a: &[f64],
-    b: &[f64],
-    n_resamples: usize,
-    seed: u64,
-) -> Result<BootstrapResult> {
+pub fn paired_bootstrap(a: &[f64], b: &[f64], n_resamples: usize, seed: u64) -> Result<BootstrapResult> {
     if a.is_empty() {
         return Err(MetricsError::Bootstrap("no items".into()));
     }
@@ -116,19 +106,11 @@ pub fn paired_bootstrap(
         )));
     }
     if n_resamples == 0 {
-        return Err(MetricsError::Bootstrap(
-            "n_resamples must be at least 1".into(),
-        ));
+        return Err(MetricsError::Bootstrap("n_resamples must be at least 1".into()));
     }
     if let Some(i) = a.iter().chain(b).position(|x| !x.is_finite()) {
-        let (sys, row) = if i < a.len() {
-            ("A", i)
-        } else {
-            ("B", i - a.len())
-        };
-        return Err(MetricsError::Bootstrap(format!(
-            "system {sys}, row {row}: score is not finite"
-        )));
+        let (sys, row) = if i < a.len() { ("A", i) } else { ("B", i - a.len()) };
+        return Err(MetricsError::Bootstrap(format!("system {sys}, row {row}: score is not finite")));
     }
     let n = a.len();
     let d: Vec<f64> = a.iter().zip(b).map(|(x, y)| x - y).collect();

@@ -69,10 +69,7 @@ fn all_grams<'a>(
     let chars: Vec<u32> = py_split(text).flat_map(str::chars).map(u32::from).collect();
     let mut g = grams(ng, &chars, 0, CHAR_ORDER);
     if word_order > 0 {
-        let ids: Vec<u32> = remove_punctuation(text)
-            .into_iter()
-            .map(|w| words.id(w))
-            .collect();
+        let ids: Vec<u32> = remove_punctuation(text).into_iter().map(|w| words.id(w)).collect();
         g.extend(grams(ng, &ids, 1, word_order));
     }
     g
@@ -86,16 +83,8 @@ fn f_score(stats: &[u64]) -> f64 {
     let mut eff = 0usize;
     for s in stats.chunks_exact(3) {
         let (n_hyp, n_ref, n_match) = (s[0], s[1], s[2]);
-        let prec = if n_hyp > 0 {
-            n_match as f64 / n_hyp as f64
-        } else {
-            eps
-        };
-        let rec = if n_ref > 0 {
-            n_match as f64 / n_ref as f64
-        } else {
-            eps
-        };
+        let prec = if n_hyp > 0 { n_match as f64 / n_hyp as f64 } else { eps };
+        let rec = if n_ref > 0 { n_match as f64 / n_ref as f64 } else { eps };
         if n_hyp > 0 && n_ref > 0 {
             avg_prec += prec;
             avg_rec += rec;
@@ -124,18 +113,10 @@ pub(crate) fn segment_stats(hyp: &str, refs: &[String], word_order: usize) -> Ve
     segment_stats_with(&mut NgramIds::with_capacity(n), hyp, refs, word_order)
 }
 
-fn segment_stats_with(
-    ng: &mut NgramIds,
-    hyp: &str,
-    refs: &[String],
-    word_order: usize,
-) -> Vec<u64> {
+fn segment_stats_with(ng: &mut NgramIds, hyp: &str, refs: &[String], word_order: usize) -> Vec<u64> {
     let mut words = Interner::default();
     let h = all_grams(hyp, word_order, ng, &mut words, true);
-    let rgs: Vec<Vec<Vec<u32>>> = refs
-        .iter()
-        .map(|r| all_grams(r, word_order, ng, &mut words, false))
-        .collect();
+    let rgs: Vec<Vec<Vec<u32>>> = refs.iter().map(|r| all_grams(r, word_order, ng, &mut words, false)).collect();
     let mut scratch = vec![0u32; ng.len()];
     let mut best: Vec<u64> = Vec::new();
     let mut best_f = -1.0;
@@ -173,17 +154,10 @@ fn signature(references: &[Vec<String>], word_order: usize) -> String {
 /// let c = lora_metrics::chrf::corpus_chrf(&p, &r, 2).unwrap();
 /// assert!((c.score - 100.0).abs() < 1e-9);
 /// ```
-pub fn corpus_chrf(
-    predictions: &[String],
-    references: &[Vec<String>],
-    word_order: usize,
-) -> crate::Result<ChrfScore> {
+pub fn corpus_chrf(predictions: &[String], references: &[Vec<String>], word_order: usize) -> crate::Result<ChrfScore> {
     crate::error::validate(predictions, references)?;
-    let per: Vec<Vec<u64>> = predictions
-        .par_iter()
-        .zip(references.par_iter())
-        .map(|(h, r)| segment_stats(h, r, word_order))
-        .collect();
+    let per: Vec<Vec<u64>> =
+        predictions.par_iter().zip(references.par_iter()).map(|(h, r)| segment_stats(h, r, word_order)).collect();
     let mut sum = vec![0u64; 3 * (CHAR_ORDER + word_order)];
     for s in &per {
         for (a, b) in sum.iter_mut().zip(s) {
@@ -210,11 +184,7 @@ pub fn sentence_chrf_scores(
     word_order: usize,
 ) -> crate::Result<Vec<f64>> {
     crate::error::validate(predictions, references)?;
-    Ok(predictions
-        .par_iter()
-        .zip(references.par_iter())
-        .map(|(h, r)| sentence_chrf(h, r, word_order))
-        .collect())
+    Ok(predictions.par_iter().zip(references.par_iter()).map(|(h, r)| sentence_chrf(h, r, word_order)).collect())
 }
 
 #[cfg(test)]
@@ -223,10 +193,7 @@ mod tests {
 
     #[test]
     fn punctuation_split() {
-        assert_eq!(
-            remove_punctuation("(hi) x. ,y z !"),
-            ["(hi", ")", "x", ".", ",", "y", "z", "!"]
-        );
+        assert_eq!(remove_punctuation("(hi) x. ,y z !"), ["(hi", ")", "x", ".", ",", "y", "z", "!"]);
     }
 
     #[test]

@@ -65,10 +65,7 @@ pub(crate) fn validate(predictions: &[String], references: &[Vec<String>]) -> Re
         return Err(MetricsError::EmptyInput);
     }
     if predictions.len() != references.len() {
-        return Err(MetricsError::LengthMismatch {
-            predictions: predictions.len(),
-            references: references.len(),
-        });
+        return Err(MetricsError::LengthMismatch { predictions: predictions.len(), references: references.len() });
     }
     if let Some(row) = references.iter().position(|r| r.is_empty()) {
         return Err(MetricsError::NoReferences { row });

@@ -137,10 +137,7 @@ mod tests {
 
     #[test]
     fn flexible_extraction() {
-        assert_eq!(
-            extract_last_number("I have 3 apples and $1,200.50."),
-            Some("$1,200.50.")
-        );
+        assert_eq!(extract_last_number("I have 3 apples and $1,200.50."), Some("$1,200.50."));
         assert_eq!(extract_last_number("x -5 y"), Some("-5"));
         assert_eq!(extract_last_number("a-"), None);
         assert_eq!(normalize_flexible("$1,200.50."), "1200.50");

@@ -33,11 +33,7 @@ pub fn parse_pairs_jsonl(text: &str, label: &str) -> Result<Pairs> {
         if line.trim().is_empty() {
             continue;
         }
-        let err = |message: String| MetricsError::Jsonl {
-            path: label.to_string(),
-            line: i + 1,
-            message,
-        };
+        let err = |message: String| MetricsError::Jsonl { path: label.to_string(), line: i + 1, message };
         let row: Row = serde_json::from_str(line).map_err(|e| err(e.to_string()))?;
         if row.references.is_empty() {
             return Err(err("\"references\" is empty".to_string()));
@@ -46,11 +42,7 @@ pub fn parse_pairs_jsonl(text: &str, label: &str) -> Result<Pairs> {
         out.references.push(row.references);
     }
     if out.predictions.is_empty() {
-        return Err(MetricsError::Jsonl {
-            path: label.to_string(),
-            line: 0,
-            message: "no rows".to_string(),
-        });
+        return Err(MetricsError::Jsonl { path: label.to_string(), line: 0, message: "no rows".to_string() });
     }
     Ok(out)
 }

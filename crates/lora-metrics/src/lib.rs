@@ -118,13 +118,10 @@ impl Metric {
     /// assert!(Metric::from_name("rouge").is_err());
     /// ```
     pub fn from_name(name: &str) -> Result<Metric> {
-        Metric::ALL
-            .into_iter()
-            .find(|m| m.name() == name)
-            .ok_or_else(|| MetricsError::UnknownMetric {
-                name: name.to_string(),
-                expected: Metric::ALL.map(Metric::name).join(", "),
-            })
+        Metric::ALL.into_iter().find(|m| m.name() == name).ok_or_else(|| MetricsError::UnknownMetric {
+            name: name.to_string(),
+            expected: Metric::ALL.map(Metric::name).join(", "),
+        })
     }
 
     /// Whether the corpus score is the mean of [`item_scores`] (false for BLEU and chrF, whose corpus
@@ -159,24 +156,12 @@ fn gsm8k_golds(references: &[Vec<String>]) -> Result<Vec<Vec<String>>> {
         .collect()
 }
 
-fn per_row(
-    predictions: &[String],
-    references: &[Vec<String>],
-    f: impl Fn(&str, &[String]) -> f64 + Sync,
-) -> Vec<f64> {
-    predictions
-        .par_iter()
-        .zip(references.par_iter())
-        .map(|(p, r)| f(p, r))
-        .collect()
+fn per_row(predictions: &[String], references: &[Vec<String>], f: impl Fn(&str, &[String]) -> f64 + Sync) -> Vec<f64> {
+    predictions.par_iter().zip(references.par_iter()).map(|(p, r)| f(p, r)).collect()
 }
 
 fn rouge_rows(predictions: &[String], references: &[Vec<String>]) -> Vec<rouge::RougeScores> {
-    predictions
-        .par_iter()
-        .zip(references.par_iter())
-        .map(|(p, r)| rouge::score_multi(r, p))
-        .collect()
+    predictions.par_iter().zip(references.par_iter()).map(|(p, r)| rouge::score_multi(r, p)).collect()
 }
 
 /// Per-row scores: EM/F1/GSM8K in {0, 1} or `[0, 1]`, ROUGE F-measures (best reference), and
@@ -184,45 +169,29 @@ fn rouge_rows(predictions: &[String], references: &[Vec<String>]) -> Vec<rouge::
 ///
 /// Errors on empty input, length mismatch, an empty reference list, or (GSM8K) a reference without a
 /// gold answer.
-pub fn item_scores(
-    metric: Metric,
-    predictions: &[String],
-    references: &[Vec<String>],
-) -> Result<Vec<f64>> {
+pub fn item_scores(metric: Metric, predictions: &[String], references: &[Vec<String>]) -> Result<Vec<f64>> {
     validate(predictions, references)?;
     let max = squad::max_over_ground_truths;
     Ok(match metric {
-        Metric::Em => per_row(predictions, references, |p, r| {
-            max(squad::exact_match, p, r)
-        }),
+        Metric::Em => per_row(predictions, references, |p, r| max(squad::exact_match, p, r)),
         Metric::F1 => per_row(predictions, references, |p, r| max(squad::f1, p, r)),
         Metric::HotpotF1 => per_row(predictions, references, |p, r| max(squad::hotpot_f1, p, r)),
-        Metric::Rouge1 | Metric::Rouge2 | Metric::RougeL | Metric::RougeLsum => {
-            rouge_rows(predictions, references)
-                .into_iter()
-                .map(|s| match metric {
-                    Metric::Rouge1 => s.rouge1.fmeasure,
-                    Metric::Rouge2 => s.rouge2.fmeasure,
-                    Metric::RougeL => s.rouge_l.fmeasure,
-                    _ => s.rouge_lsum.fmeasure,
-                })
-                .collect()
-        }
+        Metric::Rouge1 | Metric::Rouge2 | Metric::RougeL | Metric::RougeLsum => rouge_rows(predictions, references)
+            .into_iter()
+            .map(|s| match metric {
+                Metric::Rouge1 => s.rouge1.fmeasure,
+                Metric::Rouge2 => s.rouge2.fmeasure,
+                Metric::RougeL => s.rouge_l.fmeasure,
+                _ => s.rouge_lsum.fmeasure,
+            })
+            .collect(),
         Metric::Bleu => bleu::sentence_bleu_scores(predictions, references)?,
         Metric::Chrf => chrf::sentence_chrf_scores(predictions, references, 0)?,
         Metric::ChrfPlusPlus => chrf::sentence_chrf_scores(predictions, references, 2)?,
         Metric::Gsm8kStrict | Metric::Gsm8kFlexible => {
             let golds = gsm8k_golds(references)?;
-            let f = if metric == Metric::Gsm8kStrict {
-                gsm8k::strict_correct
-            } else {
-                gsm8k::flexible_correct
-            };
-            predictions
-                .par_iter()
-                .zip(golds.par_iter())
-                .map(|(p, g)| f(p, g))
-                .collect()
+            let f = if metric == Metric::Gsm8kStrict { gsm8k::strict_correct } else { gsm8k::flexible_correct };
+            predictions.par_iter().zip(golds.par_iter()).map(|(p, g)| f(p, g)).collect()
         }
     })
 }
@@ -237,11 +206,7 @@ fn mean(v: &[f64]) -> f64 {
 
 /// The corpus score of one metric: the mean of [`item_scores`] for EM/F1/ROUGE/GSM8K (fractions),
 /// pooled corpus BLEU / chrF / chrF++ for the sacrebleu metrics (0-100).
-pub fn corpus_score(
-    metric: Metric,
-    predictions: &[String],
-    references: &[Vec<String>],
-) -> Result<f64> {
+pub fn corpus_score(metric: Metric, predictions: &[String], references: &[Vec<String>]) -> Result<f64> {
     match metric {
         Metric::Bleu => Ok(bleu::corpus_bleu(predictions, references)?.score),
         Metric::Chrf => Ok(chrf::corpus_chrf(predictions, references, 0)?.score),
@@ -308,13 +273,10 @@ impl MetricGroup {
     /// assert_eq!(lora_metrics::MetricGroup::from_name("rouge").unwrap().name(), "rouge");
     /// ```
     pub fn from_name(name: &str) -> Result<MetricGroup> {
-        MetricGroup::ALL
-            .into_iter()
-            .find(|g| g.name() == name)
-            .ok_or_else(|| MetricsError::UnknownMetric {
-                name: name.to_string(),
-                expected: MetricGroup::ALL.map(MetricGroup::name).join(", "),
-            })
+        MetricGroup::ALL.into_iter().find(|g| g.name() == name).ok_or_else(|| MetricsError::UnknownMetric {
+            name: name.to_string(),
+            expected: MetricGroup::ALL.map(MetricGroup::name).join(", "),
+        })
     }
 }
 
@@ -348,20 +310,13 @@ pub struct Report {
 /// println!("{}", serde_json::to_string(&rep).unwrap());
 /// # Ok::<(), lora_metrics::MetricsError>(())
 /// ```
-pub fn score_report(
-    group: MetricGroup,
-    predictions: &[String],
-    references: &[Vec<String>],
-) -> Result<Report> {
+pub fn score_report(group: MetricGroup, predictions: &[String], references: &[Vec<String>]) -> Result<Report> {
     validate(predictions, references)?;
     let mut scores = BTreeMap::new();
     let mut signature = None;
     let mut bleu_detail = None;
     let single = |m: Metric, scores: &mut BTreeMap<String, f64>| -> Result<()> {
-        scores.insert(
-            m.name().to_string(),
-            corpus_score(m, predictions, references)?,
-        );
+        scores.insert(m.name().to_string(), corpus_score(m, predictions, references)?);
         Ok(())
     };
     match group {
@@ -396,13 +351,7 @@ pub fn score_report(
             signature = Some(c.signature);
         }
     }
-    Ok(Report {
-        metric: group.name().to_string(),
-        n_items: predictions.len(),
-        scores,
-        signature,
-        bleu: bleu_detail,
-    })
+    Ok(Report { metric: group.name().to_string(), n_items: predictions.len(), scores, signature, bleu: bleu_detail })
 }
 
 #[cfg(test)]
@@ -421,25 +370,16 @@ mod tests {
         for g in MetricGroup::ALL {
             assert_eq!(MetricGroup::from_name(g.name()).unwrap(), g);
         }
-        assert!(matches!(
-            Metric::from_name("BLEU"),
-            Err(MetricsError::UnknownMetric { .. })
-        ));
+        assert!(matches!(Metric::from_name("BLEU"), Err(MetricsError::UnknownMetric { .. })));
     }
 
     #[test]
     fn input_errors() {
         let p = s(&["a", "b"]);
-        assert!(matches!(
-            corpus_score(Metric::Em, &[], &[]),
-            Err(MetricsError::EmptyInput)
-        ));
+        assert!(matches!(corpus_score(Metric::Em, &[], &[]), Err(MetricsError::EmptyInput)));
         assert!(matches!(
             corpus_score(Metric::Bleu, &p, &[s(&["a"])]),
-            Err(MetricsError::LengthMismatch {
-                predictions: 2,
-                references: 1
-            })
+            Err(MetricsError::LengthMismatch { predictions: 2, references: 1 })
         ));
         assert!(matches!(
             item_scores(Metric::Rouge1, &p, &[s(&["a"]), vec![]]),
@@ -447,11 +387,7 @@ mod tests {
         ));
         assert!(matches!(
             item_scores(Metric::Gsm8kStrict, &p, &[s(&["#### 1"]), s(&["x"])]),
-            Err(MetricsError::InvalidGsm8kReference {
-                row: 1,
-                index: 0,
-                ..
-            })
+            Err(MetricsError::InvalidGsm8kReference { row: 1, index: 0, .. })
         ));
     }
 }

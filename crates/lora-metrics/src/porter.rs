@@ -82,33 +82,17 @@ fn step1a(word: Vec<u8>) -> Vec<u8> {
         return cat(&word[..1], b"ie");
     }
     let always: Cond = |_| true;
-    apply_rules(
-        word,
-        &[
-            (b"sses", b"ss", always),
-            (b"ies", b"i", always),
-            (b"ss", b"ss", always),
-            (b"s", b"", always),
-        ],
-    )
+    apply_rules(word, &[(b"sses", b"ss", always), (b"ies", b"i", always), (b"ss", b"ss", always), (b"s", b"", always)])
 }
 
 fn step1b(word: Vec<u8>) -> Vec<u8> {
     if word.ends_with(b"ied") {
         let stem = &word[..word.len() - 3];
-        return if word.len() == 4 {
-            cat(stem, b"ie")
-        } else {
-            cat(stem, b"i")
-        };
+        return if word.len() == 4 { cat(stem, b"ie") } else { cat(stem, b"i") };
     }
     if word.ends_with(b"eed") {
         let stem = &word[..word.len() - 3];
-        return if measure(stem) > 0 {
-            cat(stem, b"ee")
-        } else {
-            word
-        };
+        return if measure(stem) > 0 { cat(stem, b"ee") } else { word };
     }
     let mut inter: Option<&[u8]> = None;
     for suffix in [&b"ed"[..], &b"ing"[..]] {
@@ -130,11 +114,7 @@ fn step1b(word: Vec<u8>) -> Vec<u8> {
     }
     if ends_double_consonant(s) {
         let last = s[s.len() - 1];
-        return if matches!(last, b'l' | b's' | b'z') {
-            s.to_vec()
-        } else {
-            s[..s.len() - 1].to_vec()
-        };
+        return if matches!(last, b'l' | b's' | b'z') { s.to_vec() } else { s[..s.len() - 1].to_vec() };
     }
     if measure(s) == 1 && ends_cvc(s) {
         cat(s, b"e")
@@ -189,11 +169,7 @@ fn step2(word: Vec<u8>) -> Vec<u8> {
     // NLTK's "logi" rule tests the measure of the word minus "ogi" (that is, stem + "l").
     if word.ends_with(b"logi") {
         let stem = &word[..word.len() - 4];
-        return if m_gt0(&word[..word.len() - 3]) {
-            cat(stem, b"log")
-        } else {
-            word
-        };
+        return if m_gt0(&word[..word.len() - 3]) { cat(stem, b"log") } else { word };
     }
     word
 }

@@ -25,16 +25,8 @@ pub struct Score {
 
 impl Score {
     fn new(precision: f64, recall: f64) -> Self {
-        let fmeasure = if precision + recall > 0.0 {
-            2.0 * precision * recall / (precision + recall)
-        } else {
-            0.0
-        };
-        Score {
-            precision,
-            recall,
-            fmeasure,
-        }
+        let fmeasure = if precision + recall > 0.0 { 2.0 * precision * recall / (precision + recall) } else { 0.0 };
+        Score { precision, recall, fmeasure }
     }
 }
 
@@ -165,9 +157,7 @@ fn ngram_counts(ids: &[u32], n: usize) -> Vec<(u64, u32)> {
     let keys: Vec<u64> = if n == 1 {
         ids.iter().map(|&x| u64::from(x)).collect()
     } else {
-        ids.windows(2)
-            .map(|w| (u64::from(w[0]) << 32) | u64::from(w[1]))
-            .collect()
+        ids.windows(2).map(|w| (u64::from(w[0]) << 32) | u64::from(w[1])).collect()
     };
     crate::text::count_sorted(keys)
 }
@@ -189,11 +179,7 @@ fn lcs_len(a: &[u32], b: &[u32]) -> usize {
     let mut cur = vec![0usize; b.len() + 1];
     for &x in a {
         for (j, &y) in b.iter().enumerate() {
-            cur[j + 1] = if x == y {
-                prev[j] + 1
-            } else {
-                prev[j + 1].max(cur[j])
-            };
+            cur[j + 1] = if x == y { prev[j] + 1 } else { prev[j + 1].max(cur[j]) };
         }
         std::mem::swap(&mut prev, &mut cur);
     }
@@ -335,10 +321,7 @@ mod tests {
 
     #[test]
     fn tokenizer_unicode_and_digits() {
-        assert_eq!(
-            tokenize("Café 2,000 İstanbul", false),
-            ["caf", "2", "000", "i", "stanbul"]
-        );
+        assert_eq!(tokenize("Café 2,000 İstanbul", false), ["caf", "2", "000", "i", "stanbul"]);
         assert!(tokenize("!!! ...", true).is_empty());
     }
 

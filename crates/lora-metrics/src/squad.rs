@@ -13,10 +13,7 @@ use crate::text::{py_is_word, py_split};
 /// ```
 pub fn normalize_answer(s: &str) -> String {
     let lowered = s.to_lowercase();
-    let no_punc: Vec<char> = lowered
-        .chars()
-        .filter(|c| !c.is_ascii_punctuation())
-        .collect();
+    let no_punc: Vec<char> = lowered.chars().filter(|c| !c.is_ascii_punctuation()).collect();
     let mut out = String::with_capacity(no_punc.len());
     let n = no_punc.len();
     let mut i = 0;
@@ -91,10 +88,7 @@ fn token_f1(pred_norm: &str, gold_norm: &str) -> f64 {
 /// assert!((f - 2.0 / 3.0).abs() < 1e-12);
 /// ```
 pub fn f1(prediction: &str, ground_truth: &str) -> f64 {
-    token_f1(
-        &normalize_answer(prediction),
-        &normalize_answer(ground_truth),
-    )
+    token_f1(&normalize_answer(prediction), &normalize_answer(ground_truth))
 }
 
 /// HotpotQA token F1: as [`f1`], but if either normalised side is `yes`, `no` or `noanswer` and the
@@ -115,16 +109,8 @@ pub fn hotpot_f1(prediction: &str, ground_truth: &str) -> f64 {
 
 /// Maximum of `metric(prediction, gt)` over the ground truths (`metric_max_over_ground_truths`);
 /// 0.0 for an empty list.
-pub fn max_over_ground_truths(
-    metric: fn(&str, &str) -> f64,
-    prediction: &str,
-    ground_truths: &[String],
-) -> f64 {
-    ground_truths
-        .iter()
-        .map(|g| metric(prediction, g))
-        .fold(f64::NEG_INFINITY, f64::max)
-        .max(0.0)
+pub fn max_over_ground_truths(metric: fn(&str, &str) -> f64, prediction: &str, ground_truths: &[String]) -> f64 {
+    ground_truths.iter().map(|g| metric(prediction, g)).fold(f64::NEG_INFINITY, f64::max).max(0.0)
 }
 
 #[cfg(test)]
@@ -133,10 +119,7 @@ mod tests {
 
     #[test]
     fn articles_and_punctuation() {
-        assert_eq!(
-            normalize_answer("An apple, a day: THE end."),
-            "apple day end"
-        );
+        assert_eq!(normalize_answer("An apple, a day: THE end."), "apple day end");
         assert_eq!(normalize_answer("theater and an"), "theater and");
         assert_eq!(normalize_answer("the-end"), "theend");
         assert_eq!(normalize_answer("!!!"), "");

@@ -100,8 +100,7 @@ impl std::hash::Hasher for FxHasher {
 }
 
 /// A `HashMap` with [`FxHasher`].
-pub(crate) type FxMap<K, V> =
-    std::collections::HashMap<K, V, std::hash::BuildHasherDefault<FxHasher>>;
+pub(crate) type FxMap<K, V> = std::collections::HashMap<K, V, std::hash::BuildHasherDefault<FxHasher>>;
 
 /// Assigns dense ids to n-grams of `u32` units: the id of an n-gram is looked up from the id of its
 /// (n-1)-gram prefix and its last unit, so equal n-grams (of one order) get equal ids.
@@ -122,12 +121,7 @@ impl NgramIds {
     pub(crate) fn ids(&mut self, units: &[u32], space: u32, max_order: usize) -> Vec<Vec<u32>> {
         let mut out: Vec<Vec<u32>> = Vec::with_capacity(max_order);
         let tag = u64::from(u32::MAX - space) << 32;
-        out.push(
-            units
-                .iter()
-                .map(|&u| self.get(tag | u64::from(u)))
-                .collect(),
-        );
+        out.push(units.iter().map(|&u| self.get(tag | u64::from(u))).collect());
         for n in 2..=max_order {
             let prev = &out[n - 2];
             let cur: Vec<u32> = if units.len() >= n {
@@ -173,9 +167,7 @@ impl NgramIds {
     /// A table with room for `n` n-grams (size it for the hypothesis only: references are looked
     /// up, not inserted, which keeps the table small and cache-resident).
     pub(crate) fn with_capacity(n: usize) -> Self {
-        NgramIds {
-            map: FxMap::with_capacity_and_hasher(n, Default::default()),
-        }
+        NgramIds { map: FxMap::with_capacity_and_hasher(n, Default::default()) }
     }
 
     /// Number of distinct n-grams seen (one past the largest id).
@@ -217,9 +209,7 @@ pub(crate) struct Interner<'a> {
 impl<'a> Interner<'a> {
     /// An interner with room for `n` distinct tokens.
     pub(crate) fn with_capacity(n: usize) -> Self {
-        Interner {
-            map: FxMap::with_capacity_and_hasher(n, Default::default()),
-        }
+        Interner { map: FxMap::with_capacity_and_hasher(n, Default::default()) }
     }
 
     /// Id of `tok`, assigning the next one on first sight.

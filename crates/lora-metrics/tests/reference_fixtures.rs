@@ -1,9 +1,7 @@
 //! Equality with the Python reference implementations on committed fixtures
 //! (written by `scripts/fixtures/metrics/make_metrics_fixtures.py`).
 
-use lora_metrics::{
-    bleu, chrf, corpus_score, item_scores, porter, rouge, score_report, Metric, MetricGroup,
-};
+use lora_metrics::{bleu, chrf, corpus_score, item_scores, porter, rouge, score_report, Metric, MetricGroup};
 use serde_json::Value;
 use std::path::PathBuf;
 
@@ -16,9 +14,7 @@ struct Fixture {
 }
 
 fn load(name: &str) -> Fixture {
-    let path = PathBuf::from(env!("CARGO_MANIFEST_DIR"))
-        .join("tests/fixtures")
-        .join(name);
+    let path = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures").join(name);
     let text = std::fs::read_to_string(&path).unwrap_or_else(|e| panic!("{}: {e}", path.display()));
     let v: Value = serde_json::from_str(&text).unwrap();
     let preds = serde_json::from_value(v["predictions"].clone()).unwrap_or_default();
@@ -27,19 +23,11 @@ fn load(name: &str) -> Fixture {
 }
 
 fn f64s(v: &Value) -> Vec<f64> {
-    v.as_array()
-        .unwrap()
-        .iter()
-        .map(|x| x.as_f64().unwrap())
-        .collect()
+    v.as_array().unwrap().iter().map(|x| x.as_f64().unwrap()).collect()
 }
 
 fn close(what: &str, got: f64, want: f64) {
-    assert!(
-        (got - want).abs() <= TOL,
-        "{what}: got {got:.17}, want {want:.17} (diff {:e})",
-        got - want
-    );
+    assert!((got - want).abs() <= TOL, "{what}: got {got:.17}, want {want:.17} (diff {:e})", got - want);
 }
 
 fn close_all(what: &str, got: &[f64], want: &[f64], f: &Fixture) {
@@ -61,24 +49,12 @@ fn check_text_metrics(f: &Fixture) {
     // Tokenizers.
     for (i, p) in f.preds.iter().enumerate() {
         let want: Vec<String> = serde_json::from_value(f.v["rouge_tokens"][i].clone()).unwrap();
-        assert_eq!(
-            rouge::tokenize(p, true),
-            want,
-            "{name} rouge tokens row {i}: {p:?}"
-        );
+        assert_eq!(rouge::tokenize(p, true), want, "{name} rouge tokens row {i}: {p:?}");
         let want: Vec<String> = serde_json::from_value(f.v["tok13a"][i].clone()).unwrap();
-        assert_eq!(
-            bleu::tokenize_13a(p.trim_end()),
-            want,
-            "{name} 13a tokens row {i}: {p:?}"
-        );
+        assert_eq!(bleu::tokenize_13a(p.trim_end()), want, "{name} 13a tokens row {i}: {p:?}");
     }
     // EM / F1 / HotpotQA F1.
-    for (m, key) in [
-        (Metric::Em, "em"),
-        (Metric::F1, "f1"),
-        (Metric::HotpotF1, "hotpot-f1"),
-    ] {
+    for (m, key) in [(Metric::Em, "em"), (Metric::F1, "f1"), (Metric::HotpotF1, "hotpot-f1")] {
         let got = item_scores(m, &f.preds, &f.refs).unwrap();
         close_all(&format!("{name} {key}"), &got, &f64s(&items[key]), f);
         close(
@@ -89,10 +65,7 @@ fn check_text_metrics(f: &Fixture) {
     }
     // ROUGE: precision / recall / F of score_multi and score (first reference).
     for (i, (p, rs)) in f.preds.iter().zip(&f.refs).enumerate() {
-        for (key, got) in [
-            ("rouge", rouge::score_multi(rs, p)),
-            ("rouge_single", rouge::score(&rs[0], p)),
-        ] {
+        for (key, got) in [("rouge", rouge::score_multi(rs, p)), ("rouge_single", rouge::score(&rs[0], p))] {
             let want = &items[key][i];
             let got = [got.rouge1, got.rouge2, got.rouge_l, got.rouge_lsum];
             for (t, g) in got.iter().enumerate() {
@@ -115,21 +88,13 @@ fn check_text_metrics(f: &Fixture) {
         (Metric::RougeLsum, "rougeLsum"),
     ] {
         let want = corpus[key].as_f64().unwrap();
-        close(
-            &format!("{name} corpus {key}"),
-            corpus_score(m, &f.preds, &f.refs).unwrap(),
-            want,
-        );
+        close(&format!("{name} corpus {key}"), corpus_score(m, &f.preds, &f.refs).unwrap(), want);
         close(&format!("{name} report {key}"), rep.scores[key], want);
     }
     // BLEU.
     let b = bleu::corpus_bleu(&f.preds, &f.refs).unwrap();
     let wb = &corpus["bleu"];
-    close(
-        &format!("{name} corpus bleu"),
-        b.score,
-        wb["score"].as_f64().unwrap(),
-    );
+    close(&format!("{name} corpus bleu"), b.score, wb["score"].as_f64().unwrap());
     close(&format!("{name} bleu bp"), b.bp, wb["bp"].as_f64().unwrap());
     assert_eq!(b.sys_len, wb["sys_len"].as_u64().unwrap(), "{name} sys_len");
     assert_eq!(b.ref_len, wb["ref_len"].as_u64().unwrap(), "{name} ref_len");
@@ -137,52 +102,18 @@ fn check_text_metrics(f: &Fixture) {
     let totals: Vec<u64> = serde_json::from_value(wb["totals"].clone()).unwrap();
     assert_eq!(b.counts, counts, "{name} bleu counts");
     assert_eq!(b.totals, totals, "{name} bleu totals");
-    close_all(
-        &format!("{name} bleu precisions"),
-        &b.precisions,
-        &f64s(&wb["precisions"]),
-        f,
-    );
-    assert_eq!(
-        b.signature,
-        wb["signature"].as_str().unwrap(),
-        "{name} bleu signature"
-    );
-    close(
-        &format!("{name} corpus_score bleu"),
-        corpus_score(Metric::Bleu, &f.preds, &f.refs).unwrap(),
-        b.score,
-    );
+    close_all(&format!("{name} bleu precisions"), &b.precisions, &f64s(&wb["precisions"]), f);
+    assert_eq!(b.signature, wb["signature"].as_str().unwrap(), "{name} bleu signature");
+    close(&format!("{name} corpus_score bleu"), corpus_score(Metric::Bleu, &f.preds, &f.refs).unwrap(), b.score);
     let got = item_scores(Metric::Bleu, &f.preds, &f.refs).unwrap();
-    close_all(
-        &format!("{name} sentence bleu"),
-        &got,
-        &f64s(&items["bleu"]),
-        f,
-    );
+    close_all(&format!("{name} sentence bleu"), &got, &f64s(&items["bleu"]), f);
     // chrF / chrF++.
-    for (m, key, wo) in [
-        (Metric::Chrf, "chrf", 0),
-        (Metric::ChrfPlusPlus, "chrf++", 2),
-    ] {
+    for (m, key, wo) in [(Metric::Chrf, "chrf", 0), (Metric::ChrfPlusPlus, "chrf++", 2)] {
         let c = chrf::corpus_chrf(&f.preds, &f.refs, wo).unwrap();
-        close(
-            &format!("{name} corpus {key}"),
-            c.score,
-            corpus[key]["score"].as_f64().unwrap(),
-        );
-        assert_eq!(
-            c.signature,
-            corpus[key]["signature"].as_str().unwrap(),
-            "{name} {key} signature"
-        );
+        close(&format!("{name} corpus {key}"), c.score, corpus[key]["score"].as_f64().unwrap());
+        assert_eq!(c.signature, corpus[key]["signature"].as_str().unwrap(), "{name} {key} signature");
         let got = item_scores(m, &f.preds, &f.refs).unwrap();
-        close_all(
-            &format!("{name} sentence {key}"),
-            &got,
-            &f64s(&items[key]),
-            f,
-        );
+        close_all(&format!("{name} sentence {key}"), &got, &f64s(&items[key]), f);
     }
 }
 
@@ -205,17 +136,10 @@ fn hotpot_dev_matches_references() {
 fn gsm8k_test_matches_references() {
     let f = load("gsm8k_test.json");
     check_text_metrics(&f);
-    for (m, key) in [
-        (Metric::Gsm8kStrict, "gsm8k-strict"),
-        (Metric::Gsm8kFlexible, "gsm8k-flexible"),
-    ] {
+    for (m, key) in [(Metric::Gsm8kStrict, "gsm8k-strict"), (Metric::Gsm8kFlexible, "gsm8k-flexible")] {
         let got = item_scores(m, &f.preds, &f.refs).unwrap();
         close_all(key, &got, &f64s(&f.v["items"][key]), &f);
-        close(
-            key,
-            corpus_score(m, &f.preds, &f.refs).unwrap(),
-            f.v["corpus"][key].as_f64().unwrap(),
-        );
+        close(key, corpus_score(m, &f.preds, &f.refs).unwrap(), f.v["corpus"][key].as_f64().unwrap());
     }
 }
 
@@ -226,15 +150,8 @@ fn edge_cases_match_references() {
     let rows: Vec<usize> = serde_json::from_value(f.v["gsm8k_rows"].clone()).unwrap();
     let preds: Vec<String> = rows.iter().map(|&i| f.preds[i].clone()).collect();
     let refs: Vec<Vec<String>> = rows.iter().map(|&i| f.refs[i].clone()).collect();
-    let sub = Fixture {
-        v: Value::Null,
-        preds,
-        refs,
-    };
-    for (m, key) in [
-        (Metric::Gsm8kStrict, "gsm8k-strict"),
-        (Metric::Gsm8kFlexible, "gsm8k-flexible"),
-    ] {
+    let sub = Fixture { v: Value::Null, preds, refs };
+    for (m, key) in [(Metric::Gsm8kStrict, "gsm8k-strict"), (Metric::Gsm8kFlexible, "gsm8k-flexible")] {
         let got = item_scores(m, &sub.preds, &sub.refs).unwrap();
         close_all(key, &got, &f64s(&f.v["items"][key]), &sub);
     }
@@ -250,10 +167,5 @@ fn porter_stems_match_nltk() {
         .filter(|(w, s)| porter::stem(w) != s.as_str().unwrap())
         .map(|(w, s)| format!("{w}: got {} want {}", porter::stem(w), s))
         .collect();
-    assert!(
-        bad.is_empty(),
-        "{} mismatches: {:?}",
-        bad.len(),
-        &bad[..bad.len().min(20)]
-    );
+    assert!(bad.is_empty(), "{} mismatches: {:?}", bad.len(), &bad[..bad.len().min(20)]);
 }

@@ -32,8 +32,7 @@ fn scitldr10k_matches_python() {
         eprintln!("../shared/data/scitldr missing: skipped");
         return;
     };
-    let path =
-        PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/scitldr10k_expected.json");
+    let path = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/scitldr10k_expected.json");
     let want: Value = serde_json::from_str(&std::fs::read_to_string(path).unwrap()).unwrap();
     let s = &want["scores"];
     let rep = score_report(MetricGroup::Rouge, &preds, &refs).unwrap();
@@ -41,15 +40,8 @@ fn scitldr10k_matches_python() {
         let (g, w) = (rep.scores[key], s[key].as_f64().unwrap());
         assert!((g - w).abs() < 1e-9, "{key}: {g} vs {w}");
     }
-    for (m, key) in [
-        (Metric::Bleu, "bleu"),
-        (Metric::Chrf, "chrf"),
-        (Metric::ChrfPlusPlus, "chrf++"),
-    ] {
-        let (g, w) = (
-            corpus_score(m, &preds, &refs).unwrap(),
-            s[key].as_f64().unwrap(),
-        );
+    for (m, key) in [(Metric::Bleu, "bleu"), (Metric::Chrf, "chrf"), (Metric::ChrfPlusPlus, "chrf++")] {
+        let (g, w) = (corpus_score(m, &preds, &refs).unwrap(), s[key].as_f64().unwrap());
         assert!((g - w).abs() < 1e-9, "{key}: {g} vs {w}");
     }
     let sb = item_scores(Metric::Bleu, &preds, &refs).unwrap();

@@ -142,9 +142,7 @@ impl Default for LoraConfig {
             r: 8,
             lora_alpha: 16.0,
             use_rslora: false,
-            target_modules: Some(ModuleSelector::List(
-                Module::ALL.iter().map(|m| m.hf_name().to_string()).collect(),
-            )),
+            target_modules: Some(ModuleSelector::List(Module::ALL.iter().map(|m| m.hf_name().to_string()).collect())),
             exclude_modules: None,
             layers_to_transform: None,
             layers_pattern: None,
@@ -194,20 +192,12 @@ impl LoraConfig {
     /// Reads `adapter_config.json`.
     pub fn from_file(path: &Path) -> Result<Self> {
         let text = std::fs::read_to_string(path).map_err(|e| ModelError::io(path, e))?;
-        serde_json::from_str(&text).map_err(|source| ModelError::Json {
-            path: path.to_path_buf(),
-            source,
-        })
+        serde_json::from_str(&text).map_err(|source| ModelError::Json { path: path.to_path_buf(), source })
     }
 
     /// Refuses variants we do not implement, naming the field.
     pub fn check_supported(&self, origin: &Path) -> Result<()> {
-        let refuse = |message: String| {
-            Err(ModelError::Adapter {
-                path: origin.to_path_buf(),
-                message,
-            })
-        };
+        let refuse = |message: String| Err(ModelError::Adapter { path: origin.to_path_buf(), message });
         if let Some(t) = &self.peft_type {
             if !t.eq_ignore_ascii_case("lora") {
                 return refuse(format!("peft_type `{t}` is not LoRA"));
@@ -290,16 +280,10 @@ impl LoraConfig {
                 message: format!("`{field}` key `{k}`: {e}"),
             })
         };
-        let rank_keys = self
-            .rank_pattern
-            .iter()
-            .map(|(k, v)| Ok((key_regex(k, "rank_pattern")?, *v)))
-            .collect::<Result<_>>()?;
-        let alpha_keys = self
-            .alpha_pattern
-            .iter()
-            .map(|(k, v)| Ok((key_regex(k, "alpha_pattern")?, *v)))
-            .collect::<Result<_>>()?;
+        let rank_keys =
+            self.rank_pattern.iter().map(|(k, v)| Ok((key_regex(k, "rank_pattern")?, *v))).collect::<Result<_>>()?;
+        let alpha_keys =
+            self.alpha_pattern.iter().map(|(k, v)| Ok((key_regex(k, "alpha_pattern")?, *v))).collect::<Result<_>>()?;
         Ok(Matcher {
             targets: sel(&self.target_modules, "target_modules")?,
             excludes: sel(&self.exclude_modules, "exclude_modules")?,
@@ -342,11 +326,7 @@ impl Matcher {
 
     fn rank_alpha(&self, key: &str, cfg: &LoraConfig) -> (usize, f64) {
         let r = self.rank_keys.iter().find(|(re, _)| re.is_match(key)).map_or(cfg.r, |p| p.1);
-        let a = self
-            .alpha_keys
-            .iter()
-            .find(|(re, _)| re.is_match(key))
-            .map_or(cfg.lora_alpha, |p| p.1);
+        let a = self.alpha_keys.iter().find(|(re, _)| re.is_match(key)).map_or(cfg.lora_alpha, |p| p.1);
         (r, a)
     }
 }
@@ -403,12 +383,8 @@ impl AdapterInfo {
     /// Fraction of the adapter's parameters that a mask keeps.
     pub fn kept_fraction(&self, mask: &LayerMask) -> f64 {
         let total: u64 = self.modules.iter().map(|m| self.module_params(m.0, m.1)).sum();
-        let kept: u64 = self
-            .modules
-            .iter()
-            .filter(|m| mask.is_active(m.0, m.1))
-            .map(|m| self.module_params(m.0, m.1))
-            .sum();
+        let kept: u64 =
+            self.modules.iter().filter(|m| mask.is_active(m.0, m.1)).map(|m| self.module_params(m.0, m.1)).sum();
         if total == 0 {
             0.0
         } else {
@@ -455,7 +431,10 @@ where
     d.deserialize_any(V(std::marker::PhantomData))
 }
 
-fn ordered_map_ser<S: serde::Serializer, T: Serialize>(v: &[(String, T)], s: S) -> std::result::Result<S::Ok, S::Error> {
+fn ordered_map_ser<S: serde::Serializer, T: Serialize>(
+    v: &[(String, T)],
+    s: S,
+) -> std::result::Result<S::Ok, S::Error> {
     use serde::ser::SerializeMap;
     let mut m = s.serialize_map(Some(v.len()))?;
     for (k, x) in v {
@@ -484,10 +463,7 @@ pub fn load_adapter(model: &mut Llama, dir: impl AsRef<Path>) -> Result<AdapterI
     let _guard = tch::no_grad_guard();
     let dir = dir.as_ref();
     let cfg_path = dir.join("adapter_config.json");
-    let adapter_err = |message: String| ModelError::Adapter {
-        path: dir.to_path_buf(),
-        message,
-    };
+    let adapter_err = |message: String| ModelError::Adapter { path: dir.to_path_buf(), message };
     if !cfg_path.exists() {
         return Err(adapter_err("no adapter_config.json".into()));
     }
@@ -553,10 +529,8 @@ pub fn load_adapter(model: &mut Llama, dir: impl AsRef<Path>) -> Result<AdapterI
             continue;
         }
         let (r, alpha) = matcher.rank_alpha(path, &cfg);
-        let (out, inp) = model
-            .config()
-            .projection_shape(m.hf_name())
-            .ok_or_else(|| adapter_err(format!("unknown module {m:?}")))?;
+        let (out, inp) =
+            model.config().projection_shape(m.hf_name()).ok_or_else(|| adapter_err(format!("unknown module {m:?}")))?;
         let key = |s: &str| {
             let bare = format!("{path}.lora_{s}.weight");
             if weights.contains(&bare) {
@@ -595,18 +569,12 @@ pub fn load_adapter(model: &mut Llama, dir: impl AsRef<Path>) -> Result<AdapterI
             dropout: cfg.lora_dropout,
             merged: false,
         };
-        let proj = model
-            .projection_mut(l, m)
-            .ok_or_else(|| adapter_err(format!("block {l} has no {}", m.hf_name())))?;
+        let proj =
+            model.projection_mut(l, m).ok_or_else(|| adapter_err(format!("block {l} has no {}", m.hf_name())))?;
         proj.attach(lw, &m.hf_path(l))?;
         modules.push((l, m, r, scaling));
     }
-    Ok(AdapterInfo {
-        path: dir.to_path_buf(),
-        config: cfg,
-        modules,
-        params_per_layer,
-    })
+    Ok(AdapterInfo { path: dir.to_path_buf(), config: cfg, modules, params_per_layer })
 }
 
 /// Writes a PEFT adapter directory that holds only the LoRA of blocks kept by `mask`.
@@ -614,10 +582,7 @@ pub fn load_adapter(model: &mut Llama, dir: impl AsRef<Path>) -> Result<AdapterI
 /// The config is the original with `layers_to_transform` set to the kept blocks, so PEFT (and any server that
 /// loads PEFT adapters) reproduces our masked model. The directory appears whole or not at all.
 pub fn prune_adapter(src_dir: &Path, mask: &LayerMask, out_dir: &Path) -> Result<Vec<usize>> {
-    let err = |message: String| ModelError::Adapter {
-        path: src_dir.to_path_buf(),
-        message,
-    };
+    let err = |message: String| ModelError::Adapter { path: src_dir.to_path_buf(), message };
     if mask.to_string().contains('@') {
         return Err(err("pruning by module is not expressible in PEFT's config; use a block mask".into()));
     }
@@ -629,14 +594,10 @@ pub fn prune_adapter(src_dir: &Path, mask: &LayerMask, out_dir: &Path) -> Result
     }
     let cfg_path = src_dir.join("adapter_config.json");
     let text = std::fs::read_to_string(&cfg_path).map_err(|e| ModelError::io(&cfg_path, e))?;
-    let mut cfg_json: serde_json::Value = serde_json::from_str(&text).map_err(|source| ModelError::Json {
-        path: cfg_path.clone(),
-        source,
-    })?;
-    let cfg: LoraConfig = serde_json::from_value(cfg_json.clone()).map_err(|source| ModelError::Json {
-        path: cfg_path.clone(),
-        source,
-    })?;
+    let mut cfg_json: serde_json::Value =
+        serde_json::from_str(&text).map_err(|source| ModelError::Json { path: cfg_path.clone(), source })?;
+    let cfg: LoraConfig = serde_json::from_value(cfg_json.clone())
+        .map_err(|source| ModelError::Json { path: cfg_path.clone(), source })?;
     cfg.check_supported(&cfg_path)?;
     if matches!(cfg.target_modules, Some(ModuleSelector::Regex(ref r)) if !r.eq_ignore_ascii_case("all-linear")) {
         return Err(err(
@@ -671,10 +632,8 @@ pub fn prune_adapter(src_dir: &Path, mask: &LayerMask, out_dir: &Path) -> Result
     let tmp_dir = crate::weights::tmp_path(out_dir);
     std::fs::create_dir_all(&tmp_dir).map_err(|e| ModelError::io(&tmp_dir, e))?;
     let result = (|| {
-        let body = serde_json::to_string_pretty(&cfg_json).map_err(|source| ModelError::Json {
-            path: out_dir.join("adapter_config.json"),
-            source,
-        })?;
+        let body = serde_json::to_string_pretty(&cfg_json)
+            .map_err(|source| ModelError::Json { path: out_dir.join("adapter_config.json"), source })?;
         write_atomic(&tmp_dir.join("adapter_config.json"), body.as_bytes())?;
         let mut meta = std::collections::HashMap::new();
         meta.insert("format".to_string(), "pt".to_string());

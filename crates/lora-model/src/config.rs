@@ -204,23 +204,16 @@ impl ModelConfig {
     pub fn from_file(path: impl AsRef<Path>) -> Result<Self> {
         let path = path.as_ref();
         let text = std::fs::read_to_string(path).map_err(|e| ModelError::io(path, e))?;
-        let raw: HfConfig = serde_json::from_str(&text).map_err(|source| ModelError::Json {
-            path: path.to_path_buf(),
-            source,
-        })?;
+        let raw: HfConfig =
+            serde_json::from_str(&text).map_err(|source| ModelError::Json { path: path.to_path_buf(), source })?;
         Self::from_hf(&raw, path)
     }
 
     /// Validates a parsed HF config; `origin` names the file in errors.
     pub fn from_hf(raw: &HfConfig, origin: &Path) -> Result<Self> {
         let origin: PathBuf = origin.to_path_buf();
-        let cfg_err = |message: String| ModelError::Config {
-            path: origin.clone(),
-            message,
-        };
-        let need = |v: Option<usize>, name: &str| {
-            v.ok_or_else(|| cfg_err(format!("missing required field `{name}`")))
-        };
+        let cfg_err = |message: String| ModelError::Config { path: origin.clone(), message };
+        let need = |v: Option<usize>, name: &str| v.ok_or_else(|| cfg_err(format!("missing required field `{name}`")));
         let arch_name = raw
             .architectures
             .as_ref()
@@ -231,12 +224,7 @@ impl ModelConfig {
             "LlamaForCausalLM" | "llama" => Architecture::Llama,
             "MistralForCausalLM" | "mistral" => Architecture::Mistral,
             "Qwen2ForCausalLM" | "qwen2" => Architecture::Qwen2,
-            other => {
-                return Err(ModelError::UnsupportedArchitecture {
-                    path: origin,
-                    arch: other.to_string(),
-                })
-            }
+            other => return Err(ModelError::UnsupportedArchitecture { path: origin, arch: other.to_string() }),
         };
         let hidden_size = need(raw.hidden_size, "hidden_size")?;
         let num_heads = need(raw.num_attention_heads, "num_attention_heads")?;
@@ -265,32 +253,25 @@ impl ModelConfig {
             return Err(cfg_err("sizes must be positive".into()));
         }
         let rope_params = raw.rope_parameters.as_ref().or(raw.rope_scaling.as_ref());
-        let rope_theta = raw
-            .rope_theta
-            .or_else(|| raw.rope_parameters.as_ref().and_then(|p| p.rope_theta))
-            .unwrap_or(10_000.0);
+        let rope_theta =
+            raw.rope_theta.or_else(|| raw.rope_parameters.as_ref().and_then(|p| p.rope_theta)).unwrap_or(10_000.0);
         let rope_scaling = match rope_params {
             None => RopeScaling::Default,
             Some(p) => match p.rope_type.as_deref().unwrap_or("default") {
                 "default" => RopeScaling::Default,
                 "linear" => RopeScaling::Linear {
-                    factor: p
-                        .factor
-                        .ok_or_else(|| cfg_err("rope `linear` needs `factor`".into()))?,
+                    factor: p.factor.ok_or_else(|| cfg_err("rope `linear` needs `factor`".into()))?,
                 },
                 "llama3" => {
-                    let get = |v: Option<f64>, name: &str| {
-                        v.ok_or_else(|| cfg_err(format!("rope `llama3` needs `{name}`")))
-                    };
+                    let get =
+                        |v: Option<f64>, name: &str| v.ok_or_else(|| cfg_err(format!("rope `llama3` needs `{name}`")));
                     RopeScaling::Llama3 {
                         factor: get(p.factor, "factor")?,
                         low_freq_factor: get(p.low_freq_factor, "low_freq_factor")?,
                         high_freq_factor: get(p.high_freq_factor, "high_freq_factor")?,
                         original_max_position_embeddings: p
                             .original_max_position_embeddings
-                            .ok_or_else(|| {
-                                cfg_err("rope `llama3` needs `original_max_position_embeddings`".into())
-                            })?,
+                            .ok_or_else(|| cfg_err("rope `llama3` needs `original_max_position_embeddings`".into()))?,
                     }
                 }
                 other => {
@@ -356,10 +337,8 @@ mod tests {
     use super::*;
 
     fn parse(json: &str) -> Result<ModelConfig> {
-        let raw: HfConfig = serde_json::from_str(json).map_err(|source| ModelError::Json {
-            path: "config.json".into(),
-            source,
-        })?;
+        let raw: HfConfig =
+            serde_json::from_str(json).map_err(|source| ModelError::Json { path: "config.json".into(), source })?;
         ModelConfig::from_hf(&raw, Path::new("config.json"))
     }
 
@@ -368,10 +347,9 @@ mod tests {
         let base = r#""architectures":["LlamaForCausalLM"],"vocab_size":10,"hidden_size":8,"intermediate_size":16,"num_hidden_layers":2,"num_attention_heads":2"#;
         let v4 = parse(&format!("{{{base},\"rope_theta\":500000.0}}")).unwrap();
         assert_eq!(v4.rope_theta, 500000.0);
-        let v5 = parse(&format!(
-            "{{{base},\"rope_parameters\":{{\"rope_theta\":100000.0,\"rope_type\":\"default\"}}}}"
-        ))
-        .unwrap();
+        let v5 =
+            parse(&format!("{{{base},\"rope_parameters\":{{\"rope_theta\":100000.0,\"rope_type\":\"default\"}}}}"))
+                .unwrap();
         assert_eq!(v5.rope_theta, 100000.0);
         assert_eq!(v5.rope_scaling, RopeScaling::Default);
         assert_eq!(v5.head_dim, 4);

@@ -20,14 +20,11 @@ pub fn hf_config_json(c: &ModelConfig, kind: tch::Kind) -> serde_json::Value {
     let rope_scaling = match c.rope_scaling {
         RopeScaling::Default => serde_json::Value::Null,
         RopeScaling::Linear { factor } => json!({"rope_type": "linear", "factor": factor}),
-        RopeScaling::Llama3 {
-            factor,
-            low_freq_factor,
-            high_freq_factor,
-            original_max_position_embeddings,
-        } => json!({"rope_type": "llama3", "factor": factor, "low_freq_factor": low_freq_factor,
+        RopeScaling::Llama3 { factor, low_freq_factor, high_freq_factor, original_max_position_embeddings } => {
+            json!({"rope_type": "llama3", "factor": factor, "low_freq_factor": low_freq_factor,
                     "high_freq_factor": high_freq_factor,
-                    "original_max_position_embeddings": original_max_position_embeddings}),
+                    "original_max_position_embeddings": original_max_position_embeddings})
+        }
     };
     let dtype = match kind {
         tch::Kind::BFloat16 => "bfloat16",
@@ -85,10 +82,7 @@ pub fn save_hf_model(model: &Llama, tokenizer: Option<&Tokenizer>, out_dir: &Pat
     let tmp = tmp_path(out_dir);
     std::fs::create_dir_all(&tmp).map_err(|e| ModelError::io(&tmp, e))?;
     let result = (|| {
-        let json_err = |source| ModelError::Json {
-            path: out_dir.join("config.json"),
-            source,
-        };
+        let json_err = |source| ModelError::Json { path: out_dir.join("config.json"), source };
         let cfg = serde_json::to_string_pretty(&hf_config_json(model.config(), model.kind())).map_err(json_err)?;
         write_atomic(&tmp.join("config.json"), cfg.as_bytes())?;
         let mut meta = std::collections::HashMap::new();

@@ -112,11 +112,8 @@ impl Rng {
 /// Samples from `logits` (one row) with temperature and top-p.
 fn sample_row(logits: &[f32], temperature: f64, top_p: f64, rng: &mut Rng) -> i64 {
     let max = logits.iter().copied().fold(f32::NEG_INFINITY, f32::max);
-    let mut probs: Vec<(usize, f64)> = logits
-        .iter()
-        .enumerate()
-        .map(|(i, &l)| (i, (((l - max) as f64) / temperature).exp()))
-        .collect();
+    let mut probs: Vec<(usize, f64)> =
+        logits.iter().enumerate().map(|(i, &l)| (i, (((l - max) as f64) / temperature).exp())).collect();
     let total: f64 = probs.iter().map(|p| p.1).sum();
     probs.sort_by(|a, b| b.1.total_cmp(&a.1).then(a.0.cmp(&b.0)));
     let mut kept = 0.0;
@@ -174,11 +171,7 @@ pub fn generate(
     }
     let b = prompts.len();
     let max_len = prompts.iter().map(Vec::len).max().unwrap_or(0);
-    let pad = model
-        .config()
-        .pad_token_id
-        .or_else(|| config.eos_token_ids.first().copied())
-        .unwrap_or(0);
+    let pad = model.config().pad_token_id.or_else(|| config.eos_token_ids.first().copied()).unwrap_or(0);
     let mut ids = Vec::with_capacity(b * max_len);
     let mut att = Vec::with_capacity(b * max_len);
     for p in prompts {
@@ -191,12 +184,7 @@ pub fn generate(
     let attention = Tensor::from_slice(&att).f_view([bi, ti])?;
     let capacity = ti + config.max_new_tokens as i64;
     let mut cache = model.new_cache(bi, capacity.max(1))?;
-    let opts = ForwardOptions {
-        mask,
-        hidden_states: false,
-        logits: Logits::Last,
-        train: false,
-    };
+    let opts = ForwardOptions { mask, hidden_states: false, logits: Logits::Last, train: false };
     let mut rngs: Vec<Rng> = match config.sampling {
         Sampling::Sample { seed, .. } => (0..b as u64).map(|i| Rng::new(seed.wrapping_add(i))).collect(),
         Sampling::Greedy => Vec::new(),

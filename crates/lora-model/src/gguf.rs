@@ -278,18 +278,12 @@ pub struct GgufTensorInfo {
 impl GgufTensorInfo {
     /// The number of elements (the product of the dimensions), `None` on overflow.
     pub fn n_elements(&self) -> Option<u64> {
-        self.dims
-            .iter()
-            .try_fold(1u64, |acc, &d| acc.checked_mul(d))
+        self.dims.iter().try_fold(1u64, |acc, &d| acc.checked_mul(d))
     }
 
     /// The shape in PyTorch order (ggml dims reversed), `None` when a dimension does not fit `usize`.
     pub fn shape(&self) -> Option<Vec<usize>> {
-        self.dims
-            .iter()
-            .rev()
-            .map(|&d| usize::try_from(d).ok())
-            .collect()
+        self.dims.iter().rev().map(|&d| usize::try_from(d).ok()).collect()
     }
 
     /// The stored size in bytes for a type this reader decodes, `None` for other types, a row
@@ -337,24 +331,17 @@ struct Cursor<'a> {
 
 impl<'a> Cursor<'a> {
     fn err(&self, message: String) -> ModelError {
-        ModelError::Gguf {
-            path: self.path.to_path_buf(),
-            message,
-        }
+        ModelError::Gguf { path: self.path.to_path_buf(), message }
     }
 
     fn take(&mut self, n: usize, what: &str) -> Result<&'a [u8]> {
-        let end = self
-            .pos
-            .checked_add(n)
-            .filter(|&e| e <= self.buf.len())
-            .ok_or_else(|| {
-                self.err(format!(
-                    "truncated file: {what} needs {n} bytes at offset {}, file has {}",
-                    self.pos,
-                    self.buf.len()
-                ))
-            })?;
+        let end = self.pos.checked_add(n).filter(|&e| e <= self.buf.len()).ok_or_else(|| {
+            self.err(format!(
+                "truncated file: {what} needs {n} bytes at offset {}, file has {}",
+                self.pos,
+                self.buf.len()
+            ))
+        })?;
         let s = &self.buf[self.pos..end];
         self.pos = end;
         Ok(s)
@@ -382,10 +369,8 @@ impl<'a> Cursor<'a> {
     /// A count that must be satisfiable by the remaining bytes at `min_item` bytes per item.
     fn count(&mut self, what: &str, min_item: usize) -> Result<usize> {
         let n = self.u64(what)?;
-        let fits = usize::try_from(n).ok().filter(|&n| {
-            n.checked_mul(min_item.max(1))
-                .is_some_and(|b| b <= self.remaining())
-        });
+        let fits =
+            usize::try_from(n).ok().filter(|&n| n.checked_mul(min_item.max(1)).is_some_and(|b| b <= self.remaining()));
         fits.ok_or_else(|| {
             self.err(format!(
                 "{what} is {n}, more than the {} bytes left at offset {} can hold",
@@ -398,8 +383,7 @@ impl<'a> Cursor<'a> {
     fn string(&mut self, what: &str) -> Result<String> {
         let len = self.count(what, 1)?;
         let bytes = self.take(len, what)?;
-        String::from_utf8(bytes.to_vec())
-            .map_err(|_| self.err(format!("{what} is not valid UTF-8")))
+        String::from_utf8(bytes.to_vec()).map_err(|_| self.err(format!("{what} is not valid UTF-8")))
     }
 
     fn value(&mut self, ty: u32, key: &str, depth: usize) -> Result<GgufValue> {
@@ -427,11 +411,7 @@ impl<'a> Cursor<'a> {
                     2 | 3 => 2,
                     4..=6 => 4,
                     8..=12 => 8,
-                    t => {
-                        return Err(
-                            self.err(format!("metadata `{key}`: unknown array element type {t}"))
-                        )
-                    }
+                    t => return Err(self.err(format!("metadata `{key}`: unknown array element type {t}"))),
                 };
                 let n = self.count(&format!("metadata `{key}` array length"), min)?;
                 let mut items = Vec::with_capacity(n);
@@ -465,22 +445,14 @@ impl GgufFile {
     }
 
     fn parse(path: PathBuf, mmap: memmap2::Mmap) -> Result<Self> {
-        let mut c = Cursor {
-            buf: &mmap[..],
-            pos: 0,
-            path: &path,
-        };
+        let mut c = Cursor { buf: &mmap[..], pos: 0, path: &path };
         let magic = c.array::<4>("magic")?;
         if magic != GGUF_MAGIC {
-            return Err(c.err(format!(
-                "not a GGUF file (magic {magic:02x?}, expected \"GGUF\")"
-            )));
+            return Err(c.err(format!("not a GGUF file (magic {magic:02x?}, expected \"GGUF\")")));
         }
         let version = c.u32("version")?;
         if !(2..=3).contains(&version) {
-            return Err(c.err(format!(
-                "unsupported GGUF version {version} (supported: 2, 3)"
-            )));
+            return Err(c.err(format!("unsupported GGUF version {version} (supported: 2, 3)")));
         }
         // name (8) + n_dims (4) + type (4) + offset (8) at least
         let n_tensors = c.u64("tensor count")?;
@@ -503,9 +475,7 @@ impl GgufFile {
             let name = c.string(&format!("tensor #{i} name"))?;
             let n_dims = c.u32(&name)?;
             if n_dims > MAX_DIMS {
-                return Err(c.err(format!(
-                    "tensor `{name}`: {n_dims} dimensions (at most {MAX_DIMS})"
-                )));
+                return Err(c.err(format!("tensor `{name}`: {n_dims} dimensions (at most {MAX_DIMS})")));
             }
             let mut dims = Vec::with_capacity(n_dims as usize);
             for _ in 0..n_dims {
@@ -516,53 +486,33 @@ impl GgufFile {
             if index.insert(name.clone(), i).is_some() {
                 return Err(c.err(format!("duplicate tensor `{name}`")));
             }
-            tensors.push(GgufTensorInfo {
-                name,
-                dims,
-                ggml_type,
-                offset,
-            });
+            tensors.push(GgufTensorInfo { name, dims, ggml_type, offset });
         }
         let alignment = match metadata.get("general.alignment") {
             None => GGUF_DEFAULT_ALIGNMENT,
             Some(v) => v
                 .as_u64()
                 .filter(|&a| a > 0 && a.is_power_of_two())
-                .ok_or_else(|| {
-                    c.err(format!("`general.alignment` is {v:?}, not a power of two"))
-                })?,
+                .ok_or_else(|| c.err(format!("`general.alignment` is {v:?}, not a power of two")))?,
         };
         let pos = c.pos as u64;
         let data_start = pos.div_ceil(alignment).saturating_mul(alignment);
         let data_start = usize::try_from(data_start)
             .ok()
             .filter(|&d| d <= mmap.len())
-            .ok_or_else(|| {
-                c.err(format!(
-                    "data section at {data_start} is past the end of the file"
-                ))
-            })?;
+            .ok_or_else(|| c.err(format!("data section at {data_start} is past the end of the file")))?;
         let data_len = (mmap.len() - data_start) as u64;
         for t in &tensors {
             if t.n_elements().is_none() {
-                return Err(c.err(format!(
-                    "tensor `{}`: dimensions {:?} overflow",
-                    t.name, t.dims
-                )));
+                return Err(c.err(format!("tensor `{}`: dimensions {:?} overflow", t.name, t.dims)));
             }
             if t.ggml_type.block_layout().is_none() {
                 continue;
             }
             let n_bytes = t.n_bytes().ok_or_else(|| {
-                c.err(format!(
-                    "tensor `{}`: {:?} of {} is not a whole number of blocks",
-                    t.name, t.dims, t.ggml_type
-                ))
+                c.err(format!("tensor `{}`: {:?} of {} is not a whole number of blocks", t.name, t.dims, t.ggml_type))
             })?;
-            if t.offset
-                .checked_add(n_bytes)
-                .is_none_or(|end| end > data_len)
-            {
+            if t.offset.checked_add(n_bytes).is_none_or(|end| end > data_len) {
                 return Err(c.err(format!(
                     "tensor `{}`: {} bytes at data offset {} run past the end of the file \
                      (data section is {} bytes)",
@@ -570,16 +520,7 @@ impl GgufFile {
                 )));
             }
         }
-        Ok(GgufFile {
-            path,
-            mmap,
-            version,
-            metadata,
-            tensors,
-            index,
-            alignment,
-            data_start,
-        })
+        Ok(GgufFile { path, mmap, version, metadata, tensors, index, alignment, data_start })
     }
 
     /// The file this was opened from.
@@ -609,28 +550,12 @@ impl GgufFile {
 
     /// A [`ModelError::Gguf`] about this file.
     pub(crate) fn err(&self, message: impl Into<String>) -> ModelError {
-        ModelError::Gguf {
-            path: self.path.clone(),
-            message: message.into(),
-        }
+        ModelError::Gguf { path: self.path.clone(), message: message.into() }
     }
 
-    fn typed<'a, T>(
-        &'a self,
-        key: &str,
-        want: &str,
-        f: impl FnOnce(&'a GgufValue) -> Option<T>,
-    ) -> Result<T> {
-        let v = self
-            .get(key)
-            .ok_or_else(|| self.err(format!("missing metadata key `{key}`")))?;
-        f(v).ok_or_else(|| {
-            self.err(format!(
-                "metadata `{key}` is {} {}, expected {want}",
-                v.type_name(),
-                short(v)
-            ))
-        })
+    fn typed<'a, T>(&'a self, key: &str, want: &str, f: impl FnOnce(&'a GgufValue) -> Option<T>) -> Result<T> {
+        let v = self.get(key).ok_or_else(|| self.err(format!("missing metadata key `{key}`")))?;
+        f(v).ok_or_else(|| self.err(format!("metadata `{key}` is {} {}, expected {want}", v.type_name(), short(v))))
     }
 
     fn typed_opt<'a, T>(
@@ -697,26 +622,17 @@ impl GgufFile {
 
     /// An array of strings.
     pub fn get_str_array(&self, key: &str) -> Result<Vec<&str>> {
-        self.typed(key, "an array of strings", |v| {
-            v.as_array()?.iter().map(GgufValue::as_str).collect()
-        })
+        self.typed(key, "an array of strings", |v| v.as_array()?.iter().map(GgufValue::as_str).collect())
     }
 
     /// An array of integers of any width, as `i64`.
     pub fn get_i64_array(&self, key: &str) -> Result<Vec<i64>> {
-        self.typed(key, "an array of integers", |v| {
-            v.as_array()?.iter().map(GgufValue::as_i64).collect()
-        })
+        self.typed(key, "an array of integers", |v| v.as_array()?.iter().map(GgufValue::as_i64).collect())
     }
 
     /// An array of numbers, as `f32`.
     pub fn get_f32_array(&self, key: &str) -> Result<Vec<f32>> {
-        self.typed(key, "an array of numbers", |v| {
-            v.as_array()?
-                .iter()
-                .map(|x| x.as_f64().map(|f| f as f32))
-                .collect()
-        })
+        self.typed(key, "an array of numbers", |v| v.as_array()?.iter().map(|x| x.as_f64().map(|f| f as f32)).collect())
     }
 
     /// Tensor names in file order.
@@ -735,29 +651,21 @@ impl GgufFile {
     }
 
     fn info_or_err(&self, name: &str) -> Result<&GgufTensorInfo> {
-        self.tensor_info(name)
-            .ok_or_else(|| self.err(format!("no tensor `{name}` in the file")))
+        self.tensor_info(name).ok_or_else(|| self.err(format!("no tensor `{name}` in the file")))
     }
 
     /// The raw stored bytes of a tensor whose type this reader knows.
     pub fn tensor_bytes(&self, name: &str) -> Result<&[u8]> {
         let t = self.info_or_err(name)?;
-        let n_bytes = t.n_bytes().ok_or_else(|| {
-            self.err(format!(
-                "tensor `{name}`: unsupported type {} for {:?}",
-                t.ggml_type, t.dims
-            ))
-        })?;
+        let n_bytes = t
+            .n_bytes()
+            .ok_or_else(|| self.err(format!("tensor `{name}`: unsupported type {} for {:?}", t.ggml_type, t.dims)))?;
         let range = usize::try_from(t.offset)
             .ok()
             .and_then(|o| o.checked_add(self.data_start))
             .and_then(|s| Some(s..s.checked_add(usize::try_from(n_bytes).ok()?)?))
             .filter(|r| r.end <= self.mmap.len())
-            .ok_or_else(|| {
-                self.err(format!(
-                    "tensor `{name}`: data runs past the end of the file"
-                ))
-            })?;
+            .ok_or_else(|| self.err(format!("tensor `{name}`: data runs past the end of the file")))?;
         Ok(&self.mmap[range])
     }
 
@@ -778,9 +686,7 @@ impl GgufFile {
             }
         };
         let bytes = self.tensor_bytes(name)?;
-        let shape = t
-            .shape()
-            .ok_or_else(|| self.err(format!("tensor `{name}`: dimensions do not fit in memory")))?;
+        let shape = t.shape().ok_or_else(|| self.err(format!("tensor `{name}`: dimensions do not fit in memory")))?;
         let n = shape.iter().try_fold(1usize, |a, &d| a.checked_mul(d));
         let n = n
             .filter(|&n| n / block * size == bytes.len() && n % block == 0)
@@ -815,9 +721,6 @@ trait FloorCharBoundary {
 
 impl FloorCharBoundary for str {
     fn floor_char_boundary_compat(&self, i: usize) -> usize {
-        (0..=i.min(self.len()))
-            .rev()
-            .find(|&j| self.is_char_boundary(j))
-            .unwrap_or(0)
+        (0..=i.min(self.len())).rev().find(|&j| self.is_char_boundary(j)).unwrap_or(0)
     }
 }

@@ -7,9 +7,7 @@ use tch::Tensor;
 
 use crate::config::{HfConfig, ModelConfig};
 use crate::error::{ModelError, Result};
-use crate::gguf::{
-    gguf_chat_template, gguf_tokenizer, hf_tensor_name, GgufFile, GgufSpecialTokens,
-};
+use crate::gguf::{gguf_chat_template, gguf_tokenizer, hf_tensor_name, GgufFile, GgufSpecialTokens};
 use crate::tokenizer::{ChatTemplate, Tokenizer};
 use crate::weights::WeightSource;
 
@@ -25,15 +23,8 @@ impl GgufWeights {
     /// Opens `path` and indexes its tensors by HF name.
     pub fn open(path: &Path) -> Result<Self> {
         let file = GgufFile::open(path)?;
-        let names = file
-            .tensor_names()
-            .filter_map(|g| hf_tensor_name(g).map(|h| (h, g.to_string())))
-            .collect();
-        Ok(GgufWeights {
-            file,
-            origin: path.to_path_buf(),
-            names,
-        })
+        let names = file.tensor_names().filter_map(|g| hf_tensor_name(g).map(|h| (h, g.to_string()))).collect();
+        Ok(GgufWeights { file, origin: path.to_path_buf(), names })
     }
 
     /// The underlying file.
@@ -61,10 +52,7 @@ impl WeightSource for GgufWeights {
         let gguf_name = self
             .names
             .get(name)
-            .ok_or_else(|| ModelError::MissingTensor {
-                name: name.to_string(),
-                file: self.origin.clone(),
-            })?;
+            .ok_or_else(|| ModelError::MissingTensor { name: name.to_string(), file: self.origin.clone() })?;
         let (_, data, shape) = self.file.load_hf_tensor(gguf_name)?;
         let shape: Vec<i64> = shape.iter().map(|&d| d as i64).collect();
         if let Some(exp) = expected {
@@ -85,10 +73,8 @@ impl WeightSource for GgufWeights {
 pub(crate) fn open(path: &Path) -> Result<(ModelConfig, Box<dyn WeightSource>)> {
     let weights = GgufWeights::open(path)?;
     let json = crate::gguf::hf_config(weights.file())?;
-    let raw: HfConfig = serde_json::from_value(json).map_err(|source| ModelError::Json {
-        path: path.to_path_buf(),
-        source,
-    })?;
+    let raw: HfConfig =
+        serde_json::from_value(json).map_err(|source| ModelError::Json { path: path.to_path_buf(), source })?;
     let config = ModelConfig::from_hf(&raw, path)?;
     Ok((config, Box::new(weights)))
 }
@@ -100,8 +86,7 @@ pub fn gguf_tokenizer_for(path: &Path) -> Result<Tokenizer> {
     let inner = gguf_tokenizer(&file)?;
     let special = GgufSpecialTokens::from_file(&file)?;
     let text_of = |id: Option<u32>| id.and_then(|i| inner.id_to_token(i)).unwrap_or_default();
-    let template = gguf_chat_template(&file)
-        .map(|t| ChatTemplate::new(t, text_of(special.bos), text_of(special.eos)));
+    let template = gguf_chat_template(&file).map(|t| ChatTemplate::new(t, text_of(special.bos), text_of(special.eos)));
     Ok(Tokenizer::new(
         inner,
         template,

@@ -49,11 +49,7 @@ pub struct LoraLinear {
 impl LoraLinear {
     /// A plain projection without LoRA.
     pub fn new(weight: Tensor, bias: Option<Tensor>) -> Self {
-        LoraLinear {
-            weight,
-            bias,
-            lora: None,
-        }
+        LoraLinear { weight, bias, lora: None }
     }
 
     /// `W x + b`, plus the LoRA update when `lora_on` (and not merged). `train` enables LoRA dropout.

@@ -31,15 +31,7 @@ pub enum Module {
 
 impl Module {
     /// The seven decoder-block projections in HF order.
-    pub const ALL: [Module; 7] = [
-        Module::Q,
-        Module::K,
-        Module::V,
-        Module::O,
-        Module::Gate,
-        Module::Up,
-        Module::Down,
-    ];
+    pub const ALL: [Module; 7] = [Module::Q, Module::K, Module::V, Module::O, Module::Gate, Module::Up, Module::Down];
 
     /// HF leaf name, e.g. `q_proj`.
     pub fn hf_name(self) -> &'static str {
@@ -119,18 +111,12 @@ impl Default for LayerMask {
 impl LayerMask {
     /// LoRA everywhere (the fine-tuned model as trained).
     pub fn all() -> Self {
-        LayerMask {
-            layers: Layers::All,
-            modules: None,
-        }
+        LayerMask { layers: Layers::All, modules: None }
     }
 
     /// No LoRA at all (the base model).
     pub fn none() -> Self {
-        LayerMask {
-            layers: Layers::Set(BTreeSet::new()),
-            modules: None,
-        }
+        LayerMask { layers: Layers::Set(BTreeSet::new()), modules: None }
     }
 
     /// LoRA on blocks `0..=boundary`, off above: the paper's pruning.
@@ -140,10 +126,7 @@ impl LayerMask {
 
     /// LoRA on exactly the given blocks.
     pub fn from_layers(layers: impl IntoIterator<Item = usize>) -> Self {
-        LayerMask {
-            layers: Layers::Set(layers.into_iter().collect()),
-            modules: None,
-        }
+        LayerMask { layers: Layers::Set(layers.into_iter().collect()), modules: None }
     }
 
     /// Restricts the mask to some projections (e.g. attention only).
@@ -197,11 +180,7 @@ fn fmt_ranges(set: &BTreeSet<usize>) -> String {
             end += 1;
             iter.next();
         }
-        parts.push(if start == end {
-            start.to_string()
-        } else {
-            format!("{start}-{end}")
-        });
+        parts.push(if start == end { start.to_string() } else { format!("{start}-{end}") });
     }
     parts.join(",")
 }
@@ -235,19 +214,13 @@ impl FromStr for LayerMask {
             "none" | "base" => LayerMask::none(),
             _ => {
                 if let Some(b) = layer_part.strip_prefix("keep-through:") {
-                    let b = b
-                        .trim()
-                        .parse::<usize>()
-                        .map_err(|_| bad(format!("`{b}` is not a block index")))?;
+                    let b = b.trim().parse::<usize>().map_err(|_| bad(format!("`{b}` is not a block index")))?;
                     LayerMask::keep_through(b)
                 } else {
                     let mut set = BTreeSet::new();
                     for part in layer_part.split(',').map(str::trim) {
-                        let parse = |s: &str| {
-                            s.trim()
-                                .parse::<usize>()
-                                .map_err(|_| bad(format!("`{s}` is not a block index")))
-                        };
+                        let parse =
+                            |s: &str| s.trim().parse::<usize>().map_err(|_| bad(format!("`{s}` is not a block index")));
                         match part.split_once('-') {
                             Some((lo, hi)) => {
                                 let (lo, hi) = (parse(lo)?, parse(hi)?);
@@ -272,9 +245,7 @@ impl FromStr for LayerMask {
                     "attn" => set.extend([Module::Q, Module::K, Module::V, Module::O]),
                     "mlp" => set.extend([Module::Gate, Module::Up, Module::Down]),
                     _ => {
-                        set.insert(
-                            Module::from_name(name).ok_or_else(|| bad(format!("unknown module `{name}`")))?,
-                        );
+                        set.insert(Module::from_name(name).ok_or_else(|| bad(format!("unknown module `{name}`")))?);
                     }
                 }
             }
@@ -303,7 +274,8 @@ mod tests {
 
     #[test]
     fn parse_and_display_round_trip() {
-        for spec in ["all", "none", "0-14", "0-9,20-29", "3", "0-2,5@q_proj,v_proj", "all@gate_proj,up_proj,down_proj"] {
+        for spec in ["all", "none", "0-14", "0-9,20-29", "3", "0-2,5@q_proj,v_proj", "all@gate_proj,up_proj,down_proj"]
+        {
             let m: LayerMask = spec.parse().unwrap();
             assert_eq!(m.to_string().parse::<LayerMask>().unwrap(), m, "{spec}");
         }

@@ -38,12 +38,7 @@ pub struct ForwardOptions<'a> {
 impl<'a> ForwardOptions<'a> {
     /// Inference with the given mask, all logits, no hidden states.
     pub fn new(mask: &'a LayerMask) -> Self {
-        ForwardOptions {
-            mask,
-            hidden_states: false,
-            logits: Logits::All,
-            train: false,
-        }
+        ForwardOptions { mask, hidden_states: false, logits: Logits::All, train: false }
     }
 }
 
@@ -135,10 +130,7 @@ pub struct Llama {
 
 impl std::fmt::Debug for Llama {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("Llama")
-            .field("config", &self.config)
-            .field("placement", &self.place)
-            .finish_non_exhaustive()
+        f.debug_struct("Llama").field("config", &self.config).field("placement", &self.place).finish_non_exhaustive()
     }
 }
 
@@ -153,12 +145,7 @@ fn inverse_frequencies(cfg: &ModelConfig) -> Vec<f32> {
             match cfg.rope_scaling {
                 RopeScaling::Default => inv,
                 RopeScaling::Linear { factor } => inv / factor as f32,
-                RopeScaling::Llama3 {
-                    factor,
-                    low_freq_factor,
-                    high_freq_factor,
-                    original_max_position_embeddings,
-                } => {
+                RopeScaling::Llama3 { factor, low_freq_factor, high_freq_factor, original_max_position_embeddings } => {
                     let (factor, lo, hi) = (factor as f32, low_freq_factor as f32, high_freq_factor as f32);
                     let old = original_max_position_embeddings as f32;
                     let low_freq_wavelen = old / lo;
@@ -189,13 +176,7 @@ fn apply_rope(x: &Tensor, cos: &Tensor, sin: &Tensor, half: i64) -> Result<Tenso
 }
 
 impl Attention {
-    fn forward(
-        &self,
-        x: &Tensor,
-        layer: usize,
-        ctx: &StepCtx<'_>,
-        cache: Option<&mut KvCache>,
-    ) -> Result<Tensor> {
+    fn forward(&self, x: &Tensor, layer: usize, ctx: &StepCtx<'_>, cache: Option<&mut KvCache>) -> Result<Tensor> {
         let (b, t) = (x.size()[0], x.size()[1]);
         let m = ctx.opts.mask;
         let train = ctx.opts.train;
@@ -229,9 +210,7 @@ impl Attention {
             None,
             self.num_heads != self.num_kv_heads,
         )?;
-        let out = out
-            .f_transpose(1, 2)?
-            .f_reshape([b, t, self.num_heads * self.head_dim])?;
+        let out = out.f_transpose(1, 2)?.f_reshape([b, t, self.num_heads * self.head_dim])?;
         self.o.forward(&out, m.is_active(layer, Module::O), train)
     }
 }
@@ -282,11 +261,7 @@ impl Llama {
                 .ok_or_else(|| ModelError::InvalidArgument(format!("unknown module {module:?}")))?;
             let path = module.hf_path(layer);
             let w = load(&format!("{path}.weight"), &[out as i64, inp as i64])?;
-            let b = if bias {
-                Some(load(&format!("{path}.bias"), &[out as i64])?)
-            } else {
-                None
-            };
+            let b = if bias { Some(load(&format!("{path}.bias"), &[out as i64])?) } else { None };
             Ok(LoraLinear::new(w, b))
         };
         let embed = load("model.embed_tokens.weight", &[v, h])?;
@@ -314,21 +289,9 @@ impl Llama {
             });
         }
         let norm = load("model.norm.weight", &[h])?;
-        let lm_head = if c.tie_word_embeddings {
-            None
-        } else {
-            Some(load("lm_head.weight", &[v, h])?)
-        };
+        let lm_head = if c.tie_word_embeddings { None } else { Some(load("lm_head.weight", &[v, h])?) };
         let inv_freq = Tensor::from_slice(&inverse_frequencies(c)).f_to_device(place.device)?;
-        Ok(Llama {
-            config,
-            embed,
-            blocks,
-            norm,
-            lm_head,
-            inv_freq,
-            place,
-        })
+        Ok(Llama { config, embed, blocks, norm, lm_head, inv_freq, place })
     }
 
     /// The resolved configuration.
@@ -381,11 +344,8 @@ impl Llama {
 
     /// Every projection with its block index.
     pub fn projections(&self) -> impl Iterator<Item = (usize, Module, &LoraLinear)> {
-        (0..self.blocks.len()).flat_map(move |l| {
-            Module::ALL
-                .into_iter()
-                .filter_map(move |m| self.projection(l, m).map(|p| (l, m, p)))
-        })
+        (0..self.blocks.len())
+            .flat_map(move |l| Module::ALL.into_iter().filter_map(move |m| self.projection(l, m).map(|p| (l, m, p))))
     }
 
     /// The model's final RMSNorm, applied to any hidden state (the first half of the logit lens).
@@ -509,18 +469,13 @@ impl Llama {
 
         // Position ids.
         let positions = match (&amask, cache.as_ref()) {
-            (Some(m), _) if padded => m
-                .f_to_kind(Kind::Int64)?
-                .f_cumsum(1, Kind::Int64)?
-                .f_sub_scalar(1)?
-                .f_clamp_min(0)?,
-            (_, Some(c)) if past > 0 => c
-                .next_pos
-                .f_unsqueeze(1)?
-                .f_add(&Tensor::f_arange(t, (Kind::Int64, dev))?.f_unsqueeze(0)?)?,
-            _ => Tensor::f_arange_start(past, past + t, (Kind::Int64, dev))?
-                .f_unsqueeze(0)?
-                .f_expand([b, t], false)?,
+            (Some(m), _) if padded => {
+                m.f_to_kind(Kind::Int64)?.f_cumsum(1, Kind::Int64)?.f_sub_scalar(1)?.f_clamp_min(0)?
+            }
+            (_, Some(c)) if past > 0 => {
+                c.next_pos.f_unsqueeze(1)?.f_add(&Tensor::f_arange(t, (Kind::Int64, dev))?.f_unsqueeze(0)?)?
+            }
+            _ => Tensor::f_arange_start(past, past + t, (Kind::Int64, dev))?.f_unsqueeze(0)?.f_expand([b, t], false)?,
         };
 
         // Attention mask: boolean [B, 1, T, S], true = may attend.
@@ -546,20 +501,11 @@ impl Llama {
         };
 
         // Rotary tables for these positions, [B, 1, T, D].
-        let freqs = positions
-            .f_to_kind(Kind::Float)?
-            .f_unsqueeze(-1)?
-            .f_mul(&self.inv_freq.f_view([1, 1, -1])?)?;
+        let freqs = positions.f_to_kind(Kind::Float)?.f_unsqueeze(-1)?.f_mul(&self.inv_freq.f_view([1, 1, -1])?)?;
         let emb = Tensor::f_cat(&[&freqs, &freqs], -1)?;
         let cos = emb.f_cos()?.f_to_kind(self.place.kind)?.f_unsqueeze(1)?;
         let sin = emb.f_sin()?.f_to_kind(self.place.kind)?.f_unsqueeze(1)?;
-        let ctx = StepCtx {
-            cos,
-            sin,
-            attn_mask,
-            is_causal,
-            opts,
-        };
+        let ctx = StepCtx { cos, sin, attn_mask, is_causal, opts };
 
         let mut x = Tensor::f_embedding(&self.embed, &input_ids, -1, false, false)?;
         let mut hidden = Vec::new();
@@ -588,10 +534,7 @@ impl Llama {
             Logits::All => Some(self.lm_head(&self.final_norm(&x)?)?),
             Logits::Last => Some(self.lm_head(&self.final_norm(&x.f_select(1, t - 1)?)?)?),
         };
-        Ok(ForwardOutput {
-            logits,
-            hidden_states: hidden,
-        })
+        Ok(ForwardOutput { logits, hidden_states: hidden })
     }
 
     /// `[B or 1, 1, T, S]` boolean mask: causal over `past` cached + `t` new positions, restricted to valid keys

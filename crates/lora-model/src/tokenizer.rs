@@ -17,10 +17,7 @@ pub struct ChatMessage {
 impl ChatMessage {
     /// A `user` message.
     pub fn user(content: impl Into<String>) -> Self {
-        ChatMessage {
-            role: "user".into(),
-            content: content.into(),
-        }
+        ChatMessage { role: "user".into(), content: content.into() }
     }
 }
 
@@ -36,11 +33,7 @@ pub struct ChatTemplate {
 impl ChatTemplate {
     /// A template with the special-token strings it may reference.
     pub fn new(source: impl Into<String>, bos_token: impl Into<String>, eos_token: impl Into<String>) -> Self {
-        ChatTemplate {
-            source: source.into(),
-            bos_token: bos_token.into(),
-            eos_token: eos_token.into(),
-        }
+        ChatTemplate { source: source.into(), bos_token: bos_token.into(), eos_token: eos_token.into() }
     }
 
     /// The template source.
@@ -57,8 +50,7 @@ impl ChatTemplate {
         env.add_function("raise_exception", |msg: String| -> std::result::Result<String, minijinja::Error> {
             Err(minijinja::Error::new(minijinja::ErrorKind::InvalidOperation, msg))
         });
-        env.add_template("chat", &self.source)
-            .map_err(|e| ModelError::Template(e.to_string()))?;
+        env.add_template("chat", &self.source).map_err(|e| ModelError::Template(e.to_string()))?;
         let tmpl = env.get_template("chat").map_err(|e| ModelError::Template(e.to_string()))?;
         tmpl.render(minijinja::context! {
             messages => messages,
@@ -103,13 +95,7 @@ impl Tokenizer {
         eos_token_ids: Vec<i64>,
         pad_token_id: Option<i64>,
     ) -> Self {
-        Tokenizer {
-            inner,
-            chat_template,
-            eos_token_ids,
-            bos_token_id,
-            pad_token_id,
-        }
+        Tokenizer { inner, chat_template, eos_token_ids, bos_token_id, pad_token_id }
     }
 
     /// Loads `tokenizer.json` (and `tokenizer_config.json` for the chat template and special tokens) from an HF
@@ -122,10 +108,7 @@ impl Tokenizer {
         let cfg_path = dir.join("tokenizer_config.json");
         let cfg: serde_json::Value = if cfg_path.exists() {
             let text = std::fs::read_to_string(&cfg_path).map_err(|e| ModelError::io(&cfg_path, e))?;
-            serde_json::from_str(&text).map_err(|source| ModelError::Json {
-                path: cfg_path.clone(),
-                source,
-            })?
+            serde_json::from_str(&text).map_err(|source| ModelError::Json { path: cfg_path.clone(), source })?
         } else {
             serde_json::Value::Null
         };
@@ -145,9 +128,8 @@ impl Tokenizer {
         if template.is_none() && jinja.exists() {
             template = Some(std::fs::read_to_string(&jinja).map_err(|e| ModelError::io(&jinja, e))?);
         }
-        let chat_template = template.map(|t| {
-            ChatTemplate::new(t, bos.clone().unwrap_or_default(), eos.clone().unwrap_or_default())
-        });
+        let chat_template =
+            template.map(|t| ChatTemplate::new(t, bos.clone().unwrap_or_default(), eos.clone().unwrap_or_default()));
         let mut eos_ids: Vec<i64> = id_of(&eos).into_iter().collect();
         let gen_cfg = dir.join("generation_config.json");
         if let Ok(text) = std::fs::read_to_string(&gen_cfg) {
@@ -234,9 +216,7 @@ impl Tokenizer {
     /// Writes `tokenizer.json` and `tokenizer_config.json` (special tokens, chat template) into `dir`.
     pub fn save_dir(&self, dir: &Path) -> Result<()> {
         let file = dir.join("tokenizer.json");
-        self.inner
-            .save(&file, false)
-            .map_err(|e| ModelError::Tokenizer(format!("{}: {e}", file.display())))?;
+        self.inner.save(&file, false).map_err(|e| ModelError::Tokenizer(format!("{}: {e}", file.display())))?;
         let name = |id: Option<i64>| {
             id.and_then(|i| u32::try_from(i).ok())
                 .and_then(|i| self.inner.id_to_token(i))
@@ -250,10 +230,8 @@ impl Tokenizer {
             "tokenizer_class": "PreTrainedTokenizerFast",
         });
         let path = dir.join("tokenizer_config.json");
-        let text = serde_json::to_string_pretty(&cfg).map_err(|source| ModelError::Json {
-            path: path.clone(),
-            source,
-        })?;
+        let text =
+            serde_json::to_string_pretty(&cfg).map_err(|source| ModelError::Json { path: path.clone(), source })?;
         crate::weights::write_atomic(&path, text.as_bytes())
     }
 }

@@ -25,8 +25,8 @@ use serde::{Deserialize, Serialize};
 use tch::{Kind, Tensor};
 
 pub use data::{
-    causal_lm_loss, causal_lm_loss_sum, encode_sample, read_jsonl, Batch, EncodedSample, Padding,
-    TrainSample, IGNORE_INDEX,
+    causal_lm_loss, causal_lm_loss_sum, encode_sample, read_jsonl, Batch, EncodedSample, Padding, TrainSample,
+    IGNORE_INDEX,
 };
 pub use optim::{clip_grad_norm, lr_factor, AdamW, Schedule};
 
@@ -100,12 +100,8 @@ fn attach_fresh(
             .projection_shape(m.hf_name())
             .ok_or_else(|| ModelError::InvalidArgument(format!("unknown module {m:?}")))?;
         let bound = 1.0 / (inp as f64).sqrt();
-        let a_vals: Vec<f32> = (0..r * inp)
-            .map(|_| ((2.0 * rng.next_f64() - 1.0) * bound) as f32)
-            .collect();
-        let a = Tensor::f_from_slice(&a_vals)?
-            .f_view([r as i64, inp as i64])?
-            .f_to_device(device)?;
+        let a_vals: Vec<f32> = (0..r * inp).map(|_| ((2.0 * rng.next_f64() - 1.0) * bound) as f32).collect();
+        let a = Tensor::f_from_slice(&a_vals)?.f_view([r as i64, inp as i64])?.f_to_device(device)?;
         let b = Tensor::f_zeros([out as i64, r as i64], (Kind::Float, device))?;
         let scaling = lora_scaling(alpha, r, cfg.use_rslora);
         let lw = LoraWeights {
@@ -115,20 +111,15 @@ fn attach_fresh(
             dropout: cfg.lora_dropout,
             merged: false,
         };
-        let proj = model.projection_mut(l, m).ok_or_else(|| {
-            ModelError::InvalidArgument(format!("block {l} has no {}", m.hf_name()))
-        })?;
+        let proj = model
+            .projection_mut(l, m)
+            .ok_or_else(|| ModelError::InvalidArgument(format!("block {l} has no {}", m.hf_name())))?;
         proj.attach(lw, &m.hf_path(l))?;
         params_per_layer[l] += (r * inp + out * r) as u64;
         modules.push((l, m, r, scaling));
         values.push((l, m, a, b));
     }
-    let info = AdapterInfo {
-        path: PathBuf::new(),
-        config: cfg.clone(),
-        modules,
-        params_per_layer,
-    };
+    let info = AdapterInfo { path: PathBuf::new(), config: cfg.clone(), modules, params_per_layer };
     Ok((info, values))
 }
 
@@ -216,21 +207,12 @@ impl TrainConfig {
             return bad("batch_size, grad_accum and epochs must be positive".into());
         }
         if !(self.learning_rate.is_finite() && self.learning_rate >= 0.0) {
-            return bad(format!(
-                "learning_rate {} is not a non-negative number",
-                self.learning_rate
-            ));
+            return bad(format!("learning_rate {} is not a non-negative number", self.learning_rate));
         }
         if !(0.0..=1.0).contains(&self.warmup_ratio) {
-            return bad(format!(
-                "warmup_ratio {} is outside [0, 1]",
-                self.warmup_ratio
-            ));
+            return bad(format!("warmup_ratio {} is outside [0, 1]", self.warmup_ratio));
         }
-        if !(0.0..1.0).contains(&self.adam_beta1)
-            || !(0.0..1.0).contains(&self.adam_beta2)
-            || self.adam_eps < 0.0
-        {
+        if !(0.0..1.0).contains(&self.adam_beta1) || !(0.0..1.0).contains(&self.adam_beta2) || self.adam_eps < 0.0 {
             return bad("AdamW betas must lie in [0, 1) and eps must be non-negative".into());
         }
         if self.save_every == Some(0) {
@@ -327,11 +309,7 @@ struct Param {
 
 /// The PEFT tensor name of `lora_{A,B}` of `module` in block `layer`.
 pub fn peft_tensor_name(layer: usize, module: Module, is_a: bool) -> String {
-    format!(
-        "{PEFT_PREFIX}{}.lora_{}.weight",
-        module.hf_path(layer),
-        if is_a { 'A' } else { 'B' }
-    )
+    format!("{PEFT_PREFIX}{}.lora_{}.weight", module.hf_path(layer), if is_a { 'A' } else { 'B' })
 }
 
 /// The LoRA parameters of a model with their optimizer: micro-batch backward passes, clipped AdamW steps,
@@ -350,9 +328,7 @@ fn lora_of(model: &Llama, layer: usize, module: Module) -> Result<&LoraWeights> 
     model
         .projection(layer, module)
         .and_then(|p| p.lora.as_ref())
-        .ok_or_else(|| {
-            ModelError::InvalidArgument(format!("`{}` has no LoRA attached", module.hf_path(layer)))
-        })
+        .ok_or_else(|| ModelError::InvalidArgument(format!("`{}` has no LoRA attached", module.hf_path(layer))))
 }
 
 impl Trainer {
@@ -403,38 +379,16 @@ impl Trainer {
                         t.f_set_requires_grad(true)?
                     };
                     let grad = master.f_zeros_like()?;
-                    params.push(Param {
-                        name: peft_tensor_name(l, m, is_a),
-                        layer: l,
-                        module: m,
-                        is_a,
-                        master,
-                        grad,
-                    });
+                    params.push(Param { name: peft_tensor_name(l, m, is_a), layer: l, module: m, is_a, master, grad });
                 }
             }
         }
         if params.is_empty() {
-            return Err(ModelError::InvalidArgument(
-                "the model has no LoRA to train".into(),
-            ));
+            return Err(ModelError::InvalidArgument("the model has no LoRA to train".into()));
         }
         let masters: Vec<Tensor> = params.iter().map(|p| p.master.shallow_clone()).collect();
-        let optim = AdamW::new(
-            &masters,
-            cfg.adam_beta1,
-            cfg.adam_beta2,
-            cfg.adam_eps,
-            cfg.weight_decay,
-        )?;
-        Ok(Trainer {
-            cfg,
-            lora,
-            params,
-            optim,
-            global_step: 0,
-            low_precision,
-        })
+        let optim = AdamW::new(&masters, cfg.adam_beta1, cfg.adam_beta2, cfg.adam_eps, cfg.weight_decay)?;
+        Ok(Trainer { cfg, lora, params, optim, global_step: 0, low_precision })
     }
 
     /// Optimizer steps done.
@@ -459,18 +413,12 @@ impl Trainer {
 
     /// `(PEFT name, f32 master weight)` of every trained tensor.
     pub fn parameters(&self) -> Vec<(&str, &Tensor)> {
-        self.params
-            .iter()
-            .map(|p| (p.name.as_str(), &p.master))
-            .collect()
+        self.params.iter().map(|p| (p.name.as_str(), &p.master)).collect()
     }
 
     /// `(PEFT name, accumulated f32 gradient)` of every trained tensor (zero after each optimizer step).
     pub fn gradients(&self) -> Vec<(&str, &Tensor)> {
-        self.params
-            .iter()
-            .map(|p| (p.name.as_str(), &p.grad))
-            .collect()
+        self.params.iter().map(|p| (p.name.as_str(), &p.grad)).collect()
     }
 
     /// Forward + backward of one micro-batch in training mode: adds the gradient of `loss_sum / normaliser` to the
@@ -479,24 +427,15 @@ impl Trainer {
     /// of the optimizer step for accumulation.
     pub fn accumulate(&mut self, model: &Llama, batch: &Batch, normaliser: f64) -> Result<f64> {
         if normaliser <= 0.0 {
-            return Err(ModelError::InvalidArgument(
-                "the loss normaliser must be positive".into(),
-            ));
+            return Err(ModelError::InvalidArgument("the loss normaliser must be positive".into()));
         }
         let mask = LayerMask::all();
-        let opts = ForwardOptions {
-            mask: &mask,
-            hidden_states: false,
-            logits: Logits::All,
-            train: true,
-        };
+        let opts = ForwardOptions { mask: &mask, hidden_states: false, logits: Logits::All, train: true };
         let dev = model.device();
         let ids = batch.input_ids.f_to_device(dev)?;
         let am = batch.attention_mask.f_to_device(dev)?;
         let out = model.forward(&ids, Some(&am), &opts)?;
-        let logits = out
-            .logits
-            .ok_or_else(|| ModelError::InvalidArgument("forward returned no logits".into()))?;
+        let logits = out.logits.ok_or_else(|| ModelError::InvalidArgument("forward returned no logits".into()))?;
         let sum = causal_lm_loss_sum(&logits, &batch.labels)?;
         sum.f_div_scalar(normaliser)?.f_backward()?;
         let _guard = tch::no_grad_guard();
@@ -517,11 +456,7 @@ impl Trainer {
     pub fn apply_step(&mut self, model: &mut Llama, lr: f64) -> Result<f64> {
         let grads: Vec<Tensor> = self.params.iter().map(|p| p.grad.shallow_clone()).collect();
         let norm = clip_grad_norm(&grads, self.cfg.max_grad_norm)?;
-        let masters: Vec<Tensor> = self
-            .params
-            .iter()
-            .map(|p| p.master.shallow_clone())
-            .collect();
+        let masters: Vec<Tensor> = self.params.iter().map(|p| p.master.shallow_clone()).collect();
         self.optim.step(&masters, &grads, lr)?;
         {
             let _guard = tch::no_grad_guard();
@@ -544,9 +479,7 @@ impl Trainer {
             let lw = model
                 .projection_mut(p.layer, p.module)
                 .and_then(|x| x.lora.as_mut())
-                .ok_or_else(|| {
-                    ModelError::InvalidArgument(format!("`{}` lost its LoRA", p.name))
-                })?;
+                .ok_or_else(|| ModelError::InvalidArgument(format!("`{}` lost its LoRA", p.name)))?;
             let t = if p.is_a { &mut lw.a } else { &mut lw.b };
             t.f_copy_(&p.master)?;
         }
@@ -557,10 +490,7 @@ impl Trainer {
     /// build autograd graphs). [`train`] does this before returning.
     pub fn release(&self, model: &mut Llama) -> Result<()> {
         for p in &self.params {
-            if let Some(lw) = model
-                .projection_mut(p.layer, p.module)
-                .and_then(|x| x.lora.as_mut())
-            {
+            if let Some(lw) = model.projection_mut(p.layer, p.module).and_then(|x| x.lora.as_mut()) {
                 let t = if p.is_a { &mut lw.a } else { &mut lw.b };
                 let _ = t.f_set_requires_grad(false)?;
             }
@@ -570,10 +500,8 @@ impl Trainer {
 
     /// The `adapter_config.json` PEFT writes for this adapter.
     pub fn adapter_config_json(&self) -> Result<serde_json::Value> {
-        let mut v = serde_json::to_value(&self.lora).map_err(|source| ModelError::Json {
-            path: PathBuf::from("adapter_config.json"),
-            source,
-        })?;
+        let mut v = serde_json::to_value(&self.lora)
+            .map_err(|source| ModelError::Json { path: PathBuf::from("adapter_config.json"), source })?;
         if let Some(o) = v.as_object_mut() {
             o.insert("peft_type".into(), "LORA".into());
             o.insert("task_type".into(), "CAUSAL_LM".into());
@@ -592,13 +520,8 @@ impl Trainer {
     pub fn save_adapter(&self, dir: &Path, bf16: bool) -> Result<()> {
         std::fs::create_dir_all(dir).map_err(|e| ModelError::io(dir, e))?;
         let cfg_path = dir.join("adapter_config.json");
-        let body =
-            serde_json::to_string_pretty(&self.adapter_config_json()?).map_err(|source| {
-                ModelError::Json {
-                    path: cfg_path.clone(),
-                    source,
-                }
-            })?;
+        let body = serde_json::to_string_pretty(&self.adapter_config_json()?)
+            .map_err(|source| ModelError::Json { path: cfg_path.clone(), source })?;
         let kind = if bf16 { Kind::BFloat16 } else { Kind::Float };
         let tensors = self
             .params
@@ -614,10 +537,7 @@ impl Trainer {
     /// Writes a resumable checkpoint directory (adapter in f32, `optimizer.safetensors`, `trainer_state.json`);
     /// it appears whole or not at all (an existing one is replaced).
     pub fn save_checkpoint(&self, dir: &Path, state: &TrainerState) -> Result<()> {
-        let parent = dir
-            .parent()
-            .filter(|p| !p.as_os_str().is_empty())
-            .unwrap_or(Path::new("."));
+        let parent = dir.parent().filter(|p| !p.as_os_str().is_empty()).unwrap_or(Path::new("."));
         std::fs::create_dir_all(parent).map_err(|e| ModelError::io(parent, e))?;
         let tmp = tmp_path(dir);
         let _ = std::fs::remove_dir_all(&tmp);
@@ -625,14 +545,8 @@ impl Trainer {
             self.save_adapter(&tmp, false)?;
             let mut opt = Vec::with_capacity(2 * self.params.len());
             for (i, p) in self.params.iter().enumerate() {
-                opt.push((
-                    format!("{}.exp_avg", p.name),
-                    self.optim.exp_avg()[i].shallow_clone(),
-                ));
-                opt.push((
-                    format!("{}.exp_avg_sq", p.name),
-                    self.optim.exp_avg_sq()[i].shallow_clone(),
-                ));
+                opt.push((format!("{}.exp_avg", p.name), self.optim.exp_avg()[i].shallow_clone()));
+                opt.push((format!("{}.exp_avg_sq", p.name), self.optim.exp_avg_sq()[i].shallow_clone()));
             }
             save_safetensors(&tmp.join("optimizer.safetensors"), &opt, None)?;
             write_state(&tmp.join("trainer_state.json"), state)?;
@@ -651,13 +565,9 @@ impl Trainer {
     /// returns its state.
     pub fn load_checkpoint(&mut self, model: &mut Llama, dir: &Path) -> Result<TrainerState> {
         let state_path = dir.join("trainer_state.json");
-        let text =
-            std::fs::read_to_string(&state_path).map_err(|e| ModelError::io(&state_path, e))?;
+        let text = std::fs::read_to_string(&state_path).map_err(|e| ModelError::io(&state_path, e))?;
         let state: TrainerState =
-            serde_json::from_str(&text).map_err(|source| ModelError::Json {
-                path: state_path.clone(),
-                source,
-            })?;
+            serde_json::from_str(&text).map_err(|source| ModelError::Json { path: state_path.clone(), source })?;
         let weights = SafetensorsWeights::open_file(dir.join("adapter_model.safetensors"))?;
         let opt = SafetensorsWeights::open_file(dir.join("optimizer.safetensors"))?;
         let (mut m, mut v) = (Vec::new(), Vec::new());
@@ -693,10 +603,8 @@ impl Trainer {
 }
 
 fn write_state(path: &Path, state: &TrainerState) -> Result<()> {
-    let body = serde_json::to_string_pretty(state).map_err(|source| ModelError::Json {
-        path: path.to_path_buf(),
-        source,
-    })?;
+    let body =
+        serde_json::to_string_pretty(state).map_err(|source| ModelError::Json { path: path.to_path_buf(), source })?;
     write_atomic(path, body.as_bytes())
 }
 
@@ -727,14 +635,9 @@ pub fn train(
     out_dir: &Path,
     progress: impl FnMut(&TrainProgress),
 ) -> Result<TrainSummary> {
-    let encoded = samples
-        .iter()
-        .map(|s| encode_sample(tokenizer, s, cfg.chat, cfg.max_len))
-        .collect::<Result<Vec<_>>>()?;
-    let pad = tokenizer
-        .pad_token_id()
-        .or_else(|| tokenizer.eos_token_ids().first().copied())
-        .unwrap_or(0);
+    let encoded =
+        samples.iter().map(|s| encode_sample(tokenizer, s, cfg.chat, cfg.max_len)).collect::<Result<Vec<_>>>()?;
+    let pad = tokenizer.pad_token_id().or_else(|| tokenizer.eos_token_ids().first().copied()).unwrap_or(0);
     train_encoded(model, &encoded, pad, lora, cfg, out_dir, progress)
 }
 
@@ -754,11 +657,7 @@ pub fn train_encoded(
     mut progress: impl FnMut(&TrainProgress),
 ) -> Result<TrainSummary> {
     cfg.validate()?;
-    let kept: Vec<EncodedSample> = samples
-        .iter()
-        .filter(|s| s.label_tokens() > 0)
-        .cloned()
-        .collect();
+    let kept: Vec<EncodedSample> = samples.iter().filter(|s| s.label_tokens() > 0).cloned().collect();
     let dropped = samples.len() - kept.len();
     if kept.is_empty() {
         return Err(ModelError::InvalidArgument(format!(
@@ -771,9 +670,7 @@ pub fn train_encoded(
     let batches = n.div_ceil(cfg.batch_size);
     let steps_per_epoch = batches.div_ceil(cfg.grad_accum);
     let total = steps_per_epoch * cfg.epochs;
-    let warmup = cfg
-        .warmup_steps
-        .unwrap_or_else(|| (total as f64 * cfg.warmup_ratio).ceil() as usize);
+    let warmup = cfg.warmup_steps.unwrap_or_else(|| (total as f64 * cfg.warmup_ratio).ceil() as usize);
     let fp = fingerprint(&kept);
 
     let (mut trainer, mut log_history) = match &cfg.resume_from {
@@ -787,11 +684,7 @@ pub fn train_encoded(
                 && a.epochs == b.epochs
                 && a.seed == b.seed
                 && a.shuffle == b.shuffle;
-            if !same
-                || state.num_samples != n
-                || state.data_fingerprint != fp
-                || state.total_steps != total
-            {
+            if !same || state.num_samples != n || state.data_fingerprint != fp || state.total_steps != total {
                 return Err(ModelError::InvalidArgument(format!(
                     "{}: checkpoint was made with other data or batch/epoch/seed settings; cannot resume",
                     ckpt.display()
@@ -810,11 +703,8 @@ pub fn train_encoded(
     for step in trainer.global_step()..total {
         let epoch = step / steps_per_epoch;
         if order.as_ref().is_none_or(|o| o.0 != epoch) {
-            let perm = if cfg.shuffle {
-                Rng::derived(cfg.seed, epoch as u64 + 1).permutation(n)
-            } else {
-                (0..n).collect()
-            };
+            let perm =
+                if cfg.shuffle { Rng::derived(cfg.seed, epoch as u64 + 1).permutation(n) } else { (0..n).collect() };
             order = Some((epoch, perm));
         }
         let perm = order.as_ref().map(|o| o.1.as_slice()).unwrap_or(&[]);
@@ -836,8 +726,7 @@ pub fn train_encoded(
         let mut loss_sum = 0.0;
         for (i, b) in micro.iter().enumerate() {
             if dropout {
-                let s =
-                    Rng::derived(cfg.seed ^ 0x5eed, (step * cfg.grad_accum + i) as u64).next_u64();
+                let s = Rng::derived(cfg.seed ^ 0x5eed, (step * cfg.grad_accum + i) as u64).next_u64();
                 tch::manual_seed((s >> 1) as i64);
             }
             loss_sum += trainer.accumulate(model, b, label_tokens.max(1) as f64)?;
@@ -857,21 +746,11 @@ pub fn train_encoded(
             loss,
             lr,
             grad_norm,
-            tokens_per_sec: if secs > 0.0 {
-                tokens_seen as f64 / secs
-            } else {
-                0.0
-            },
+            tokens_per_sec: if secs > 0.0 { tokens_seen as f64 / secs } else { 0.0 },
             tokens,
         });
         if cfg.log_every > 0 && (done % cfg.log_every == 0 || done == total) {
-            log_history.push(LogEntry {
-                step: done,
-                epoch: epoch_f,
-                loss,
-                lr,
-                grad_norm,
-            });
+            log_history.push(LogEntry { step: done, epoch: epoch_f, loss, lr, grad_norm });
         }
         if cfg.save_every.is_some_and(|k| done % k == 0) && done < total {
             let state = TrainerState {
@@ -909,12 +788,7 @@ pub fn train_encoded(
         }
     }
     Ok(TrainSummary {
-        adapter: AdapterInfo {
-            path: out_dir.to_path_buf(),
-            config: trainer.lora.clone(),
-            modules,
-            params_per_layer,
-        },
+        adapter: AdapterInfo { path: out_dir.to_path_buf(), config: trainer.lora.clone(), modules, params_per_layer },
         steps: total,
         final_loss,
         samples: n,

@@ -21,10 +21,7 @@ pub struct Placement {
 
 impl Default for Placement {
     fn default() -> Self {
-        Placement {
-            device: Device::Cpu,
-            kind: Kind::Float,
-        }
+        Placement { device: Device::Cpu, kind: Kind::Float }
     }
 }
 
@@ -59,16 +56,9 @@ fn open_shard(path: &Path) -> Result<Shard> {
     // SAFETY: the map is read-only; a file changed underneath us while mapped is outside what we defend against,
     // as with every memory-mapped model loader.
     let mmap = unsafe { Mmap::map(&file) }.map_err(|e| ModelError::io(path, e))?;
-    let (n, metadata) = safetensors::SafeTensors::read_metadata(&mmap).map_err(|e| ModelError::Safetensors {
-        path: path.to_path_buf(),
-        message: e.to_string(),
-    })?;
-    Ok(Shard {
-        path: path.to_path_buf(),
-        mmap,
-        header_len: n + 8,
-        metadata,
-    })
+    let (n, metadata) = safetensors::SafeTensors::read_metadata(&mmap)
+        .map_err(|e| ModelError::Safetensors { path: path.to_path_buf(), message: e.to_string() })?;
+    Ok(Shard { path: path.to_path_buf(), mmap, header_len: n + 8, metadata })
 }
 
 impl SafetensorsWeights {
@@ -77,11 +67,7 @@ impl SafetensorsWeights {
         let path = path.as_ref();
         let shard = open_shard(path)?;
         let index = shard.metadata.tensors().keys().map(|k| (k.clone(), 0)).collect();
-        Ok(SafetensorsWeights {
-            origin: path.to_path_buf(),
-            shards: vec![shard],
-            index,
-        })
+        Ok(SafetensorsWeights { origin: path.to_path_buf(), shards: vec![shard], index })
     }
 
     /// Opens a model directory: `model.safetensors`, or the shards listed in `model.safetensors.index.json`.
@@ -110,10 +96,8 @@ impl SafetensorsWeights {
             weight_map: BTreeMap<String, String>,
         }
         let text = std::fs::read_to_string(&index_path).map_err(|e| ModelError::io(&index_path, e))?;
-        let idx: Index = serde_json::from_str(&text).map_err(|source| ModelError::Json {
-            path: index_path.clone(),
-            source,
-        })?;
+        let idx: Index =
+            serde_json::from_str(&text).map_err(|source| ModelError::Json { path: index_path.clone(), source })?;
         let mut files: Vec<String> = idx.weight_map.values().cloned().collect();
         files.sort();
         files.dedup();
@@ -133,18 +117,11 @@ impl SafetensorsWeights {
         for (name, f) in &idx.weight_map {
             let pos = file_pos[f]; // ok: every value of weight_map was inserted above
             if shards[pos].metadata.info(name).is_none() {
-                return Err(ModelError::MissingTensor {
-                    name: name.clone(),
-                    file: shards[pos].path.clone(),
-                });
+                return Err(ModelError::MissingTensor { name: name.clone(), file: shards[pos].path.clone() });
             }
             index.insert(name.clone(), pos);
         }
-        Ok(SafetensorsWeights {
-            origin: index_path,
-            shards,
-            index,
-        })
+        Ok(SafetensorsWeights { origin: index_path, shards, index })
     }
 
     fn info(&self, name: &str) -> Option<(&Shard, &TensorInfo)> {
@@ -189,10 +166,9 @@ impl WeightSource for SafetensorsWeights {
     }
 
     fn load(&self, name: &str, expected: Option<&[i64]>) -> Result<Tensor> {
-        let (shard, info) = self.info(name).ok_or_else(|| ModelError::MissingTensor {
-            name: name.into(),
-            file: self.origin.clone(),
-        })?;
+        let (shard, info) = self
+            .info(name)
+            .ok_or_else(|| ModelError::MissingTensor { name: name.into(), file: self.origin.clone() })?;
         let shape: Vec<i64> = info.shape.iter().map(|&d| d as i64).collect();
         if let Some(exp) = expected {
             if exp != shape.as_slice() {
@@ -205,24 +181,18 @@ impl WeightSource for SafetensorsWeights {
             }
         }
         let (start, end) = info.data_offsets;
-        let bytes = shard
-            .mmap
-            .get(shard.header_len + start..shard.header_len + end)
-            .ok_or_else(|| ModelError::Safetensors {
+        let bytes = shard.mmap.get(shard.header_len + start..shard.header_len + end).ok_or_else(|| {
+            ModelError::Safetensors {
                 path: shard.path.clone(),
                 message: format!("data of `{name}` lies past the end of the file"),
-            })?;
+            }
+        })?;
         bytes_to_tensor(bytes, info.dtype, &shape, name, &shard.path)
     }
 }
 
 /// Loads a tensor from a source and places it (device, kind).
-pub(crate) fn load_placed(
-    src: &dyn WeightSource,
-    name: &str,
-    shape: &[i64],
-    place: Placement,
-) -> Result<Tensor> {
+pub(crate) fn load_placed(src: &dyn WeightSource, name: &str, shape: &[i64], place: Placement) -> Result<Tensor> {
     let t = src.load(name, Some(shape))?;
     Ok(t.f_to_device(place.device)?.f_to_kind(place.kind)?.f_contiguous()?)
 }
@@ -230,7 +200,11 @@ pub(crate) fn load_placed(
 /// Writes named tensors to a `.safetensors` file atomically (temporary file, then rename).
 ///
 /// Tensors are written in their own kind (`Float`, `BFloat16`, `Half`, `Int64`, …) after moving to the CPU.
-pub fn save_safetensors(path: &Path, tensors: &[(String, Tensor)], metadata: Option<HashMap<String, String>>) -> Result<()> {
+pub fn save_safetensors(
+    path: &Path,
+    tensors: &[(String, Tensor)],
+    metadata: Option<HashMap<String, String>>,
+) -> Result<()> {
     struct View {
         dtype: Dtype,
         shape: Vec<usize>,
@@ -276,10 +250,8 @@ pub fn save_safetensors(path: &Path, tensors: &[(String, Tensor)], metadata: Opt
     }
     let tmp = tmp_path(path);
     let refs: Vec<(String, &View)> = views.iter().map(|(n, v)| (n.clone(), v)).collect();
-    safetensors::serialize_to_file(refs, metadata, &tmp).map_err(|e| ModelError::Safetensors {
-        path: path.to_path_buf(),
-        message: e.to_string(),
-    })?;
+    safetensors::serialize_to_file(refs, metadata, &tmp)
+        .map_err(|e| ModelError::Safetensors { path: path.to_path_buf(), message: e.to_string() })?;
     std::fs::rename(&tmp, path).map_err(|e| ModelError::io(path, e))
 }
 

@@ -27,10 +27,7 @@ fn reference(adapter: &str) -> HashMap<String, Tensor> {
 }
 
 fn logits(m: &Llama, r: &HashMap<String, Tensor>, mask: &LayerMask) -> Tensor {
-    m.forward(&r["input_ids"], Some(&r["attention_mask"]), &ForwardOptions::new(mask))
-        .unwrap()
-        .logits
-        .unwrap()
+    m.forward(&r["input_ids"], Some(&r["attention_mask"]), &ForwardOptions::new(mask)).unwrap().logits.unwrap()
 }
 
 fn diff(a: &Tensor, b: &Tensor, mask: &Tensor) -> f64 {
@@ -105,15 +102,14 @@ fn prune_writes_what_peft_loads() {
     let kept = prune_adapter(&src, &LayerMask::keep_through(1), &out).unwrap();
     assert_eq!(kept, vec![0, 1]);
     // Same tensors as the adapter PEFT itself wrote for blocks 0-1.
-    let expected: HashMap<String, Tensor> =
-        Tensor::read_safetensors(fixtures().join("adapters/tiny-llama-basic-pruned-expected/adapter_model.safetensors"))
-            .unwrap()
-            .into_iter()
-            .collect();
-    let ours: HashMap<String, Tensor> = Tensor::read_safetensors(out.join("adapter_model.safetensors"))
-        .unwrap()
-        .into_iter()
-        .collect();
+    let expected: HashMap<String, Tensor> = Tensor::read_safetensors(
+        fixtures().join("adapters/tiny-llama-basic-pruned-expected/adapter_model.safetensors"),
+    )
+    .unwrap()
+    .into_iter()
+    .collect();
+    let ours: HashMap<String, Tensor> =
+        Tensor::read_safetensors(out.join("adapter_model.safetensors")).unwrap().into_iter().collect();
     assert_eq!(ours.len(), expected.len());
     for (k, v) in &expected {
         assert!(ours[k].equal(v), "{k}");

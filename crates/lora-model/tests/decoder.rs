@@ -11,10 +11,7 @@ fn fixtures() -> PathBuf {
 }
 
 fn reference(name: &str) -> HashMap<String, Tensor> {
-    Tensor::read_safetensors(fixtures().join(name).join("reference.safetensors"))
-        .unwrap()
-        .into_iter()
-        .collect()
+    Tensor::read_safetensors(fixtures().join(name).join("reference.safetensors")).unwrap().into_iter().collect()
 }
 
 fn max_abs_diff(a: &Tensor, b: &Tensor) -> f64 {
@@ -33,10 +30,7 @@ fn check_forward(name: &str) {
     let ids = &r["input_ids"];
     let mask = &r["attention_mask"];
     let all = LayerMask::all();
-    let opts = ForwardOptions {
-        hidden_states: true,
-        ..ForwardOptions::new(&all)
-    };
+    let opts = ForwardOptions { hidden_states: true, ..ForwardOptions::new(&all) };
     let out = model.forward(ids, Some(mask), &opts).unwrap();
     let logits = out.logits.unwrap();
     let d = masked_diff(&logits, &r["logits"], mask);
@@ -66,10 +60,7 @@ fn check_greedy(name: &str) {
         .zip(&mask)
         .map(|(row, m)| row.iter().zip(m).filter(|(_, &m)| m == 1).map(|(&t, _)| t).collect())
         .collect();
-    let cfg = GenerationConfig {
-        max_new_tokens: expected[0].len(),
-        ..Default::default()
-    };
+    let cfg = GenerationConfig { max_new_tokens: expected[0].len(), ..Default::default() };
     let (batched, _) = generate(&model, None, &prompts, &cfg, &LayerMask::all()).unwrap();
     for (row, exp) in batched.iter().zip(&expected) {
         assert_eq!(&row.token_ids, exp, "{name}: batched greedy tokens");
@@ -135,11 +126,7 @@ fn bad_inputs_are_errors() {
     let mut cfg = cfg;
     cfg["hidden_size"] = serde_json::json!(32);
     std::fs::write(dir.path().join("config.json"), cfg.to_string()).unwrap();
-    std::fs::copy(
-        fixtures().join("tiny-llama/model.safetensors"),
-        dir.path().join("model.safetensors"),
-    )
-    .unwrap();
+    std::fs::copy(fixtures().join("tiny-llama/model.safetensors"), dir.path().join("model.safetensors")).unwrap();
     let err = Llama::load(dir.path(), Placement::default()).unwrap_err();
     let msg = err.to_string();
     assert!(msg.contains("model.embed_tokens.weight") && msg.contains("model.safetensors"), "{msg}");

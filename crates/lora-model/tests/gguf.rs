@@ -8,8 +8,8 @@ use std::path::{Path, PathBuf};
 
 use lora_model::error::ModelError;
 use lora_model::gguf::{
-    gguf_chat_template, gguf_tokenizer, hf_config, hf_tensor_name, unpermute_qk, GgmlType,
-    GgufFile, GgufSpecialTokens, GgufValue,
+    gguf_chat_template, gguf_tokenizer, hf_config, hf_tensor_name, unpermute_qk, GgmlType, GgufFile, GgufSpecialTokens,
+    GgufValue,
 };
 use safetensors::SafeTensors;
 use serde_json::Value;
@@ -27,11 +27,7 @@ fn expected() -> Vec<(String, Vec<usize>, Vec<f32>)> {
     let st = SafeTensors::deserialize(&bytes).unwrap();
     let mut out = Vec::new();
     for (name, view) in st.tensors() {
-        let data = view
-            .data()
-            .chunks_exact(4)
-            .map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]]))
-            .collect();
+        let data = view.data().chunks_exact(4).map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]])).collect();
         out.push((name.to_string(), view.shape().to_vec(), data));
     }
     out.sort_by(|a, b| a.0.cmp(&b.0));
@@ -65,10 +61,7 @@ fn synthetic_every_type_matches_gguf_py_bit_exactly() {
         assert_bits_eq(&name, &got, &want);
         seen.insert(f.tensor_info(&name).unwrap().ggml_type.name());
     }
-    for ty in [
-        "F32", "F16", "BF16", "Q4_0", "Q4_1", "Q5_0", "Q5_1", "Q8_0", "Q2_K", "Q3_K", "Q4_K",
-        "Q5_K", "Q6_K",
-    ] {
+    for ty in ["F32", "F16", "BF16", "Q4_0", "Q4_1", "Q5_0", "Q5_1", "Q8_0", "Q2_K", "Q3_K", "Q4_K", "Q5_K", "Q6_K"] {
         assert!(seen.contains(ty), "no {ty} tensor checked");
     }
 }
@@ -87,10 +80,7 @@ fn synthetic_tensor_infos_use_ggml_dim_order() {
     assert!(f.tensor_names().any(|n| n == "blk.0.attn_k.weight"));
     assert!(f.tensor_info("nope").is_none());
     let err = f.dequantize("nope").unwrap_err().to_string();
-    assert!(
-        err.contains("nope") && err.contains("synthetic.gguf"),
-        "{err}"
-    );
+    assert!(err.contains("nope") && err.contains("synthetic.gguf"), "{err}");
 }
 
 #[test]
@@ -105,16 +95,10 @@ fn synthetic_metadata_of_every_value_type() {
     assert_eq!(f.get("test.f32"), Some(&GgufValue::F32(0.15625)));
     assert_eq!(f.get("test.u64"), Some(&GgufValue::U64((1 << 40) + 7)));
     assert_eq!(f.get("test.i64"), Some(&GgufValue::I64(-(1 << 40) - 7)));
-    assert_eq!(
-        f.get("test.f64"),
-        Some(&GgufValue::F64(std::f64::consts::E))
-    );
+    assert_eq!(f.get("test.f64"), Some(&GgufValue::F64(std::f64::consts::E)));
     assert_eq!(f.get("test.bool"), Some(&GgufValue::Bool(true)));
     assert_eq!(f.get_str("test.string").unwrap(), "héllo wörld 🙂");
-    assert_eq!(
-        f.get_str_array("test.array_str").unwrap(),
-        vec!["a", "bc", "", "中"]
-    );
+    assert_eq!(f.get_str_array("test.array_str").unwrap(), vec!["a", "bc", "", "中"]);
     assert_eq!(f.get_i64_array("test.array_i32").unwrap(), vec![1, -2, 3]);
     assert_eq!(f.get_f32_array("test.array_f32").unwrap(), vec![0.5, -1.25]);
     // integer widths coerce
@@ -126,10 +110,7 @@ fn synthetic_metadata_of_every_value_type() {
     assert_eq!(f.get_str("general.architecture").unwrap(), "llama");
     // missing and mistyped keys name the file and key
     let e = f.get_u64("no.such.key").unwrap_err().to_string();
-    assert!(
-        e.contains("synthetic.gguf") && e.contains("no.such.key"),
-        "{e}"
-    );
+    assert!(e.contains("synthetic.gguf") && e.contains("no.such.key"), "{e}");
     let e = f.get_u64("test.i8").unwrap_err().to_string();
     assert!(e.contains("test.i8") && e.contains("int8"), "{e}");
     let e = f.get_str("test.u8").unwrap_err().to_string();
@@ -184,46 +165,16 @@ fn synthetic_hf_config() {
 fn tensor_name_mapping() {
     let cases = [
         ("token_embd.weight", Some("model.embed_tokens.weight")),
-        (
-            "blk.0.attn_q.weight",
-            Some("model.layers.0.self_attn.q_proj.weight"),
-        ),
-        (
-            "blk.12.attn_k.weight",
-            Some("model.layers.12.self_attn.k_proj.weight"),
-        ),
-        (
-            "blk.3.attn_v.weight",
-            Some("model.layers.3.self_attn.v_proj.weight"),
-        ),
-        (
-            "blk.3.attn_output.weight",
-            Some("model.layers.3.self_attn.o_proj.weight"),
-        ),
-        (
-            "blk.29.ffn_gate.weight",
-            Some("model.layers.29.mlp.gate_proj.weight"),
-        ),
-        (
-            "blk.29.ffn_up.weight",
-            Some("model.layers.29.mlp.up_proj.weight"),
-        ),
-        (
-            "blk.29.ffn_down.weight",
-            Some("model.layers.29.mlp.down_proj.weight"),
-        ),
-        (
-            "blk.1.attn_norm.weight",
-            Some("model.layers.1.input_layernorm.weight"),
-        ),
-        (
-            "blk.1.ffn_norm.weight",
-            Some("model.layers.1.post_attention_layernorm.weight"),
-        ),
-        (
-            "blk.1.attn_q.bias",
-            Some("model.layers.1.self_attn.q_proj.bias"),
-        ),
+        ("blk.0.attn_q.weight", Some("model.layers.0.self_attn.q_proj.weight")),
+        ("blk.12.attn_k.weight", Some("model.layers.12.self_attn.k_proj.weight")),
+        ("blk.3.attn_v.weight", Some("model.layers.3.self_attn.v_proj.weight")),
+        ("blk.3.attn_output.weight", Some("model.layers.3.self_attn.o_proj.weight")),
+        ("blk.29.ffn_gate.weight", Some("model.layers.29.mlp.gate_proj.weight")),
+        ("blk.29.ffn_up.weight", Some("model.layers.29.mlp.up_proj.weight")),
+        ("blk.29.ffn_down.weight", Some("model.layers.29.mlp.down_proj.weight")),
+        ("blk.1.attn_norm.weight", Some("model.layers.1.input_layernorm.weight")),
+        ("blk.1.ffn_norm.weight", Some("model.layers.1.post_attention_layernorm.weight")),
+        ("blk.1.attn_q.bias", Some("model.layers.1.self_attn.q_proj.bias")),
         ("output_norm.weight", Some("model.norm.weight")),
         ("output.weight", Some("lm_head.weight")),
         ("rope_freqs.weight", None),
@@ -249,13 +200,7 @@ struct Builder {
 
 impl Builder {
     fn new() -> Self {
-        Builder {
-            kv: Vec::new(),
-            n_kv: 0,
-            infos: Vec::new(),
-            n_tensors: 0,
-            data: Vec::new(),
-        }
+        Builder { kv: Vec::new(), n_kv: 0, infos: Vec::new(), n_tensors: 0, data: Vec::new() }
     }
     fn string(buf: &mut Vec<u8>, s: &str) {
         buf.extend((s.len() as u64).to_le_bytes());
@@ -321,13 +266,8 @@ fn assert_gguf_err(r: Result<GgufFile, ModelError>, needle: &str) {
 }
 
 fn good() -> Builder {
-    let vals: Vec<u8> = [1.0f32, 2.0, 3.0, 4.0]
-        .iter()
-        .flat_map(|v| v.to_le_bytes())
-        .collect();
-    Builder::new()
-        .kv_u32("a.b", 7)
-        .tensor("w", &[2, 2], 0, 0, &vals)
+    let vals: Vec<u8> = [1.0f32, 2.0, 3.0, 4.0].iter().flat_map(|v| v.to_le_bytes()).collect();
+    Builder::new().kv_u32("a.b", 7).tensor("w", &[2, 2], 0, 0, &vals)
 }
 
 #[test]
@@ -357,17 +297,11 @@ fn every_truncation_is_an_error_not_a_panic() {
     let b = good().bytes();
     for len in 0..b.len() {
         let r = open_bytes(&b[..len]);
-        assert!(
-            matches!(r, Err(ModelError::Gguf { .. })),
-            "truncated to {len} bytes: accepted"
-        );
+        assert!(matches!(r, Err(ModelError::Gguf { .. })), "truncated to {len} bytes: accepted");
     }
     let real = std::fs::read(fixtures().join("synthetic.gguf")).unwrap();
     for len in [0, 3, 8, 23, 100, 1000, real.len() / 2, real.len() - 1] {
-        assert!(
-            open_bytes(&real[..len]).is_err(),
-            "synthetic truncated to {len}"
-        );
+        assert!(open_bytes(&real[..len]).is_err(), "synthetic truncated to {len}");
     }
 }
 
@@ -376,53 +310,34 @@ fn tensor_past_eof_is_an_error() {
     let vals = [0u8; 16];
     let b = Builder::new().tensor("w", &[2, 2], 0, 32, &vals).bytes();
     assert_gguf_err(open_bytes(&b), "`w`");
-    let b = Builder::new()
-        .tensor("w", &[2, 2], 0, u64::MAX - 4, &vals)
-        .bytes();
+    let b = Builder::new().tensor("w", &[2, 2], 0, u64::MAX - 4, &vals).bytes();
     assert_gguf_err(open_bytes(&b), "`w`");
 }
 
 #[test]
 fn overflowing_dims_are_an_error() {
-    let b = Builder::new()
-        .tensor("w", &[u64::MAX, 4], 0, 0, &[0u8; 16])
-        .bytes();
+    let b = Builder::new().tensor("w", &[u64::MAX, 4], 0, 0, &[0u8; 16]).bytes();
     assert_gguf_err(open_bytes(&b), "`w`");
-    let b = Builder::new()
-        .tensor("w", &[1 << 62, 1], 2, 0, &[0u8; 16])
-        .bytes();
+    let b = Builder::new().tensor("w", &[1 << 62, 1], 2, 0, &[0u8; 16]).bytes();
     assert_gguf_err(open_bytes(&b), "`w`");
 }
 
 #[test]
 fn partial_block_rows_are_an_error() {
     // Q8_0 rows must be multiples of 32 elements
-    let b = Builder::new()
-        .tensor("w", &[16, 1], 8, 0, &[0u8; 34])
-        .bytes();
+    let b = Builder::new().tensor("w", &[16, 1], 8, 0, &[0u8; 34]).bytes();
     assert_gguf_err(open_bytes(&b), "`w`");
 }
 
 #[test]
 fn unknown_tensor_type_fails_on_dequantize() {
-    let b = Builder::new()
-        .tensor("odd", &[32], 99, 0, &[0u8; 32])
-        .bytes();
+    let b = Builder::new().tensor("odd", &[32], 99, 0, &[0u8; 32]).bytes();
     let f = open_bytes(&b).unwrap();
     let e = f.dequantize("odd").unwrap_err().to_string();
-    assert!(
-        e.contains("odd") && e.contains("type 99") && e.contains("broken.gguf"),
-        "{e}"
-    );
+    assert!(e.contains("odd") && e.contains("type 99") && e.contains("broken.gguf"), "{e}");
     // a known but undecoded type too
-    let b = Builder::new()
-        .tensor("iq", &[256], 16, 0, &[0u8; 66])
-        .bytes();
-    let e = open_bytes(&b)
-        .unwrap()
-        .dequantize("iq")
-        .unwrap_err()
-        .to_string();
+    let b = Builder::new().tensor("iq", &[256], 16, 0, &[0u8; 66]).bytes();
+    let e = open_bytes(&b).unwrap().dequantize("iq").unwrap_err().to_string();
     assert!(e.contains("IQ2_XXS"), "{e}");
 }
 
@@ -453,10 +368,7 @@ fn huge_counts_and_bad_values_are_errors() {
     let b = Builder::new().kv_u32("general.alignment", 3).bytes();
     assert_gguf_err(open_bytes(&b), "alignment");
     // duplicate tensor names
-    let b = Builder::new()
-        .tensor("w", &[1], 0, 0, &[0; 4])
-        .tensor("w", &[1], 0, 0, &[])
-        .bytes();
+    let b = Builder::new().tensor("w", &[1], 0, 0, &[0; 4]).tensor("w", &[1], 0, 0, &[]).bytes();
     assert_gguf_err(open_bytes(&b), "duplicate");
 }
 
@@ -470,9 +382,7 @@ fn missing_file_is_an_io_error() {
 fn non_llama_arch_is_rejected_by_hf_config() {
     let mut payload = 5u64.to_le_bytes().to_vec();
     payload.extend(b"gemma");
-    let b = Builder::new()
-        .kv_raw("general.architecture", 8, &payload)
-        .bytes();
+    let b = Builder::new().kv_raw("general.architecture", 8, &payload).bytes();
     let f = open_bytes(&b).unwrap();
     let e = hf_config(&f).unwrap_err().to_string();
     assert!(e.contains("gemma") && e.contains("llama"), "{e}");
@@ -485,8 +395,7 @@ fn smollm2() -> Option<GgufFile> {
     // `LORA_SMOLLM2_GGUF` points elsewhere (e.g. when the crate is built outside the workspace).
     let p = match std::env::var_os("LORA_SMOLLM2_GGUF") {
         Some(p) => PathBuf::from(p),
-        None => Path::new(env!("CARGO_MANIFEST_DIR"))
-            .join("../../models/SmolLM2-135M-Instruct.Q4_1.gguf"),
+        None => Path::new(env!("CARGO_MANIFEST_DIR")).join("../../models/SmolLM2-135M-Instruct.Q4_1.gguf"),
     };
     if !p.exists() {
         eprintln!("skipping: {} not found (run scripts/setup.sh)", p.display());
@@ -541,10 +450,7 @@ fn smollm2_metadata_and_config() {
     assert_eq!(c["bos_token_id"], 1);
     assert_eq!(c["eos_token_id"], 2);
     let sp = GgufSpecialTokens::from_file(&f).unwrap();
-    assert_eq!(
-        (sp.bos, sp.eos, sp.unk, sp.pad),
-        (Some(1), Some(2), Some(0), Some(2))
-    );
+    assert_eq!((sp.bos, sp.eos, sp.unk, sp.pad), (Some(1), Some(2), Some(0), Some(2)));
     assert!(!sp.add_bos && !sp.add_eos);
     let tpl = gguf_chat_template(&f).unwrap();
     assert!(tpl.contains("<|im_start|>"), "{tpl}");
@@ -558,32 +464,17 @@ fn smollm2_tensors_match_gguf_py_and_transformers_permute() {
         let name = t["name"].as_str().unwrap();
         let (hf_name, data, shape) = f.load_hf_tensor(name).unwrap();
         assert_eq!(Some(hf_name), hf_tensor_name(name));
-        let want_shape: Vec<usize> = t["shape"]
-            .as_array()
-            .unwrap()
-            .iter()
-            .map(|v| v.as_u64().unwrap() as usize)
-            .collect();
+        let want_shape: Vec<usize> =
+            t["shape"].as_array().unwrap().iter().map(|v| v.as_u64().unwrap() as usize).collect();
         assert_eq!(shape, want_shape, "{name}");
         let sum: f64 = data.iter().map(|&v| f64::from(v)).sum();
         let want = t["sum"].as_f64().unwrap();
-        assert!(
-            (sum - want).abs() <= 1e-6 * want.abs().max(1.0),
-            "{name}: sum {sum} vs {want}"
-        );
+        assert!((sum - want).abs() <= 1e-6 * want.abs().max(1.0), "{name}: sum {sum} vs {want}");
         let abs: f64 = data.iter().map(|&v| f64::from(v).abs()).sum();
         let want = t["abs_sum"].as_f64().unwrap();
-        assert!(
-            (abs - want).abs() <= 1e-6 * want,
-            "{name}: abs sum {abs} vs {want}"
-        );
-        let to_f32 = |v: &Value| -> Vec<f32> {
-            v.as_array()
-                .unwrap()
-                .iter()
-                .map(|x| x.as_f64().unwrap() as f32)
-                .collect()
-        };
+        assert!((abs - want).abs() <= 1e-6 * want, "{name}: abs sum {abs} vs {want}");
+        let to_f32 =
+            |v: &Value| -> Vec<f32> { v.as_array().unwrap().iter().map(|x| x.as_f64().unwrap() as f32).collect() };
         if let Some(values) = t.get("values") {
             assert_bits_eq(name, &data, &to_f32(values));
         }
@@ -591,11 +482,7 @@ fn smollm2_tensors_match_gguf_py_and_transformers_permute() {
             let cols = shape[1];
             for (r, values) in rows.as_object().unwrap() {
                 let r: usize = r.parse().unwrap();
-                assert_bits_eq(
-                    &format!("{name} row {r}"),
-                    &data[r * cols..(r + 1) * cols],
-                    &to_f32(values),
-                );
+                assert_bits_eq(&format!("{name} row {r}"), &data[r * cols..(r + 1) * cols], &to_f32(values));
             }
         }
     }
@@ -606,42 +493,24 @@ fn smollm2_tokenizer_matches_transformers() {
     let Some(f) = smollm2() else { return };
     let tok = gguf_tokenizer(&f).unwrap();
     let reference = json_fixture("smollm2_tokenizer.json");
-    assert_eq!(
-        tok.get_vocab_size(true),
-        reference["vocab_size_with_added"].as_u64().unwrap() as usize
-    );
+    assert_eq!(tok.get_vocab_size(true), reference["vocab_size_with_added"].as_u64().unwrap() as usize);
     let cases = reference["cases"].as_array().unwrap();
     assert!(cases.len() >= 15);
     for case in cases {
         let text = case["text"].as_str().unwrap();
-        let want: Vec<u32> = case["ids"]
-            .as_array()
-            .unwrap()
-            .iter()
-            .map(|v| v.as_u64().unwrap() as u32)
-            .collect();
+        let want: Vec<u32> = case["ids"].as_array().unwrap().iter().map(|v| v.as_u64().unwrap() as u32).collect();
         let enc = tok.encode(text, true).unwrap();
         assert_eq!(enc.get_ids(), &want[..], "ids of {text:?}");
         let dec = tok.decode(&want, false).unwrap();
         assert_eq!(dec, case["decoded"].as_str().unwrap(), "decode of {text:?}");
         let dec = tok.decode(&want, true).unwrap();
-        assert_eq!(
-            dec,
-            case["decoded_skip_special"].as_str().unwrap(),
-            "decode(skip) of {text:?}"
-        );
+        assert_eq!(dec, case["decoded_skip_special"].as_str().unwrap(), "decode(skip) of {text:?}");
     }
     for (id, content, special) in reference["added_tokens"]
         .as_array()
         .unwrap()
         .iter()
-        .map(|a| {
-            (
-                a[0].as_u64().unwrap() as u32,
-                a[1].as_str().unwrap(),
-                a[2].as_bool().unwrap(),
-            )
-        })
+        .map(|a| (a[0].as_u64().unwrap() as u32, a[1].as_str().unwrap(), a[2].as_bool().unwrap()))
     {
         assert!(special);
         assert_eq!(tok.token_to_id(content), Some(id), "{content}");

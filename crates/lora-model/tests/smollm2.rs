@@ -9,8 +9,8 @@ use std::sync::{Mutex, MutexGuard, OnceLock};
 
 use lora_model::tch::{Kind, Tensor};
 use lora_model::{
-    generate, gguf_tokenizer_for, ChatMessage, ForwardOptions, GenerationConfig, LayerMask, Llama,
-    Placement, Tokenizer, WeightSource,
+    generate, gguf_tokenizer_for, ChatMessage, ForwardOptions, GenerationConfig, LayerMask, Llama, Placement,
+    Tokenizer, WeightSource,
 };
 
 fn root() -> PathBuf {
@@ -19,17 +19,12 @@ fn root() -> PathBuf {
 
 fn gguf() -> PathBuf {
     let p = root().join("models/SmolLM2-135M-Instruct.Q4_1.gguf");
-    assert!(
-        p.exists(),
-        "{} is missing: run `bash scripts/setup.sh` first",
-        p.display()
-    );
+    assert!(p.exists(), "{} is missing: run `bash scripts/setup.sh` first", p.display());
     p
 }
 
 fn reference() -> serde_json::Value {
-    let text =
-        std::fs::read_to_string(root().join("tests/fixtures/smollm2/reference.json")).unwrap();
+    let text = std::fs::read_to_string(root().join("tests/fixtures/smollm2/reference.json")).unwrap();
     serde_json::from_str(&text).unwrap()
 }
 
@@ -46,11 +41,7 @@ fn tokenizer() -> Tokenizer {
 }
 
 fn ids(v: &serde_json::Value) -> Vec<i64> {
-    v.as_array()
-        .unwrap()
-        .iter()
-        .map(|x| x.as_i64().unwrap())
-        .collect()
+    v.as_array().unwrap().iter().map(|x| x.as_i64().unwrap()).collect()
 }
 
 #[test]
@@ -58,14 +49,7 @@ fn config_from_gguf_metadata() {
     let m = model();
     let c = m.config();
     assert_eq!(
-        (
-            c.num_layers,
-            c.hidden_size,
-            c.num_heads,
-            c.num_kv_heads,
-            c.vocab_size,
-            c.head_dim
-        ),
+        (c.num_layers, c.hidden_size, c.num_heads, c.num_kv_heads, c.vocab_size, c.head_dim),
         (30, 576, 9, 3, 49152, 64)
     );
     assert!(c.tie_word_embeddings);
@@ -79,49 +63,29 @@ fn dequantized_weights_equal_transformers() {
         &std::fs::read_to_string(root().join("tests/fixtures/smollm2/tensor_stats.json")).unwrap(),
     )
     .unwrap();
-    let stats = stats
-        .get("tensors")
-        .and_then(|t| t.as_object())
-        .map_or_else(
-            || {
-                stats
-                    .iter()
-                    .map(|(k, v)| (k.clone(), v.clone()))
-                    .collect::<HashMap<_, _>>()
-            },
-            |o| o.iter().map(|(k, v)| (k.clone(), v.clone())).collect(),
-        );
+    let stats = stats.get("tensors").and_then(|t| t.as_object()).map_or_else(
+        || stats.iter().map(|(k, v)| (k.clone(), v.clone())).collect::<HashMap<_, _>>(),
+        |o| o.iter().map(|(k, v)| (k.clone(), v.clone())).collect(),
+    );
     let mut checked = 0;
     for (name, s) in &stats {
         if name == "lm_head.weight" {
             continue; // tied: transformers lists the embedding twice
         }
         let t = src.load(name, None).unwrap().to_kind(Kind::Double);
-        let shape: Vec<i64> = s["shape"]
-            .as_array()
-            .unwrap()
-            .iter()
-            .map(|x| x.as_i64().unwrap())
-            .collect();
+        let shape: Vec<i64> = s["shape"].as_array().unwrap().iter().map(|x| x.as_i64().unwrap()).collect();
         assert_eq!(t.size(), shape, "{name}");
         let sum = t.sum(Kind::Double).double_value(&[]);
         let abs = t.abs().sum(Kind::Double).double_value(&[]);
         let (es, ea) = (s["sum"].as_f64().unwrap(), s["abs_sum"].as_f64().unwrap());
-        assert!(
-            (sum - es).abs() <= 1e-6 * ea.max(1.0),
-            "{name}: sum {sum} vs {es}"
-        );
-        assert!(
-            (abs - ea).abs() <= 1e-6 * ea.max(1.0),
-            "{name}: abs sum {abs} vs {ea}"
-        );
+        assert!((sum - es).abs() <= 1e-6 * ea.max(1.0), "{name}: sum {sum} vs {es}");
+        assert!((abs - ea).abs() <= 1e-6 * ea.max(1.0), "{name}: abs sum {abs} vs {ea}");
         checked += 1;
     }
     assert!(checked >= 272, "only {checked} tensors checked");
     // Exact rows, including the un-permuted q/k projections.
     let rows: Vec<(String, Tensor)> =
-        Tensor::read_safetensors(root().join("tests/fixtures/smollm2/dequant.safetensors"))
-            .unwrap();
+        Tensor::read_safetensors(root().join("tests/fixtures/smollm2/dequant.safetensors")).unwrap();
     for (name, expected) in rows {
         let (base, sel) = if let Some(b) = name.strip_suffix(".rows_head") {
             (b.to_string(), Some(0))
@@ -146,27 +110,13 @@ fn chat_template_and_token_ids_equal_transformers() {
     let r = reference();
     let tk = tokenizer();
     for (i, p) in r["prompts"].as_array().unwrap().iter().enumerate() {
-        let text = tk
-            .apply_chat_template(&[ChatMessage::user(p.as_str().unwrap())])
-            .unwrap();
-        assert_eq!(
-            text,
-            r["chat_texts"][i].as_str().unwrap(),
-            "prompt {i}: rendered template"
-        );
-        assert_eq!(
-            tk.encode_prompt(p.as_str().unwrap(), true).unwrap(),
-            ids(&r["prompt_ids"][i]),
-            "prompt {i}"
-        );
+        let text = tk.apply_chat_template(&[ChatMessage::user(p.as_str().unwrap())]).unwrap();
+        assert_eq!(text, r["chat_texts"][i].as_str().unwrap(), "prompt {i}: rendered template");
+        assert_eq!(tk.encode_prompt(p.as_str().unwrap(), true).unwrap(), ids(&r["prompt_ids"][i]), "prompt {i}");
     }
     for case in r["tokenize_cases"].as_array().unwrap() {
         let text = case["text"].as_str().unwrap();
-        assert_eq!(
-            tk.encode(text, false).unwrap(),
-            ids(&case["ids"]),
-            "{text:?}"
-        );
+        assert_eq!(tk.encode(text, false).unwrap(), ids(&case["ids"]), "{text:?}");
     }
 }
 
@@ -179,10 +129,7 @@ fn forward_equals_transformers() {
             .into_iter()
             .collect();
     let all = LayerMask::all();
-    let opts = ForwardOptions {
-        hidden_states: true,
-        ..ForwardOptions::new(&all)
-    };
+    let opts = ForwardOptions { hidden_states: true, ..ForwardOptions::new(&all) };
     let out = m.forward(&f["input_ids"], None, &opts).unwrap();
     let t = f["input_ids"].size()[1];
     let logits = out.logits.unwrap().select(0, 0).select(0, t - 1);
@@ -190,20 +137,9 @@ fn forward_equals_transformers() {
     assert!(d < 2e-3, "last-position logits differ by {d}");
     for (i, h) in out.hidden_states.iter().enumerate().skip(1) {
         let ours = h.select(0, 0).select(0, t - 1);
-        let d = (&ours - f["block_output_last"].select(0, i as i64 - 1))
-            .abs()
-            .max()
-            .double_value(&[]);
-        let scale = f["block_output_last"]
-            .select(0, i as i64 - 1)
-            .abs()
-            .max()
-            .double_value(&[]);
-        assert!(
-            d <= 1e-4 * scale.max(1.0),
-            "block {} output differs by {d} (scale {scale})",
-            i - 1
-        );
+        let d = (&ours - f["block_output_last"].select(0, i as i64 - 1)).abs().max().double_value(&[]);
+        let scale = f["block_output_last"].select(0, i as i64 - 1).abs().max().double_value(&[]);
+        assert!(d <= 1e-4 * scale.max(1.0), "block {} output differs by {d} (scale {scale})", i - 1);
     }
 }
 
@@ -211,29 +147,12 @@ fn forward_equals_transformers() {
 fn greedy_generation_equals_transformers() {
     let r = reference();
     let tk = tokenizer();
-    let prompts: Vec<Vec<i64>> = r["prompt_ids"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .map(ids)
-        .collect();
-    let cfg = GenerationConfig {
-        max_new_tokens: 32,
-        eos_token_ids: tk.eos_token_ids().to_vec(),
-        ..Default::default()
-    };
+    let prompts: Vec<Vec<i64>> = r["prompt_ids"].as_array().unwrap().iter().map(ids).collect();
+    let cfg = GenerationConfig { max_new_tokens: 32, eos_token_ids: tk.eos_token_ids().to_vec(), ..Default::default() };
     let (batched, _) = generate(&model(), Some(&tk), &prompts, &cfg, &LayerMask::all()).unwrap();
     for (i, g) in batched.iter().enumerate() {
-        assert_eq!(
-            g.token_ids,
-            ids(&r["greedy_ids"][i]),
-            "prompt {i} (batched)"
-        );
-        assert_eq!(
-            g.text,
-            r["greedy_texts"][i].as_str().unwrap(),
-            "prompt {i} text"
-        );
+        assert_eq!(g.token_ids, ids(&r["greedy_ids"][i]), "prompt {i} (batched)");
+        assert_eq!(g.text, r["greedy_texts"][i].as_str().unwrap(), "prompt {i} text");
     }
     let (single, _) = generate(&model(), Some(&tk), &prompts[..1], &cfg, &LayerMask::all()).unwrap();
     assert_eq!(single[0].token_ids, ids(&r["greedy_ids"][0]));

@@ -13,25 +13,10 @@ const L: usize = 30;
 const N: usize = 256;
 
 fn run(strategy: Strategy, seed: u64) -> SearchReport {
-    let means = Profile::Ramp {
-        start: 8,
-        end: 18,
-        low: 0.2,
-        high: 0.8,
-    }
-    .means(L);
+    let means = Profile::Ramp { start: 8, end: 18, low: 0.2, high: 0.8 }.means(L);
     let mut real = SyntheticScorer::new(means.clone(), 0.08, 0.1, seed);
-    let mut proxy = SyntheticScorer::new(
-        means.iter().map(|m| 2.0 * m - 3.0).collect(),
-        0.1,
-        0.2,
-        seed + 1,
-    );
-    let search = BoundarySearch::new(L)
-        .strategy(strategy)
-        .epsilon(0.03)
-        .seed(seed)
-        .bootstrap_resamples(1000);
+    let mut proxy = SyntheticScorer::new(means.iter().map(|m| 2.0 * m - 3.0).collect(), 0.1, 0.2, seed + 1);
+    let search = BoundarySearch::new(L).strategy(strategy).epsilon(0.03).seed(seed).bootstrap_resamples(1000);
     match search.run_with_proxy(&mut proxy, &mut real, N) {
         Ok(r) => r,
         Err(e) => panic!("search failed: {e}"),
@@ -40,9 +25,7 @@ fn run(strategy: Strategy, seed: u64) -> SearchReport {
 
 fn bench(c: &mut Criterion) {
     let exhaustive = run(Strategy::Exhaustive, 0);
-    eprintln!(
-        "L={L}, n={N}, ramp profile; cost in full validation evaluations (ratio to exhaustive):"
-    );
+    eprintln!("L={L}, n={N}, ramp profile; cost in full validation evaluations (ratio to exhaustive):");
     for st in Strategy::ALL {
         let r = run(st, 0);
         eprintln!(

@@ -49,11 +49,7 @@ impl Curve {
         if mean.len() < 2 {
             return Err(SearchError::CurveTooShort { len: mean.len() });
         }
-        Ok(Curve {
-            mean,
-            lower: None,
-            upper: None,
-        })
+        Ok(Curve { mean, lower: None, upper: None })
     }
 
     /// A curve with a confidence band; requires `lower[i] <= mean[i] <= upper[i]`.
@@ -63,21 +59,12 @@ impl Curve {
         check_series(&upper, "upper")?;
         for (series, v) in [("lower", &lower), ("upper", &upper)] {
             if v.len() != c.mean.len() {
-                return Err(SearchError::CiLength {
-                    series,
-                    expected: c.mean.len(),
-                    got: v.len(),
-                });
+                return Err(SearchError::CiLength { series, expected: c.mean.len(), got: v.len() });
             }
         }
         for (i, ((&l, &m), &u)) in lower.iter().zip(&c.mean).zip(&upper).enumerate() {
             if !(l <= m && m <= u) {
-                return Err(SearchError::CiOrder {
-                    point: i,
-                    lower: l,
-                    mean: m,
-                    upper: u,
-                });
+                return Err(SearchError::CiOrder { point: i, lower: l, mean: m, upper: u });
             }
         }
         c.lower = Some(lower);
@@ -109,11 +96,7 @@ impl Curve {
 fn check_series(v: &[f64], series: &'static str) -> Result<(), SearchError> {
     for (i, &x) in v.iter().enumerate() {
         if !x.is_finite() {
-            return Err(SearchError::NonFiniteCurve {
-                point: i,
-                series,
-                value: x,
-            });
+            return Err(SearchError::NonFiniteCurve { point: i, series, value: x });
         }
     }
     Ok(())
@@ -274,11 +257,7 @@ pub fn detect(curve: &Curve, method: Detection) -> Result<Detected, SearchError>
 }
 
 /// [`detect`] with an explicit minimum rise `min_rise ≥ 0` (absolute probability).
-pub fn detect_with(
-    curve: &Curve,
-    method: Detection,
-    min_rise: f64,
-) -> Result<Detected, SearchError> {
+pub fn detect_with(curve: &Curve, method: Detection, min_rise: f64) -> Result<Detected, SearchError> {
     if !(min_rise.is_finite() && min_rise >= 0.0) {
         return Err(SearchError::InvalidDetection {
             name: "min_rise",
@@ -308,14 +287,7 @@ pub fn detect_with(
             }
         );
     }
-    Ok(Detected {
-        method,
-        boundary,
-        point: boundary.map(|b| b + 1),
-        rise,
-        evidence,
-        note,
-    })
+    Ok(Detected { method, boundary, point: boundary.map(|b| b + 1), rise, evidence, note })
 }
 
 fn rise_check(curve: &Curve, min_rise: f64) -> RiseCheck {
@@ -381,41 +353,19 @@ fn steepest(p: &[f64], l: usize, h: usize) -> (Option<usize>, Evidence, String) 
         ),
         None => "no block increases the probability".to_string(),
     };
-    (
-        found,
-        Evidence::SteepestRise {
-            diffs,
-            smoothed,
-            centre,
-            window: [a, b],
-            peak_smoothed,
-            peak_diff,
-        },
-        note,
-    )
+    (found, Evidence::SteepestRise { diffs, smoothed, centre, window: [a, b], peak_smoothed, peak_diff }, note)
 }
 
-fn threshold(
-    p: &[f64],
-    l: usize,
-    tau: f64,
-) -> Result<(Option<usize>, Evidence, String), SearchError> {
+fn threshold(p: &[f64], l: usize, tau: f64) -> Result<(Option<usize>, Evidence, String), SearchError> {
     if !(tau.is_finite() && tau > 0.0 && tau <= 1.0) {
-        return Err(SearchError::InvalidDetection {
-            name: "tau",
-            value: tau.to_string(),
-            why: "must be in (0, 1]",
-        });
+        return Err(SearchError::InvalidDetection { name: "tau", value: tau.to_string(), why: "must be in (0, 1]" });
     }
     let final_prob = p[l];
     let target = tau * final_prob;
     let (crossing, note) = if final_prob <= 0.0 {
         (None, "final probability is 0: nothing to reach".to_string())
     } else if p[0] >= target {
-        (
-            None,
-            format!("the embeddings already reach the target {target:.4}"),
-        )
+        (None, format!("the embeddings already reach the target {target:.4}"))
     } else {
         match (1..=l).find(|&i| p[i] >= target) {
             Some(i) => (
@@ -447,17 +397,10 @@ fn knee(p: &[f64], l: usize) -> (Option<usize>, Evidence, String) {
     let lo = p.iter().copied().fold(f64::INFINITY, f64::min);
     let hi = p.iter().copied().fold(f64::NEG_INFINITY, f64::max);
     let span = hi - lo;
-    let normalized: Vec<f64> = p
-        .iter()
-        .map(|&v| if span > 0.0 { (v - lo) / span } else { 0.0 })
-        .collect();
+    let normalized: Vec<f64> = p.iter().map(|&v| if span > 0.0 { (v - lo) / span } else { 0.0 }).collect();
     let x = |i: usize| i as f64 / l as f64;
     let area: f64 = normalized.iter().enumerate().map(|(i, y)| y - x(i)).sum();
-    let shape = if area >= 0.0 {
-        Shape::Concave
-    } else {
-        Shape::Convex
-    };
+    let shape = if area >= 0.0 { Shape::Concave } else { Shape::Convex };
     let difference: Vec<f64> = normalized
         .iter()
         .enumerate()
@@ -480,18 +423,7 @@ fn knee(p: &[f64], l: usize) -> (Option<usize>, Evidence, String) {
         Some(b) => format!("{shape:?} curve, knee at point {k} (D = {dk:.4}) -> boundary {b}"),
         None => format!("no knee: largest difference D = {dk:.4} < {MIN_KNEE}"),
     };
-    (
-        found,
-        Evidence::Knee {
-            shape,
-            area,
-            normalized,
-            difference,
-            knee_point: k,
-            knee_value: dk,
-        },
-        note,
-    )
+    (found, Evidence::Knee { shape, area, normalized, difference, knee_point: k, knee_value: dk }, note)
 }
 
 /// Index of the first maximum (0 for an empty slice).
@@ -510,9 +442,7 @@ mod tests {
     use super::*;
 
     fn sigmoid_curve(l: usize, centre: f64, width: f64) -> Vec<f64> {
-        (0..=l)
-            .map(|i| 0.9 / (1.0 + (-(i as f64 - centre) / width).exp()))
-            .collect()
+        (0..=l).map(|i| 0.9 / (1.0 + (-(i as f64 - centre) / width).exp())).collect()
     }
 
     #[test]
@@ -529,11 +459,7 @@ mod tests {
         let d = detect(&c, Detection::Threshold { tau: 0.5 }).unwrap();
         assert_eq!(d.boundary, Some(6));
         match d.evidence {
-            Evidence::Threshold {
-                target,
-                crossing_point,
-                ..
-            } => {
+            Evidence::Threshold { target, crossing_point, .. } => {
                 assert!((target - 0.45).abs() < 1e-12);
                 assert_eq!(crossing_point, Some(7));
             }
@@ -564,24 +490,13 @@ mod tests {
         let c = Curve::new(vec![0.0, 0.3, 0.6, 0.9, 0.9, 0.9, 0.9, 0.9, 0.9]).unwrap();
         let d = detect(&c, Detection::Knee).unwrap();
         assert_eq!(d.boundary, Some(2), "{}", d.note);
-        assert!(matches!(
-            d.evidence,
-            Evidence::Knee {
-                shape: Shape::Concave,
-                knee_point: 3,
-                ..
-            }
-        ));
+        assert!(matches!(d.evidence, Evidence::Knee { shape: Shape::Concave, knee_point: 3, .. }));
     }
 
     #[test]
     fn flat_and_noisy_curves_have_no_clear_rise() {
         let c = Curve::new(vec![0.3, 0.31, 0.29, 0.3, 0.32, 0.3]).unwrap();
-        for m in [
-            Detection::SteepestRise { half_window: 1 },
-            Detection::Threshold { tau: 0.5 },
-            Detection::Knee,
-        ] {
+        for m in [Detection::SteepestRise { half_window: 1 }, Detection::Threshold { tau: 0.5 }, Detection::Knee] {
             let d = detect(&c, m).unwrap();
             assert!(!d.is_clear(), "{m:?}");
             assert!(!d.rise.clear);
@@ -620,20 +535,11 @@ mod tests {
 
     #[test]
     fn bad_curves_are_errors() {
-        assert_eq!(
-            Curve::new(vec![]).unwrap_err(),
-            SearchError::CurveTooShort { len: 0 }
-        );
-        assert!(matches!(
-            Curve::new(vec![0.0, f64::NAN]),
-            Err(SearchError::NonFiniteCurve { point: 1, .. })
-        ));
+        assert_eq!(Curve::new(vec![]).unwrap_err(), SearchError::CurveTooShort { len: 0 });
+        assert!(matches!(Curve::new(vec![0.0, f64::NAN]), Err(SearchError::NonFiniteCurve { point: 1, .. })));
         assert!(matches!(
             Curve::with_ci(vec![0.0, 0.5], vec![0.0], vec![0.1, 0.6]),
-            Err(SearchError::CiLength {
-                series: "lower",
-                ..
-            })
+            Err(SearchError::CiLength { series: "lower", .. })
         ));
         assert!(matches!(
             Curve::with_ci(vec![0.0, 0.5], vec![0.0, 0.6], vec![0.1, 0.7]),

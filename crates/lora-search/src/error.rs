@@ -46,9 +46,7 @@ pub enum SearchError {
         why: &'static str,
     },
     /// The per-layer LoRA parameter counts do not match the number of layers.
-    #[error(
-        "per-layer LoRA parameter counts: expected {expected} entries (one per layer), got {got}"
-    )]
+    #[error("per-layer LoRA parameter counts: expected {expected} entries (one per layer), got {got}")]
     ParamCountLength {
         /// Number of layers.
         expected: usize,

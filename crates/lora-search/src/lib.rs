@@ -41,13 +41,12 @@ mod stats;
 pub mod synthetic;
 
 pub use curve::{
-    detect, detect_with, Curve, Detected, Detection, Evidence, RiseCheck, Shape, DEFAULT_MIN_RISE,
-    MIN_KNEE,
+    detect, detect_with, Curve, Detected, Detection, Evidence, RiseCheck, Shape, DEFAULT_MIN_RISE, MIN_KNEE,
 };
 pub use error::SearchError;
 pub use scorer::{FnScorer, Memo, Scorer};
 pub use search::{
-    parse_range, BoundarySearch, Candidate, ProxyScore, SearchReport, Strategy, TieRule,
-    DEFAULT_BUDGET, DEFAULT_EPSILON, DEFAULT_RESAMPLES,
+    parse_range, BoundarySearch, Candidate, ProxyScore, SearchReport, Strategy, TieRule, DEFAULT_BUDGET,
+    DEFAULT_EPSILON, DEFAULT_RESAMPLES,
 };
 pub use stats::paired_bootstrap_ci;

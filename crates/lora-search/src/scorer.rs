@@ -99,14 +99,7 @@ pub struct Memo<S> {
 impl<S: Scorer> Memo<S> {
     /// Wraps `inner` for a validation set of `n_samples` samples.
     pub fn new(inner: S, n_samples: usize) -> Self {
-        Memo {
-            inner,
-            n_samples,
-            cache: HashMap::new(),
-            sample_evals: 0,
-            batches: 0,
-            per_boundary: HashMap::new(),
-        }
+        Memo { inner, n_samples, cache: HashMap::new(), sample_evals: 0, batches: 0, per_boundary: HashMap::new() }
     }
 
     /// Number of `(boundary, sample)` pairs the inner scorer actually evaluated.
@@ -149,10 +142,7 @@ impl<S: Scorer> Scorer for Memo<S> {
         let mut missing: Vec<usize> = Vec::new();
         for &s in samples {
             if s >= self.n_samples {
-                return Err(SearchError::SampleOutOfRange {
-                    sample: s,
-                    n_samples: self.n_samples,
-                });
+                return Err(SearchError::SampleOutOfRange { sample: s, n_samples: self.n_samples });
             }
             if !self.cache.contains_key(&(boundary, s)) && !missing.contains(&s) {
                 missing.push(s);
@@ -162,19 +152,11 @@ impl<S: Scorer> Scorer for Memo<S> {
             let got = self.inner.score(boundary, &missing)?;
             self.batches += 1;
             if got.len() != missing.len() {
-                return Err(SearchError::ScoreCount {
-                    boundary,
-                    expected: missing.len(),
-                    got: got.len(),
-                });
+                return Err(SearchError::ScoreCount { boundary, expected: missing.len(), got: got.len() });
             }
             for (&s, &v) in missing.iter().zip(&got) {
                 if !v.is_finite() {
-                    return Err(SearchError::NonFiniteScore {
-                        boundary,
-                        sample: s,
-                        value: v,
-                    });
+                    return Err(SearchError::NonFiniteScore { boundary, sample: s, value: v });
                 }
             }
             for (&s, &v) in missing.iter().zip(&got) {
@@ -190,10 +172,7 @@ impl<S: Scorer> Scorer for Memo<S> {
                 self.cache
                     .get(&(boundary, s))
                     .copied()
-                    .ok_or(SearchError::SampleOutOfRange {
-                        sample: s,
-                        n_samples: self.n_samples,
-                    })
+                    .ok_or(SearchError::SampleOutOfRange { sample: s, n_samples: self.n_samples })
             })
             .collect()
     }
@@ -234,29 +213,9 @@ mod tests {
             }
         }
         let mut m = Memo::new(Short, 3);
-        assert!(matches!(
-            m.score(0, &[0, 1]),
-            Err(SearchError::ScoreCount {
-                expected: 2,
-                got: 1,
-                ..
-            })
-        ));
+        assert!(matches!(m.score(0, &[0, 1]), Err(SearchError::ScoreCount { expected: 2, got: 1, .. })));
         let mut m = Memo::new(FnScorer::new(|_, _| Ok(f64::NAN)), 3);
-        assert!(matches!(
-            m.score(1, &[2]),
-            Err(SearchError::NonFiniteScore {
-                boundary: 1,
-                sample: 2,
-                ..
-            })
-        ));
-        assert!(matches!(
-            m.score(1, &[3]),
-            Err(SearchError::SampleOutOfRange {
-                sample: 3,
-                n_samples: 3
-            })
-        ));
+        assert!(matches!(m.score(1, &[2]), Err(SearchError::NonFiniteScore { boundary: 1, sample: 2, .. })));
+        assert!(matches!(m.score(1, &[3]), Err(SearchError::SampleOutOfRange { sample: 3, n_samples: 3 })));
     }
 }

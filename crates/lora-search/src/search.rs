@@ -47,12 +47,8 @@ impl Strategy {
     }
 
     /// All strategies, in CLI order.
-    pub const ALL: [Strategy; 4] = [
-        Strategy::Exhaustive,
-        Strategy::CoarseToFine,
-        Strategy::Halving,
-        Strategy::ProxyFirst,
-    ];
+    pub const ALL: [Strategy; 4] =
+        [Strategy::Exhaustive, Strategy::CoarseToFine, Strategy::Halving, Strategy::ProxyFirst];
 }
 
 impl fmt::Display for Strategy {
@@ -329,11 +325,7 @@ impl BoundarySearch {
 
     /// Runs the search with one scorer. [`Strategy::ProxyFirst`] needs
     /// [`BoundarySearch::run_with_proxy`] and fails here with [`SearchError::MissingProxy`].
-    pub fn run<S: Scorer>(
-        &self,
-        scorer: &mut S,
-        n_samples: usize,
-    ) -> Result<SearchReport, SearchError> {
+    pub fn run<S: Scorer>(&self, scorer: &mut S, n_samples: usize) -> Result<SearchReport, SearchError> {
         let mut real: &mut dyn Scorer = scorer;
         self.run_inner(None, &mut real, n_samples)
     }
@@ -358,11 +350,7 @@ impl BoundarySearch {
             return Err(SearchError::EmptyRange { lo, hi });
         }
         if hi >= self.num_layers {
-            return Err(SearchError::RangeOutOfBounds {
-                lo,
-                hi,
-                num_layers: self.num_layers,
-            });
+            return Err(SearchError::RangeOutOfBounds { lo, hi, num_layers: self.num_layers });
         }
         Ok((lo, hi))
     }
@@ -377,11 +365,7 @@ impl BoundarySearch {
         let (lo, hi) = self.checked_range()?;
         let bad = |name, value: String, why| Err(SearchError::InvalidConfig { name, value, why });
         if !(self.epsilon.is_finite() && self.epsilon >= 0.0) {
-            return bad(
-                "epsilon",
-                self.epsilon.to_string(),
-                "must be finite and >= 0",
-            );
+            return bad("epsilon", self.epsilon.to_string(), "must be finite and >= 0");
         }
         if self.bootstrap_resamples == 0 {
             return bad("bootstrap_resamples", "0".into(), "must be >= 1");
@@ -408,10 +392,7 @@ impl BoundarySearch {
             None => vec![1.0; self.num_layers],
             Some(c) => {
                 if c.len() != self.num_layers {
-                    return Err(SearchError::ParamCountLength {
-                        expected: self.num_layers,
-                        got: c.len(),
-                    });
+                    return Err(SearchError::ParamCountLength { expected: self.num_layers, got: c.len() });
                 }
                 if let Some(v) = c.iter().find(|v| !(v.is_finite() && **v >= 0.0)) {
                     return bad("param_counts", v.to_string(), "must be finite and >= 0");
@@ -445,12 +426,7 @@ impl BoundarySearch {
         let mut order: Vec<usize> = (0..n).collect();
         Rng::new(mix(&[self.seed, 0x005E_A5C4])).shuffle(&mut order);
         let mut table = Table::new(Memo::new(scorer, n), n);
-        let ctx = Ctx {
-            lo,
-            hi,
-            reference,
-            order: &order,
-        };
+        let ctx = Ctx { lo, hi, reference, order: &order };
         let mut proxy_ranking = Vec::new();
         let mut proxy_calls = 0;
         match self.strategy {
@@ -475,9 +451,7 @@ impl BoundarySearch {
     fn coarse_to_fine(&self, ctx: &Ctx<'_>, table: &mut Table<'_>) -> Result<(), SearchError> {
         let (lo, hi) = (ctx.lo, ctx.hi);
         let k = hi - lo + 1;
-        let s = self
-            .stride
-            .unwrap_or_else(|| ((k as f64).sqrt().round() as usize).max(2));
+        let s = self.stride.unwrap_or_else(|| ((k as f64).sqrt().round() as usize).max(2));
         table.eval(ctx.reference, ctx.order)?;
         let mut b = lo;
         while b <= hi {
@@ -490,10 +464,7 @@ impl BoundarySearch {
             t = t.div_ceil(2);
             let (chosen, best) = self.select_full(ctx, table)?;
             for centre in [chosen, best] {
-                for cand in [centre.checked_sub(t), centre.checked_add(t)]
-                    .into_iter()
-                    .flatten()
-                {
+                for cand in [centre.checked_sub(t), centre.checked_add(t)].into_iter().flatten() {
                     if (lo..=hi).contains(&cand) && !table.is_full(cand) {
                         table.eval(cand, ctx.order)?;
                     }
@@ -555,11 +526,7 @@ impl BoundarySearch {
         }
         let ranking = scored
             .iter()
-            .map(|(b, s)| ProxyScore {
-                boundary: *b,
-                score: mean(s),
-                shortlisted: list.contains(b),
-            })
+            .map(|(b, s)| ProxyScore { boundary: *b, score: mean(s), shortlisted: list.contains(b) })
             .collect();
         Ok((ranking, ptable.memo.sample_evals()))
     }
@@ -570,16 +537,10 @@ impl BoundarySearch {
         let finalists: Vec<usize> = (ctx.lo..=ctx.hi).filter(|&b| table.is_full(b)).collect();
         let scored = table.scores_on(&finalists, ctx.order);
         let means: Vec<(usize, f64)> = scored.iter().map(|(b, s)| (*b, mean(s))).collect();
-        let best = best_of(&means).ok_or(SearchError::EmptyRange {
-            lo: ctx.lo,
-            hi: ctx.hi,
-        })?;
+        let best = best_of(&means).ok_or(SearchError::EmptyRange { lo: ctx.lo, hi: ctx.hi })?;
         let best_scores = table.scores(best.0, ctx.order);
         let ties: Vec<bool> = match self.tie_rule {
-            TieRule::Epsilon => means
-                .iter()
-                .map(|(_, m)| *m >= best.1 - self.epsilon)
-                .collect(),
+            TieRule::Epsilon => means.iter().map(|(_, m)| *m >= best.1 - self.epsilon).collect(),
             TieRule::BootstrapCi => scored
                 .par_iter()
                 .map(|(b, s)| {
@@ -593,11 +554,7 @@ impl BoundarySearch {
                 })
                 .collect(),
         };
-        let chosen = means
-            .iter()
-            .zip(&ties)
-            .find(|(_, &t)| t)
-            .map_or(best.0, |((b, _), _)| *b);
+        let chosen = means.iter().zip(&ties).find(|(_, &t)| t).map_or(best.0, |((b, _), _)| *b);
         Ok((chosen, best.0))
     }
 
@@ -611,8 +568,7 @@ impl BoundarySearch {
     ) -> Result<SearchReport, SearchError> {
         let (chosen, best) = self.select_full(ctx, table)?;
         let ref_scores = table.scores(ctx.reference, ctx.order);
-        let mut boundaries: Vec<usize> =
-            (ctx.lo..=ctx.hi).filter(|&b| table.count(b) > 0).collect();
+        let mut boundaries: Vec<usize> = (ctx.lo..=ctx.hi).filter(|&b| table.count(b) > 0).collect();
         if !boundaries.contains(&ctx.reference) {
             boundaries.push(ctx.reference);
         }
@@ -635,12 +591,7 @@ impl BoundarySearch {
             .map(|(b, s, r, calls, finalist)| Candidate {
                 boundary: *b,
                 score: mean(s),
-                ci: paired_bootstrap_ci(
-                    s,
-                    r,
-                    self.bootstrap_resamples,
-                    mix(&[self.seed, 0xC1, *b as u64]),
-                ),
+                ci: paired_bootstrap_ci(s, r, self.bootstrap_resamples, mix(&[self.seed, 0xC1, *b as u64])),
                 lora_params_kept: kept[*b],
                 scorer_calls: *calls,
                 samples: s.len(),
@@ -648,20 +599,16 @@ impl BoundarySearch {
             })
             .collect();
         cands.sort_by_key(|c| c.boundary);
-        let reference = cands
-            .iter()
-            .find(|c| c.boundary == ctx.reference)
-            .cloned()
-            .unwrap_or_else(|| Candidate {
-                // ok: the reference is always in `boundaries`; this fallback is never taken.
-                boundary: ctx.reference,
-                score: mean(&ref_scores),
-                ci: [0.0, 0.0],
-                lora_params_kept: 100.0,
-                scorer_calls: 0,
-                samples: ref_scores.len(),
-                finalist: false,
-            });
+        let reference = cands.iter().find(|c| c.boundary == ctx.reference).cloned().unwrap_or_else(|| Candidate {
+            // ok: the reference is always in `boundaries`; this fallback is never taken.
+            boundary: ctx.reference,
+            score: mean(&ref_scores),
+            ci: [0.0, 0.0],
+            lora_params_kept: 100.0,
+            scorer_calls: 0,
+            samples: ref_scores.len(),
+            finalist: false,
+        });
         cands.retain(|c| ctx.in_range(c.boundary));
         let calls = table.memo.sample_evals();
         Ok(SearchReport {
@@ -710,11 +657,7 @@ struct Table<'a> {
 
 impl<'a> Table<'a> {
     fn new(memo: Memo<&'a mut dyn Scorer>, n: usize) -> Self {
-        Table {
-            memo,
-            n,
-            seen: BTreeMap::new(),
-        }
+        Table { memo, n, seen: BTreeMap::new() }
     }
 
     fn eval(&mut self, b: usize, samples: &[usize]) -> Result<(), SearchError> {
@@ -748,10 +691,7 @@ impl<'a> Table<'a> {
 
     /// Cached scores of `b` on `samples` (samples not evaluated are skipped).
     fn scores(&self, b: usize, samples: &[usize]) -> Vec<f64> {
-        samples
-            .iter()
-            .filter_map(|&s| self.memo.cached(b, s))
-            .collect()
+        samples.iter().filter_map(|&s| self.memo.cached(b, s)).collect()
     }
 
     fn scores_on(&self, pool: &[usize], samples: &[usize]) -> Vec<(usize, Vec<f64>)> {
@@ -777,13 +717,7 @@ pub(crate) struct HalvingPlan {
 /// Cost: `n + Σ_r k_r (n_r − n_{r−1})` (the reference is evaluated on every sample; memoised
 /// samples are not paid twice). The growth `g ≥ 1` is the smallest (by bisection) whose
 /// cost fits `budget · n`; if none fits, the largest useful `g` (first subset at the floor).
-pub(crate) fn halving_plan(
-    k: usize,
-    n: usize,
-    eta: usize,
-    budget: f64,
-    min_samples: usize,
-) -> HalvingPlan {
+pub(crate) fn halving_plan(k: usize, n: usize, eta: usize, budget: f64, min_samples: usize) -> HalvingPlan {
     let mut survivors = vec![k];
     while let Some(&last) = survivors.last() {
         if last <= 1 {
@@ -815,11 +749,7 @@ pub(crate) fn halving_plan(
         c
     };
     let limit = budget * n as f64;
-    let g_max = if r_max == 0 {
-        1.0
-    } else {
-        (n.max(2) as f64).powf(1.0 / r_max as f64).max(1.0)
-    };
+    let g_max = if r_max == 0 { 1.0 } else { (n.max(2) as f64).powf(1.0 / r_max as f64).max(1.0) };
     let g = if cost_of(&schedule(1.0)) as f64 <= limit {
         1.0
     } else if cost_of(&schedule(g_max)) as f64 > limit {
@@ -838,11 +768,7 @@ pub(crate) fn halving_plan(
     };
     let samples = schedule(g);
     let cost = cost_of(&samples);
-    HalvingPlan {
-        survivors,
-        samples,
-        cost,
-    }
+    HalvingPlan { survivors, samples, cost }
 }
 
 /// Pooled standard error of paired differences to the best-scoring entry of `scored`.
@@ -893,13 +819,7 @@ fn best_of(means: &[(usize, f64)]) -> Option<(usize, f64)> {
 /// Preference order: `ĉ`; the best non-reference candidate when `k ≥ 4`; contenders by
 /// distance to `ĉ` (ties to the smaller boundary); the rest by descending mean. Returned
 /// ascending.
-fn shortlist(
-    scored: &[(usize, Vec<f64>)],
-    reference: usize,
-    epsilon: f64,
-    z: f64,
-    k: usize,
-) -> Vec<usize> {
+fn shortlist(scored: &[(usize, Vec<f64>)], reference: usize, epsilon: f64, z: f64, k: usize) -> Vec<usize> {
     let means: Vec<(usize, f64)> = scored.iter().map(|(b, s)| (*b, mean(s))).collect();
     let Some((_, top)) = best_of(&means) else {
         return Vec::new();
@@ -908,32 +828,15 @@ fn shortlist(
     let kk = means.len().max(1) as f64;
     let allowance = (2.0 * kk.ln()).max(0.0).sqrt() * se;
     let level = top - allowance;
-    let others: Vec<(usize, f64)> = means
-        .iter()
-        .copied()
-        .filter(|(b, _)| *b != reference)
-        .collect();
+    let others: Vec<(usize, f64)> = means.iter().copied().filter(|(b, _)| *b != reference).collect();
     let Some(best) = best_of(&others) else {
         return Vec::new();
     };
-    let c_hat = others
-        .iter()
-        .filter(|(_, m)| *m >= level - epsilon)
-        .map(|(b, _)| *b)
-        .min()
-        .unwrap_or(best.0);
+    let c_hat = others.iter().filter(|(_, m)| *m >= level - epsilon).map(|(b, _)| *b).min().unwrap_or(best.0);
     let bar = top - epsilon - allowance - z * se;
-    let mut contention: Vec<usize> = others
-        .iter()
-        .filter(|(_, m)| *m >= bar)
-        .map(|(b, _)| *b)
-        .collect();
+    let mut contention: Vec<usize> = others.iter().filter(|(_, m)| *m >= bar).map(|(b, _)| *b).collect();
     contention.sort_by_key(|&b| (b.abs_diff(c_hat), b));
-    let mut rest: Vec<(usize, f64)> = others
-        .iter()
-        .copied()
-        .filter(|(b, _)| !contention.contains(b))
-        .collect();
+    let mut rest: Vec<(usize, f64)> = others.iter().copied().filter(|(b, _)| !contention.contains(b)).collect();
     rest.sort_by(|x, y| y.1.total_cmp(&x.1).then(x.0.cmp(&y.0)));
     let mut order: Vec<usize> = vec![c_hat];
     if k >= 4 {
@@ -961,9 +864,8 @@ mod tests {
     #[test]
     fn plan_fits_budget_for_30_layers() {
         // The smallest validation set for which the default plan fits 3 full evaluations.
-        let first_fit = (2..2000)
-            .find(|&n| (n..n + 200).all(|m| halving_plan(29, m, 2, 3.0, 2).cost <= 3 * m))
-            .unwrap();
+        let first_fit =
+            (2..2000).find(|&n| (n..n + 200).all(|m| halving_plan(29, m, 2, 3.0, 2).cost <= 3 * m)).unwrap();
         assert_eq!(first_fit, 206);
         println!("L=30: default plan fits 3 full evaluations for every n >= {first_fit}");
         for n in [206, 256, 500, 1000] {
@@ -986,14 +888,7 @@ mod tests {
     fn shortlist_keeps_plug_in_choice_and_neighbours() {
         // Noise-free scores: SE = 0, so the allowance and margin are just epsilon.
         let s = |b: usize, m: f64| (b, vec![m, m]);
-        let scored = vec![
-            s(1, 0.1),
-            s(2, 0.5),
-            s(3, 0.79),
-            s(4, 0.8),
-            s(5, 0.78),
-            s(9, 0.81),
-        ];
+        let scored = vec![s(1, 0.1), s(2, 0.5), s(3, 0.79), s(4, 0.8), s(5, 0.78), s(9, 0.81)];
         assert_eq!(shortlist(&scored, 9, 0.05, 2.0, 1), vec![3]);
         assert_eq!(shortlist(&scored, 9, 0.05, 2.0, 2), vec![3, 4]);
         assert_eq!(shortlist(&scored, 9, 0.05, 2.0, 4), vec![2, 3, 4, 5]);
@@ -1010,10 +905,7 @@ mod tests {
     #[test]
     fn parse_range_and_strategy() {
         assert_eq!(parse_range(" 3 - 7 ").unwrap(), (3, 7));
-        assert_eq!(
-            parse_range("7-3"),
-            Err(SearchError::EmptyRange { lo: 7, hi: 3 })
-        );
+        assert_eq!(parse_range("7-3"), Err(SearchError::EmptyRange { lo: 7, hi: 3 }));
         assert!(matches!(parse_range("a-b"), Err(SearchError::BadRange(_))));
         for s in Strategy::ALL {
             assert_eq!(s.name().parse::<Strategy>().unwrap(), s);

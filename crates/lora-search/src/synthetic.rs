@@ -72,12 +72,7 @@ impl Profile {
                     *low
                 }
             }
-            Profile::Ramp {
-                start,
-                end,
-                low,
-                high,
-            } => {
+            Profile::Ramp { start, end, low, high } => {
                 if b <= *start {
                     *low
                 } else if b >= *end {
@@ -86,12 +81,7 @@ impl Profile {
                     low + (high - low) * (b - start) as f64 / (end - start) as f64
                 }
             }
-            Profile::NoisyPlateau {
-                at,
-                low,
-                high,
-                wobble,
-            } => {
+            Profile::NoisyPlateau { at, low, high, wobble } => {
                 if b < *at {
                     *low
                 } else {
@@ -126,10 +116,7 @@ pub fn expected_boundary(means: &[f64], lo: usize, hi: usize, eps: f64) -> Optio
     if lo > hi || hi >= means.len() {
         return None;
     }
-    let top = means[lo..=hi]
-        .iter()
-        .copied()
-        .fold(f64::NEG_INFINITY, f64::max);
+    let top = means[lo..=hi].iter().copied().fold(f64::NEG_INFINITY, f64::max);
     (lo..=hi).find(|&b| means[b] >= top - eps)
 }
 
@@ -146,12 +133,7 @@ impl SyntheticScorer {
     /// Scorer with true means `means[b]`, independent noise `noise` per `(b, i)` and a
     /// shared per-sample effect of standard deviation `sample_sd`.
     pub fn new(means: Vec<f64>, noise: f64, sample_sd: f64, seed: u64) -> Self {
-        SyntheticScorer {
-            means,
-            noise,
-            sample_sd,
-            seed,
-        }
+        SyntheticScorer { means, noise, sample_sd, seed }
     }
 
     /// The true means.
@@ -161,14 +143,10 @@ impl SyntheticScorer {
 
     /// The score of `(boundary, sample)`; errors for a boundary without a mean.
     pub fn value(&self, boundary: usize, sample: usize) -> Result<f64, SearchError> {
-        let m = self
-            .means
-            .get(boundary)
-            .copied()
-            .ok_or_else(|| SearchError::Scorer {
-                boundary,
-                message: format!("synthetic profile has {} boundaries", self.means.len()),
-            })?;
+        let m = self.means.get(boundary).copied().ok_or_else(|| SearchError::Scorer {
+            boundary,
+            message: format!("synthetic profile has {} boundaries", self.means.len()),
+        })?;
         let shared = Rng::new(mix(&[self.seed, 0x5A, sample as u64])).normal();
         let own = Rng::new(mix(&[self.seed, 0x0E, boundary as u64, sample as u64])).normal();
         Ok(m + self.sample_sd * shared + self.noise * own)
@@ -189,34 +167,13 @@ mod tests {
     fn profiles_have_expected_optima() {
         let l = 30;
         let eps = 0.01;
-        let step = Profile::Step {
-            at: 12,
-            low: 0.3,
-            high: 0.8,
-        }
-        .means(l);
+        let step = Profile::Step { at: 12, low: 0.3, high: 0.8 }.means(l);
         assert_eq!(expected_boundary(&step, 0, l - 1, eps), Some(12));
-        let ramp = Profile::Ramp {
-            start: 5,
-            end: 20,
-            low: 0.2,
-            high: 0.8,
-        }
-        .means(l);
+        let ramp = Profile::Ramp { start: 5, end: 20, low: 0.2, high: 0.8 }.means(l);
         assert_eq!(expected_boundary(&ramp, 0, l - 1, eps), Some(20));
-        let np = Profile::NoisyPlateau {
-            at: 9,
-            low: 0.3,
-            high: 0.8,
-            wobble: 0.005,
-        }
-        .means(l);
+        let np = Profile::NoisyPlateau { at: 9, low: 0.3, high: 0.8, wobble: 0.005 }.means(l);
         assert_eq!(expected_boundary(&np, 0, l - 1, eps), Some(9));
-        let mp = Profile::MultiPeak {
-            base: 0.3,
-            peaks: vec![(8, 0.3, 4), (20, 0.5, 4)],
-        }
-        .means(l);
+        let mp = Profile::MultiPeak { base: 0.3, peaks: vec![(8, 0.3, 4), (20, 0.5, 4)] }.means(l);
         assert_eq!(expected_boundary(&mp, 0, l - 1, eps), Some(20));
         assert_eq!(expected_boundary(&mp, 0, 14, eps), Some(8));
         let flat = Profile::Flat { level: 0.5 }.means(l);

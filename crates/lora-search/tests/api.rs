@@ -4,17 +4,7 @@ use lora_search::synthetic::{Profile, SyntheticScorer};
 use lora_search::{BoundarySearch, FnScorer, Memo, Scorer, SearchError, Strategy};
 
 fn step(l: usize) -> SyntheticScorer {
-    SyntheticScorer::new(
-        Profile::Step {
-            at: l / 2,
-            low: 0.2,
-            high: 0.9,
-        }
-        .means(l),
-        0.05,
-        0.05,
-        1,
-    )
+    SyntheticScorer::new(Profile::Step { at: l / 2, low: 0.2, high: 0.9 }.means(l), 0.05, 0.05, 1)
 }
 
 #[test]
@@ -23,36 +13,22 @@ fn empty_samples_and_ranges_are_errors_for_every_strategy() {
         let s = BoundarySearch::new(8).strategy(st);
         let mut sc = step(8);
         let mut px = step(8);
-        assert_eq!(
-            s.run_with_proxy(&mut px, &mut sc, 0),
-            Err(SearchError::EmptySamples)
-        );
+        assert_eq!(s.run_with_proxy(&mut px, &mut sc, 0), Err(SearchError::EmptySamples));
         assert_eq!(
             s.clone().range(5, 2).run_with_proxy(&mut px, &mut sc, 10),
             Err(SearchError::EmptyRange { lo: 5, hi: 2 })
         );
         assert_eq!(
             s.clone().range(2, 8).run_with_proxy(&mut px, &mut sc, 10),
-            Err(SearchError::RangeOutOfBounds {
-                lo: 2,
-                hi: 8,
-                num_layers: 8
-            })
+            Err(SearchError::RangeOutOfBounds { lo: 2, hi: 8, num_layers: 8 })
         );
         assert_eq!(
-            BoundarySearch::new(0)
-                .strategy(st)
-                .run_with_proxy(&mut px, &mut sc, 10),
+            BoundarySearch::new(0).strategy(st).run_with_proxy(&mut px, &mut sc, 10),
             Err(SearchError::ZeroLayers)
         );
     }
     let mut sc = step(8);
-    assert_eq!(
-        BoundarySearch::new(8)
-            .strategy(Strategy::ProxyFirst)
-            .run(&mut sc, 10),
-        Err(SearchError::MissingProxy)
-    );
+    assert_eq!(BoundarySearch::new(8).strategy(Strategy::ProxyFirst).run(&mut sc, 10), Err(SearchError::MissingProxy));
 }
 
 #[test]
@@ -69,43 +45,28 @@ fn bad_configuration_is_an_error() {
         base.clone().min_samples(0),
         base.clone().shortlist(0),
         base.clone().z(-1.0),
-        base.clone()
-            .param_counts(vec![1.0; 8].into_iter().map(|_| -1.0).collect()),
+        base.clone().param_counts(vec![1.0; 8].into_iter().map(|_| -1.0).collect()),
     ];
     for c in cases {
-        assert!(
-            matches!(c.run(&mut sc, 10), Err(SearchError::InvalidConfig { .. })),
-            "{c:?}"
-        );
+        assert!(matches!(c.run(&mut sc, 10), Err(SearchError::InvalidConfig { .. })), "{c:?}");
     }
     assert_eq!(
         base.clone().param_counts(vec![1.0; 3]).run(&mut sc, 10),
-        Err(SearchError::ParamCountLength {
-            expected: 8,
-            got: 3
-        })
+        Err(SearchError::ParamCountLength { expected: 8, got: 3 })
     );
-    assert_eq!(
-        base.param_counts(vec![0.0; 8]).run(&mut sc, 10),
-        Err(SearchError::ZeroParams)
-    );
+    assert_eq!(base.param_counts(vec![0.0; 8]).run(&mut sc, 10), Err(SearchError::ZeroParams));
 }
 
 #[test]
 fn scorer_failures_propagate() {
     let mut short = FnScorer::new(|b, _| {
         if b == 3 {
-            Err(SearchError::Scorer {
-                boundary: b,
-                message: "model exploded".into(),
-            })
+            Err(SearchError::Scorer { boundary: b, message: "model exploded".into() })
         } else {
             Ok(1.0)
         }
     });
-    let r = BoundarySearch::new(6)
-        .strategy(Strategy::Exhaustive)
-        .run(&mut short, 4);
+    let r = BoundarySearch::new(6).strategy(Strategy::Exhaustive).run(&mut short, 4);
     assert!(matches!(r, Err(SearchError::Scorer { boundary: 3, .. })));
     let mut nan = FnScorer::new(|_, _| Ok(f64::INFINITY));
     let r = BoundarySearch::new(6).run(&mut nan, 4);
@@ -123,11 +84,7 @@ fn scorer_failures_propagate() {
 #[test]
 fn report_json_has_the_cli_fields() {
     let mut sc = step(12);
-    let r = BoundarySearch::new(12)
-        .seed(3)
-        .epsilon(0.05)
-        .run(&mut sc, 64)
-        .unwrap();
+    let r = BoundarySearch::new(12).seed(3).epsilon(0.05).run(&mut sc, 64).unwrap();
     let j = serde_json::to_value(&r).unwrap();
     assert_eq!(j["boundary"], 6);
     assert_eq!(j["strategy"], "halving");
@@ -140,10 +97,7 @@ fn report_json_has_the_cli_fields() {
     assert!(j.get("proxy_ranking").is_none());
     // Proxy-first adds the proxy ranking.
     let mut px = step(12);
-    let r = BoundarySearch::new(12)
-        .strategy(Strategy::ProxyFirst)
-        .run_with_proxy(&mut px, &mut sc, 64)
-        .unwrap();
+    let r = BoundarySearch::new(12).strategy(Strategy::ProxyFirst).run_with_proxy(&mut px, &mut sc, 64).unwrap();
     let j = serde_json::to_value(&r).unwrap();
     assert_eq!(j["strategy"], "proxy-first");
     assert_eq!(j["proxy_ranking"].as_array().unwrap().len(), 12);
@@ -154,10 +108,7 @@ fn report_json_has_the_cli_fields() {
 #[test]
 fn lora_params_kept_follows_counts() {
     let mut sc = step(4);
-    let r = BoundarySearch::new(4)
-        .strategy(Strategy::Exhaustive)
-        .run(&mut sc, 8)
-        .unwrap();
+    let r = BoundarySearch::new(4).strategy(Strategy::Exhaustive).run(&mut sc, 8).unwrap();
     let kept: Vec<f64> = r.candidates.iter().map(|c| c.lora_params_kept).collect();
     assert_eq!(kept, vec![25.0, 50.0, 75.0, 100.0]);
     let r = BoundarySearch::new(4)
@@ -175,11 +126,7 @@ fn lora_params_kept_follows_counts() {
 fn ci_is_of_the_difference_to_full_lora() {
     // Deterministic scores: boundary b scores b/10 on every sample; full LoRA (b=4) 0.4.
     let mut sc = FnScorer::new(|b, _| Ok(b as f64 / 10.0));
-    let r = BoundarySearch::new(5)
-        .strategy(Strategy::Exhaustive)
-        .epsilon(0.0)
-        .run(&mut sc, 6)
-        .unwrap();
+    let r = BoundarySearch::new(5).strategy(Strategy::Exhaustive).epsilon(0.0).run(&mut sc, 6).unwrap();
     let c = r.candidate(1).unwrap();
     assert!((c.score - 0.1).abs() < 1e-12);
     assert!((c.ci[0] + 0.3).abs() < 1e-12 && (c.ci[1] + 0.3).abs() < 1e-12);
@@ -195,39 +142,19 @@ fn shared_memo_spans_runs() {
     let a = s.run(&mut memo, 32).unwrap();
     let after_first = memo.sample_evals();
     assert_eq!(after_first, 10 * 32);
-    let b = s
-        .clone()
-        .strategy(Strategy::CoarseToFine)
-        .run(&mut memo, 32)
-        .unwrap();
-    assert_eq!(
-        memo.sample_evals(),
-        after_first,
-        "second run is served from the shared memo"
-    );
+    let b = s.clone().strategy(Strategy::CoarseToFine).run(&mut memo, 32).unwrap();
+    assert_eq!(memo.sample_evals(), after_first, "second run is served from the shared memo");
     assert_eq!(a.boundary, b.boundary);
 }
 
 #[test]
 fn single_candidate_range() {
     let mut sc = step(6);
-    for st in [
-        Strategy::Exhaustive,
-        Strategy::CoarseToFine,
-        Strategy::Halving,
-    ] {
-        let r = BoundarySearch::new(6)
-            .strategy(st)
-            .range(5, 5)
-            .run(&mut sc, 7)
-            .unwrap();
+    for st in [Strategy::Exhaustive, Strategy::CoarseToFine, Strategy::Halving] {
+        let r = BoundarySearch::new(6).strategy(st).range(5, 5).run(&mut sc, 7).unwrap();
         assert_eq!(r.boundary, 5);
         assert_eq!(r.scorer_calls, 7);
-        let r = BoundarySearch::new(6)
-            .strategy(st)
-            .range(2, 2)
-            .run(&mut sc, 7)
-            .unwrap();
+        let r = BoundarySearch::new(6).strategy(st).range(2, 2).run(&mut sc, 7).unwrap();
         assert_eq!(r.boundary, 2);
         assert_eq!(r.scorer_calls, 14);
     }

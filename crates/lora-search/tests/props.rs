@@ -14,12 +14,7 @@ fn run(
     n: usize,
 ) -> lora_search::SearchReport {
     let mut real = SyntheticScorer::new(means.to_vec(), noise, 0.1, seed);
-    let mut proxy = SyntheticScorer::new(
-        means.iter().map(|m| 2.0 * m - 1.0).collect(),
-        noise,
-        0.1,
-        seed + 1,
-    );
+    let mut proxy = SyntheticScorer::new(means.iter().map(|m| 2.0 * m - 1.0).collect(), noise, 0.1, seed + 1);
     BoundarySearch::new(means.len())
         .strategy(strategy)
         .range(range.0, range.1)

@@ -15,63 +15,27 @@ struct Suite {
 
 fn suites() -> Vec<Suite> {
     vec![
-        Suite {
-            name: "step",
-            profile: Profile::Step {
-                at: 17,
-                low: 0.3,
-                high: 0.8,
-            },
-            noise: 0.08,
-            eps: 0.03,
-        },
-        Suite {
-            name: "step-early",
-            profile: Profile::Step {
-                at: 4,
-                low: 0.3,
-                high: 0.8,
-            },
-            noise: 0.08,
-            eps: 0.03,
-        },
+        Suite { name: "step", profile: Profile::Step { at: 17, low: 0.3, high: 0.8 }, noise: 0.08, eps: 0.03 },
+        Suite { name: "step-early", profile: Profile::Step { at: 4, low: 0.3, high: 0.8 }, noise: 0.08, eps: 0.03 },
         Suite {
             name: "ramp",
-            profile: Profile::Ramp {
-                start: 8,
-                end: 18,
-                low: 0.2,
-                high: 0.8,
-            },
+            profile: Profile::Ramp { start: 8, end: 18, low: 0.2, high: 0.8 },
             noise: 0.08,
             eps: 0.03,
         },
         Suite {
             name: "noisy-plateau",
-            profile: Profile::NoisyPlateau {
-                at: 11,
-                low: 0.3,
-                high: 0.8,
-                wobble: 0.01,
-            },
+            profile: Profile::NoisyPlateau { at: 11, low: 0.3, high: 0.8, wobble: 0.01 },
             noise: 0.15,
             eps: 0.05,
         },
         Suite {
             name: "multi-peak",
-            profile: Profile::MultiPeak {
-                base: 0.3,
-                peaks: vec![(8, 0.3, 4), (20, 0.5, 4)],
-            },
+            profile: Profile::MultiPeak { base: 0.3, peaks: vec![(8, 0.3, 4), (20, 0.5, 4)] },
             noise: 0.08,
             eps: 0.03,
         },
-        Suite {
-            name: "flat",
-            profile: Profile::Flat { level: 0.5 },
-            noise: 0.08,
-            eps: 0.03,
-        },
+        Suite { name: "flat", profile: Profile::Flat { level: 0.5 }, noise: 0.08, eps: 0.03 },
     ]
 }
 
@@ -116,11 +80,7 @@ fn fast_strategies_agree_with_exhaustive() {
         let mut misses = 0;
         for seed in 0..seeds {
             let ex = search(&s, Strategy::Exhaustive, seed);
-            for st in [
-                Strategy::Halving,
-                Strategy::CoarseToFine,
-                Strategy::ProxyFirst,
-            ] {
+            for st in [Strategy::Halving, Strategy::CoarseToFine, Strategy::ProxyFirst] {
                 let r = search(&s, st, seed);
                 assert!(r.scorer_calls < ex.scorer_calls, "{} {st}", s.name);
                 if st == Strategy::Halving {
@@ -133,11 +93,7 @@ fn fast_strategies_agree_with_exhaustive() {
                 assert_eq!(r.boundary, ex.boundary, "{} {st} seed {seed}", s.name);
             }
         }
-        assert!(
-            misses <= 1,
-            "{}: halving missed {misses}/{seeds}: {halving_misses:?}",
-            s.name
-        );
+        assert!(misses <= 1, "{}: halving missed {misses}/{seeds}: {halving_misses:?}", s.name);
     }
     assert!(halving_misses.len() <= 2, "{halving_misses:?}");
 }
@@ -147,19 +103,9 @@ fn default_strategy_costs_at_most_three_full_evaluations() {
     for s in suites() {
         for seed in 0..3 {
             let r = search(&s, Strategy::default(), seed);
-            assert!(
-                r.full_evaluations <= 3.0,
-                "{}: {}",
-                s.name,
-                r.full_evaluations
-            );
+            assert!(r.full_evaluations <= 3.0, "{}: {}", s.name, r.full_evaluations);
             let p = search(&s, Strategy::ProxyFirst, seed);
-            assert!(
-                p.full_evaluations <= 3.0,
-                "{}: {}",
-                s.name,
-                p.full_evaluations
-            );
+            assert!(p.full_evaluations <= 3.0, "{}: {}", s.name, p.full_evaluations);
             assert_eq!(p.proxy_calls, L * N);
         }
     }
@@ -213,16 +159,10 @@ fn agreement_rates_over_many_seeds() {
     for s in suites() {
         let expected = expected_boundary(&s.profile.means(L), 0, L - 1, s.eps).unwrap();
         let mut line = format!("{:14}", s.name);
-        let ex: Vec<usize> = (0..seeds)
-            .map(|sd| search(&s, Strategy::Exhaustive, sd).boundary)
-            .collect();
+        let ex: Vec<usize> = (0..seeds).map(|sd| search(&s, Strategy::Exhaustive, sd).boundary).collect();
         let ok = ex.iter().filter(|&&b| b == expected).count();
         line += &format!(" exhaustive=known {ok}/{seeds}");
-        for st in [
-            Strategy::Halving,
-            Strategy::CoarseToFine,
-            Strategy::ProxyFirst,
-        ] {
+        for st in [Strategy::Halving, Strategy::CoarseToFine, Strategy::ProxyFirst] {
             let mut agree = 0;
             let mut cost = 0.0;
             for sd in 0..seeds {
@@ -230,10 +170,7 @@ fn agreement_rates_over_many_seeds() {
                 agree += usize::from(r.boundary == ex[sd as usize]);
                 cost += r.full_evaluations;
             }
-            line += &format!(
-                " | {st}: agree {agree}/{seeds}, {:.2} full evals",
-                cost / seeds as f64
-            );
+            line += &format!(" | {st}: agree {agree}/{seeds}, {:.2} full evals", cost / seeds as f64);
         }
         println!("{line}");
     }

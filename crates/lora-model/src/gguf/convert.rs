@@ -72,24 +72,14 @@ pub fn hf_tensor_name(gguf_name: &str) -> Option<String> {
 /// or the row count is not a multiple of `2 * n_head`.
 pub fn unpermute_qk(data: &[f32], shape: &[usize], n_head: usize) -> Result<Vec<f32>> {
     let bad = |m: String| crate::error::ModelError::InvalidArgument(m);
-    let rows = *shape
-        .first()
-        .ok_or_else(|| bad("unpermute_qk: empty shape".into()))?;
-    let cols = shape
-        .iter()
-        .skip(1)
-        .try_fold(1usize, |a, &d| a.checked_mul(d));
+    let rows = *shape.first().ok_or_else(|| bad("unpermute_qk: empty shape".into()))?;
+    let cols = shape.iter().skip(1).try_fold(1usize, |a, &d| a.checked_mul(d));
     let cols = cols.ok_or_else(|| bad(format!("unpermute_qk: shape {shape:?} overflows")))?;
     if rows.checked_mul(cols) != Some(data.len()) {
-        return Err(bad(format!(
-            "unpermute_qk: shape {shape:?} does not match {} values",
-            data.len()
-        )));
+        return Err(bad(format!("unpermute_qk: shape {shape:?} does not match {} values", data.len())));
     }
     if n_head == 0 || rows % (2 * n_head) != 0 {
-        return Err(bad(format!(
-            "unpermute_qk: {rows} rows do not split into {n_head} heads of even size"
-        )));
+        return Err(bad(format!("unpermute_qk: {rows} rows do not split into {n_head} heads of even size")));
     }
     let d = rows / n_head / 2;
     let mut out = vec![0f32; data.len()];
@@ -125,14 +115,11 @@ impl GgufFile {
         };
         let arch = self.get_str("general.architecture")?;
         let n_head = self.get_u64(&format!("{arch}.attention.head_count"))?;
-        let n_kv = self
-            .get_u64_opt(&format!("{arch}.attention.head_count_kv"))?
-            .unwrap_or(n_head);
+        let n_kv = self.get_u64_opt(&format!("{arch}.attention.head_count_kv"))?.unwrap_or(n_head);
         let heads = if kind == QkKind::Query { n_head } else { n_kv };
-        let heads = usize::try_from(heads)
-            .map_err(|_| self.err(format!("head count {heads} does not fit in memory")))?;
-        let data = unpermute_qk(&data, &shape, heads)
-            .map_err(|e| self.err(format!("tensor `{gguf_name}`: {e}")))?;
+        let heads =
+            usize::try_from(heads).map_err(|_| self.err(format!("head count {heads} does not fit in memory")))?;
+        let data = unpermute_qk(&data, &shape, heads).map_err(|e| self.err(format!("tensor `{gguf_name}`: {e}")))?;
         Ok((hf, data, shape))
     }
 }
@@ -150,16 +137,12 @@ impl GgufFile {
 pub fn hf_config(file: &GgufFile) -> Result<Value> {
     let arch = file.get_str("general.architecture")?;
     if arch != "llama" {
-        return Err(file.err(format!(
-            "unsupported GGUF architecture `{arch}` (supported: llama)"
-        )));
+        return Err(file.err(format!("unsupported GGUF architecture `{arch}` (supported: llama)")));
     }
     let key = |k: &str| format!("{arch}.{k}");
     let hidden = file.get_u64(&key("embedding_length"))?;
     let n_head = file.get_u64(&key("attention.head_count"))?;
-    let n_kv = file
-        .get_u64_opt(&key("attention.head_count_kv"))?
-        .unwrap_or(n_head);
+    let n_kv = file.get_u64_opt(&key("attention.head_count_kv"))?.unwrap_or(n_head);
     let vocab = match file.get_u64_opt(&key("vocab_size"))? {
         Some(v) => v,
         None => match file.get("tokenizer.ggml.tokens").and_then(|v| v.as_array()) {
@@ -171,15 +154,11 @@ pub fn hf_config(file: &GgufFile) -> Result<Value> {
                               `tokenizer.ggml.tokens` or `token_embd.weight`",
                     )
                 })?;
-                *t.dims
-                    .get(1)
-                    .ok_or_else(|| file.err("`token_embd.weight` is not 2-D"))?
+                *t.dims.get(1).ok_or_else(|| file.err("`token_embd.weight` is not 2-D"))?
             }
         },
     };
-    let rope_theta = file
-        .get_f32_opt(&key("rope.freq_base"))?
-        .unwrap_or(10_000.0);
+    let rope_theta = file.get_f32_opt(&key("rope.freq_base"))?.unwrap_or(10_000.0);
     let mut config = json!({
         "architectures": ["LlamaForCausalLM"],
         "model_type": "llama",

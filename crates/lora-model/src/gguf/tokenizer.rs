@@ -60,21 +60,15 @@ impl GgufSpecialTokens {
             eos: id("tokenizer.ggml.eos_token_id")?,
             unk: id("tokenizer.ggml.unknown_token_id")?,
             pad: id("tokenizer.ggml.padding_token_id")?,
-            add_bos: file
-                .get_bool_opt("tokenizer.ggml.add_bos_token")?
-                .unwrap_or(false),
-            add_eos: file
-                .get_bool_opt("tokenizer.ggml.add_eos_token")?
-                .unwrap_or(false),
+            add_bos: file.get_bool_opt("tokenizer.ggml.add_bos_token")?.unwrap_or(false),
+            add_eos: file.get_bool_opt("tokenizer.ggml.add_eos_token")?.unwrap_or(false),
         })
     }
 }
 
 /// The chat template stored in the file (`tokenizer.chat_template`), if any.
 pub fn gguf_chat_template(file: &GgufFile) -> Option<String> {
-    file.get("tokenizer.chat_template")
-        .and_then(|v| v.as_str())
-        .map(str::to_owned)
+    file.get("tokenizer.chat_template").and_then(|v| v.as_str()).map(str::to_owned)
 }
 
 /// GPT-2's byte → printable character table (`bytes_to_unicode`).
@@ -103,8 +97,8 @@ fn pre_split(pre: &str) -> Option<&'static str> {
     const TEKKEN: &str = r"[^\r\n\p{L}\p{N}]?[\p{Lu}\p{Lt}\p{Lm}\p{Lo}\p{M}]*[\p{Ll}\p{Lm}\p{Lo}\p{M}]+|[^\r\n\p{L}\p{N}]?[\p{Lu}\p{Lt}\p{Lm}\p{Lo}\p{M}]+[\p{Ll}\p{Lm}\p{Lo}\p{M}]*|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n/]*|\s*[\r\n]+|\s+(?!\S)|\s+";
     const GPT4O: &str = r"[^\r\n\p{L}\p{N}]?[\p{Lu}\p{Lt}\p{Lm}\p{Lo}\p{M}]*[\p{Ll}\p{Lm}\p{Lo}\p{M}]+(?i:'s|'t|'re|'ve|'m|'ll|'d)?|[^\r\n\p{L}\p{N}]?[\p{Lu}\p{Lt}\p{Lm}\p{Lo}\p{M}]+[\p{Ll}\p{Lm}\p{Lo}\p{M}]*(?i:'s|'t|'re|'ve|'m|'ll|'d)?|\p{N}{1,3}| ?[^\s\p{L}\p{N}]+[\r\n/]*|\s*[\r\n]+|\s+(?!\S)|\s+";
     Some(match pre {
-        "llama3" | "llama-v3" | "llama-bpe" | "falcon3" | "falcon-h1" | "pixtral" | "midm-2.0"
-        | "lfm2" | "jina-v5-nano" | "dbrx" | "smaug-bpe" => LLAMA3,
+        "llama3" | "llama-v3" | "llama-bpe" | "falcon3" | "falcon-h1" | "pixtral" | "midm-2.0" | "lfm2"
+        | "jina-v5-nano" | "dbrx" | "smaug-bpe" => LLAMA3,
         "tekken" => TEKKEN,
         "qwen2" | "deepseek-r1-qwen" | "kormo" | "f2llmv2" | "megrez" => QWEN2,
         "qwen35" => QWEN35,
@@ -120,9 +114,9 @@ fn pre_split(pre: &str) -> Option<&'static str> {
 pub fn gguf_tokenizer(file: &GgufFile) -> Result<Tokenizer> {
     let model = file.get_str("tokenizer.ggml.model")?;
     if model != "gpt2" {
-        return Err(file.err(format!(
-            "unsupported tokenizer model `{model}` in `tokenizer.ggml.model` (supported: gpt2)"
-        )));
+        return Err(
+            file.err(format!("unsupported tokenizer model `{model}` in `tokenizer.ggml.model` (supported: gpt2)"))
+        );
     }
     let tokens = file.get_str_array("tokenizer.ggml.tokens")?;
     let merges_raw = file.get_str_array("tokenizer.ggml.merges")?;
@@ -136,13 +130,8 @@ pub fn gguf_tokenizer(file: &GgufFile) -> Result<Tokenizer> {
     let mut vocab = Vocab::default();
     vocab.reserve(tokens.len());
     for (i, &t) in tokens.iter().enumerate() {
-        let id = u32::try_from(i)
-            .map_err(|_| file.err("`tokenizer.ggml.tokens` has more than 2^32 entries"))?;
-        let spelled = if in_alphabet(t) {
-            t.to_owned()
-        } else {
-            t.bytes().map(|b| alphabet[usize::from(b)]).collect()
-        };
+        let id = u32::try_from(i).map_err(|_| file.err("`tokenizer.ggml.tokens` has more than 2^32 entries"))?;
+        let spelled = if in_alphabet(t) { t.to_owned() } else { t.bytes().map(|b| alphabet[usize::from(b)]).collect() };
         vocab.insert(spelled, id);
     }
     let mut merges = Vec::with_capacity(merges_raw.len());
@@ -151,9 +140,9 @@ pub fn gguf_tokenizer(file: &GgufFile) -> Result<Tokenizer> {
         match (parts.next(), parts.next(), parts.next()) {
             (Some(a), Some(b), None) => merges.push((a.to_owned(), b.to_owned())),
             _ => {
-                return Err(file.err(format!(
-                    "`tokenizer.ggml.merges`[{i}] = {m:?} is not two tokens separated by one space"
-                )))
+                return Err(
+                    file.err(format!("`tokenizer.ggml.merges`[{i}] = {m:?} is not two tokens separated by one space"))
+                )
             }
         }
     }
@@ -166,17 +155,9 @@ pub fn gguf_tokenizer(file: &GgufFile) -> Result<Tokenizer> {
     let pre = file.get_str_opt("tokenizer.ggml.pre")?.unwrap_or("");
     let pre_tokenizer: PreTokenizerWrapper = match pre_split(pre) {
         Some(re) => {
-            let split = Split::new(
-                SplitPattern::Regex(re.to_owned()),
-                SplitDelimiterBehavior::Isolated,
-                false,
-            )
-            .map_err(|e| ModelError::Tokenizer(format!("split regex for `{pre}`: {e}")))?;
-            Sequence::new(vec![
-                split.into(),
-                ByteLevel::new(false, true, false).into(),
-            ])
-            .into()
+            let split = Split::new(SplitPattern::Regex(re.to_owned()), SplitDelimiterBehavior::Isolated, false)
+                .map_err(|e| ModelError::Tokenizer(format!("split regex for `{pre}`: {e}")))?;
+            Sequence::new(vec![split.into(), ByteLevel::new(false, true, false).into()]).into()
         }
         None => ByteLevel::new(false, true, true).into(),
     };
@@ -193,16 +174,8 @@ pub fn gguf_tokenizer(file: &GgufFile) -> Result<Tokenizer> {
                 .ok_or_else(|| file.err(format!("{what} token id {id} is outside the vocabulary"))),
         }
     };
-    let bos = if special.add_bos {
-        name_of(special.bos, "BOS")?
-    } else {
-        None
-    };
-    let eos = if special.add_eos {
-        name_of(special.eos, "EOS")?
-    } else {
-        None
-    };
+    let bos = if special.add_bos { name_of(special.bos, "BOS")? } else { None };
+    let eos = if special.add_eos { name_of(special.eos, "EOS")? } else { None };
     let mut single = Vec::new();
     let mut pair = Vec::new();
     let mut specials = Vec::new();
@@ -228,16 +201,10 @@ pub fn gguf_tokenizer(file: &GgufFile) -> Result<Tokenizer> {
         }
     }
     let mut builder = TemplateProcessing::builder();
-    builder
-        .try_single(single.join(" "))
-        .map_err(|e| ModelError::Tokenizer(format!("post-processor template: {e}")))?;
-    builder
-        .try_pair(pair.join(" "))
-        .map_err(|e| ModelError::Tokenizer(format!("post-processor template: {e}")))?;
+    builder.try_single(single.join(" ")).map_err(|e| ModelError::Tokenizer(format!("post-processor template: {e}")))?;
+    builder.try_pair(pair.join(" ")).map_err(|e| ModelError::Tokenizer(format!("post-processor template: {e}")))?;
     builder.special_tokens(specials);
-    let post = builder
-        .build()
-        .map_err(|e| ModelError::Tokenizer(format!("post-processor: {e}")))?;
+    let post = builder.build().map_err(|e| ModelError::Tokenizer(format!("post-processor: {e}")))?;
     tok.with_post_processor(Some(post));
 
     let control: Vec<AddedToken> = tokens
@@ -247,8 +214,7 @@ pub fn gguf_tokenizer(file: &GgufFile) -> Result<Tokenizer> {
         .map(|(t, _)| AddedToken::from(*t, true).normalized(false))
         .collect();
     if !control.is_empty() {
-        tok.add_special_tokens(control)
-            .map_err(|e| ModelError::Tokenizer(format!("adding control tokens: {e}")))?;
+        tok.add_special_tokens(control).map_err(|e| ModelError::Tokenizer(format!("adding control tokens: {e}")))?;
     }
     let user: Vec<AddedToken> = tokens
         .iter()
@@ -257,8 +223,7 @@ pub fn gguf_tokenizer(file: &GgufFile) -> Result<Tokenizer> {
         .map(|(t, _)| AddedToken::from(*t, false).normalized(false))
         .collect();
     if !user.is_empty() {
-        tok.add_tokens(user)
-            .map_err(|e| ModelError::Tokenizer(format!("adding user-defined tokens: {e}")))?;
+        tok.add_tokens(user).map_err(|e| ModelError::Tokenizer(format!("adding user-defined tokens: {e}")))?;
     }
     Ok(tok)
 }

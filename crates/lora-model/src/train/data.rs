@@ -40,10 +40,7 @@ pub fn read_jsonl(path: &Path) -> Result<Vec<TrainSample>> {
         out.push(s);
     }
     if out.is_empty() {
-        return Err(ModelError::InvalidArgument(format!(
-            "{}: no training samples",
-            path.display()
-        )));
+        return Err(ModelError::InvalidArgument(format!("{}: no training samples", path.display())));
     }
     Ok(out)
 }
@@ -76,9 +73,8 @@ impl EncodedSample {
     /// such samples are dropped by [`crate::train::train`]. `max_len = 0` means no limit.
     pub fn new(prompt_ids: &[i64], answer_ids: &[i64], max_len: usize) -> Self {
         let mut input_ids: Vec<i64> = prompt_ids.iter().chain(answer_ids).copied().collect();
-        let mut labels: Vec<i64> = std::iter::repeat_n(IGNORE_INDEX, prompt_ids.len())
-            .chain(answer_ids.iter().copied())
-            .collect();
+        let mut labels: Vec<i64> =
+            std::iter::repeat_n(IGNORE_INDEX, prompt_ids.len()).chain(answer_ids.iter().copied()).collect();
         if max_len > 0 && input_ids.len() > max_len {
             input_ids.truncate(max_len);
             labels.truncate(max_len);
@@ -88,23 +84,14 @@ impl EncodedSample {
 
     /// Tokens that carry loss after the causal shift (labels at positions ≥ 1 that are not ignored).
     pub fn label_tokens(&self) -> usize {
-        self.labels
-            .iter()
-            .skip(1)
-            .filter(|&&l| l != IGNORE_INDEX)
-            .count()
+        self.labels.iter().skip(1).filter(|&&l| l != IGNORE_INDEX).count()
     }
 }
 
 /// Tokenizes one sample: prompt ids ([`Tokenizer::encode_prompt`], templated when `chat`), then the answer
 /// encoded without special tokens, then the tokenizer's first EOS id (if it has one); see [`EncodedSample::new`]
 /// for truncation.
-pub fn encode_sample(
-    tokenizer: &Tokenizer,
-    sample: &TrainSample,
-    chat: bool,
-    max_len: usize,
-) -> Result<EncodedSample> {
+pub fn encode_sample(tokenizer: &Tokenizer, sample: &TrainSample, chat: bool, max_len: usize) -> Result<EncodedSample> {
     let prompt = tokenizer.encode_prompt(&sample.prompt, chat)?;
     let mut answer = tokenizer.encode(&sample.answer, false)?;
     answer.extend(tokenizer.eos_token_ids().first().copied());
@@ -128,9 +115,7 @@ impl Batch {
     pub fn collate(samples: &[&EncodedSample], pad_id: i64, padding: Padding) -> Result<Batch> {
         let t = samples.iter().map(|s| s.input_ids.len()).max().unwrap_or(0);
         if samples.is_empty() || t == 0 {
-            return Err(ModelError::InvalidArgument(
-                "cannot build a batch from no tokens".into(),
-            ));
+            return Err(ModelError::InvalidArgument("cannot build a batch from no tokens".into()));
         }
         let (mut ids, mut mask, mut labels) = (Vec::new(), Vec::new(), Vec::new());
         for s in samples {
@@ -170,12 +155,7 @@ impl Batch {
         if t < 2 {
             return Ok(0);
         }
-        Ok(self
-            .labels
-            .f_narrow(1, 1, t - 1)?
-            .f_ne(IGNORE_INDEX)?
-            .f_sum(Kind::Int64)?
-            .f_int64_value(&[])?)
+        Ok(self.labels.f_narrow(1, 1, t - 1)?.f_ne(IGNORE_INDEX)?.f_sum(Kind::Int64)?.f_int64_value(&[])?)
     }
 
     /// Real (non-pad) tokens.
@@ -191,9 +171,7 @@ pub fn causal_lm_loss_sum(logits: &Tensor, labels: &Tensor) -> Result<Tensor> {
     let (b, t, v) = match ls.as_slice() {
         [b, t, v] => (*b, *t, *v),
         _ => {
-            return Err(ModelError::InvalidArgument(format!(
-                "logits must be [B, T, V], got {ls:?}"
-            )));
+            return Err(ModelError::InvalidArgument(format!("logits must be [B, T, V], got {ls:?}")));
         }
     };
     if labels.size() != [b, t] {
@@ -205,14 +183,8 @@ pub fn causal_lm_loss_sum(logits: &Tensor, labels: &Tensor) -> Result<Tensor> {
     if t < 2 {
         return Ok(logits.f_sum(Kind::Float)?.f_mul_scalar(0.0)?);
     }
-    let shifted = logits
-        .f_narrow(1, 0, t - 1)?
-        .f_to_kind(Kind::Float)?
-        .f_reshape([-1, v])?;
-    let target = labels
-        .f_narrow(1, 1, t - 1)?
-        .f_to_device(logits.device())?
-        .f_reshape([-1])?;
+    let shifted = logits.f_narrow(1, 0, t - 1)?.f_to_kind(Kind::Float)?.f_reshape([-1, v])?;
+    let target = labels.f_narrow(1, 1, t - 1)?.f_to_device(logits.device())?.f_reshape([-1])?;
     Ok(shifted.f_cross_entropy_loss::<Tensor>(&target, None, Reduction::Sum, IGNORE_INDEX, 0.0)?)
 }
 
@@ -224,11 +196,7 @@ pub fn causal_lm_loss(logits: &Tensor, labels: &Tensor) -> Result<Tensor> {
     let n = if t < 2 {
         0
     } else {
-        labels
-            .f_narrow(1, 1, t - 1)?
-            .f_ne(IGNORE_INDEX)?
-            .f_sum(Kind::Int64)?
-            .f_int64_value(&[])?
+        labels.f_narrow(1, 1, t - 1)?.f_ne(IGNORE_INDEX)?.f_sum(Kind::Int64)?.f_int64_value(&[])?
     };
     Ok(sum.f_div_scalar(n.max(1) as f64)?)
 }

@@ -83,16 +83,8 @@ pub struct AdamW {
 
 impl AdamW {
     /// Zero state shaped like `params`.
-    pub fn new(
-        params: &[Tensor],
-        beta1: f64,
-        beta2: f64,
-        eps: f64,
-        weight_decay: f64,
-    ) -> Result<Self> {
-        let zeros = |p: &Tensor| -> Result<Tensor> {
-            Ok(Tensor::f_zeros(p.size(), (Kind::Float, p.device()))?)
-        };
+    pub fn new(params: &[Tensor], beta1: f64, beta2: f64, eps: f64, weight_decay: f64) -> Result<Self> {
+        let zeros = |p: &Tensor| -> Result<Tensor> { Ok(Tensor::f_zeros(p.size(), (Kind::Float, p.device()))?) };
         Ok(AdamW {
             beta1,
             beta2,
@@ -129,12 +121,7 @@ impl AdamW {
             )));
         }
         let _guard = tch::no_grad_guard();
-        for (dst, src) in self
-            .exp_avg
-            .iter_mut()
-            .zip(exp_avg)
-            .chain(self.exp_avg_sq.iter_mut().zip(exp_avg_sq))
-        {
+        for (dst, src) in self.exp_avg.iter_mut().zip(exp_avg).chain(self.exp_avg_sq.iter_mut().zip(exp_avg_sq)) {
             if dst.size() != src.size() {
                 return Err(ModelError::InvalidArgument(format!(
                     "optimizer state shape {:?} differs from parameter shape {:?}",
@@ -164,11 +151,7 @@ impl AdamW {
         let bc1 = 1.0 - self.beta1.powi(t);
         let bc2_sqrt = (1.0 - self.beta2.powi(t)).sqrt();
         let step_size = lr / bc1;
-        for ((p, g), (m, v)) in params
-            .iter()
-            .zip(grads)
-            .zip(self.exp_avg.iter_mut().zip(self.exp_avg_sq.iter_mut()))
-        {
+        for ((p, g), (m, v)) in params.iter().zip(grads).zip(self.exp_avg.iter_mut().zip(self.exp_avg_sq.iter_mut())) {
             let mut p = p.shallow_clone();
             let g = g.f_to_kind(Kind::Float)?;
             if self.weight_decay != 0.0 {
@@ -251,10 +234,7 @@ mod tests {
         assert_eq!(lr_factor(Schedule::Linear, 10, 2, 10), 0.0);
         assert!((lr_factor(Schedule::Cosine, 6, 2, 10) - 0.5).abs() < 1e-12);
         assert!(
-            (lr_factor(Schedule::Cosine, 4, 2, 10)
-                - 0.5 * (1.0 + (std::f64::consts::PI / 4.0).cos()))
-            .abs()
-                < 1e-12
+            (lr_factor(Schedule::Cosine, 4, 2, 10) - 0.5 * (1.0 + (std::f64::consts::PI / 4.0).cos())).abs() < 1e-12
         );
         assert_eq!(lr_factor(Schedule::Constant, 9, 2, 10), 1.0);
         assert_eq!(lr_factor(Schedule::Linear, 0, 0, 10), 1.0);
@@ -272,10 +252,7 @@ mod tests {
 
     #[test]
     fn clipping_matches_torch_rule() {
-        let g = [
-            Tensor::from_slice(&[3.0f32, 0.0]),
-            Tensor::from_slice(&[0.0f32, 4.0]),
-        ];
+        let g = [Tensor::from_slice(&[3.0f32, 0.0]), Tensor::from_slice(&[0.0f32, 4.0])];
         let n = clip_grad_norm(&g, 1.0).unwrap();
         assert!((n - 5.0).abs() < 1e-6);
         let c = 1.0 / (5.0 + 1e-6);
