@@ -120,21 +120,19 @@ pub struct PipelineReport {
     pub timings: Vec<(String, f64)>,
 }
 
-/// Probes `samples` under full LoRA and the base model (the paper's Fig. 1 inputs).
+/// Probes `samples` under each mask with the config's `k`, chat, batch size and seed (the paper's Fig. 1 inputs).
 pub fn probe_curves(
     model: &Llama,
     tokenizer: &Tokenizer,
     samples: &[Sample],
     masks: &[LayerMask],
-    k: usize,
-    chat: bool,
-    batch_size: usize,
-    seed: u64,
+    cfg: &PipelineConfig,
 ) -> Result<ProbeResult> {
     let probe_samples: Vec<lora_probe::Sample> =
         samples.iter().map(|s| lora_probe::Sample { prompt: s.prompt.clone(), answer: s.answer.clone() }).collect();
-    let cfg = ProbeConfig { k, chat, batch_size, seed, ..Default::default() };
-    Probe::new(cfg).run(model, tokenizer, &probe_samples, masks).map_err(|e| Error::Usage(format!("probe: {e}")))
+    let probe_cfg =
+        ProbeConfig { k: cfg.k, chat: cfg.chat, batch_size: cfg.batch_size, seed: cfg.seed, ..Default::default() };
+    Probe::new(probe_cfg).run(model, tokenizer, &probe_samples, masks).map_err(|e| Error::Usage(format!("probe: {e}")))
 }
 
 /// The curve rules applied to one probe curve (`gt_prob` with its CI).
@@ -236,16 +234,7 @@ pub fn run_pipeline(cfg: &PipelineConfig, place: Placement, mut log: impl FnMut(
     log(&format!("loaded {} ({l} blocks) + adapter ({} LoRA modules)", cfg.model.display(), info.modules.len()));
 
     let t = std::time::Instant::now();
-    let probe = probe_curves(
-        &model,
-        &tokenizer,
-        &val,
-        &[LayerMask::all(), LayerMask::none()],
-        cfg.k,
-        cfg.chat,
-        cfg.batch_size,
-        cfg.seed,
-    )?;
+    let probe = probe_curves(&model, &tokenizer, &val, &[LayerMask::all(), LayerMask::none()], cfg)?;
     let full_curve = probe.curve("all").ok_or_else(|| Error::Usage("probe returned no `all` curve".into()))?;
     let detections = detect_boundaries(full_curve)?;
     let manual_boundary = detections.iter().find_map(|d| d.boundary);

@@ -202,7 +202,10 @@ fn jsonl_rows<T: serde::de::DeserializeOwned>(
 }
 
 /// Minimal RFC 4180 CSV parsing (quoted fields, doubled quotes, newlines inside quotes).
-fn parse_csv(text: &str) -> std::result::Result<Vec<(usize, Vec<String>)>, (usize, String)> {
+/// CSV rows with their 1-based starting line, or (line, message) of the first error.
+type CsvRows = std::result::Result<Vec<(usize, Vec<String>)>, (usize, String)>;
+
+fn parse_csv(text: &str) -> CsvRows {
     let mut rows = Vec::new();
     let mut field = String::new();
     let mut row = Vec::new();

@@ -156,7 +156,8 @@ pub fn generate(
         return Err(ModelError::InvalidArgument(format!("prompt {i} has no tokens")));
     }
     if let Sampling::Sample { temperature, top_p, .. } = config.sampling {
-        if !(temperature > 0.0) || !(top_p > 0.0 && top_p <= 1.0) {
+        let valid = temperature.is_finite() && temperature > 0.0 && top_p > 0.0 && top_p <= 1.0;
+        if !valid {
             return Err(ModelError::InvalidArgument(format!(
                 "sampling needs temperature > 0 and 0 < top_p <= 1 (got {temperature}, {top_p})"
             )));

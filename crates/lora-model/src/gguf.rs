@@ -291,7 +291,7 @@ impl GgufTensorInfo {
     pub fn n_bytes(&self) -> Option<u64> {
         let (block, size) = self.ggml_type.block_layout()?;
         let ne0 = *self.dims.first().unwrap_or(&1);
-        if ne0 % block as u64 != 0 {
+        if !ne0.is_multiple_of(block as u64) {
             return None;
         }
         (self.n_elements()? / block as u64).checked_mul(size as u64)

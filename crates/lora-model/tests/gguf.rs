@@ -239,7 +239,7 @@ impl Builder {
         b.extend(self.n_kv.to_le_bytes());
         b.extend(&self.kv);
         b.extend(&self.infos);
-        while b.len() % 32 != 0 {
+        while !b.len().is_multiple_of(32) {
             b.push(0);
         }
         b.extend(&self.data);

@@ -41,7 +41,6 @@ fn text_samples_through_the_cli_function() {
     assert_eq!(c.per_sample.positions, vec![4, tok.encode("5", false).expect("encode").len().min(4)]);
     // The instruct model is surer of the reference answer at the output than at the embeddings (where the tied
     // embeddings mostly predict the input token itself).
-    eprintln!("gt_prob {:?}\nmax_prob {:?}", c.gt_prob, c.max_prob);
     assert!(c.gt_prob[30] > c.gt_prob[0]);
     assert!(std::fs::read_to_string(dir.path().join("probe.svg")).expect("svg").contains("<svg"));
 
