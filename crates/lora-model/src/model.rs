@@ -108,6 +108,32 @@ struct Block {
     mlp: Mlp,
 }
 
+impl Block {
+    fn linear(&self, m: Module) -> &LoraLinear {
+        match m {
+            Module::Q => &self.attn.q,
+            Module::K => &self.attn.k,
+            Module::V => &self.attn.v,
+            Module::O => &self.attn.o,
+            Module::Gate => &self.mlp.gate,
+            Module::Up => &self.mlp.up,
+            Module::Down => &self.mlp.down,
+        }
+    }
+
+    fn linear_mut(&mut self, m: Module) -> &mut LoraLinear {
+        match m {
+            Module::Q => &mut self.attn.q,
+            Module::K => &mut self.attn.k,
+            Module::V => &mut self.attn.v,
+            Module::O => &mut self.attn.o,
+            Module::Gate => &mut self.mlp.gate,
+            Module::Up => &mut self.mlp.up,
+            Module::Down => &mut self.mlp.down,
+        }
+    }
+}
+
 /// Per-call state shared by all blocks.
 struct StepCtx<'a> {
     cos: Tensor,
@@ -316,30 +342,12 @@ impl Llama {
 
     /// The projection `module` of block `layer`.
     pub fn projection(&self, layer: usize, module: Module) -> Option<&LoraLinear> {
-        let b = self.blocks.get(layer)?;
-        Some(match module {
-            Module::Q => &b.attn.q,
-            Module::K => &b.attn.k,
-            Module::V => &b.attn.v,
-            Module::O => &b.attn.o,
-            Module::Gate => &b.mlp.gate,
-            Module::Up => &b.mlp.up,
-            Module::Down => &b.mlp.down,
-        })
+        self.blocks.get(layer).map(|b| b.linear(module))
     }
 
     /// Mutable access to the projection `module` of block `layer`.
     pub fn projection_mut(&mut self, layer: usize, module: Module) -> Option<&mut LoraLinear> {
-        let b = self.blocks.get_mut(layer)?;
-        Some(match module {
-            Module::Q => &mut b.attn.q,
-            Module::K => &mut b.attn.k,
-            Module::V => &mut b.attn.v,
-            Module::O => &mut b.attn.o,
-            Module::Gate => &mut b.mlp.gate,
-            Module::Up => &mut b.mlp.up,
-            Module::Down => &mut b.mlp.down,
-        })
+        self.blocks.get_mut(layer).map(|b| b.linear_mut(module))
     }
 
     /// Every projection with its block index.
@@ -566,15 +574,7 @@ impl Llama {
             out.push((format!("{p}.input_layernorm.weight"), b.input_norm.shallow_clone()));
             out.push((format!("{p}.post_attention_layernorm.weight"), b.post_norm.shallow_clone()));
             for m in Module::ALL {
-                let lin = match m {
-                    Module::Q => &b.attn.q,
-                    Module::K => &b.attn.k,
-                    Module::V => &b.attn.v,
-                    Module::O => &b.attn.o,
-                    Module::Gate => &b.mlp.gate,
-                    Module::Up => &b.mlp.up,
-                    Module::Down => &b.mlp.down,
-                };
+                let lin = b.linear(m);
                 out.push((format!("{}.weight", m.hf_path(b.index)), lin.weight.shallow_clone()));
                 if let Some(bias) = &lin.bias {
                     out.push((format!("{}.bias", m.hf_path(b.index)), bias.shallow_clone()));
