@@ -191,14 +191,11 @@ fn inverse_frequencies(cfg: &ModelConfig) -> Vec<f32> {
         .collect()
 }
 
-fn rotate_half(x: &Tensor, half: i64) -> Result<Tensor> {
-    let x1 = x.f_narrow(-1, 0, half)?;
-    let x2 = x.f_narrow(-1, half, half)?;
-    Ok(Tensor::f_cat(&[x2.f_neg()?, x1], -1)?)
-}
-
-fn apply_rope(x: &Tensor, cos: &Tensor, sin: &Tensor, half: i64) -> Result<Tensor> {
-    Ok(x.f_mul(cos)?.f_add(&rotate_half(x, half)?.f_mul(sin)?)?)
+/// RoPE in HF's half-split layout, `x·cos + rotate_half(x)·sin`, as `x·cos + roll(x, D/2)·sin_signed` where
+/// `sin_signed = [-sin₁, sin₂]` is prepared once per forward: three kernels instead of seven.
+fn apply_rope(x: &Tensor, cos: &Tensor, sin_signed: &Tensor, half: i64) -> Result<Tensor> {
+    let rolled = x.f_roll([half], [-1])?;
+    Ok(x.f_mul(cos)?.f_addcmul(&rolled, sin_signed)?)
 }
 
 impl Attention {
@@ -512,7 +509,8 @@ impl Llama {
         let freqs = positions.f_to_kind(Kind::Float)?.f_unsqueeze(-1)?.f_mul(&self.inv_freq.f_view([1, 1, -1])?)?;
         let emb = Tensor::f_cat(&[&freqs, &freqs], -1)?;
         let cos = emb.f_cos()?.f_to_kind(self.place.kind)?.f_unsqueeze(1)?;
-        let sin = emb.f_sin()?.f_to_kind(self.place.kind)?.f_unsqueeze(1)?;
+        let sin = freqs.f_sin()?;
+        let sin = Tensor::f_cat(&[&sin.f_neg()?, &sin], -1)?.f_to_kind(self.place.kind)?.f_unsqueeze(1)?;
         let ctx = StepCtx { cos, sin, attn_mask, is_causal, opts };
 
         let mut x = Tensor::f_embedding(&self.embed, &input_ids, -1, false, false)?;
