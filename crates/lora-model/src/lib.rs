@@ -6,7 +6,7 @@
 //!
 //! - [`Llama`]: load an HF model directory or a `.gguf` file; forward with every layer's hidden state.
 //! - [`LoraLinear`], [`LayerMask`]: LoRA beside each projection, switched on per block at run time.
-//! - [`generate`]: batched KV-cache generation.
+//! - [`generate()`]: batched KV-cache generation.
 //! - [`Tokenizer`], [`ChatTemplate`]: `tokenizers` + chat templates rendered as transformers renders them.
 #![warn(missing_docs)]
 
