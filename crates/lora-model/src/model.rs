@@ -223,16 +223,25 @@ impl Attention {
             }
             None => (k, v),
         };
-        let out = Tensor::f_scaled_dot_product_attention(
-            &q,
-            &k,
-            &v,
-            ctx.attn_mask.as_ref(),
-            0.0,
-            ctx.is_causal,
-            None,
-            self.num_heads != self.num_kv_heads,
-        )?;
+        let rep = self.num_heads / self.num_kv_heads;
+        let out = if t == 1 && rep > 1 {
+            // One query per head: fold the query heads sharing a KV head into the query axis, so attention runs
+            // per KV head with no repeated keys/values (a [B, 1, 1, S] mask broadcasts over the folded axis).
+            let qg = q.f_reshape([b, self.num_kv_heads, rep, self.head_dim])?;
+            Tensor::f_scaled_dot_product_attention(&qg, &k, &v, ctx.attn_mask.as_ref(), 0.0, false, None, false)?
+                .f_reshape([b, self.num_heads, 1, self.head_dim])?
+        } else {
+            Tensor::f_scaled_dot_product_attention(
+                &q,
+                &k,
+                &v,
+                ctx.attn_mask.as_ref(),
+                0.0,
+                ctx.is_causal,
+                None,
+                rep > 1,
+            )?
+        };
         let out = out.f_transpose(1, 2)?.f_reshape([b, t, self.num_heads * self.head_dim])?;
         self.o.forward(&out, m.is_active(layer, Module::O), train)
     }
