@@ -8,7 +8,7 @@ use serde::Serialize;
 
 use crate::error::{Error, Result};
 use crate::loading::{load_model, parse_device, parse_kind, DEFAULT_MODEL};
-use crate::scoring::{generate_answers, item_scores, GenerationScorer, ProxyScorer};
+use crate::scoring::{score_masks, EvalSettings, GenerationScorer, ProxyScorer};
 use crate::tasks::{Sample, Task};
 use lora_model::{generate, load_adapter, prune_adapter, GenerationConfig, LayerMask, Placement, Sampling};
 use lora_search::SearchError;
@@ -587,35 +587,21 @@ fn run_eval(a: &EvalArgs) -> Result<()> {
     } else {
         a.masks.iter().map(|m| m.parse()).collect::<std::result::Result<_, _>>()?
     };
-    let refs: Vec<&Sample> = samples.iter().collect();
-    let references: Vec<Vec<String>> = samples.iter().map(|s| s.references.clone()).collect();
-    let mut rows: Vec<EvalRow> = Vec::new();
-    let mut first_items: Option<Vec<f64>> = None;
-    for mask in &masks {
-        let preds = generate_answers(&model, &tokenizer, &refs, mask, a.max_new_tokens, a.data.chat, a.batch_size)?;
-        let score = lora_metrics::corpus_score(metric, &preds, &references).map_err(|e| Error::Usage(e.to_string()))?;
-        let items = item_scores(metric, &preds, &refs)?;
-        let ci = match &first_items {
-            Some(f) => Some(
-                lora_metrics::paired_bootstrap(&items, f, 1000, a.seed)
-                    .map(|b| [b.ci_low, b.ci_high])
-                    .map_err(|e| Error::Usage(e.to_string()))?,
-            ),
-            None => None,
-        };
-        let item_mean = items.iter().sum::<f64>() / items.len().max(1) as f64;
-        if first_items.is_none() {
-            first_items = Some(items);
-        }
-        rows.push(EvalRow {
+    let settings =
+        EvalSettings { max_new_tokens: a.max_new_tokens, chat: a.data.chat, batch_size: a.batch_size, seed: a.seed };
+    let scored = score_masks(&model, &tokenizer, &samples, &masks, &[metric], settings)?;
+    let rows: Vec<EvalRow> = masks
+        .iter()
+        .zip(scored)
+        .map(|(mask, s)| EvalRow {
             mask: mask.to_string(),
-            score,
-            item_mean,
-            ci_vs_first: ci,
+            score: s.corpus.first().map_or(f64::NAN, |c| c.1),
+            item_mean: s.items.iter().sum::<f64>() / s.items.len().max(1) as f64,
+            ci_vs_first: s.ci_vs_first,
             lora_params_kept: info.as_ref().map(|i| i.kept_fraction(mask)),
-            predictions: if a.format == Format::Json { preds } else { Vec::new() },
-        });
-    }
+            predictions: if a.format == Format::Json { s.predictions } else { Vec::new() },
+        })
+        .collect();
     match a.format {
         Format::Json => print_json(&serde_json::json!({"metric": metric.name(), "n": samples.len(), "results": rows})),
         Format::Text => {

@@ -13,7 +13,7 @@ use lora_search::{detect, BoundarySearch, Curve, Detected, Detection, SearchRepo
 
 use crate::error::{Error, Result};
 use crate::loading::load_model;
-use crate::scoring::{generate_answers, item_scores, GenerationScorer, ProxyScorer};
+use crate::scoring::{score_masks, EvalSettings, GenerationScorer, ProxyScorer};
 use crate::tasks::{Sample, Task};
 
 fn default_k() -> usize {
@@ -145,7 +145,7 @@ pub fn detect_boundaries(curve: &lora_probe::MaskCurve) -> Result<Vec<Detected>>
         .collect()
 }
 
-/// Evaluates masks on test samples; the first mask named `full` is the reference of the CIs.
+/// Evaluates masks on test samples; the first mask (full LoRA in the pipeline) is the reference of the CIs.
 pub fn evaluate(
     model: &Llama,
     tokenizer: &Tokenizer,
@@ -155,47 +155,21 @@ pub fn evaluate(
     metrics: &[Metric],
     cfg: &PipelineConfig,
 ) -> Result<Vec<EvalResult>> {
-    let refs: Vec<&Sample> = samples.iter().collect();
-    let references: Vec<Vec<String>> = samples.iter().map(|s| s.references.clone()).collect();
-    let mut full_items: Option<Vec<f64>> = None;
-    let mut out = Vec::new();
-    let mut cache: Vec<(LayerMask, Vec<String>)> = Vec::new();
-    for (label, mask) in masks {
-        let preds = match cache.iter().find(|(m, _)| m == mask) {
-            Some((_, p)) => p.clone(),
-            None => {
-                let p = generate_answers(model, tokenizer, &refs, mask, cfg.max_new_tokens, cfg.chat, cfg.batch_size)?;
-                cache.push((mask.clone(), p.clone()));
-                p
-            }
-        };
-        let mut scores = Vec::new();
-        for m in metrics {
-            let s = lora_metrics::corpus_score(*m, &preds, &references).map_err(|e| Error::Usage(e.to_string()))?;
-            scores.push((m.name().to_string(), s));
-        }
-        let primary = metrics.first().copied().unwrap_or(Metric::RougeL);
-        let items = item_scores(primary, &preds, &refs)?;
-        let ci = match &full_items {
-            Some(f) => Some(
-                lora_metrics::paired_bootstrap(&items, f, 1000, cfg.seed)
-                    .map(|b| [b.ci_low, b.ci_high])
-                    .map_err(|e| Error::Usage(e.to_string()))?,
-            ),
-            None => None,
-        };
-        if label == "full" {
-            full_items = Some(items);
-        }
-        out.push(EvalResult {
+    let settings =
+        EvalSettings { max_new_tokens: cfg.max_new_tokens, chat: cfg.chat, batch_size: cfg.batch_size, seed: cfg.seed };
+    let plain: Vec<LayerMask> = masks.iter().map(|(_, m)| m.clone()).collect();
+    let scored = score_masks(model, tokenizer, samples, &plain, metrics, settings)?;
+    Ok(masks
+        .iter()
+        .zip(scored)
+        .map(|((label, mask), s)| EvalResult {
             label: label.clone(),
             mask: mask.to_string(),
-            scores,
-            ci_vs_full: ci,
+            scores: s.corpus,
+            ci_vs_full: s.ci_vs_first,
             lora_params_kept: info.kept_fraction(mask),
-        });
-    }
-    Ok(out)
+        })
+        .collect())
 }
 
 fn load_split(task: Task, path: &Path, offset: usize, n: usize) -> Result<Vec<Sample>> {

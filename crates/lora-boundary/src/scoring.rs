@@ -38,6 +38,81 @@ pub fn item_scores(metric: Metric, predictions: &[String], samples: &[&Sample]) 
     lora_metrics::item_scores(metric, predictions, &refs).map_err(|e| Error::Usage(format!("metric: {e}")))
 }
 
+/// Generation settings shared by evaluation runs.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct EvalSettings {
+    /// New tokens per answer.
+    pub max_new_tokens: usize,
+    /// Use the chat template.
+    pub chat: bool,
+    /// Generation batch size.
+    pub batch_size: usize,
+    /// Seed of the paired bootstrap.
+    pub seed: u64,
+}
+
+/// One mask's evaluation: predictions, corpus scores, per-item scores of the first metric, and the paired-bootstrap
+/// 95% CI of the per-item difference to the first mask.
+#[derive(Debug, Clone)]
+pub struct MaskScores {
+    /// Generated answers.
+    pub predictions: Vec<String>,
+    /// Corpus score of each metric, by name.
+    pub corpus: Vec<(String, f64)>,
+    /// Per-item scores of the first metric.
+    pub items: Vec<f64>,
+    /// CI of `items − items of the first mask`; `None` for the first mask.
+    pub ci_vs_first: Option<[f64; 2]>,
+}
+
+/// Generates under each mask (once per distinct mask) and scores with `metrics` (the first one per item too).
+pub fn score_masks(
+    model: &Llama,
+    tokenizer: &Tokenizer,
+    samples: &[Sample],
+    masks: &[LayerMask],
+    metrics: &[Metric],
+    settings: EvalSettings,
+) -> Result<Vec<MaskScores>> {
+    let primary = *metrics.first().ok_or_else(|| Error::Usage("no metric to score with".into()))?;
+    let refs: Vec<&Sample> = samples.iter().collect();
+    let references: Vec<Vec<String>> = samples.iter().map(|s| s.references.clone()).collect();
+    let mut out: Vec<MaskScores> = Vec::with_capacity(masks.len());
+    for (i, mask) in masks.iter().enumerate() {
+        let predictions = match masks[..i].iter().position(|m| m == mask) {
+            Some(j) => out[j].predictions.clone(), // ok: j < i = out.len()
+            None => generate_answers(
+                model,
+                tokenizer,
+                &refs,
+                mask,
+                settings.max_new_tokens,
+                settings.chat,
+                settings.batch_size,
+            )?,
+        };
+        let corpus = metrics
+            .iter()
+            .map(|m| {
+                lora_metrics::corpus_score(*m, &predictions, &references)
+                    .map(|s| (m.name().to_string(), s))
+                    .map_err(|e| Error::Usage(e.to_string()))
+            })
+            .collect::<Result<_>>()?;
+        let items = item_scores(primary, &predictions, &refs)?;
+        let ci_vs_first = match out.first() {
+            Some(first) => Some(
+                lora_metrics::paired_bootstrap(&items, &first.items, 1000, settings.seed)
+                    .map(|b| [b.ci_low, b.ci_high])
+                    .map_err(|e| Error::Usage(e.to_string()))?,
+            ),
+            None => None,
+        };
+        out.push(MaskScores { predictions, corpus, items, ci_vs_first });
+    }
+    Ok(out)
+}
+
 /// Mean log-probability of each sample's answer tokens (teacher-forced) under `mask`.
 pub fn answer_logprobs(
     model: &Llama,
