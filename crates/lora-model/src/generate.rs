@@ -8,6 +8,7 @@ use tch::{Kind, Tensor};
 use crate::error::{ModelError, Result};
 use crate::mask::LayerMask;
 use crate::model::{ForwardOptions, Llama, Logits};
+use crate::rng::Rng;
 use crate::tokenizer::Tokenizer;
 
 /// How the next token is chosen.
@@ -71,42 +72,6 @@ pub struct GenerationTiming {
     pub prefill_s: f64,
     /// Decode seconds.
     pub decode_s: f64,
-}
-
-/// xoshiro256** seeded through splitmix64: a small, reproducible sampler RNG.
-#[derive(Debug, Clone)]
-struct Rng([u64; 4]);
-
-impl Rng {
-    fn new(seed: u64) -> Self {
-        let mut z = seed;
-        let mut next = || {
-            z = z.wrapping_add(0x9E37_79B9_7F4A_7C15);
-            let mut x = z;
-            x = (x ^ (x >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
-            x = (x ^ (x >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
-            x ^ (x >> 31)
-        };
-        Rng([next(), next(), next(), next()])
-    }
-
-    fn next_u64(&mut self) -> u64 {
-        let s = &mut self.0;
-        let result = s[1].wrapping_mul(5).rotate_left(7).wrapping_mul(9);
-        let t = s[1] << 17;
-        s[2] ^= s[0];
-        s[3] ^= s[1];
-        s[1] ^= s[2];
-        s[0] ^= s[3];
-        s[2] ^= t;
-        s[3] = s[3].rotate_left(45);
-        result
-    }
-
-    /// Uniform in [0, 1).
-    fn next_f64(&mut self) -> f64 {
-        (self.next_u64() >> 11) as f64 / (1u64 << 53) as f64
-    }
 }
 
 /// Samples from `logits` (one row) with temperature and top-p.
@@ -187,7 +152,7 @@ pub fn generate(
     let mut cache = model.new_cache(bi, capacity.max(1))?;
     let opts = ForwardOptions { mask, hidden_states: false, logits: Logits::Last, train: false };
     let mut rngs: Vec<Rng> = match config.sampling {
-        Sampling::Sample { seed, .. } => (0..b as u64).map(|i| Rng::new(seed.wrapping_add(i))).collect(),
+        Sampling::Sample { seed, .. } => (0..b as u64).map(|i| Rng::derived(seed, i)).collect(),
         Sampling::Greedy => Vec::new(),
     };
     let mut out: Vec<Vec<i64>> = vec![Vec::new(); b];

@@ -21,6 +21,7 @@ pub use gguf_weights::{gguf_tokenizer_for, GgufWeights};
 pub mod lora;
 pub mod mask;
 pub mod model;
+mod rng;
 pub mod tokenizer;
 pub mod train;
 pub mod weights;
