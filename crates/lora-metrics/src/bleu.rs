@@ -2,7 +2,8 @@
 //! max order 4, closest reference length), corpus level with several reference streams and
 //! sentence level with effective order (`sacrebleu.sentence_bleu`).
 
-use crate::text::{py_rstrip, py_split, Interner, NgramIds};
+use crate::grams::{DistinctRefs, Packing, Vocab};
+use crate::text::{py_isspace, py_rstrip};
 use rayon::prelude::*;
 use serde::Serialize;
 
@@ -18,73 +19,239 @@ const MAX_ORDER: usize = 4;
 /// assert_eq!(t.join(" "), "Hello , world ! It costs $ 3.50 ( approx ) .");
 /// ```
 pub fn tokenize_13a(line: &str) -> Vec<String> {
-    py_split(&tokenized_13a(line)).map(str::to_string).collect()
+    let mut t = Tokens13a::default();
+    t.tokenize(line);
+    t.iter().map(str::to_string).collect()
 }
 
-/// The 13a-tokenized line before the final white-space folding (split it with Python semantics).
-fn tokenized_13a(line: &str) -> String {
-    let mut s = line.to_string();
-    if s.contains("<skipped>") {
-        s = s.replace("<skipped>", "");
-    }
-    if s.contains('\n') {
-        s = s.replace("-\n", "").replace('\n', " ");
-    }
-    if s.contains('&') {
-        s = s.replace("&quot;", "\"").replace("&amp;", "&").replace("&lt;", "<").replace("&gt;", ">");
-    }
-    let mut b: Vec<u8> = Vec::with_capacity(s.len() * 2 + 4);
-    // ' {line} ' then `([\{-\~\[-\` -\&\(-\+\:-\@\/])` -> ' \1 '
-    b.push(b' ');
-    for &c in s.as_bytes() {
+/// The tokens of one line after the 13a tokenizer, stored back to back in a reusable buffer.
+#[derive(Default)]
+pub(crate) struct Tokens13a {
+    buf: Vec<u8>,
+    spans: Vec<(u32, u32)>,
+}
+
+/// Python's `str.isspace()` for an ASCII byte.
+#[inline]
+fn is_ascii_space(c: u8) -> bool {
+    matches!(c, b'\t'..=b'\r' | b'\x1c'..=b' ')
+}
+
+/// A byte held back by one stage of [`Pipe`] while it waits for the next byte (none: `EMPTY`).
+const EMPTY: u16 = 256;
+
+/// The regex passes of sacrebleu's `TokenizerRegexp`, fused into one pass over the bytes.
+///
+/// Each pass is `re.sub` of a pattern that matches exactly two characters, scanned left to right
+/// without overlaps: a stage holds one byte back until it sees the next, and either emits the
+/// substitution for the pair or emits the held byte and holds the new one. Stage `p2` feeds `p3`,
+/// which feeds `p4`, which feeds the white-space splitter, so every pass sees exactly the output of
+/// the one before, as in Python. Working on bytes instead of characters gives the same result:
+/// every pattern needs an ASCII byte at a fixed side of the pair, the spaces go in at character
+/// boundaries, and `[^0-9]` against one byte of a multi-byte character is as true as against the
+/// character.
+struct Pipe<'o> {
+    h2: u16,
+    h3: u16,
+    h4: u16,
+    in_token: bool,
+    out: &'o mut Tokens13a,
+}
+
+impl Pipe<'_> {
+    /// `([\{-\~\[-\` -\&\(-\+\:-\@\/])` -> ` \1 `, then the next passes.
+    #[inline]
+    fn p1(&mut self, c: u8) {
         if matches!(c, b'{'..=b'~' | b'['..=b'`' | b' '..=b'&' | b'('..=b'+' | b':'..=b'@' | b'/') {
-            b.extend_from_slice(&[b' ', c, b' ']);
+            self.p2(b' ');
+            self.p2(c);
+            self.p2(b' ');
         } else {
-            b.push(c);
+            self.p2(c);
         }
     }
-    b.extend_from_slice(b"   ");
-    let has = |b: &[u8], x: u8| b.contains(&x);
-    if has(&b, b'.') || has(&b, b',') {
-        // `([^0-9])([\.,])` -> '\1 \2 '
-        b = sub2(
-            &b,
-            |x, y| !x.is_ascii_digit() && matches!(y, b'.' | b','),
-            |x, y, o| o.extend_from_slice(&[x, b' ', y, b' ']),
-        );
-        // `([\.,])([^0-9])` -> ' \1 \2'
-        b = sub2(
-            &b,
-            |x, y| matches!(x, b'.' | b',') && !y.is_ascii_digit(),
-            |x, y, o| o.extend_from_slice(&[b' ', x, b' ', y]),
-        );
+
+    /// `([^0-9])([\.,])` -> `\1 \2 `.
+    #[inline]
+    fn p2(&mut self, c: u8) {
+        let h = std::mem::replace(&mut self.h2, u16::from(c));
+        if h == EMPTY {
+            return;
+        }
+        let x = h as u8;
+        if matches!(c, b'.' | b',') && !x.is_ascii_digit() {
+            self.h2 = EMPTY;
+            self.p3(x);
+            self.p3(b' ');
+            self.p3(c);
+            self.p3(b' ');
+        } else {
+            self.p3(x);
+        }
     }
-    if has(&b, b'-') {
-        // `([0-9])(-)` -> '\1 \2 '
-        b = sub2(&b, |x, y| x.is_ascii_digit() && y == b'-', |x, y, o| o.extend_from_slice(&[x, b' ', y, b' ']));
+
+    /// `([\.,])([^0-9])` -> ` \1 \2`.
+    #[inline]
+    fn p3(&mut self, c: u8) {
+        let h = std::mem::replace(&mut self.h3, u16::from(c));
+        if h == EMPTY {
+            return;
+        }
+        let x = h as u8;
+        if matches!(x, b'.' | b',') && !c.is_ascii_digit() {
+            self.h3 = EMPTY;
+            self.p4(b' ');
+            self.p4(x);
+            self.p4(b' ');
+            self.p4(c);
+        } else {
+            self.p4(x);
+        }
     }
-    // Only ASCII bytes are inserted, always next to ASCII bytes, so the bytes stay valid UTF-8.
-    match String::from_utf8(b) {
-        Ok(s) => s,
-        Err(e) => String::from_utf8_lossy(e.as_bytes()).into_owned(),
+
+    /// `([0-9])(-)` -> `\1 \2 `.
+    #[inline]
+    fn p4(&mut self, c: u8) {
+        let h = std::mem::replace(&mut self.h4, u16::from(c));
+        if h == EMPTY {
+            return;
+        }
+        let x = h as u8;
+        if c == b'-' && x.is_ascii_digit() {
+            self.h4 = EMPTY;
+            self.split(x);
+            self.split(b' ');
+            self.split(c);
+            self.split(b' ');
+        } else {
+            self.split(x);
+        }
+    }
+
+    /// Python `str.split()` on ASCII white space (other white space is handled afterwards).
+    #[inline]
+    fn split(&mut self, c: u8) {
+        if is_ascii_space(c) {
+            if self.in_token {
+                self.in_token = false;
+                if let Some(last) = self.out.spans.last_mut() {
+                    last.1 = self.out.buf.len() as u32;
+                }
+            }
+        } else {
+            if !self.in_token {
+                self.in_token = true;
+                let at = self.out.buf.len() as u32;
+                self.out.spans.push((at, at));
+            }
+            self.out.buf.push(c);
+        }
+    }
+
+    /// Flushes the held bytes at the end of the line (each pass finishes before the next one does).
+    fn finish(mut self) {
+        if self.h2 != EMPTY {
+            let x = std::mem::replace(&mut self.h2, EMPTY) as u8;
+            self.p3(x);
+        }
+        if self.h3 != EMPTY {
+            let x = std::mem::replace(&mut self.h3, EMPTY) as u8;
+            self.p4(x);
+        }
+        if self.h4 != EMPTY {
+            let x = std::mem::replace(&mut self.h4, EMPTY) as u8;
+            self.split(x);
+        }
+        self.split(b' ');
     }
 }
 
-/// Non-overlapping left-to-right substitution of a two-byte pattern (Python `re.sub` semantics for a
-/// pattern that always matches exactly two characters, one of which is ASCII).
-fn sub2(b: &[u8], m: impl Fn(u8, u8) -> bool, rep: impl Fn(u8, u8, &mut Vec<u8>)) -> Vec<u8> {
-    let mut o = Vec::with_capacity(b.len() + b.len() / 4);
-    let mut i = 0;
-    while i < b.len() {
-        if i + 1 < b.len() && m(b[i], b[i + 1]) {
-            rep(b[i], b[i + 1], &mut o);
-            i += 2;
-        } else {
-            o.push(b[i]);
-            i += 1;
+impl Tokens13a {
+    /// Tokenizes `line` (replacing the previous tokens).
+    pub(crate) fn tokenize(&mut self, line: &str) {
+        self.buf.clear();
+        self.spans.clear();
+        let mut s = std::borrow::Cow::Borrowed(line);
+        if s.contains('<') && s.contains("<skipped>") {
+            s = s.replace("<skipped>", "").into();
+        }
+        if s.contains('\n') {
+            s = s.replace("-\n", "").replace('\n', " ").into();
+        }
+        if s.contains('&') {
+            s = s.replace("&quot;", "\"").replace("&amp;", "&").replace("&lt;", "<").replace("&gt;", ">").into();
+        }
+        // sacrebleu tokenizes f' {line} '. The passes never act across ASCII white space: no pattern
+        // matches a white-space character next to a character that cannot be at that side of a
+        // match, and white space is never `.`, `,`, `-` or a digit. So each run of non-white-space
+        // bytes is tokenized on its own, as ` {run} `, and a run of letters, digits and `'` (no
+        // pattern matches in it) is one token as it stands.
+        let b = s.as_bytes();
+        let mut i = 0;
+        while i < b.len() {
+            if is_ascii_space(b[i]) {
+                i += 1;
+                continue;
+            }
+            let start = i;
+            let mut plain = true;
+            while i < b.len() && !is_ascii_space(b[i]) {
+                plain &= b[i].is_ascii_alphanumeric() || b[i] == b'\'';
+                i += 1;
+            }
+            if plain {
+                let at = self.buf.len() as u32;
+                self.buf.extend_from_slice(&b[start..i]);
+                self.spans.push((at, self.buf.len() as u32));
+            } else {
+                let mut p = Pipe { h2: EMPTY, h3: EMPTY, h4: EMPTY, in_token: false, out: self };
+                p.p1(b' ');
+                for &c in &b[start..i] {
+                    p.p1(c);
+                }
+                p.p1(b' ');
+                p.finish();
+            }
+        }
+        if !s.is_ascii() {
+            self.split_unicode_space();
         }
     }
-    o
+
+    /// Splits the tokens further at non-ASCII Python white space (U+0085, U+00A0, U+3000, ...).
+    fn split_unicode_space(&mut self) {
+        let Ok(text) = std::str::from_utf8(&self.buf) else { return };
+        let old = std::mem::take(&mut self.spans);
+        for (s, e) in old {
+            let tok = &text[s as usize..e as usize];
+            let mut start = None;
+            for (k, c) in tok.char_indices() {
+                if py_isspace(c) {
+                    if let Some(b) = start.take() {
+                        self.spans.push((s + b as u32, s + k as u32));
+                    }
+                } else if start.is_none() {
+                    start = Some(k);
+                }
+            }
+            if let Some(b) = start {
+                self.spans.push((s + b as u32, e));
+            }
+        }
+    }
+
+    /// The tokens.
+    pub(crate) fn iter(&self) -> impl Iterator<Item = &str> + '_ {
+        // The buffer is valid UTF-8: the input was, and only ASCII bytes were inserted or removed,
+        // always at character boundaries.
+        let text = std::str::from_utf8(&self.buf).unwrap_or_default();
+        self.spans.iter().map(move |&(s, e)| text.get(s as usize..e as usize).unwrap_or_default())
+    }
+
+    /// Number of tokens.
+    pub(crate) fn len(&self) -> usize {
+        self.spans.len()
+    }
 }
 
 /// The BLEU result with its sufficient statistics, as sacrebleu's `BLEUScore`.
@@ -125,59 +292,83 @@ fn closest_ref_len(hyp_len: u64, ref_lens: &[u64]) -> u64 {
     best.map_or(0, |(_, l)| l)
 }
 
-/// Statistics of one segment against its references (all of them; sacrebleu drops only `None`).
-pub(crate) fn segment_stats(hyp: &str, refs: &[String]) -> Stats {
-    let n = hyp.len() + 16;
-    segment_stats_with(&mut NgramIds::with_capacity(n), hyp, refs)
+/// The references of one row merged as sacrebleu merges them: per order, every n-gram of any
+/// reference with its maximum count over the references, and the reference lengths.
+struct RefList {
+    max_counts: [Vec<(u128, u32)>; MAX_ORDER],
+    lens: Vec<u64>,
 }
 
-fn segment_stats_with(ng: &mut NgramIds, hyp: &str, refs: &[String]) -> Stats {
-    let hyp_s = tokenized_13a(py_rstrip(hyp));
-    let ref_s: Vec<String> = refs.iter().map(|r| tokenized_13a(py_rstrip(r))).collect();
-    let total_bytes = hyp_s.len() + ref_s.iter().map(String::len).sum::<usize>();
-    let mut int = Interner::with_capacity(total_bytes / 4 + 8);
-    let hyp_ids: Vec<u32> = py_split(&hyp_s).map(|t| int.id(t)).collect();
-    let hyp_grams = ng.ids(&hyp_ids, 0, MAX_ORDER);
-    let mut ref_lens = Vec::with_capacity(refs.len());
-    let ref_grams: Vec<Vec<Vec<u32>>> = ref_s
-        .iter()
+/// Per-thread buffers for the hypothesis side of a row.
+#[derive(Default)]
+struct Scratch {
+    tokens: Tokens13a,
+    ids: Vec<u32>,
+    keys: Vec<u128>,
+}
+
+/// Keys of token-id 4-grams (shorter at the end of the text).
+type TokenKeys = Packing<32, MAX_ORDER>;
+
+/// Statistics of every row against its references (all of them; sacrebleu drops only `None`).
+///
+/// Each distinct reference is tokenized and counted once, and each distinct list of references
+/// merged once. The token ids come from a vocabulary of the reference tokens; hypothesis tokens
+/// outside it (which cannot match) get [`crate::grams::ABSENT`].
+fn corpus_stats(predictions: &[String], references: &DistinctRefs<'_>) -> Vec<Stats> {
+    let tokens: Vec<Tokens13a> = references
+        .texts
+        .par_iter()
         .map(|r| {
-            let ids: Vec<u32> = py_split(r).map(|t| int.id(t)).collect();
-            ref_lens.push(ids.len() as u64);
-            ng.lookup(&ids, 0, MAX_ORDER)
+            let mut t = Tokens13a::default();
+            t.tokenize(py_rstrip(r));
+            t
         })
         .collect();
-    // Per n-gram, the maximum count over the references.
-    let mut max_cnt = vec![0u32; ng.len()];
-    let mut tmp = vec![0u32; ng.len()];
-    // Reference n-grams absent from the hypothesis cannot be matched and are skipped.
-    for g in ref_grams.iter().flatten() {
-        let present = || g.iter().filter(|&&x| x != NgramIds::ABSENT).map(|&x| x as usize);
-        for x in present() {
-            tmp[x] += 1;
-        }
-        for x in present() {
-            max_cnt[x] = max_cnt[x].max(tmp[x]);
-        }
-        for x in present() {
-            tmp[x] = 0;
-        }
-    }
-    let hyp_len = hyp_ids.len() as u64;
+    let mut vocab = Vocab::default();
+    let ids: Vec<Vec<u32>> = tokens.iter().map(|t| t.iter().map(|w| vocab.intern(w)).collect()).collect();
+    let keys: Vec<Vec<u128>> = ids.par_iter().map(|ids| TokenKeys::sorted_keys(ids)).collect();
+    let (list_of_row, lists) = references.lists();
+    let lists: Vec<RefList> = lists
+        .par_iter()
+        .map(|members| RefList {
+            max_counts: std::array::from_fn(|n| {
+                let mut all: Vec<(u128, u32)> =
+                    members.iter().flat_map(|&m| TokenKeys::ngram_counts(&keys[m as usize], n + 1)).collect();
+                all.sort_unstable();
+                let mut merged: Vec<(u128, u32)> = Vec::with_capacity(all.len());
+                for (g, c) in all {
+                    match merged.last_mut() {
+                        Some((h, m)) if *h == g => *m = (*m).max(c),
+                        _ => merged.push((g, c)),
+                    }
+                }
+                merged
+            }),
+            lens: members.iter().map(|&m| ids[m as usize].len() as u64).collect(),
+        })
+        .collect();
+    predictions
+        .par_iter()
+        .zip(list_of_row.par_iter())
+        .map_init(Scratch::default, |s, (hyp, &l)| row_stats(s, hyp, &lists[l as usize], &vocab))
+        .collect()
+}
+
+fn row_stats(s: &mut Scratch, hyp: &str, refs: &RefList, vocab: &Vocab<'_>) -> Stats {
+    s.tokens.tokenize(py_rstrip(hyp));
+    s.ids.clear();
+    s.ids.extend(s.tokens.iter().map(|w| vocab.get(w)));
+    s.keys.clear();
+    TokenKeys::push_keys(&s.ids, &mut s.keys);
+    s.keys.sort_unstable();
+    let hyp_len = s.tokens.len() as u64;
     let mut st: Stats = [0; 2 + 2 * MAX_ORDER];
     st[0] = hyp_len;
-    st[1] = closest_ref_len(hyp_len, &ref_lens);
-    for (k, g) in hyp_grams.iter().enumerate() {
-        let mut correct = 0u64;
-        for &x in g {
-            let c = &mut max_cnt[x as usize];
-            if *c > 0 {
-                *c -= 1;
-                correct += 1;
-            }
-        }
-        st[2 + k] = correct;
-        st[2 + MAX_ORDER + k] = g.len() as u64;
+    st[1] = closest_ref_len(hyp_len, &refs.lens);
+    for n in 0..MAX_ORDER {
+        st[2 + n] = TokenKeys::clipped_by_counts(&s.keys, n + 1, &refs.max_counts[n]);
+        st[2 + MAX_ORDER + n] = hyp_len.saturating_sub(n as u64);
     }
     st
 }
@@ -251,15 +442,17 @@ fn signature(references: &[Vec<String>], eff: bool) -> String {
 /// reference of every row (rows with fewer references contribute `None`, which sacrebleu skips).
 ///
 /// ```
+/// # fn main() -> Result<(), lora_metrics::MetricsError> {
 /// let p = vec!["the cat sat on the mat".to_string()];
 /// let r = vec![vec!["the cat sat on the mat".to_string()]];
-/// let b = lora_metrics::bleu::corpus_bleu(&p, &r).unwrap();
+/// let b = lora_metrics::bleu::corpus_bleu(&p, &r)?;
 /// assert!((b.score - 100.0).abs() < 1e-9);
+/// # Ok(())
+/// # }
 /// ```
 pub fn corpus_bleu(predictions: &[String], references: &[Vec<String>]) -> crate::Result<BleuScore> {
     crate::error::validate(predictions, references)?;
-    let stats: Vec<Stats> =
-        predictions.par_iter().zip(references.par_iter()).map(|(h, r)| segment_stats(h, r)).collect();
+    let stats = corpus_stats(predictions, &DistinctRefs::new(references.iter().map(Vec::as_slice)));
     let mut sum: Stats = [0; 2 + 2 * MAX_ORDER];
     for s in &stats {
         for (a, b) in sum.iter_mut().zip(s) {
@@ -271,7 +464,7 @@ pub fn corpus_bleu(predictions: &[String], references: &[Vec<String>]) -> crate:
 
 /// `sacrebleu.sentence_bleu(prediction, references)` (exp smoothing, effective order).
 pub fn sentence_bleu(prediction: &str, references: &[String]) -> BleuScore {
-    let st = segment_stats(prediction, references);
+    let st = corpus_stats(std::slice::from_ref(&prediction.to_string()), &DistinctRefs::new([references]))[0];
     let sig = format!("nrefs:{}|case:mixed|eff:yes|tok:13a|smooth:exp|version:{SACREBLEU_VERSION}", references.len());
     compute_bleu(&st, true, sig)
 }
@@ -279,23 +472,171 @@ pub fn sentence_bleu(prediction: &str, references: &[String]) -> BleuScore {
 /// Sentence-level BLEU of every row (0-100), in parallel.
 pub fn sentence_bleu_scores(predictions: &[String], references: &[Vec<String>]) -> crate::Result<Vec<f64>> {
     crate::error::validate(predictions, references)?;
-    Ok(predictions
-        .par_iter()
-        .zip(references.par_iter())
-        .map(|(h, r)| compute_bleu(&segment_stats(h, r), true, String::new()).score)
-        .collect())
+    let stats = corpus_stats(predictions, &DistinctRefs::new(references.iter().map(Vec::as_slice)));
+    Ok(stats.par_iter().map(|st| compute_bleu(st, true, String::new()).score).collect())
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::text::py_split;
+    use std::collections::HashMap;
+
+    /// The 13a-tokenized line before the final white-space folding (split it with Python semantics).
+    fn old_tokenized_13a(line: &str) -> String {
+        let mut s = line.to_string();
+        if s.contains("<skipped>") {
+            s = s.replace("<skipped>", "");
+        }
+        if s.contains('\n') {
+            s = s.replace("-\n", "").replace('\n', " ");
+        }
+        if s.contains('&') {
+            s = s.replace("&quot;", "\"").replace("&amp;", "&").replace("&lt;", "<").replace("&gt;", ">");
+        }
+        let mut b: Vec<u8> = Vec::with_capacity(s.len() * 2 + 4);
+        // ' {line} ' then `([\{-\~\[-\` -\&\(-\+\:-\@\/])` -> ' \1 '
+        b.push(b' ');
+        for &c in s.as_bytes() {
+            if matches!(c, b'{'..=b'~' | b'['..=b'`' | b' '..=b'&' | b'('..=b'+' | b':'..=b'@' | b'/') {
+                b.extend_from_slice(&[b' ', c, b' ']);
+            } else {
+                b.push(c);
+            }
+        }
+        b.extend_from_slice(b"   ");
+        let has = |b: &[u8], x: u8| b.contains(&x);
+        if has(&b, b'.') || has(&b, b',') {
+            // `([^0-9])([\.,])` -> '\1 \2 '
+            b = sub2(
+                &b,
+                |x, y| !x.is_ascii_digit() && matches!(y, b'.' | b','),
+                |x, y, o| o.extend_from_slice(&[x, b' ', y, b' ']),
+            );
+            // `([\.,])([^0-9])` -> ' \1 \2'
+            b = sub2(
+                &b,
+                |x, y| matches!(x, b'.' | b',') && !y.is_ascii_digit(),
+                |x, y, o| o.extend_from_slice(&[b' ', x, b' ', y]),
+            );
+        }
+        if has(&b, b'-') {
+            // `([0-9])(-)` -> '\1 \2 '
+            b = sub2(&b, |x, y| x.is_ascii_digit() && y == b'-', |x, y, o| o.extend_from_slice(&[x, b' ', y, b' ']));
+        }
+        // Only ASCII bytes are inserted, always next to ASCII bytes, so the bytes stay valid UTF-8.
+        match String::from_utf8(b) {
+            Ok(s) => s,
+            Err(e) => String::from_utf8_lossy(e.as_bytes()).into_owned(),
+        }
+    }
+
+    /// Non-overlapping left-to-right substitution of a two-byte pattern (Python `re.sub` semantics for a
+    /// pattern that always matches exactly two characters, one of which is ASCII).
+    fn sub2(b: &[u8], m: impl Fn(u8, u8) -> bool, rep: impl Fn(u8, u8, &mut Vec<u8>)) -> Vec<u8> {
+        let mut o = Vec::with_capacity(b.len() + b.len() / 4);
+        let mut i = 0;
+        while i < b.len() {
+            if i + 1 < b.len() && m(b[i], b[i + 1]) {
+                rep(b[i], b[i + 1], &mut o);
+                i += 2;
+            } else {
+                o.push(b[i]);
+                i += 1;
+            }
+        }
+        o
+    }
+
+    /// Segment statistics by brute force over explicit token n-grams (the oracle for `corpus_stats`).
+    fn brute_stats(hyp: &str, refs: &[String]) -> Stats {
+        let toks = |s: &str| -> Vec<String> { py_split(&old_tokenized_13a(py_rstrip(s))).map(str::to_string).collect() };
+        let counts = |t: &[String], n: usize| {
+            let mut m: HashMap<Vec<String>, u64> = HashMap::new();
+            for w in t.windows(n) {
+                *m.entry(w.to_vec()).or_default() += 1;
+            }
+            m
+        };
+        let h = toks(hyp);
+        let rs: Vec<Vec<String>> = refs.iter().map(|r| toks(r)).collect();
+        let mut st: Stats = [0; 2 + 2 * MAX_ORDER];
+        st[0] = h.len() as u64;
+        st[1] = closest_ref_len(h.len() as u64, &rs.iter().map(|r| r.len() as u64).collect::<Vec<_>>());
+        for n in 1..=MAX_ORDER {
+            let mut max_ref: HashMap<Vec<String>, u64> = HashMap::new();
+            for r in &rs {
+                for (g, c) in counts(r, n) {
+                    let m = max_ref.entry(g).or_default();
+                    *m = (*m).max(c);
+                }
+            }
+            let hc = counts(&h, n);
+            st[1 + n] = hc.iter().map(|(g, &c)| c.min(max_ref.get(g).copied().unwrap_or(0))).sum();
+            st[1 + MAX_ORDER + n] = hc.values().sum();
+        }
+        st
+    }
+
+    /// Random text built from pieces that exercise every rule of the 13a tokenizer.
+    pub(crate) fn random_text(next: &mut impl FnMut(u64) -> u64) -> String {
+        const PIECES: [&str; 32] = [
+            "a", "Bc", "1", "0", ".", ",", "-", " ", "  ", "\n", "-\n", "&", "amp;", "&quot;", "&lt;", "&gt;", "<",
+            "<skipped>", "$", "(", ")", "'", "é", "\u{a0}", "\u{3000}", "\u{1c}", "\t", "–", "x.y", "3.5", "..", "İ",
+        ];
+        (0..next(14)).map(|_| PIECES[next(PIECES.len() as u64) as usize]).collect()
+    }
+
+    pub(crate) fn lcg(seed: u64) -> impl FnMut(u64) -> u64 {
+        let mut x = seed;
+        move |m| {
+            x = x.wrapping_mul(6_364_136_223_846_793_005).wrapping_add(1_442_695_040_888_963_407);
+            (x >> 33) % m
+        }
+    }
 
     #[test]
     fn tokenizer_regex_order() {
         assert_eq!(tokenize_13a("a..,b").join(" "), "a . . , b");
         assert_eq!(tokenize_13a("1,000.5 2-3 x-y").join(" "), "1,000.5 2 - 3 x-y");
         assert_eq!(tokenize_13a("&amp;lt; <skipped>ok").join(" "), "< ok");
+        // Checked against sacrebleu 2.6.0's `Tokenizer13a`.
+        assert_eq!(tokenize_13a("1.. 5.,., a\u{a0}b.\u{3000}c"), ["1", ".", ".", "5", ".", ",", ".", ",", "a", "b", ".", "c"]);
         assert!(tokenize_13a("").is_empty());
+    }
+
+    #[test]
+    fn fused_tokenizer_matches_the_pass_by_pass_one() {
+        let mut next = lcg(1);
+        for _ in 0..50_000 {
+            let t = random_text(&mut next);
+            let old = old_tokenized_13a(&t);
+            let want: Vec<&str> = py_split(&old).collect();
+            assert_eq!(tokenize_13a(&t), want, "{t:?}");
+        }
+    }
+
+    #[test]
+    fn stats_match_brute_force() {
+        let mut next = lcg(2);
+        for _ in 0..3_000 {
+            let n_rows = 1 + next(4) as usize;
+            let mut preds = Vec::new();
+            let mut refs = Vec::new();
+            for _ in 0..n_rows {
+                preds.push(random_text(&mut next));
+                // Few distinct references, so that rows share them.
+                let k = 1 + next(3) as usize;
+                refs.push((0..k).map(|_| format!("a {}", ["x", "1.5 a", "b a", ""][next(4) as usize])).collect::<Vec<_>>());
+                if next(2) == 0 {
+                    refs.last_mut().unwrap().push(random_text(&mut next));
+                }
+            }
+            let got = corpus_stats(&preds, &DistinctRefs::new(refs.iter().map(Vec::as_slice)));
+            for (i, st) in got.iter().enumerate() {
+                assert_eq!(*st, brute_stats(&preds[i], &refs[i]), "{:?} {:?}", preds[i], refs[i]);
+            }
+        }
     }
 
     #[test]

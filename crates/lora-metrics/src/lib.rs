@@ -29,6 +29,7 @@ pub mod bleu;
 pub mod bootstrap;
 pub mod chrf;
 mod error;
+mod grams;
 pub mod gsm8k;
 mod jsonl;
 pub mod porter;

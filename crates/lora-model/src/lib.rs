@@ -16,6 +16,7 @@ pub mod error;
 pub mod export;
 pub mod generate;
 pub mod gguf;
+pub mod kernels;
 mod gguf_weights;
 pub use gguf_weights::{gguf_tokenizer_for, GgufWeights};
 pub mod lora;

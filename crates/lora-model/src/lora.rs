@@ -2,6 +2,7 @@
 use tch::{Kind, Tensor};
 
 use crate::error::{ModelError, Result};
+use crate::kernels::{self, LoraPart};
 
 /// The low-rank update of one projection.
 #[derive(Debug)]
@@ -54,6 +55,15 @@ impl LoraLinear {
 
     /// `W x + b`, plus the LoRA update when `lora_on` (and not merged). `train` enables LoRA dropout.
     pub fn forward(&self, x: &Tensor, lora_on: bool, train: bool) -> Result<Tensor> {
+        if !train {
+            let part = match &self.lora {
+                Some(l) if lora_on && !l.merged => Some(LoraPart { a: &l.a, b: &l.b, scaling: l.scaling }),
+                _ => None,
+            };
+            if let Some(y) = kernels::small_linear(x, &self.weight, self.bias.as_ref(), part)? {
+                return Ok(y);
+            }
+        }
         let y = x.f_linear(&self.weight, self.bias.as_ref())?;
         match &self.lora {
             Some(l) if lora_on && !l.merged => {

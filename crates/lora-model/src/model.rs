@@ -370,6 +370,9 @@ impl Llama {
     /// The LM head (tied or not) applied to normed states, returning f32 logits.
     pub fn lm_head(&self, normed: &Tensor) -> Result<Tensor> {
         let w = self.lm_head.as_ref().unwrap_or(&self.embed);
+        if let Some(y) = crate::kernels::small_linear(normed, w, None, None)? {
+            return Ok(y.f_to_kind(Kind::Float)?);
+        }
         Ok(normed.f_linear::<Tensor>(w, None)?.f_to_kind(Kind::Float)?)
     }
 

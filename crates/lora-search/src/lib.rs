@@ -34,6 +34,7 @@
 
 mod curve;
 mod error;
+mod race;
 pub mod rng;
 mod scorer;
 mod search;

@@ -13,14 +13,23 @@ pub fn splitmix64(state: &mut u64) -> u64 {
 }
 
 /// Mixes several words into one 64-bit seed (order-sensitive).
+///
+/// Each word is XORed into a fully mixed state, which is then mixed again (one SplitMix64
+/// step: state advance *and* output finaliser), so words that differ in a few bits give
+/// unrelated seeds.
+///
+/// ```
+/// use lora_search::rng::mix;
+/// assert_ne!(mix(&[1, 2]), mix(&[2, 1]));
+/// assert_eq!(mix(&[7, 8, 9]), mix(&[7, 8, 9]));
+/// ```
 pub fn mix(words: &[u64]) -> u64 {
-    let mut state = 0x6A09_E667_F3BC_C908_u64;
-    let mut out = 0;
+    let mut h = 0x6A09_E667_F3BC_C908_u64;
     for &w in words {
-        state ^= w;
-        out = splitmix64(&mut state);
+        let mut state = h ^ w;
+        h = splitmix64(&mut state);
     }
-    out
+    h
 }
 
 /// xoshiro256** generator seeded through SplitMix64.
@@ -108,6 +117,17 @@ mod tests {
         let mut s = v.clone();
         s.sort_unstable();
         assert_eq!(s, (0..50).collect::<Vec<_>>());
+    }
+
+    #[test]
+    fn mix_decorrelates_small_words() {
+        // Regression: XORing words into an unmixed state made {mix([s, i]) : i < 256} the same
+        // set for every small s, so per-sample noise summed to the same value for every seed.
+        let sum = |s: u64| (0..256u64).map(|i| Rng::new(mix(&[s, 0x5A, i])).normal()).sum::<f64>();
+        let sums: Vec<f64> = (0..8).map(sum).collect();
+        assert!(sums.windows(2).all(|w| (w[0] - w[1]).abs() > 1e-9), "{sums:?}");
+        let mean = sums.iter().sum::<f64>() / 8.0;
+        assert!(mean.abs() < 3.0 * 16.0 / 8f64.sqrt(), "{mean}");
     }
 
     #[test]

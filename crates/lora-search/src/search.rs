@@ -7,6 +7,7 @@ use std::str::FromStr;
 use rayon::prelude::*;
 use serde::Serialize;
 
+use crate::race::{arms, decide, Decision};
 use crate::rng::{mix, Rng};
 use crate::scorer::{Memo, Scorer};
 use crate::stats::{mean, paired_bootstrap_ci, variance};
@@ -130,7 +131,11 @@ pub struct ProxyScore {
     pub boundary: usize,
     /// Mean proxy score over all samples.
     pub score: f64,
-    /// Whether it made the short list evaluated with the real scorer.
+    /// Whether its proxy scores are statistically indistinguishable from the proxy's best
+    /// (paired differences: `mean + z·SE ≥ 0`).
+    pub indistinguishable: bool,
+    /// Whether it made the short list evaluated with the real scorer (the smallest
+    /// `shortlist` indistinguishable boundaries).
     pub shortlisted: bool,
 }
 
@@ -474,33 +479,87 @@ impl BoundarySearch {
         Ok(())
     }
 
+    /// Adaptive successive halving (see [`Strategy::Halving`]).
     fn halving(&self, ctx: &Ctx<'_>, table: &mut Table<'_>) -> Result<(), SearchError> {
         let n = table.n;
-        let mut survivors: Vec<usize> = (ctx.lo..=ctx.hi).filter(|&b| b != ctx.reference).collect();
-        let plan = halving_plan(survivors.len(), n, self.eta, self.budget, self.min_samples);
-        if survivors.is_empty() {
-            return table.eval(ctx.reference, ctx.order);
+        let limit = budget_limit(self.budget, n);
+        table.eval(ctx.reference, ctx.order)?;
+        let others: Vec<usize> = (ctx.lo..=ctx.hi).filter(|&b| b != ctx.reference).collect();
+        if others.is_empty() {
+            return Ok(());
         }
-        let rounds = plan.samples.len();
-        for r in 0..rounds {
-            let m = plan.samples[r];
-            let prefix = &ctx.order[..m];
-            table.eval(ctx.reference, prefix)?;
-            for &b in &survivors {
-                table.eval(b, prefix)?;
+        let m0 = screening_samples(others.len(), n, limit, self.min_samples);
+        let mut seen: BTreeMap<usize, usize> = BTreeMap::new();
+        if ctx.in_range(ctx.reference) {
+            seen.insert(ctx.reference, n);
+        }
+        for &b in &others {
+            table.eval(b, &ctx.order[..m0])?;
+            seen.insert(b, m0);
+        }
+        let mut threat_turn = true;
+        loop {
+            let Some(d) = self.race_decision(ctx, table, &seen) else {
+                break;
+            };
+            let spent = table.memo.sample_evals();
+            let m_choice = seen.get(&d.choice).copied().unwrap_or(n);
+            let reserve = n - m_choice.min(n);
+            // Alternate between sharpening the top and sharpening the choice.
+            let next = if threat_turn { d.threat.or(d.scan) } else { d.scan.or(d.threat) };
+            threat_turn = !threat_turn;
+            let Some((grow, z)) = next else {
+                break;
+            };
+            if std::env::var("RACE_DEBUG").is_ok() {
+                eprintln!("spent {spent} choice {} top {} grow {grow} (m {:?}) z {z:.2} threat {:?} scan {:?}", d.choice, d.top, seen.get(&grow), d.threat, d.scan);
             }
-            if r + 1 == rounds {
+            let cur = seen.get(&grow).copied().unwrap_or(n);
+            let want = (cur.saturating_mul(self.eta)).max(cur + 1).min(n);
+            // Growing the choice spends from its own reserve; growing another must leave it.
+            let room = if grow == d.choice { limit.saturating_sub(spent) } else { limit.saturating_sub(spent + reserve) };
+            let to = want.min(cur + room);
+            if to > cur {
+                table.eval(grow, &ctx.order[..to])?;
+                seen.insert(grow, to);
+            } else if reserve > 0 && spent + reserve <= limit {
+                table.eval(d.choice, ctx.order)?;
+                seen.insert(d.choice, n);
+            } else {
                 break;
             }
-            let keep = plan.survivors[r + 1];
-            let mut pool: Vec<usize> = survivors.clone();
-            if ctx.in_range(ctx.reference) {
-                pool.push(ctx.reference);
-            }
-            let scored = table.scores_on(&pool, prefix);
-            survivors = shortlist(&scored, ctx.reference, self.epsilon, self.z, keep);
         }
-        Ok(())
+        // The choice must be a finalist (on all samples). If the last step moved it to a
+        // candidate the budget cannot complete, the choice among affordable candidates is used;
+        // if none is affordable (validation sets too small for the budget), the plain choice is
+        // completed and the report shows the real cost.
+        let room = limit.saturating_sub(table.memo.sample_evals());
+        let affordable: BTreeMap<usize, usize> =
+            seen.iter().filter(|(_, &m)| n - m.min(n) <= room).map(|(&b, &m)| (b, m)).collect();
+        let plain = self.race_decision(ctx, table, &seen).map(|d| d.choice);
+        let pick = match plain {
+            Some(c) if affordable.contains_key(&c) => Some(c),
+            _ => self.race_decision(ctx, table, &affordable).map(|d| d.choice).or(plain),
+        };
+        match pick.or(others.first().copied()) {
+            Some(b) => table.eval(b, ctx.order),
+            None => Ok(()),
+        }
+    }
+
+    /// The racing decision on the candidates in `seen` (boundary → samples evaluated).
+    fn race_decision(&self, ctx: &Ctx<'_>, table: &Table<'_>, seen: &BTreeMap<usize, usize>) -> Option<Decision> {
+        let diffs: Vec<(usize, Vec<f64>)> = seen
+            .iter()
+            .filter(|(b, _)| ctx.in_range(**b))
+            .map(|(&b, &m)| {
+                let prefix = &ctx.order[..m.min(ctx.order.len())];
+                let s = table.scores(b, prefix);
+                let r = table.scores(ctx.reference, prefix);
+                (b, s.iter().zip(&r).map(|(x, y)| x - y).collect())
+            })
+            .collect();
+        decide(&arms(&diffs, ctx.reference), self.epsilon, table.n, self.z)
     }
 
     fn proxy_first(
@@ -516,17 +575,21 @@ impl BoundarySearch {
             ptable.eval(b, ctx.order)?;
         }
         let scored = ptable.scores_on(&pool, ctx.order);
-        // The proxy has its own scale, so ε does not apply; proxy means within z standard
-        // errors count as tied, which keeps the low end of a proxy plateau on the list.
-        let proxy_tie = self.z * pooled_se(&scored);
-        let list = shortlist(&scored, ctx.reference, proxy_tie, self.z, self.shortlist);
+        let tied = indistinguishable(&scored, self.z);
+        let list: Vec<usize> = scored.iter().zip(&tied).filter(|(_, &t)| t).map(|((b, _), _)| *b).take(self.shortlist).collect();
         table.eval(ctx.reference, ctx.order)?;
         for &b in &list {
             table.eval(b, ctx.order)?;
         }
         let ranking = scored
             .iter()
-            .map(|(b, s)| ProxyScore { boundary: *b, score: mean(s), shortlisted: list.contains(b) })
+            .zip(&tied)
+            .map(|((b, s), &t)| ProxyScore {
+                boundary: *b,
+                score: mean(s),
+                indistinguishable: t,
+                shortlisted: list.contains(b),
+            })
             .collect();
         Ok((ranking, ptable.memo.sample_evals()))
     }
@@ -699,102 +762,25 @@ impl<'a> Table<'a> {
     }
 }
 
-/// The planned schedule of a halving run.
-#[derive(Debug, Clone, PartialEq)]
-pub(crate) struct HalvingPlan {
-    /// Candidates alive in each round (the reference is extra).
-    pub survivors: Vec<usize>,
-    /// Sample-prefix length of each round.
-    pub samples: Vec<usize>,
-    /// Planned sample evaluations, including the reference on all samples.
-    pub cost: usize,
-}
-
-/// Plans successive halving for `k` non-reference candidates on `n` samples.
-///
-/// Survivors: `k_0 = k`, `k_{r+1} = ⌈k_r / η⌉` until 1 (rounds `0..=R`). Samples:
-/// `n_r = clamp(⌈n / g^{R−r}⌉, min(min_samples, n), n)` (made non-decreasing), `n_R = n`.
-/// Cost: `n + Σ_r k_r (n_r − n_{r−1})` (the reference is evaluated on every sample; memoised
-/// samples are not paid twice). The growth `g ≥ 1` is the smallest (by bisection) whose
-/// cost fits `budget · n`; if none fits, the largest useful `g` (first subset at the floor).
-pub(crate) fn halving_plan(k: usize, n: usize, eta: usize, budget: f64, min_samples: usize) -> HalvingPlan {
-    let mut survivors = vec![k];
-    while let Some(&last) = survivors.last() {
-        if last <= 1 {
-            break;
-        }
-        survivors.push(last.div_ceil(eta.max(2)));
-    }
-    let r_max = survivors.len() - 1;
-    let schedule = |g: f64| -> Vec<usize> {
-        let floor = min_samples.clamp(1, n.max(1));
-        let mut prev = 0;
-        (0..=r_max)
-            .map(|r| {
-                let raw = (n as f64 / g.powi((r_max - r) as i32)).ceil() as usize;
-                let m = if r == r_max { n } else { raw.clamp(floor, n) };
-                let m = m.max(prev);
-                prev = m;
-                m
-            })
-            .collect()
-    };
-    let cost_of = |s: &[usize]| -> usize {
-        let mut prev = 0;
-        let mut c = n;
-        for (kr, &m) in survivors.iter().zip(s) {
-            c += kr * (m - prev);
-            prev = m;
-        }
-        c
-    };
-    let limit = budget * n as f64;
-    let g_max = if r_max == 0 { 1.0 } else { (n.max(2) as f64).powf(1.0 / r_max as f64).max(1.0) };
-    let g = if cost_of(&schedule(1.0)) as f64 <= limit {
-        1.0
-    } else if cost_of(&schedule(g_max)) as f64 > limit {
-        g_max
+/// The budget in sample evaluations: `⌊budget · n⌋`.
+fn budget_limit(budget: f64, n: usize) -> usize {
+    let v = (budget * n as f64).floor();
+    if v.is_finite() && v >= 0.0 {
+        v as usize
     } else {
-        let (mut a, mut b) = (1.0, g_max);
-        for _ in 0..60 {
-            let mid = 0.5 * (a + b);
-            if cost_of(&schedule(mid)) as f64 <= limit {
-                b = mid;
-            } else {
-                a = mid;
-            }
-        }
-        b
-    };
-    let samples = schedule(g);
-    let cost = cost_of(&samples);
-    HalvingPlan { survivors, samples, cost }
+        usize::MAX
+    }
 }
 
-/// Pooled standard error of paired differences to the best-scoring entry of `scored`.
-///
-/// `SE = sqrt(mean_b var(s_b − s_best) / m)` over the `m` common samples; 0 when `m < 2`.
-fn pooled_se(scored: &[(usize, Vec<f64>)]) -> f64 {
-    let means: Vec<(usize, f64)> = scored.iter().map(|(b, s)| (*b, mean(s))).collect();
-    let Some((best, _)) = best_of(&means) else {
-        return 0.0;
-    };
-    let Some((_, bs)) = scored.iter().find(|(b, _)| *b == best) else {
-        return 0.0;
-    };
-    let vars: Vec<f64> = scored
-        .iter()
-        .filter(|(b, _)| *b != best)
-        .filter_map(|(_, s)| {
-            let d: Vec<f64> = s.iter().zip(bs).map(|(x, y)| x - y).collect();
-            variance(&d)
-        })
-        .collect();
-    if vars.is_empty() {
-        return 0.0;
-    }
-    let m = bs.len().max(1) as f64;
-    (mean(&vars) / m).sqrt()
+/// Samples every non-reference candidate is screened on: the largest `m ≤ min_samples` (and
+/// `≤ n`) with `n + k·m + (n − m) ≤ limit` (reference, screening, completing one finalist);
+/// at least 1 (then the budget may be exceeded, which the report shows).
+pub(crate) fn screening_samples(k: usize, n: usize, limit: usize, min_samples: usize) -> usize {
+    let top = min_samples.clamp(1, n.max(1));
+    (1..=top)
+        .rev()
+        .find(|&m| n.saturating_add(k.saturating_mul(m)).saturating_add(n - m) <= limit)
+        .unwrap_or(1)
 }
 
 /// Best mean; ties go to the smaller boundary.
@@ -809,52 +795,29 @@ fn best_of(means: &[(usize, f64)]) -> Option<(usize, f64)> {
     best
 }
 
-/// Keeps `k` of the non-reference candidates of `scored`; the reference, if present,
-/// only raises the bar.
-///
-/// With `s` the pooled SE of paired differences, `K = |scored|` and the multiplicity
-/// allowance `a = sqrt(2 ln K) · s` (the expected excess of the largest of `K` noisy means):
-/// the debiased top level is `T = max mean − a`; the plug-in choice `ĉ` is the smallest
-/// non-reference boundary with `mean ≥ T − ε`; contenders have `mean ≥ max − ε − a − z·s`.
-/// Preference order: `ĉ`; the best non-reference candidate when `k ≥ 4`; contenders by
-/// distance to `ĉ` (ties to the smaller boundary); the rest by descending mean. Returned
-/// ascending.
-fn shortlist(scored: &[(usize, Vec<f64>)], reference: usize, epsilon: f64, z: f64, k: usize) -> Vec<usize> {
+/// Which entries of `scored` are statistically indistinguishable from the best mean: with
+/// `d_i = s_b,i − s_best,i` the per-sample paired differences, `b` is indistinguishable when
+/// `mean(d) + z · sd(d)/√n ≥ 0` (the best itself always is; with one sample, when
+/// `mean(d) ≥ 0`).
+fn indistinguishable(scored: &[(usize, Vec<f64>)], z: f64) -> Vec<bool> {
     let means: Vec<(usize, f64)> = scored.iter().map(|(b, s)| (*b, mean(s))).collect();
-    let Some((_, top)) = best_of(&means) else {
+    let Some((best, _)) = best_of(&means) else {
         return Vec::new();
     };
-    let se = pooled_se(scored);
-    let kk = means.len().max(1) as f64;
-    let allowance = (2.0 * kk.ln()).max(0.0).sqrt() * se;
-    let level = top - allowance;
-    let others: Vec<(usize, f64)> = means.iter().copied().filter(|(b, _)| *b != reference).collect();
-    let Some(best) = best_of(&others) else {
-        return Vec::new();
+    let Some((_, bs)) = scored.iter().find(|(b, _)| *b == best) else {
+        return vec![false; scored.len()];
     };
-    let c_hat = others.iter().filter(|(_, m)| *m >= level - epsilon).map(|(b, _)| *b).min().unwrap_or(best.0);
-    let bar = top - epsilon - allowance - z * se;
-    let mut contention: Vec<usize> = others.iter().filter(|(_, m)| *m >= bar).map(|(b, _)| *b).collect();
-    contention.sort_by_key(|&b| (b.abs_diff(c_hat), b));
-    let mut rest: Vec<(usize, f64)> = others.iter().copied().filter(|(b, _)| !contention.contains(b)).collect();
-    rest.sort_by(|x, y| y.1.total_cmp(&x.1).then(x.0.cmp(&y.0)));
-    let mut order: Vec<usize> = vec![c_hat];
-    if k >= 4 {
-        order.push(best.0);
-    }
-    order.extend(contention.iter().copied());
-    order.extend(rest.iter().map(|(b, _)| *b));
-    let mut out: Vec<usize> = Vec::new();
-    for b in order {
-        if out.len() == k {
-            break;
-        }
-        if !out.contains(&b) {
-            out.push(b);
-        }
-    }
-    out.sort_unstable();
-    out
+    scored
+        .iter()
+        .map(|(b, s)| {
+            if *b == best {
+                return true;
+            }
+            let d: Vec<f64> = s.iter().zip(bs).map(|(x, y)| x - y).collect();
+            let se = variance(&d).map_or(0.0, |v| (v / d.len() as f64).sqrt());
+            mean(&d) + z * se >= 0.0
+        })
+        .collect()
 }
 
 #[cfg(test)]
@@ -862,38 +825,28 @@ mod tests {
     use super::*;
 
     #[test]
-    fn plan_fits_budget_for_30_layers() {
-        // The smallest validation set for which the default plan fits 3 full evaluations.
-        let first_fit =
-            (2..2000).find(|&n| (n..n + 200).all(|m| halving_plan(29, m, 2, 3.0, 2).cost <= 3 * m)).unwrap();
-        assert_eq!(first_fit, 206);
-        println!("L=30: default plan fits 3 full evaluations for every n >= {first_fit}");
-        for n in [206, 256, 500, 1000] {
-            let p = halving_plan(29, n, 2, 3.0, 2);
-            assert_eq!(p.survivors, vec![29, 15, 8, 4, 2, 1]);
-            let p3 = halving_plan(29, n, 3, 3.0, 2);
-            assert_eq!(p3.survivors, vec![29, 10, 4, 2, 1]);
-            assert!(p3.cost as f64 <= 3.0 * n as f64);
-            assert_eq!(*p.samples.last().unwrap(), n);
-            assert!(p.cost as f64 <= 3.0 * n as f64, "n={n}: {p:?}");
-            assert!(p.samples.windows(2).all(|w| w[0] <= w[1]));
-        }
-        // Tiny candidate sets: everything on all samples when it fits.
-        let p = halving_plan(1, 50, 3, 3.0, 2);
-        assert_eq!(p.samples, vec![50]);
-        assert_eq!(p.cost, 100);
+    fn screening_fits_the_budget() {
+        // L = 30 (29 non-reference candidates), budget 3: two samples each from n = 56 on.
+        assert_eq!(screening_samples(29, 256, 768, 2), 2);
+        assert_eq!(screening_samples(29, 56, 168, 2), 2);
+        assert_eq!(screening_samples(29, 55, 165, 2), 1);
+        assert_eq!(screening_samples(29, 16, 48, 2), 1, "too small: one sample, over budget");
+        assert_eq!(screening_samples(3, 1, 3, 5), 1);
+        assert_eq!(budget_limit(3.0, 256), 768);
+        assert_eq!(budget_limit(2.5, 3), 7);
     }
 
     #[test]
-    fn shortlist_keeps_plug_in_choice_and_neighbours() {
-        // Noise-free scores: SE = 0, so the allowance and margin are just epsilon.
-        let s = |b: usize, m: f64| (b, vec![m, m]);
-        let scored = vec![s(1, 0.1), s(2, 0.5), s(3, 0.79), s(4, 0.8), s(5, 0.78), s(9, 0.81)];
-        assert_eq!(shortlist(&scored, 9, 0.05, 2.0, 1), vec![3]);
-        assert_eq!(shortlist(&scored, 9, 0.05, 2.0, 2), vec![3, 4]);
-        assert_eq!(shortlist(&scored, 9, 0.05, 2.0, 4), vec![2, 3, 4, 5]);
-        assert_eq!(shortlist(&scored, 9, 0.0, 2.0, 1), vec![4]);
-        assert_eq!(shortlist(&scored, 9, 0.0, 2.0, 0), Vec::<usize>::new());
+    fn indistinguishable_uses_paired_differences() {
+        // A large shared per-sample effect: unpaired spreads overlap, paired ones do not.
+        let shared = [0.0, 1.0, 2.0, 3.0, 4.0, 5.0];
+        let with = |off: f64, wob: f64| -> Vec<f64> {
+            shared.iter().enumerate().map(|(i, s)| s + off + if i % 2 == 0 { wob } else { -wob }).collect()
+        };
+        let scored = vec![(0, with(-0.5, 0.01)), (1, with(-0.01, 0.02)), (2, with(0.0, 0.0)), (3, with(-0.002, 0.0))];
+        assert_eq!(indistinguishable(&scored, 2.0), vec![false, true, true, false]);
+        assert_eq!(indistinguishable(&scored, 0.0), vec![false, false, true, false]);
+        assert!(indistinguishable(&[], 2.0).is_empty());
     }
 
     #[test]
