@@ -15,7 +15,7 @@ fn main() -> anyhow::Result<()> {
     let (mut model, tokenizer) = load_model(DEFAULT_MODEL, Placement::default())?;
     let info = load_adapter(&mut model, &adapter)?;
     let val: Vec<_> = Task::E2e.load(Path::new("data/e2e_nlg/testset_w_refs.csv"))?.into_iter().take(16).collect();
-    let mut proxy = ProxyScorer { model: &model, tokenizer: &tokenizer, samples: &val, chat: true, batch_size: 8 };
+    let mut proxy = ProxyScorer::new(&model, &tokenizer, &val, true, 8);
     let mut real = GenerationScorer {
         model: &model,
         tokenizer: &tokenizer,

@@ -622,20 +622,15 @@ fn run_search(a: &SearchArgs) -> Result<()> {
     let l = model.num_layers();
     let strategy: lora_search::Strategy = a.strategy.parse().map_err(|e: SearchError| Error::Usage(e.to_string()))?;
     let mut search = lora_search::BoundarySearch::new(l).strategy(strategy).seed(a.seed);
+    let mut proxy = ProxyScorer::new(&model, &tokenizer, &samples, a.data.chat, a.batch_size);
     if let Some(r) = &a.range {
         let (lo, hi) = lora_search::parse_range(r).map_err(|e| Error::Usage(e.to_string()))?;
         search = search.range(lo, hi);
+        proxy = proxy.with_range(lo, hi);
     }
     if let Some(i) = &info {
         search = search.param_counts(i.params_per_layer.iter().map(|&p| p as f64).collect());
     }
-    let mut proxy = ProxyScorer {
-        model: &model,
-        tokenizer: &tokenizer,
-        samples: &samples,
-        chat: a.data.chat,
-        batch_size: a.batch_size,
-    };
     let report = if a.metric.as_deref() == Some("logprob") {
         search.run(&mut proxy, samples.len())
     } else {

@@ -66,6 +66,9 @@ pub struct PipelineConfig {
     /// Search strategy.
     #[serde(default = "default_strategy")]
     pub strategy: String,
+    /// Candidate boundaries `LO-HI` for the search (default: every block).
+    #[serde(default)]
+    pub range: Option<String>,
     /// Score candidates by the teacher-forced log-probability proxy instead of generation.
     #[serde(default)]
     pub proxy_only: bool,
@@ -222,12 +225,16 @@ pub fn run_pipeline(cfg: &PipelineConfig, place: Placement, mut log: impl FnMut(
 
     let t = std::time::Instant::now();
     let strategy: Strategy = cfg.strategy.parse().map_err(|e: lora_search::SearchError| Error::Usage(e.to_string()))?;
-    let search = BoundarySearch::new(l)
+    let mut search = BoundarySearch::new(l)
         .strategy(strategy)
         .seed(cfg.seed)
         .param_counts(info.params_per_layer.iter().map(|&p| p as f64).collect());
-    let mut proxy =
-        ProxyScorer { model: &model, tokenizer: &tokenizer, samples: &val, chat: cfg.chat, batch_size: cfg.batch_size };
+    let mut proxy = ProxyScorer::new(&model, &tokenizer, &val, cfg.chat, cfg.batch_size);
+    if let Some(r) = &cfg.range {
+        let (lo, hi) = lora_search::parse_range(r).map_err(|e| Error::Usage(format!("range: {e}")))?;
+        search = search.range(lo, hi);
+        proxy = proxy.with_range(lo, hi);
+    }
     let report = if cfg.proxy_only {
         search.run(&mut proxy, val.len())
     } else {

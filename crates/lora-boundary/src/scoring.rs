@@ -1,5 +1,7 @@
 //! Model-backed scorers for boundary search: generation + a task metric, and the cheap teacher-forced proxy
 //! (mean log-probability of the ground-truth answer tokens).
+use std::collections::HashMap;
+
 use lora_metrics::Metric;
 use lora_model::tch::{Kind, Tensor};
 use lora_model::{generate, ForwardOptions, GenerationConfig, LayerMask, Llama, Logits, Tokenizer};
@@ -113,17 +115,21 @@ pub fn score_masks(
     Ok(out)
 }
 
-/// Mean log-probability of each sample's answer tokens (teacher-forced) under `mask`.
-pub fn answer_logprobs(
-    model: &Llama,
+/// One batch of teacher-forced rows: `[B, T]` ids and attention mask (left padding), and each row's answer ids.
+struct ForcedBatch {
+    input: Tensor,
+    attention: Tensor,
+    answers: Vec<Vec<i64>>,
+    max_len: usize,
+}
+
+fn forced_batches(
     tokenizer: &Tokenizer,
     samples: &[&Sample],
-    mask: &LayerMask,
     chat: bool,
     batch_size: usize,
-) -> Result<Vec<f64>> {
-    let _guard = lora_model::tch::no_grad_guard();
-    let mut out = Vec::with_capacity(samples.len());
+) -> Result<Vec<ForcedBatch>> {
+    let mut out = Vec::new();
     for chunk in samples.chunks(batch_size.max(1)) {
         let mut rows = Vec::with_capacity(chunk.len());
         for s in chunk {
@@ -143,23 +149,89 @@ pub fn answer_logprobs(
             att.extend(std::iter::repeat_n(0i64, max_len - n).chain(std::iter::repeat_n(1i64, n)));
         }
         let b = rows.len() as i64;
-        let input = Tensor::from_slice(&ids).view([b, max_len as i64]);
-        let attention = Tensor::from_slice(&att).view([b, max_len as i64]);
+        out.push(ForcedBatch {
+            input: Tensor::from_slice(&ids).view([b, max_len as i64]),
+            attention: Tensor::from_slice(&att).view([b, max_len as i64]),
+            answers: rows.into_iter().map(|(_, a)| a).collect(),
+            max_len,
+        });
+    }
+    Ok(out)
+}
+
+/// Mean answer-token log-probability of each row of `batch`, read from the last hidden state `last` (pre-norm).
+fn row_logprobs(model: &Llama, batch: &ForcedBatch, last: &Tensor, out: &mut Vec<f64>) -> Result<()> {
+    let err = lora_model::ModelError::from;
+    for (r, a) in batch.answers.iter().enumerate() {
+        // Answer token j sits at position max_len - |a| + j and is predicted from the position before it.
+        let start = (batch.max_len - a.len() - 1) as i64;
+        let h = last.f_select(0, r as i64).and_then(|h| h.f_narrow(0, start, a.len() as i64)).map_err(err)?;
+        let logits = model.lm_head(&model.final_norm(&h)?)?;
+        let logp = logits.f_log_softmax(-1, Kind::Float).map_err(err)?;
+        let target = Tensor::from_slice(a).unsqueeze(1).to_device(logp.device());
+        let gt = logp.f_gather(1, &target, false).map_err(err)?;
+        out.push(gt.f_mean(Kind::Double).map_err(err)?.double_value(&[]));
+    }
+    Ok(())
+}
+
+/// Mean log-probability of each sample's answer tokens (teacher-forced) under `mask`.
+pub fn answer_logprobs(
+    model: &Llama,
+    tokenizer: &Tokenizer,
+    samples: &[&Sample],
+    mask: &LayerMask,
+    chat: bool,
+    batch_size: usize,
+) -> Result<Vec<f64>> {
+    let _guard = lora_model::tch::no_grad_guard();
+    let mut out = Vec::with_capacity(samples.len());
+    for batch in forced_batches(tokenizer, samples, chat, batch_size)? {
         let opts = ForwardOptions { logits: Logits::Skip, hidden_states: true, ..ForwardOptions::new(mask) };
-        let fwd = model.forward(&input, Some(&attention), &opts)?;
+        let fwd = model.forward(&batch.input, Some(&batch.attention), &opts)?;
         let last = fwd.hidden_states.last().ok_or_else(|| Error::Usage("model returned no hidden states".into()))?;
-        for (r, (_, a)) in rows.iter().enumerate() {
-            // Answer token j sits at position max_len - |a| + j and is predicted from the position before it.
-            let start = (max_len - a.len() - 1) as i64;
-            let h = last
-                .f_select(0, r as i64)
-                .and_then(|h| h.f_narrow(0, start, a.len() as i64))
-                .map_err(lora_model::ModelError::from)?;
-            let logits = model.lm_head(&model.final_norm(&h)?)?;
-            let logp = logits.f_log_softmax(-1, Kind::Float).map_err(lora_model::ModelError::from)?;
-            let target = Tensor::from_slice(a).unsqueeze(1).to_device(logp.device());
-            let gt = logp.f_gather(1, &target, false).map_err(lora_model::ModelError::from)?;
-            out.push(gt.f_mean(Kind::Double).map_err(lora_model::ModelError::from)?.double_value(&[]));
+        row_logprobs(model, &batch, last, &mut out)?;
+    }
+    Ok(out)
+}
+
+/// [`answer_logprobs`] under `keep_through(b)` for every `b` in `boundaries` at once: `result[i][j]` is boundary
+/// `boundaries[i]`, sample `j`.
+///
+/// One full-LoRA pass keeps every block's output; boundary `b` then only runs blocks `b+1..L` without LoRA from
+/// the state after block `b` ([`Llama::forward_from`]), since below that the two masks agree. Over all `L`
+/// boundaries this costs about `L / 2 + 1` forward passes instead of `L`; over the top half of the blocks, about
+/// `L / 8 + 1` instead of `L / 2`.
+pub fn answer_logprobs_sweep(
+    model: &Llama,
+    tokenizer: &Tokenizer,
+    samples: &[&Sample],
+    boundaries: &[usize],
+    chat: bool,
+    batch_size: usize,
+) -> Result<Vec<Vec<f64>>> {
+    let _guard = lora_model::tch::no_grad_guard();
+    let l = model.num_layers();
+    if let Some(&b) = boundaries.iter().find(|&&b| b >= l) {
+        return Err(Error::Usage(format!("boundary {b} is past the last block ({l} blocks)")));
+    }
+    let mut out = vec![Vec::with_capacity(samples.len()); boundaries.len()];
+    let none = LayerMask::none();
+    let all = LayerMask::all();
+    for batch in forced_batches(tokenizer, samples, chat, batch_size)? {
+        let opts = ForwardOptions { logits: Logits::Skip, hidden_states: true, ..ForwardOptions::new(&all) };
+        let full = model.forward(&batch.input, Some(&batch.attention), &opts)?;
+        for (&b, dst) in boundaries.iter().zip(out.iter_mut()) {
+            let states = &full.hidden_states;
+            let from = states.get(b + 1).ok_or_else(|| Error::Usage("model returned too few hidden states".into()))?;
+            let last = if b + 1 == l {
+                from.shallow_clone()
+            } else {
+                let opts = ForwardOptions { logits: Logits::Skip, hidden_states: true, ..ForwardOptions::new(&none) };
+                let tail = model.forward_from(from, b + 1, Some(&batch.attention), &opts)?;
+                tail.hidden_states.last().map(Tensor::shallow_clone).ok_or_else(|| Error::Usage("no state".into()))?
+            };
+            row_logprobs(model, &batch, &last, dst)?;
         }
     }
     Ok(out)
@@ -216,32 +288,67 @@ impl Scorer for GenerationScorer<'_> {
     }
 }
 
-/// Scores keep-through(b) by the teacher-forced mean log-probability of the answer (cheap: one forward, no
-/// generation).
+/// Scores keep-through(b) by the teacher-forced mean log-probability of the answer (cheap: no generation).
+///
+/// The first request for a sample computes it for every candidate boundary at once with
+/// [`answer_logprobs_sweep`] and remembers the results, so ranking all `L` candidates costs about `L / 2 + 1`
+/// forward passes per sample rather than `L`.
 pub struct ProxyScorer<'a> {
-    /// The model with its adapter attached.
-    pub model: &'a Llama,
-    /// Its tokenizer.
-    pub tokenizer: &'a Tokenizer,
-    /// Validation samples.
-    pub samples: &'a [Sample],
-    /// Use the chat template.
-    pub chat: bool,
-    /// Forward batch size.
-    pub batch_size: usize,
+    model: &'a Llama,
+    tokenizer: &'a Tokenizer,
+    samples: &'a [Sample],
+    chat: bool,
+    batch_size: usize,
+    candidates: Vec<usize>,
+    cache: HashMap<(usize, usize), f64>,
+}
+
+impl<'a> ProxyScorer<'a> {
+    /// A proxy over `samples`, sweeping all boundaries `0..L` on first use of a sample.
+    pub fn new(
+        model: &'a Llama,
+        tokenizer: &'a Tokenizer,
+        samples: &'a [Sample],
+        chat: bool,
+        batch_size: usize,
+    ) -> Self {
+        let candidates = (0..model.num_layers()).collect();
+        ProxyScorer { model, tokenizer, samples, chat, batch_size, candidates, cache: HashMap::new() }
+    }
+
+    /// Sweep only `lo..=hi` (the search range); other boundaries are computed on request.
+    pub fn with_range(mut self, lo: usize, hi: usize) -> Self {
+        self.candidates = (lo..=hi.min(self.model.num_layers().saturating_sub(1))).collect();
+        self
+    }
 }
 
 impl Scorer for ProxyScorer<'_> {
     fn score(&mut self, boundary: usize, samples: &[usize]) -> std::result::Result<Vec<f64>, SearchError> {
-        let chosen = pick(self.samples, samples, boundary)?;
-        answer_logprobs(
-            self.model,
-            self.tokenizer,
-            &chosen,
-            &LayerMask::keep_through(boundary),
-            self.chat,
-            self.batch_size,
-        )
-        .map_err(|e| SearchError::Scorer { boundary, message: e.to_string() })
+        let missing: Vec<usize> =
+            samples.iter().copied().filter(|&i| !self.cache.contains_key(&(boundary, i))).collect();
+        if !missing.is_empty() {
+            let chosen = pick(self.samples, &missing, boundary)?;
+            let mut sweep = self.candidates.clone();
+            if !sweep.contains(&boundary) {
+                sweep.push(boundary);
+            }
+            let scores = answer_logprobs_sweep(self.model, self.tokenizer, &chosen, &sweep, self.chat, self.batch_size)
+                .map_err(|e| SearchError::Scorer { boundary, message: e.to_string() })?;
+            for (b, row) in sweep.iter().zip(scores) {
+                for (&i, v) in missing.iter().zip(row) {
+                    self.cache.insert((*b, i), v);
+                }
+            }
+        }
+        samples
+            .iter()
+            .map(|&i| {
+                self.cache
+                    .get(&(boundary, i))
+                    .copied()
+                    .ok_or_else(|| SearchError::Scorer { boundary, message: format!("no proxy score for sample {i}") })
+            })
+            .collect()
     }
 }

@@ -100,6 +100,7 @@ fn pipeline_runs_end_to_end_on_the_tiny_model() {
         k: 2,
         metric: Some("rougeL".into()),
         strategy: "exhaustive".into(),
+        range: None,
         proxy_only: false,
         max_new_tokens: 4,
         batch_size: 4,

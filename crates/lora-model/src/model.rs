@@ -134,6 +134,15 @@ impl Block {
     }
 }
 
+/// What a forward pass starts from.
+#[derive(Clone, Copy)]
+enum Input<'a> {
+    /// Token ids `[B, T]`.
+    Ids(&'a Tensor),
+    /// The hidden state `[B, T, H]` after this many blocks.
+    Hidden(&'a Tensor, usize),
+}
+
 /// Per-call state shared by all blocks.
 struct StepCtx<'a> {
     cos: Tensor,
@@ -413,7 +422,7 @@ impl Llama {
         attention_mask: Option<&Tensor>,
         opts: &ForwardOptions<'_>,
     ) -> Result<ForwardOutput> {
-        self.run(input_ids, attention_mask, None, opts)
+        self.run(Input::Ids(input_ids), attention_mask, None, opts)
     }
 
     /// A cached forward step: the new tokens `input_ids` `[B, T]` attend to everything in `cache` and are
@@ -425,28 +434,61 @@ impl Llama {
         cache: &mut KvCache,
         opts: &ForwardOptions<'_>,
     ) -> Result<ForwardOutput> {
-        self.run(input_ids, attention_mask, Some(cache), opts)
+        self.run(Input::Ids(input_ids), attention_mask, Some(cache), opts)
+    }
+
+    /// Runs blocks `start..L` on `hidden` `[B, T, H]`, the state after `start` blocks (what
+    /// [`ForwardOutput::hidden_states`]`[start]` holds), then the final norm and LM head; no cache.
+    ///
+    /// This shares work between masks that agree below `start`: e.g. `keep_through(b)` equals full LoRA up to
+    /// block `b`, so one full-LoRA pass with hidden states plus `forward_from(h[b + 1], b + 1, none)` gives the
+    /// output of every boundary `b` for about half the cost of separate passes. With `opts.hidden_states`, the
+    /// returned states are indices `start..=L` (the first is `hidden` itself). `attention_mask` is as in
+    /// [`Llama::forward`]; `start == L` applies only the head.
+    pub fn forward_from(
+        &self,
+        hidden: &Tensor,
+        start: usize,
+        attention_mask: Option<&Tensor>,
+        opts: &ForwardOptions<'_>,
+    ) -> Result<ForwardOutput> {
+        if start > self.num_layers() {
+            return Err(ModelError::InvalidArgument(format!(
+                "forward_from: start block {start} is past the last block ({} blocks)",
+                self.num_layers()
+            )));
+        }
+        self.run(Input::Hidden(hidden, start), attention_mask, None, opts)
     }
 
     fn run(
         &self,
-        input_ids: &Tensor,
+        input: Input<'_>,
         attention_mask: Option<&Tensor>,
         mut cache: Option<&mut KvCache>,
         opts: &ForwardOptions<'_>,
     ) -> Result<ForwardOutput> {
-        let size = input_ids.size();
-        let (b, t) = match size.as_slice() {
-            [b, t] if *b > 0 && *t > 0 => (*b, *t),
-            _ => {
+        let h = self.config.hidden_size as i64;
+        let size = match input {
+            Input::Ids(t) => t.size(),
+            Input::Hidden(t, _) => t.size(),
+        };
+        let (b, t) = match (input, size.as_slice()) {
+            (Input::Ids(_), [b, t]) if *b > 0 && *t > 0 => (*b, *t),
+            (Input::Hidden(..), [b, t, hh]) if *b > 0 && *t > 0 && *hh == h => (*b, *t),
+            (Input::Ids(_), _) => {
                 return Err(ModelError::InvalidArgument(format!(
                     "input_ids must be a non-empty [batch, seq] tensor, got shape {size:?}"
+                )))
+            }
+            (Input::Hidden(..), _) => {
+                return Err(ModelError::InvalidArgument(format!(
+                    "hidden states must be a non-empty [batch, seq, {h}] tensor, got shape {size:?}"
                 )))
             }
         };
         opts.mask.validate(self.num_layers())?;
         let dev = self.place.device;
-        let input_ids = input_ids.f_to_device(dev)?;
         let past = cache.as_ref().map_or(0, |c| c.len);
         if let Some(c) = cache.as_ref() {
             if c.key_mask.size()[0] != b {
@@ -471,7 +513,7 @@ impl Llama {
             Some(m) => {
                 if m.size() != [b, t] {
                     return Err(ModelError::InvalidArgument(format!(
-                        "attention_mask shape {:?} differs from input_ids shape {size:?}",
+                        "attention_mask shape {:?} differs from the input's [batch, seq] = [{b}, {t}]",
                         m.size()
                     )));
                 }
@@ -525,12 +567,15 @@ impl Llama {
         let sin = Tensor::f_cat(&[&sin.f_neg()?, &sin], -1)?.f_to_kind(self.place.kind)?.f_unsqueeze(1)?;
         let ctx = StepCtx { cos, sin, attn_mask, is_causal, opts };
 
-        let mut x = Tensor::f_embedding(&self.embed, &input_ids, -1, false, false)?;
+        let (mut x, start) = match input {
+            Input::Ids(ids) => (Tensor::f_embedding(&self.embed, &ids.f_to_device(dev)?, -1, false, false)?, 0),
+            Input::Hidden(hs, start) => (hs.f_to_device(dev)?.f_to_kind(self.place.kind)?, start),
+        };
         let mut hidden = Vec::new();
         if opts.hidden_states {
             hidden.push(x.shallow_clone());
         }
-        for block in &self.blocks {
+        for block in &self.blocks[start..] {
             let l = block.index;
             let n = self.rms_norm(&x, &block.input_norm)?;
             let a = block.attn.forward(&n, l, &ctx, cache.as_deref_mut())?;

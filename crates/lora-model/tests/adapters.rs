@@ -188,3 +188,34 @@ fn masks_switch_without_reloading() {
         }
     }
 }
+
+/// `forward_from` continues a full-LoRA pass above block `b` without LoRA and lands on PEFT's keep-through(b)
+/// logits (the prefix sharing the proxy scorer relies on); bad starts and shapes are refused.
+#[test]
+fn forward_from_a_shared_prefix_equals_keep_through() {
+    let m = load("tiny-llama", Some(&fixtures().join("adapters/tiny-llama-basic")));
+    let r = reference("tiny-llama-basic");
+    let am = &r["attention_mask"];
+    let all = LayerMask::all();
+    let opts = ForwardOptions { hidden_states: true, ..ForwardOptions::new(&all) };
+    let full = m.forward(&r["input_ids"], Some(am), &opts).unwrap();
+    let mut checked = 0;
+    for (key, mask) in masks(&r, m.num_layers()) {
+        let Some(b) = key.strip_prefix("logits_keep_through_") else { continue };
+        let b: usize = b.parse().unwrap();
+        let none = LayerMask::none();
+        let out = m.forward_from(&full.hidden_states[b + 1], b + 1, Some(am), &ForwardOptions::new(&none)).unwrap();
+        let d = diff(out.logits.as_ref().unwrap(), &r[&key], am);
+        assert!(d < 1e-4, "{key} (mask {mask}): forward_from differs from PEFT by {d}");
+        checked += 1;
+    }
+    assert!(checked >= 1, "fixture has no keep-through logits");
+    // From the last state: only the head, equal to the full pass.
+    let l = m.num_layers();
+    let out = m.forward_from(&full.hidden_states[l], l, Some(am), &ForwardOptions::new(&LayerMask::none())).unwrap();
+    assert!(diff(out.logits.as_ref().unwrap(), &r["logits_full"], am) < 1e-4);
+    assert!(m.forward_from(&full.hidden_states[0], l + 1, None, &ForwardOptions::new(&LayerMask::none())).is_err());
+    let wrong = Tensor::zeros([1, 3, 5], (Kind::Float, lora_model::tch::Device::Cpu));
+    let err = m.forward_from(&wrong, 0, None, &ForwardOptions::new(&LayerMask::none())).unwrap_err().to_string();
+    assert!(err.contains("hidden states"), "{err}");
+}

@@ -1,0 +1,485 @@
+//! Small-batch CPU matrix–vector products for decoding, with the LoRA update fused in.
+//!
+//! A decode step multiplies one (or a few) activation rows by every weight matrix of the model, so its speed is
+//! set by how fast the weights stream from memory. libtorch hands these products to its BLAS, whose generic
+//! `gemv` path reaches about half of this machine's memory bandwidth on AMD CPUs and converts bf16 weights in a
+//! slow loop. The kernels here read each weight row once for all activation rows, accumulate in f32 with AVX2/FMA,
+//! and add `scaling · B (A x)` in the same pass, so an unmerged LoRA projection costs one call instead of five
+//! libtorch ops.
+//!
+//! Used only where it is exact to do so: CPU, f32 or bf16 contiguous weights, at most [`MAX_ROWS`] activation
+//! rows, no autograd, and a CPU with AVX2 and FMA. Everything else (prefill, training, CUDA, other dtypes) goes to
+//! libtorch. Results equal libtorch's up to the order of summation (f32) and one final rounding instead of three
+//! (bf16: libtorch rounds the base output, the LoRA output and their sum; here only the sum is rounded). Set
+//! `LORA_BOUNDARY_KERNELS=off` to route everything to libtorch (for comparisons).
+use std::sync::atomic::{AtomicU8, Ordering};
+
+use rayon::prelude::*;
+use tch::{Device, Kind, Tensor};
+
+use crate::error::Result;
+
+/// Largest number of activation rows (batch × new tokens) the kernels take; more go to libtorch's GEMM.
+pub const MAX_ROWS: i64 = 8;
+
+/// 0 = not decided yet, 1 = on, 2 = off.
+static STATE: AtomicU8 = AtomicU8::new(0);
+
+/// Whether the fused kernels are used: the CPU has AVX2 and FMA, the environment does not say
+/// `LORA_BOUNDARY_KERNELS=off`, and [`set_enabled`] did not switch them off.
+pub fn enabled() -> bool {
+    match STATE.load(Ordering::Relaxed) {
+        1 => true,
+        2 => false,
+        _ => {
+            let off = std::env::var("LORA_BOUNDARY_KERNELS").is_ok_and(|v| v.eq_ignore_ascii_case("off") || v == "0");
+            let on = !off && simd::available();
+            STATE.store(if on { 1 } else { 2 }, Ordering::Relaxed);
+            on
+        }
+    }
+}
+
+/// Switches the fused kernels on or off for the whole process (for side-by-side measurements against libtorch).
+/// Switching on has no effect on a CPU without AVX2 and FMA. Returns whether they are now used.
+pub fn set_enabled(on: bool) -> bool {
+    let on = on && simd::available();
+    STATE.store(if on { 1 } else { 2 }, Ordering::Relaxed);
+    on
+}
+
+/// Weight elements below which a product runs on one thread (splitting costs more than it saves).
+const PARALLEL_MIN: usize = 1 << 16;
+
+/// How many threads a product over `elements` weights uses: libtorch's intra-op thread count (which follows
+/// `OMP_NUM_THREADS`), capped by rayon's pool, and one for small products.
+fn threads_for(elements: usize) -> usize {
+    if elements < PARALLEL_MIN {
+        return 1;
+    }
+    let torch = usize::try_from(tch::get_num_threads()).unwrap_or(1).max(1);
+    torch.min(rayon::current_num_threads())
+}
+
+/// The low-rank part of a fused call: `scaling · B (A x)`.
+pub(crate) struct LoraPart<'a> {
+    pub a: &'a Tensor,
+    pub b: &'a Tensor,
+    pub scaling: f64,
+}
+
+/// A borrowed weight matrix, row-major `[rows, cols]`.
+#[derive(Clone, Copy)]
+enum Mat<'a> {
+    F32(&'a [f32]),
+    /// bf16 as raw bits.
+    Bf16(&'a [u16]),
+}
+
+/// Borrows a contiguous 2-D CPU tensor of kind f32 or bf16 as a slice, or `None` if it is not one.
+///
+/// # Safety
+/// The returned slice aliases the tensor's storage; the tensor must outlive it and must not be written meanwhile.
+unsafe fn borrow_mat(t: &Tensor) -> Option<(Mat<'_>, usize, usize)> {
+    if t.device() != Device::Cpu || t.dim() != 2 || !t.is_contiguous() || t.requires_grad() {
+        return None;
+    }
+    let size = t.size();
+    let (rows, cols) = (usize::try_from(size[0]).ok()?, usize::try_from(size[1]).ok()?);
+    let n = rows.checked_mul(cols)?;
+    let ptr = t.data_ptr();
+    if n == 0 || ptr.is_null() {
+        return None;
+    }
+    match t.kind() {
+        Kind::Float => Some((Mat::F32(std::slice::from_raw_parts(ptr as *const f32, n)), rows, cols)),
+        Kind::BFloat16 => Some((Mat::Bf16(std::slice::from_raw_parts(ptr as *const u16, n)), rows, cols)),
+        _ => None,
+    }
+}
+
+/// `x Wᵀ + bias (+ scaling · (x Aᵀ) Bᵀ)` for a small `x` `[..., in]`, or `Ok(None)` when the kernels do not
+/// apply and the caller should use libtorch.
+pub(crate) fn small_linear(
+    x: &Tensor,
+    weight: &Tensor,
+    bias: Option<&Tensor>,
+    lora: Option<LoraPart<'_>>,
+) -> Result<Option<Tensor>> {
+    if !enabled() || x.device() != Device::Cpu || x.requires_grad() {
+        return Ok(None);
+    }
+    let kind = weight.kind();
+    if x.kind() != kind || !matches!(kind, Kind::Float | Kind::BFloat16) {
+        return Ok(None);
+    }
+    let xs = x.size();
+    let Some(&n_in) = xs.last() else { return Ok(None) };
+    let m = if n_in > 0 { x.numel() as i64 / n_in } else { 0 };
+    if m == 0 || m > MAX_ROWS {
+        return Ok(None);
+    }
+    // SAFETY: every borrowed tensor lives until the end of this function and nothing writes to it meanwhile.
+    let Some((w, n_out, w_in)) = (unsafe { borrow_mat(weight) }) else { return Ok(None) };
+    if w_in as i64 != n_in {
+        return Ok(None);
+    }
+    let lora = match lora {
+        Some(l) => {
+            if l.a.kind() != kind || l.b.kind() != kind {
+                return Ok(None);
+            }
+            let (Some((a, r, a_in)), Some((b, b_out, b_r))) = (unsafe { borrow_mat(l.a) }, unsafe { borrow_mat(l.b) })
+            else {
+                return Ok(None);
+            };
+            if a_in != w_in || b_out != n_out || b_r != r {
+                return Ok(None);
+            }
+            Some((a, b, r, l.scaling as f32))
+        }
+        None => None,
+    };
+    let bias = match bias {
+        Some(b) => {
+            let b = b.f_to_kind(Kind::Float)?.f_contiguous()?;
+            if b.numel() != n_out || b.device() != Device::Cpu {
+                return Ok(None);
+            }
+            Some(Vec::<f32>::try_from(&b)?)
+        }
+        None => None,
+    };
+    let xf = x.f_to_kind(Kind::Float)?.f_contiguous()?;
+    let xv = Vec::<f32>::try_from(xf.f_view([-1])?)?;
+    let rows: Vec<&[f32]> = xv.chunks_exact(w_in).collect();
+    let m = rows.len();
+
+    // The low-rank input `scaling · A x` first (r values per row), then W and B together, split by output rows
+    // over the intra-op threads.
+    let lora = match lora {
+        Some((a, b, r, scaling)) => {
+            let mut xa = vec![0f32; m * r];
+            simd::matvec(a, w_in, 0..r, &rows, &mut xa, false);
+            for v in &mut xa {
+                *v *= scaling;
+            }
+            Some((b, r, xa))
+        }
+        None => None,
+    };
+    let xa_rows: Vec<&[f32]> = match &lora {
+        Some((_, r, xa)) => xa.chunks_exact(*r).collect(),
+        None => Vec::new(),
+    };
+    let compute = |range: std::ops::Range<usize>, out: &mut [f32]| {
+        simd::matvec(w, w_in, range.clone(), &rows, out, false);
+        if let Some((b, r, _)) = &lora {
+            simd::matvec(*b, *r, range, &xa_rows, out, true);
+        }
+    };
+    let threads = threads_for(n_out * w_in);
+    let mut y = vec![0f32; m * n_out];
+    if threads <= 1 {
+        compute(0..n_out, &mut y);
+    } else {
+        // Chunks of whole groups of rows; each fills its own [m, len] buffer, scattered into y afterwards.
+        let per = n_out.div_ceil(threads).next_multiple_of(simd::ROW_GROUP);
+        let ranges: Vec<std::ops::Range<usize>> = (0..n_out).step_by(per).map(|s| s..(s + per).min(n_out)).collect();
+        let parts: Vec<Vec<f32>> = ranges
+            .par_iter()
+            .map(|range| {
+                let mut out = vec![0f32; m * range.len()];
+                compute(range.clone(), &mut out);
+                out
+            })
+            .collect();
+        for (range, part) in ranges.iter().zip(&parts) {
+            for (row, src) in part.chunks_exact(range.len()).enumerate() {
+                y[row * n_out + range.start..row * n_out + range.end].copy_from_slice(src);
+            }
+        }
+    }
+    if let Some(bias) = bias {
+        for row in y.chunks_exact_mut(n_out) {
+            for (v, b) in row.iter_mut().zip(&bias) {
+                *v += b;
+            }
+        }
+    }
+    let mut shape = xs;
+    if let Some(last) = shape.last_mut() {
+        *last = n_out as i64;
+    }
+    let out = Tensor::from_slice(&y).f_view(shape.as_slice())?;
+    Ok(Some(if kind == Kind::Float { out } else { out.f_to_kind(kind)? }))
+}
+
+mod simd {
+    //! The inner loops. `matvec` computes `y[m][o] = Σᵢ W[o][i] x[m][i]` for every activation row `m`, reading
+    //! each weight row once for all rows; `matvec_add` adds instead of storing.
+    use super::Mat;
+
+    /// Whether the CPU has what the vector loops need.
+    pub fn available() -> bool {
+        #[cfg(target_arch = "x86_64")]
+        {
+            std::is_x86_feature_detected!("avx2") && std::is_x86_feature_detected!("fma")
+        }
+        #[cfg(not(target_arch = "x86_64"))]
+        {
+            false
+        }
+    }
+
+    /// Weight rows processed together by the vector loops (their partial sums live in registers).
+    pub const ROW_GROUP: usize = 4;
+
+    /// Output rows `rows` of `W x` for every activation row `x` in `xs`, into `y` laid out `[xs.len(), rows.len()]`
+    /// (added to what `y` holds when `add`). `W` is `[*, n_in]` row-major.
+    pub fn matvec(w: Mat<'_>, n_in: usize, rows: std::ops::Range<usize>, xs: &[&[f32]], y: &mut [f32], add: bool) {
+        let len = rows.len();
+        let w = match w {
+            Mat::F32(w) => Mat::F32(&w[rows.start * n_in..rows.end * n_in]),
+            Mat::Bf16(w) => Mat::Bf16(&w[rows.start * n_in..rows.end * n_in]),
+        };
+        assert!(xs.iter().all(|x| x.len() == n_in) && y.len() == xs.len() * len, "matvec: shapes disagree");
+        #[cfg(target_arch = "x86_64")]
+        if available() {
+            // SAFETY: AVX2 and FMA were just detected; `w` holds exactly `len` rows of `n_in`, every `x` has
+            // `n_in` values and `y` has `xs.len() * len` (asserted above), which bounds every load and store.
+            unsafe {
+                match w {
+                    Mat::F32(w) => x86::matvec_f32(w, n_in, len, xs, y, add),
+                    Mat::Bf16(w) => x86::matvec_bf16(w, n_in, len, xs, y, add),
+                }
+            }
+            return;
+        }
+        scalar(w, n_in, len, xs, y, add)
+    }
+
+    /// Portable reference loop.
+    fn scalar(w: Mat<'_>, n_in: usize, n_out: usize, xs: &[&[f32]], y: &mut [f32], add: bool) {
+        for o in 0..n_out {
+            for (m, x) in xs.iter().enumerate() {
+                let s: f32 = (0..n_in).map(|i| weight(w, o * n_in + i) * x[i]).sum();
+                let dst = &mut y[m * n_out + o];
+                *dst = if add { *dst + s } else { s };
+            }
+        }
+    }
+
+    #[inline(always)]
+    fn weight(w: Mat<'_>, k: usize) -> f32 {
+        match w {
+            Mat::F32(w) => w[k],
+            Mat::Bf16(w) => f32::from_bits(u32::from(w[k]) << 16),
+        }
+    }
+
+    #[cfg(target_arch = "x86_64")]
+    mod x86 {
+        use std::arch::x86_64::*;
+
+        const R: usize = super::ROW_GROUP;
+
+        #[target_feature(enable = "avx2,fma")]
+        unsafe fn hsum(v: __m256) -> f32 {
+            let s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
+            let s = _mm_hadd_ps(s, s);
+            _mm_cvtss_f32(_mm_hadd_ps(s, s))
+        }
+
+        #[inline(always)]
+        fn store(y: &mut [f32], k: usize, v: f32, add: bool) {
+            if add {
+                y[k] += v;
+            } else {
+                y[k] = v;
+            }
+        }
+
+        #[target_feature(enable = "avx2,fma")]
+        pub unsafe fn matvec_f32(w: &[f32], n_in: usize, n_out: usize, xs: &[&[f32]], y: &mut [f32], add: bool) {
+            let vec_end = n_in - n_in % 8;
+            let mut o = 0;
+            while o < n_out {
+                let rows = R.min(n_out - o);
+                for (m, x) in xs.iter().enumerate() {
+                    let mut acc = [_mm256_setzero_ps(); R];
+                    let xp = x.as_ptr();
+                    let mut i = 0;
+                    while i < vec_end {
+                        let xv = _mm256_loadu_ps(xp.add(i));
+                        for (r, a) in acc.iter_mut().enumerate().take(rows) {
+                            let wv = _mm256_loadu_ps(w.as_ptr().add((o + r) * n_in + i));
+                            *a = _mm256_fmadd_ps(wv, xv, *a);
+                        }
+                        i += 8;
+                    }
+                    for (r, a) in acc.iter().enumerate().take(rows) {
+                        let row = &w[(o + r) * n_in..(o + r + 1) * n_in];
+                        let tail: f32 = (vec_end..n_in).map(|i| row[i] * x[i]).sum();
+                        store(y, m * n_out + o + r, hsum(*a) + tail, add);
+                    }
+                }
+                o += rows;
+            }
+        }
+
+        /// bf16 weights: 16 columns per step, widened by interleaving with zeros (`unpacklo/hi_epi16`), which
+        /// takes columns `0–3, 8–11` into the low half and `4–7, 12–15` into the high half of each 128-bit lane;
+        /// `x` is permuted once per call to match.
+        #[target_feature(enable = "avx2,fma")]
+        pub unsafe fn matvec_bf16(w: &[u16], n_in: usize, n_out: usize, xs: &[&[f32]], y: &mut [f32], add: bool) {
+            let vec_end = n_in - n_in % 16;
+            let permuted: Vec<Vec<f32>> = xs
+                .iter()
+                .map(|x| {
+                    let mut p = x.to_vec();
+                    for (dst, src) in p[..vec_end].chunks_exact_mut(16).zip(x[..vec_end].chunks_exact(16)) {
+                        dst[..4].copy_from_slice(&src[..4]);
+                        dst[4..8].copy_from_slice(&src[8..12]);
+                        dst[8..12].copy_from_slice(&src[4..8]);
+                        dst[12..16].copy_from_slice(&src[12..16]);
+                    }
+                    p
+                })
+                .collect();
+            let zero = _mm256_setzero_si256();
+            let mut o = 0;
+            while o < n_out {
+                let rows = R.min(n_out - o);
+                for (m, (x, xp)) in xs.iter().zip(&permuted).enumerate() {
+                    let mut acc = [_mm256_setzero_ps(); R];
+                    let xptr = xp.as_ptr();
+                    let mut i = 0;
+                    while i < vec_end {
+                        let xl = _mm256_loadu_ps(xptr.add(i));
+                        let xh = _mm256_loadu_ps(xptr.add(i + 8));
+                        for (r, a) in acc.iter_mut().enumerate().take(rows) {
+                            let v = _mm256_loadu_si256(w.as_ptr().add((o + r) * n_in + i) as *const __m256i);
+                            let lo = _mm256_castsi256_ps(_mm256_unpacklo_epi16(zero, v));
+                            let hi = _mm256_castsi256_ps(_mm256_unpackhi_epi16(zero, v));
+                            *a = _mm256_fmadd_ps(hi, xh, _mm256_fmadd_ps(lo, xl, *a));
+                        }
+                        i += 16;
+                    }
+                    for (r, a) in acc.iter().enumerate().take(rows) {
+                        let row = &w[(o + r) * n_in..(o + r + 1) * n_in];
+                        let tail: f32 = (vec_end..n_in).map(|i| f32::from_bits(u32::from(row[i]) << 16) * x[i]).sum();
+                        store(y, m * n_out + o + r, hsum(*a) + tail, add);
+                    }
+                }
+                o += rows;
+            }
+        }
+    }
+
+    #[cfg(test)]
+    mod tests {
+        use super::*;
+
+        fn data(n: usize, seed: u32) -> Vec<f32> {
+            (0..n)
+                .map(|k| {
+                    (((k as u32).wrapping_mul(2_654_435_761).wrapping_add(seed) >> 8) % 2001) as f32 / 1000.0 - 1.0
+                })
+                .collect()
+        }
+
+        #[test]
+        fn vector_loops_equal_the_scalar_loop_for_odd_shapes() {
+            for &(n_in, n_out, m) in &[(576, 192, 1), (37, 5, 3), (16, 4, 8), (7, 9, 2), (1536, 13, 1)] {
+                let w = data(n_in * n_out, 1);
+                let wb: Vec<u16> = w.iter().map(|v| (v.to_bits() >> 16) as u16).collect();
+                let xs_own: Vec<Vec<f32>> = (0..m).map(|k| data(n_in, 7 + k as u32)).collect();
+                let xs: Vec<&[f32]> = xs_own.iter().map(Vec::as_slice).collect();
+                for mat in [Mat::F32(&w), Mat::Bf16(&wb)] {
+                    let mut fast = vec![0.5f32; m * n_out];
+                    let mut slow = fast.clone();
+                    matvec(mat, n_in, 0..n_out, &xs, &mut fast, true);
+                    scalar(mat, n_in, n_out, &xs, &mut slow, true);
+                    for (a, b) in fast.iter().zip(&slow) {
+                        assert!((a - b).abs() <= 1e-4 * (1.0 + b.abs()), "{n_in}x{n_out}x{m}: {a} vs {b}");
+                    }
+                }
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn randn(shape: &[i64], seed: i64) -> Tensor {
+        tch::manual_seed(seed);
+        Tensor::randn(shape, (Kind::Float, Device::Cpu))
+    }
+
+    fn max_diff(a: &Tensor, b: &Tensor) -> f64 {
+        a.to_kind(Kind::Float).f_sub(&b.to_kind(Kind::Float)).unwrap().abs().max().double_value(&[])
+    }
+
+    /// The fused call equals libtorch's `linear` + the unfused LoRA update, for f32 and bf16, with bias, for one
+    /// and several rows, and declines what it does not handle.
+    #[test]
+    fn fused_linear_matches_libtorch() {
+        let _g = tch::no_grad_guard();
+        if !enabled() {
+            eprintln!("skipped: CPU without AVX2/FMA or kernels switched off");
+            return;
+        }
+        // The second shape is large enough to be split over threads (when libtorch has more than one).
+        for (n_in, n_out, r) in [(72, 40, 3), (256, 301, 5)] {
+            check_shape(n_in, n_out, r);
+        }
+    }
+
+    fn check_shape(n_in: i64, n_out: i64, r: i64) {
+        let w = randn(&[n_out, n_in], 1);
+        let bias = randn(&[n_out], 2);
+        let a = randn(&[r, n_in], 3);
+        let b = randn(&[n_out, r], 4);
+        let scaling = 0.75;
+        for rows in [1i64, 3, MAX_ROWS] {
+            let x = randn(&[rows, 1, n_in], 5 + rows);
+            let reference = x
+                .linear(&w, Some(&bias))
+                .f_add(&x.linear::<Tensor>(&a, None).linear::<Tensor>(&b, None).f_mul_scalar(scaling).unwrap())
+                .unwrap();
+            let part = LoraPart { a: &a, b: &b, scaling };
+            let got = small_linear(&x, &w, Some(&bias), Some(part)).unwrap().expect("f32 is handled");
+            assert_eq!(got.size(), reference.size());
+            assert!(max_diff(&got, &reference) < 1e-4, "f32, {rows} rows: {}", max_diff(&got, &reference));
+
+            let bf = |t: &Tensor| t.to_kind(Kind::BFloat16);
+            let (xb, wb, ab, bb) = (bf(&x), bf(&w), bf(&a), bf(&b));
+            let exact = xb.to_kind(Kind::Float).linear::<Tensor>(&wb.to_kind(Kind::Float), None).f_add(
+                &xb.to_kind(Kind::Float)
+                    .linear::<Tensor>(&ab.to_kind(Kind::Float), None)
+                    .linear::<Tensor>(&bb.to_kind(Kind::Float), None)
+                    .f_mul_scalar(scaling)
+                    .unwrap(),
+            );
+            let part = LoraPart { a: &ab, b: &bb, scaling };
+            let got = small_linear(&xb, &wb, None, Some(part)).unwrap().expect("bf16 is handled");
+            assert_eq!(got.kind(), Kind::BFloat16);
+            // One bf16 rounding of values of magnitude ~10: within 2^-8 relative.
+            let exact = exact.unwrap();
+            let tol = exact.abs().max().double_value(&[]) / 128.0;
+            assert!(max_diff(&got, &exact) < tol, "bf16, {rows} rows: {}", max_diff(&got, &exact));
+        }
+        if n_out * n_in >= PARALLEL_MIN as i64 {
+            return;
+        }
+        let many = randn(&[MAX_ROWS + 1, n_in], 9);
+        assert!(small_linear(&many, &w, None, None).unwrap().is_none(), "large batches go to libtorch");
+        let half = randn(&[1, n_in], 9).to_kind(Kind::Half);
+        assert!(small_linear(&half, &w.to_kind(Kind::Half), None, None).unwrap().is_none());
+        let grad = randn(&[1, n_in], 9).set_requires_grad(true);
+        assert!(small_linear(&grad, &w, None, None).unwrap().is_none(), "autograd goes to libtorch");
+    }
+}
