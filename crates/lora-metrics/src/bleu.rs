@@ -2,7 +2,7 @@
 //! max order 4, closest reference length), corpus level with several reference streams and
 //! sentence level with effective order (`sacrebleu.sentence_bleu`).
 
-use crate::grams::{DistinctRefs, Packing, Vocab};
+use crate::grams::{DistinctRefs, Key, Packing, Pad, Vocab};
 use crate::text::{py_isspace, py_rstrip};
 use rayon::prelude::*;
 use serde::Serialize;
@@ -24,23 +24,78 @@ pub fn tokenize_13a(line: &str) -> Vec<String> {
     t.iter().map(str::to_string).collect()
 }
 
-/// The tokens of one line after the 13a tokenizer, stored back to back in a reusable buffer.
+/// The tokens of one line after the 13a tokenizer, as byte ranges of the line (after the line-level
+/// replacements): the regex passes only insert spaces, so every token is a substring of it.
 #[derive(Default)]
 pub(crate) struct Tokens13a {
-    buf: Vec<u8>,
+    text: String,
     spans: Vec<(u32, u32)>,
 }
 
-/// Python's `str.isspace()` for an ASCII byte.
-#[inline]
-fn is_ascii_space(c: u8) -> bool {
-    matches!(c, b'\t'..=b'\r' | b'\x1c'..=b' ')
+/// Tokenizes the segment `b[start..end]` (see [`Tokens13a::tokenize`]), which has `active` bytes
+/// `.`, `,` or `-`, appending the byte ranges of its tokens.
+fn segment(b: &[u8], start: usize, end: usize, active: u32, spans: &mut Vec<(u32, u32)>) {
+    let (s, e) = (start as u32, end as u32);
+    if active == 0 {
+        // No pattern can match.
+        spans.push((s, e));
+    } else if active == 1 && end - start >= 2 && matches!(b[end - 1], b'.' | b',') {
+        // `x.` or `x,` (`x` without `.`, `,`, `-`): the second pass splits the final `.` off when
+        // `x` ends in a non-digit, else the third one does (it is followed by a space).
+        spans.push((s, e - 1));
+        spans.push((e - 1, e));
+    } else {
+        let mut p = Pipe { h2: EMPTY, h3: EMPTY, h4: EMPTY, open: false, spans };
+        p.p2(INSERTED);
+        for (i, &c) in b[start..end].iter().enumerate() {
+            p.p2(u64::from(c) | ((start + i) as u64) << 8);
+        }
+        p.p2(INSERTED);
+        p.finish();
+    }
 }
 
-/// A byte held back by one stage of [`Pipe`] while it waits for the next byte (none: `EMPTY`).
-const EMPTY: u16 = 256;
+/// Byte classes for the 13a tokenizer: Python white space (ASCII).
+const SPACE: u8 = 1;
+/// The class of the first regex pass, `[\{-\~\[-\` -\&\(-\+\:-\@\/]`, without the space.
+const PUNCT: u8 = 2;
+/// A byte some later pass can act on: `.`, `,` or `-`.
+const ACTIVE: u8 = 4;
+/// A byte the line-level replacements act on: `<`, `\n` or `&`.
+const RAW: u8 = 8;
 
-/// The regex passes of sacrebleu's `TokenizerRegexp`, fused into one pass over the bytes.
+const BYTE_CLASS: [u8; 256] = {
+    let mut t = [0u8; 256];
+    let mut c = 0;
+    while c < 256 {
+        let b = c as u8;
+        let mut k = 0;
+        if matches!(b, b'\t'..=b'\r' | b'\x1c'..=b' ') {
+            k |= SPACE;
+        }
+        if matches!(b, b'{'..=b'~' | b'['..=b'`' | b'!'..=b'&' | b'('..=b'+' | b':'..=b'@' | b'/') {
+            k |= PUNCT;
+        }
+        if matches!(b, b'.' | b',' | b'-') {
+            k |= ACTIVE;
+        }
+        if matches!(b, b'<' | b'\n' | b'&') {
+            k |= RAW;
+        }
+        t[c] = k;
+        c += 1;
+    }
+    t
+};
+
+/// A byte held back by one stage of [`Pipe`] while it waits for the next byte (none: `EMPTY`).
+const EMPTY: u64 = u64::MAX;
+
+/// A space inserted by a pass (segments themselves never contain white space).
+const INSERTED: u64 = b' ' as u64;
+
+/// The last three regex passes of sacrebleu's `TokenizerRegexp`, fused into one pass over the bytes
+/// of a segment.
 ///
 /// Each pass is `re.sub` of a pattern that matches exactly two characters, scanned left to right
 /// without overlaps: a stage holds one byte back until it sees the next, and either emits the
@@ -49,178 +104,171 @@ const EMPTY: u16 = 256;
 /// the one before, as in Python. Working on bytes instead of characters gives the same result:
 /// every pattern needs an ASCII byte at a fixed side of the pair, the spaces go in at character
 /// boundaries, and `[^0-9]` against one byte of a multi-byte character is as true as against the
-/// character.
+/// character. A value is `byte | position << 8`, so the splitter can record where tokens start
+/// and end in the line.
 struct Pipe<'o> {
-    h2: u16,
-    h3: u16,
-    h4: u16,
-    in_token: bool,
-    out: &'o mut Tokens13a,
+    h2: u64,
+    h3: u64,
+    h4: u64,
+    open: bool,
+    spans: &'o mut Vec<(u32, u32)>,
+}
+
+#[inline]
+fn byte(v: u64) -> u8 {
+    v as u8
 }
 
 impl Pipe<'_> {
-    /// `([\{-\~\[-\` -\&\(-\+\:-\@\/])` -> ` \1 `, then the next passes.
-    #[inline]
-    fn p1(&mut self, c: u8) {
-        if matches!(c, b'{'..=b'~' | b'['..=b'`' | b' '..=b'&' | b'('..=b'+' | b':'..=b'@' | b'/') {
-            self.p2(b' ');
-            self.p2(c);
-            self.p2(b' ');
-        } else {
-            self.p2(c);
-        }
-    }
-
     /// `([^0-9])([\.,])` -> `\1 \2 `.
     #[inline]
-    fn p2(&mut self, c: u8) {
-        let h = std::mem::replace(&mut self.h2, u16::from(c));
+    fn p2(&mut self, v: u64) {
+        let h = std::mem::replace(&mut self.h2, v);
         if h == EMPTY {
             return;
         }
-        let x = h as u8;
-        if matches!(c, b'.' | b',') && !x.is_ascii_digit() {
+        if matches!(byte(v), b'.' | b',') && !byte(h).is_ascii_digit() {
             self.h2 = EMPTY;
-            self.p3(x);
-            self.p3(b' ');
-            self.p3(c);
-            self.p3(b' ');
+            self.p3(h);
+            self.p3(INSERTED);
+            self.p3(v);
+            self.p3(INSERTED);
         } else {
-            self.p3(x);
+            self.p3(h);
         }
     }
 
     /// `([\.,])([^0-9])` -> ` \1 \2`.
     #[inline]
-    fn p3(&mut self, c: u8) {
-        let h = std::mem::replace(&mut self.h3, u16::from(c));
+    fn p3(&mut self, v: u64) {
+        let h = std::mem::replace(&mut self.h3, v);
         if h == EMPTY {
             return;
         }
-        let x = h as u8;
-        if matches!(x, b'.' | b',') && !c.is_ascii_digit() {
+        if matches!(byte(h), b'.' | b',') && !byte(v).is_ascii_digit() {
             self.h3 = EMPTY;
-            self.p4(b' ');
-            self.p4(x);
-            self.p4(b' ');
-            self.p4(c);
+            self.p4(INSERTED);
+            self.p4(h);
+            self.p4(INSERTED);
+            self.p4(v);
         } else {
-            self.p4(x);
+            self.p4(h);
         }
     }
 
     /// `([0-9])(-)` -> `\1 \2 `.
     #[inline]
-    fn p4(&mut self, c: u8) {
-        let h = std::mem::replace(&mut self.h4, u16::from(c));
+    fn p4(&mut self, v: u64) {
+        let h = std::mem::replace(&mut self.h4, v);
         if h == EMPTY {
             return;
         }
-        let x = h as u8;
-        if c == b'-' && x.is_ascii_digit() {
+        if byte(v) == b'-' && byte(h).is_ascii_digit() {
             self.h4 = EMPTY;
-            self.split(x);
-            self.split(b' ');
-            self.split(c);
-            self.split(b' ');
+            self.split(h);
+            self.split(INSERTED);
+            self.split(v);
+            self.split(INSERTED);
         } else {
-            self.split(x);
+            self.split(h);
         }
     }
 
-    /// Python `str.split()` on ASCII white space (other white space is handled afterwards).
+    /// Python `str.split()`: a token ends at an inserted space. The bytes of a token are
+    /// consecutive in the line (the passes only insert spaces).
     #[inline]
-    fn split(&mut self, c: u8) {
-        if is_ascii_space(c) {
-            if self.in_token {
-                self.in_token = false;
-                if let Some(last) = self.out.spans.last_mut() {
-                    last.1 = self.out.buf.len() as u32;
-                }
+    fn split(&mut self, v: u64) {
+        if byte(v) == b' ' {
+            self.open = false;
+            return;
+        }
+        let at = (v >> 8) as u32;
+        match self.spans.last_mut() {
+            Some(last) if self.open => last.1 = at + 1,
+            _ => {
+                self.open = true;
+                self.spans.push((at, at + 1));
             }
-        } else {
-            if !self.in_token {
-                self.in_token = true;
-                let at = self.out.buf.len() as u32;
-                self.out.spans.push((at, at));
-            }
-            self.out.buf.push(c);
         }
     }
 
-    /// Flushes the held bytes at the end of the line (each pass finishes before the next one does).
+    /// Flushes the held bytes at the end of the text (each pass finishes before the next one does).
     fn finish(mut self) {
         if self.h2 != EMPTY {
-            let x = std::mem::replace(&mut self.h2, EMPTY) as u8;
-            self.p3(x);
+            let v = std::mem::replace(&mut self.h2, EMPTY);
+            self.p3(v);
         }
         if self.h3 != EMPTY {
-            let x = std::mem::replace(&mut self.h3, EMPTY) as u8;
-            self.p4(x);
+            let v = std::mem::replace(&mut self.h3, EMPTY);
+            self.p4(v);
         }
         if self.h4 != EMPTY {
-            let x = std::mem::replace(&mut self.h4, EMPTY) as u8;
-            self.split(x);
+            let v = std::mem::replace(&mut self.h4, EMPTY);
+            self.split(v);
         }
-        self.split(b' ');
+        self.split(INSERTED);
     }
 }
 
 impl Tokens13a {
     /// Tokenizes `line` (replacing the previous tokens).
+    ///
+    /// sacrebleu tokenizes `f' {line} '` with four regex passes. The first one puts spaces around
+    /// every character of its class, so afterwards the text is a sequence of segments (runs without
+    /// white space or class characters) between white space and single class characters. The later
+    /// passes never act across such a boundary: each of their patterns needs a `.`, `,`, digit or
+    /// `-` at the side where the boundary character would be, and white space and class characters
+    /// are none of these. So a class character is a token by itself, and each segment is tokenized
+    /// on its own as ` {segment} `. A segment without `.`, `,` or `-` (no later pattern matches in
+    /// it) is one token as it stands.
     pub(crate) fn tokenize(&mut self, line: &str) {
-        self.buf.clear();
         self.spans.clear();
-        let mut s = std::borrow::Cow::Borrowed(line);
-        if s.contains('<') && s.contains("<skipped>") {
-            s = s.replace("<skipped>", "").into();
+        self.text.clear();
+        let (mut raw, mut high) = (0u8, 0u8);
+        for &c in line.as_bytes() {
+            raw |= BYTE_CLASS[usize::from(c)];
+            high |= c;
         }
-        if s.contains('\n') {
-            s = s.replace("-\n", "").replace('\n', " ").into();
-        }
-        if s.contains('&') {
-            s = s.replace("&quot;", "\"").replace("&amp;", "&").replace("&lt;", "<").replace("&gt;", ">").into();
-        }
-        // sacrebleu tokenizes f' {line} '. The passes never act across ASCII white space: no pattern
-        // matches a white-space character next to a character that cannot be at that side of a
-        // match, and white space is never `.`, `,`, `-` or a digit. So each run of non-white-space
-        // bytes is tokenized on its own, as ` {run} `, and a run of letters, digits and `'` (no
-        // pattern matches in it) is one token as it stands.
-        let b = s.as_bytes();
-        let mut i = 0;
-        while i < b.len() {
-            if is_ascii_space(b[i]) {
-                i += 1;
-                continue;
+        if raw & RAW != 0 {
+            let mut s = line.replace("<skipped>", "");
+            if s.contains('\n') {
+                s = s.replace("-\n", "").replace('\n', " ");
             }
-            let start = i;
-            let mut plain = true;
-            while i < b.len() && !is_ascii_space(b[i]) {
-                plain &= b[i].is_ascii_alphanumeric() || b[i] == b'\'';
-                i += 1;
+            if s.contains('&') {
+                s = s.replace("&quot;", "\"").replace("&amp;", "&").replace("&lt;", "<").replace("&gt;", ">");
             }
-            if plain {
-                let at = self.buf.len() as u32;
-                self.buf.extend_from_slice(&b[start..i]);
-                self.spans.push((at, self.buf.len() as u32));
-            } else {
-                let mut p = Pipe { h2: EMPTY, h3: EMPTY, h4: EMPTY, in_token: false, out: self };
-                p.p1(b' ');
-                for &c in &b[start..i] {
-                    p.p1(c);
+            self.text = s;
+        } else {
+            self.text.push_str(line);
+        }
+        let b = self.text.as_bytes();
+        let (mut start, mut active) = (0usize, 0u32);
+        for (i, &c) in b.iter().enumerate() {
+            let k = BYTE_CLASS[usize::from(c)];
+            if k & (SPACE | PUNCT) != 0 {
+                if i > start {
+                    segment(b, start, i, active, &mut self.spans);
                 }
-                p.p1(b' ');
-                p.finish();
+                if k & PUNCT != 0 {
+                    self.spans.push((i as u32, i as u32 + 1));
+                }
+                (start, active) = (i + 1, 0);
+            } else {
+                active += u32::from(k & ACTIVE != 0);
             }
         }
-        if !s.is_ascii() {
+        if b.len() > start {
+            segment(b, start, b.len(), active, &mut self.spans);
+        }
+        // The replacements only touch ASCII, so `line` tells whether the text has non-ASCII bytes.
+        if high >= 0x80 {
             self.split_unicode_space();
         }
     }
 
     /// Splits the tokens further at non-ASCII Python white space (U+0085, U+00A0, U+3000, ...).
     fn split_unicode_space(&mut self) {
-        let Ok(text) = std::str::from_utf8(&self.buf) else { return };
+        let text = self.text.as_str();
         let old = std::mem::take(&mut self.spans);
         for (s, e) in old {
             let tok = &text[s as usize..e as usize];
@@ -242,10 +290,8 @@ impl Tokens13a {
 
     /// The tokens.
     pub(crate) fn iter(&self) -> impl Iterator<Item = &str> + '_ {
-        // The buffer is valid UTF-8: the input was, and only ASCII bytes were inserted or removed,
-        // always at character boundaries.
-        let text = std::str::from_utf8(&self.buf).unwrap_or_default();
-        self.spans.iter().map(move |&(s, e)| text.get(s as usize..e as usize).unwrap_or_default())
+        // Tokens start and end next to ASCII bytes or at the ends of the line: character boundaries.
+        self.spans.iter().map(|&(s, e)| self.text.get(s as usize..e as usize).unwrap_or_default())
     }
 
     /// Number of tokens.
@@ -294,27 +340,25 @@ fn closest_ref_len(hyp_len: u64, ref_lens: &[u64]) -> u64 {
 
 /// The references of one row merged as sacrebleu merges them: per order, every n-gram of any
 /// reference with its maximum count over the references, and the reference lengths.
-struct RefList {
-    max_counts: [Vec<(u128, u32)>; MAX_ORDER],
+struct RefList<K> {
+    max_counts: [Vec<(K, u32)>; MAX_ORDER],
     lens: Vec<u64>,
 }
 
 /// Per-thread buffers for the hypothesis side of a row.
 #[derive(Default)]
-struct Scratch {
+struct Scratch<K> {
     tokens: Tokens13a,
     ids: Vec<u32>,
-    keys: Vec<u128>,
+    keys: Vec<K>,
 }
-
-/// Keys of token-id 4-grams (shorter at the end of the text).
-type TokenKeys = Packing<32, MAX_ORDER>;
 
 /// Statistics of every row against its references (all of them; sacrebleu drops only `None`).
 ///
 /// Each distinct reference is tokenized and counted once, and each distinct list of references
 /// merged once. The token ids come from a vocabulary of the reference tokens; hypothesis tokens
-/// outside it (which cannot match) get [`crate::grams::ABSENT`].
+/// outside it cannot match and get [`Packing::ABSENT`]. Token 4-grams are packed into a `u64`
+/// (16-bit ids) when the vocabulary is small enough, else into a `u128`.
 fn corpus_stats(predictions: &[String], references: &DistinctRefs<'_>) -> Vec<Stats> {
     let tokens: Vec<Tokens13a> = references
         .texts
@@ -327,23 +371,32 @@ fn corpus_stats(predictions: &[String], references: &DistinctRefs<'_>) -> Vec<St
         .collect();
     let mut vocab = Vocab::default();
     let ids: Vec<Vec<u32>> = tokens.iter().map(|t| t.iter().map(|w| vocab.intern(w)).collect()).collect();
-    let keys: Vec<Vec<u128>> = ids.par_iter().map(|ids| TokenKeys::sorted_keys(ids)).collect();
+    if vocab.len() < Packing::<u64, 16, MAX_ORDER>::ABSENT as usize {
+        stats_with::<u64, 16>(predictions, references, &ids, &vocab)
+    } else {
+        stats_with::<u128, 32>(predictions, references, &ids, &vocab)
+    }
+}
+
+/// [`corpus_stats`] with token 4-grams packed into a `K`, `BITS` bits per token id.
+fn stats_with<K: Key, const BITS: u32>(
+    predictions: &[String],
+    references: &DistinctRefs<'_>,
+    ids: &[Vec<u32>],
+    vocab: &Vocab<'_>,
+) -> Vec<Stats> {
+    let keys: Vec<Vec<K>> =
+        ids.par_iter().map(|ids| Packing::<K, BITS, MAX_ORDER>::sorted_keys(ids, Pad::Zero)).collect();
     let (list_of_row, lists) = references.lists();
-    let lists: Vec<RefList> = lists
+    let lists: Vec<RefList<K>> = lists
         .par_iter()
         .map(|members| RefList {
             max_counts: std::array::from_fn(|n| {
-                let mut all: Vec<(u128, u32)> =
-                    members.iter().flat_map(|&m| TokenKeys::ngram_counts(&keys[m as usize], n + 1)).collect();
-                all.sort_unstable();
-                let mut merged: Vec<(u128, u32)> = Vec::with_capacity(all.len());
-                for (g, c) in all {
-                    match merged.last_mut() {
-                        Some((h, m)) if *h == g => *m = (*m).max(c),
-                        _ => merged.push((g, c)),
-                    }
+                let counts = |m: u32| Packing::<K, BITS, MAX_ORDER>::ngram_counts(&keys[m as usize], n + 1);
+                match members.split_first() {
+                    Some((&first, rest)) => rest.iter().fold(counts(first), |acc, &m| merge_max(&acc, &counts(m))),
+                    None => Vec::new(),
                 }
-                merged
             }),
             lens: members.iter().map(|&m| ids[m as usize].len() as u64).collect(),
         })
@@ -351,23 +404,50 @@ fn corpus_stats(predictions: &[String], references: &DistinctRefs<'_>) -> Vec<St
     predictions
         .par_iter()
         .zip(list_of_row.par_iter())
-        .map_init(Scratch::default, |s, (hyp, &l)| row_stats(s, hyp, &lists[l as usize], &vocab))
+        .map_init(Scratch::default, |s, (hyp, &l)| row_stats::<K, BITS>(s, hyp, &lists[l as usize], vocab))
         .collect()
 }
 
-fn row_stats(s: &mut Scratch, hyp: &str, refs: &RefList, vocab: &Vocab<'_>) -> Stats {
+/// The union of two sorted `(n-gram, count)` lists, with the larger count where both have an n-gram.
+fn merge_max<K: Key>(a: &[(K, u32)], b: &[(K, u32)]) -> Vec<(K, u32)> {
+    let mut out = Vec::with_capacity(a.len() + b.len());
+    let (mut i, mut j) = (0, 0);
+    while i < a.len() && j < b.len() {
+        match a[i].0.cmp(&b[j].0) {
+            std::cmp::Ordering::Less => {
+                out.push(a[i]);
+                i += 1;
+            }
+            std::cmp::Ordering::Greater => {
+                out.push(b[j]);
+                j += 1;
+            }
+            std::cmp::Ordering::Equal => {
+                out.push((a[i].0, a[i].1.max(b[j].1)));
+                i += 1;
+                j += 1;
+            }
+        }
+    }
+    out.extend_from_slice(&a[i..]);
+    out.extend_from_slice(&b[j..]);
+    out
+}
+
+fn row_stats<K: Key, const BITS: u32>(s: &mut Scratch<K>, hyp: &str, refs: &RefList<K>, vocab: &Vocab<'_>) -> Stats {
+    type P<K, const BITS: u32> = Packing<K, BITS, MAX_ORDER>;
     s.tokens.tokenize(py_rstrip(hyp));
     s.ids.clear();
-    s.ids.extend(s.tokens.iter().map(|w| vocab.get(w)));
+    s.ids.extend(s.tokens.iter().map(|w| vocab.get(w).unwrap_or(P::<K, BITS>::ABSENT)));
     s.keys.clear();
-    TokenKeys::push_keys(&s.ids, &mut s.keys);
+    P::<K, BITS>::push_keys(&s.ids, Pad::Zero, &mut s.keys);
     s.keys.sort_unstable();
     let hyp_len = s.tokens.len() as u64;
     let mut st: Stats = [0; 2 + 2 * MAX_ORDER];
     st[0] = hyp_len;
     st[1] = closest_ref_len(hyp_len, &refs.lens);
     for n in 0..MAX_ORDER {
-        st[2 + n] = TokenKeys::clipped_by_counts(&s.keys, n + 1, &refs.max_counts[n]);
+        st[2 + n] = P::<K, BITS>::clipped_by_counts(&s.keys, n + 1, &refs.max_counts[n]);
         st[2 + MAX_ORDER + n] = hyp_len.saturating_sub(n as u64);
     }
     st
@@ -477,7 +557,7 @@ pub fn sentence_bleu_scores(predictions: &[String], references: &[Vec<String>]) 
 }
 
 #[cfg(test)]
-mod tests {
+pub(crate) mod tests {
     use super::*;
     use crate::text::py_split;
     use std::collections::HashMap;
@@ -550,7 +630,8 @@ mod tests {
 
     /// Segment statistics by brute force over explicit token n-grams (the oracle for `corpus_stats`).
     fn brute_stats(hyp: &str, refs: &[String]) -> Stats {
-        let toks = |s: &str| -> Vec<String> { py_split(&old_tokenized_13a(py_rstrip(s))).map(str::to_string).collect() };
+        let toks =
+            |s: &str| -> Vec<String> { py_split(&old_tokenized_13a(py_rstrip(s))).map(str::to_string).collect() };
         let counts = |t: &[String], n: usize| {
             let mut m: HashMap<Vec<String>, u64> = HashMap::new();
             for w in t.windows(n) {
@@ -580,9 +661,47 @@ mod tests {
 
     /// Random text built from pieces that exercise every rule of the 13a tokenizer.
     pub(crate) fn random_text(next: &mut impl FnMut(u64) -> u64) -> String {
-        const PIECES: [&str; 32] = [
-            "a", "Bc", "1", "0", ".", ",", "-", " ", "  ", "\n", "-\n", "&", "amp;", "&quot;", "&lt;", "&gt;", "<",
-            "<skipped>", "$", "(", ")", "'", "é", "\u{a0}", "\u{3000}", "\u{1c}", "\t", "–", "x.y", "3.5", "..", "İ",
+        const PIECES: [&str; 40] = [
+            "a",
+            "Bc",
+            "1",
+            "0",
+            ".",
+            ",",
+            "-",
+            " ",
+            "  ",
+            "\n",
+            "-\n",
+            "&",
+            "amp;",
+            "&quot;",
+            "&lt;",
+            "&gt;",
+            "<",
+            "<skipped>",
+            "$",
+            "(",
+            ")",
+            "'",
+            "é",
+            "\u{a0}",
+            "\u{3000}",
+            "\u{1c}",
+            "\t",
+            "–",
+            "x.y",
+            "3.5",
+            "..",
+            "İ",
+            "/",
+            "_",
+            "~",
+            "@",
+            "\"",
+            "\u{7}",
+            "\u{85}",
+            "\r",
         ];
         (0..next(14)).map(|_| PIECES[next(PIECES.len() as u64) as usize]).collect()
     }
@@ -601,7 +720,10 @@ mod tests {
         assert_eq!(tokenize_13a("1,000.5 2-3 x-y").join(" "), "1,000.5 2 - 3 x-y");
         assert_eq!(tokenize_13a("&amp;lt; <skipped>ok").join(" "), "< ok");
         // Checked against sacrebleu 2.6.0's `Tokenizer13a`.
-        assert_eq!(tokenize_13a("1.. 5.,., a\u{a0}b.\u{3000}c"), ["1", ".", ".", "5", ".", ",", ".", ",", "a", "b", ".", "c"]);
+        assert_eq!(
+            tokenize_13a("1.. 5.,., a\u{a0}b.\u{3000}c"),
+            ["1", ".", ".", "5", ".", ",", ".", ",", "a", "b", ".", "c"]
+        );
         assert!(tokenize_13a("").is_empty());
     }
 
@@ -627,7 +749,9 @@ mod tests {
                 preds.push(random_text(&mut next));
                 // Few distinct references, so that rows share them.
                 let k = 1 + next(3) as usize;
-                refs.push((0..k).map(|_| format!("a {}", ["x", "1.5 a", "b a", ""][next(4) as usize])).collect::<Vec<_>>());
+                refs.push(
+                    (0..k).map(|_| format!("a {}", ["x", "1.5 a", "b a", ""][next(4) as usize])).collect::<Vec<_>>(),
+                );
                 if next(2) == 0 {
                     refs.last_mut().unwrap().push(random_text(&mut next));
                 }
@@ -636,6 +760,17 @@ mod tests {
             for (i, st) in got.iter().enumerate() {
                 assert_eq!(*st, brute_stats(&preds[i], &refs[i]), "{:?} {:?}", preds[i], refs[i]);
             }
+        }
+    }
+
+    #[test]
+    fn large_vocabularies_take_wide_keys() {
+        let big: String = (0..70_000).map(|i| format!("w{i} ")).collect();
+        let preds = ["w1 w2 w3 w4 zz w69999".to_string(), "w5 w6, w7".to_string()];
+        let refs = [vec![big.clone()], vec!["w5 w6 w7.".to_string(), big]];
+        let got = corpus_stats(&preds, &DistinctRefs::new(refs.iter().map(Vec::as_slice)));
+        for i in 0..2 {
+            assert_eq!(got[i], brute_stats(&preds[i], &refs[i]));
         }
     }
 

@@ -88,11 +88,14 @@ fn percentile(sorted: &[f64], q: f64) -> f64 {
 /// Paired bootstrap over per-item scores `a` and `b` (same items, same order).
 ///
 /// ```
+/// # fn main() -> Result<(), lora_metrics::MetricsError> {
 /// let a = vec![1.0, 1.0, 0.0, 1.0, 1.0, 0.0, 1.0, 1.0];
 /// let b = vec![0.0, 1.0, 0.0, 0.0, 1.0, 0.0, 0.0, 1.0];
-/// let r = lora_metrics::paired_bootstrap(&a, &b, 1000, 7).unwrap();
+/// let r = lora_metrics::paired_bootstrap(&a, &b, 1000, 7)?;
 /// assert!((r.mean_diff - 0.375).abs() < 1e-12);
 /// assert!(r.ci_low <= r.mean_diff && r.mean_diff <= r.ci_high);
+/// # Ok(())
+/// # }
 /// ```
 pub fn paired_bootstrap(a: &[f64], b: &[f64], n_resamples: usize, seed: u64) -> Result<BootstrapResult> {
     if a.is_empty() {

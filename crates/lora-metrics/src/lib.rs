@@ -114,9 +114,12 @@ impl Metric {
     /// Parses a metric name (exactly as [`Metric::name`] spells it).
     ///
     /// ```
+    /// # fn main() -> Result<(), lora_metrics::MetricsError> {
     /// use lora_metrics::Metric;
-    /// assert_eq!(Metric::from_name("rougeLsum").unwrap(), Metric::RougeLsum);
+    /// assert_eq!(Metric::from_name("rougeLsum")?, Metric::RougeLsum);
     /// assert!(Metric::from_name("rouge").is_err());
+    /// # Ok(())
+    /// # }
     /// ```
     pub fn from_name(name: &str) -> Result<Metric> {
         Metric::ALL.into_iter().find(|m| m.name() == name).ok_or_else(|| MetricsError::UnknownMetric {
@@ -271,7 +274,10 @@ impl MetricGroup {
     /// Parses a CLI group name.
     ///
     /// ```
-    /// assert_eq!(lora_metrics::MetricGroup::from_name("rouge").unwrap().name(), "rouge");
+    /// # fn main() -> Result<(), lora_metrics::MetricsError> {
+    /// assert_eq!(lora_metrics::MetricGroup::from_name("rouge")?.name(), "rouge");
+    /// # Ok(())
+    /// # }
     /// ```
     pub fn from_name(name: &str) -> Result<MetricGroup> {
         MetricGroup::ALL.into_iter().find(|g| g.name() == name).ok_or_else(|| MetricsError::UnknownMetric {
@@ -303,13 +309,15 @@ pub struct Report {
 /// Computes the report of one metric group.
 ///
 /// ```
+/// # fn main() -> Result<(), Box<dyn std::error::Error>> {
 /// use lora_metrics::{score_report, MetricGroup};
 /// let p = vec!["the cat sat on the mat".to_string()];
 /// let r = vec![vec!["the cat sat on a mat".to_string()]];
 /// let rep = score_report(MetricGroup::Rouge, &p, &r)?;
 /// assert_eq!(rep.scores.len(), 4);
-/// println!("{}", serde_json::to_string(&rep).unwrap());
-/// # Ok::<(), lora_metrics::MetricsError>(())
+/// println!("{}", serde_json::to_string(&rep)?);
+/// # Ok(())
+/// # }
 /// ```
 pub fn score_report(group: MetricGroup, predictions: &[String], references: &[Vec<String>]) -> Result<Report> {
     validate(predictions, references)?;

@@ -90,6 +90,11 @@ impl std::hash::Hasher for FxHasher {
         self.add(i);
     }
     #[inline]
+    fn write_u128(&mut self, i: u128) {
+        self.add(i as u64);
+        self.add((i >> 64) as u64);
+    }
+    #[inline]
     fn write_usize(&mut self, i: usize) {
         self.add(i as u64);
     }
@@ -207,11 +212,6 @@ pub(crate) struct Interner<'a> {
 }
 
 impl<'a> Interner<'a> {
-    /// An interner with room for `n` distinct tokens.
-    pub(crate) fn with_capacity(n: usize) -> Self {
-        Interner { map: FxMap::with_capacity_and_hasher(n, Default::default()) }
-    }
-
     /// Id of `tok`, assigning the next one on first sight.
     pub(crate) fn id(&mut self, tok: &'a str) -> u32 {
         let next = self.map.len() as u32;
