@@ -589,7 +589,10 @@ fn run_eval(a: &EvalArgs) -> Result<()> {
     };
     let settings =
         EvalSettings { max_new_tokens: a.max_new_tokens, chat: a.data.chat, batch_size: a.batch_size, seed: a.seed };
+    let distinct = masks.iter().enumerate().filter(|(i, m)| !masks[..*i].contains(m)).count();
+    let bar = crate::progress::begin("eval", Some((distinct * samples.len()) as u64), "answers");
     let scored = score_masks(&model, &tokenizer, &samples, &masks, &[metric], settings)?;
+    drop(bar);
     let rows: Vec<EvalRow> = masks
         .iter()
         .zip(scored)
@@ -631,6 +634,7 @@ fn run_search(a: &SearchArgs) -> Result<()> {
     if let Some(i) = &info {
         search = search.param_counts(i.params_per_layer.iter().map(|&p| p as f64).collect());
     }
+    let bar = crate::progress::begin("search", None, "samples scored");
     let report = if a.metric.as_deref() == Some("logprob") {
         search.run(&mut proxy, samples.len())
     } else {
@@ -651,6 +655,7 @@ fn run_search(a: &SearchArgs) -> Result<()> {
         }
     }
     .map_err(|e| Error::Usage(e.to_string()))?;
+    drop(bar);
     match a.format {
         Format::Json => print_json(&report),
         Format::Text => {
@@ -792,7 +797,7 @@ fn run_run(a: &RunArgs) -> Result<()> {
     let quiet = a.format == Format::Json;
     let report = crate::pipeline::run_pipeline(&cfg, place, |line| {
         if !quiet {
-            eprintln!("{line}");
+            crate::progress::println(line);
         }
     })?;
     match a.format {
@@ -806,6 +811,15 @@ fn run_run(a: &RunArgs) -> Result<()> {
 
 /// Runs a parsed command line.
 pub fn run(cli: &Cli) -> Result<()> {
+    let json = match &cli.command {
+        Command::Generate(a) => a.format == Format::Json,
+        Command::Score(a) => a.format == Format::Json,
+        Command::Eval(a) => a.format == Format::Json,
+        Command::Search(a) => a.format == Format::Json,
+        Command::Run(a) => a.format == Format::Json,
+        _ => false,
+    };
+    crate::progress::enable(!json);
     match &cli.command {
         Command::Generate(a) => run_generate(a),
         Command::Prune(a) => run_prune(a),

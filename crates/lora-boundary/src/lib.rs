@@ -21,6 +21,8 @@ pub mod cli;
 mod error;
 mod loading;
 pub mod pipeline;
+pub mod plot;
+pub mod progress;
 pub mod scoring;
 pub mod tasks;
 

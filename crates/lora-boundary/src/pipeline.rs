@@ -13,6 +13,8 @@ use lora_search::{detect, BoundarySearch, Curve, Detected, Detection, SearchRepo
 
 use crate::error::{Error, Result};
 use crate::loading::load_model;
+use crate::plot::{BoundaryPlot, BoundaryPoint};
+use crate::progress;
 use crate::scoring::{score_masks, EvalSettings, GenerationScorer, ProxyScorer};
 use crate::tasks::{Sample, Task};
 
@@ -83,6 +85,81 @@ pub struct PipelineConfig {
     pub seed: u64,
     /// Output directory for the report, plots and the pruned adapter.
     pub out: PathBuf,
+    /// Test-set boundaries for the score-vs-boundary sweep (the paper's Fig. 4); empty = no sweep.
+    #[serde(default)]
+    pub sweep: Vec<usize>,
+    /// Also probe with LoRA dropped from the bottom half and from the top half of the blocks (the paper's Fig. 2).
+    #[serde(default = "default_true")]
+    pub ablation: bool,
+    /// Measure batch-1 decode speed (base, full, pruned, merged) over this many new tokens; 0 = skip.
+    #[serde(default)]
+    pub speed_tokens: usize,
+    /// Train the adapter first when `adapter` holds none yet (the paper's "full LoRA first").
+    #[serde(default)]
+    pub train: Option<TrainSection>,
+}
+
+fn default_true() -> bool {
+    true
+}
+
+/// The `[train]` table of a pipeline config: the full-LoRA fine-tune that produces `adapter`.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct TrainSection {
+    /// Training data file (format of the pipeline's task).
+    pub data: PathBuf,
+    /// Skip this many samples at the start of the file.
+    #[serde(default)]
+    pub offset: usize,
+    /// Use this many samples (0 = all after `offset`).
+    #[serde(default)]
+    pub samples: usize,
+    /// LoRA rank.
+    pub r: usize,
+    /// LoRA alpha.
+    pub alpha: f64,
+    /// Peak learning rate.
+    pub lr: f64,
+    /// Passes over the data.
+    #[serde(default = "default_one")]
+    pub epochs: usize,
+    /// Micro-batch size.
+    #[serde(default = "default_train_batch")]
+    pub batch_size: usize,
+    /// Micro-batches per optimizer step.
+    #[serde(default = "default_one")]
+    pub grad_accum: usize,
+    /// Maximum tokens per sample.
+    #[serde(default = "default_max_len")]
+    pub max_len: usize,
+    /// Seed of initialisation and data order.
+    #[serde(default)]
+    pub seed: u64,
+    /// Save the adapter in bf16.
+    #[serde(default = "default_true")]
+    pub bf16: bool,
+}
+
+fn default_one() -> usize {
+    1
+}
+fn default_train_batch() -> usize {
+    4
+}
+fn default_max_len() -> usize {
+    256
+}
+
+/// Decode speed of one setting (batch 1, greedy).
+#[derive(Debug, Clone, Serialize)]
+pub struct SpeedResult {
+    /// `base`, `full`, `pruned (0-b)` or `merged`.
+    pub label: String,
+    /// Decode tokens per second (median of 3).
+    pub decode_tokens_per_s: f64,
+    /// Relative to base, e.g. `-0.04` = 4 % slower.
+    pub vs_base: f64,
 }
 
 /// One evaluated mask.
@@ -98,6 +175,10 @@ pub struct EvalResult {
     pub ci_vs_full: Option<[f64; 2]>,
     /// Fraction of LoRA parameters kept.
     pub lora_params_kept: f64,
+    /// Mean per-item score of the primary metric (what the CI is about).
+    pub item_mean: f64,
+    /// `b` when the mask is `keep_through(b)`.
+    pub boundary: Option<usize>,
 }
 
 /// What a pipeline run found.
@@ -117,6 +198,12 @@ pub struct PipelineReport {
     pub search: SearchReport,
     /// Test-set results.
     pub evaluation: Vec<EvalResult>,
+    /// The test-set score-vs-boundary sweep (empty without `sweep`).
+    pub sweep: Vec<EvalResult>,
+    /// Decode speeds (empty without `speed_tokens`).
+    pub speed: Vec<SpeedResult>,
+    /// Training summary when the run trained the adapter.
+    pub trained: Option<serde_json::Value>,
     /// The exported pruned adapter.
     pub pruned_adapter: PathBuf,
     /// Wall time per step, seconds.
@@ -171,6 +258,8 @@ pub fn evaluate(
             scores: s.corpus,
             ci_vs_full: s.ci_vs_first,
             lora_params_kept: info.kept_fraction(mask),
+            item_mean: s.items.iter().sum::<f64>() / s.items.len().max(1) as f64,
+            boundary: (0..model.num_layers()).find(|&b| *mask == LayerMask::keep_through(b)),
         })
         .collect())
 }
@@ -202,6 +291,21 @@ pub fn run_pipeline(cfg: &PipelineConfig, place: Placement, mut log: impl FnMut(
     std::fs::create_dir_all(&cfg.out).map_err(|source| Error::Io { path: cfg.out.clone(), source })?;
     let mut timings = Vec::new();
     let t = std::time::Instant::now();
+    let trained = match &cfg.train {
+        Some(tr) if !cfg.adapter.join("adapter_config.json").exists() => {
+            log(&format!("training the adapter into {} ...", cfg.adapter.display()));
+            let summary = train_adapter(cfg, tr, task, place)?;
+            log(&format!("trained {} steps (final loss {})", summary["steps"], summary["final_loss"]));
+            timings.push(("train".to_string(), t.elapsed().as_secs_f64()));
+            Some(summary)
+        }
+        Some(_) => {
+            log(&format!("{} exists: reusing it (delete it to retrain)", cfg.adapter.display()));
+            None
+        }
+        None => None,
+    };
+    let t = std::time::Instant::now();
     let (mut model, tokenizer) = load_model(&cfg.model, place)?;
     let info = load_adapter(&mut model, &cfg.adapter)?;
     let l = model.num_layers();
@@ -211,7 +315,15 @@ pub fn run_pipeline(cfg: &PipelineConfig, place: Placement, mut log: impl FnMut(
     log(&format!("loaded {} ({l} blocks) + adapter ({} LoRA modules)", cfg.model.display(), info.modules.len()));
 
     let t = std::time::Instant::now();
-    let probe = probe_curves(&model, &tokenizer, &val, &[LayerMask::all(), LayerMask::none()], cfg)?;
+    let mut probe_masks = vec![LayerMask::all(), LayerMask::none()];
+    if cfg.ablation && l >= 2 {
+        // The paper's Fig. 2: LoRA dropped from the bottom half (kept on the top half) and from the top half.
+        probe_masks.push(LayerMask::from_layers(l / 2..l));
+        probe_masks.push(LayerMask::keep_through(l / 2 - 1));
+    }
+    let _bar = progress::begin(&format!("probe ({} masks)", probe_masks.len()), None, "");
+    let probe = probe_curves(&model, &tokenizer, &val, &probe_masks, cfg)?;
+    drop(_bar);
     let full_curve = probe.curve("all").ok_or_else(|| Error::Usage("probe returned no `all` curve".into()))?;
     let detections = detect_boundaries(full_curve)?;
     let manual_boundary = detections.iter().find_map(|d| d.boundary);
@@ -224,6 +336,7 @@ pub fn run_pipeline(cfg: &PipelineConfig, place: Placement, mut log: impl FnMut(
     ));
 
     let t = std::time::Instant::now();
+    let _bar = progress::begin("search", None, "samples scored");
     let strategy: Strategy = cfg.strategy.parse().map_err(|e: lora_search::SearchError| Error::Usage(e.to_string()))?;
     let mut search = BoundarySearch::new(l)
         .strategy(strategy)
@@ -254,6 +367,7 @@ pub fn run_pipeline(cfg: &PipelineConfig, place: Placement, mut log: impl FnMut(
         }
     }
     .map_err(|e| Error::Usage(format!("search: {e}")))?;
+    drop(_bar);
     timings.push(("search".to_string(), t.elapsed().as_secs_f64()));
     log(&format!(
         "search ({}): boundary {} after {:.2} full validation evaluations",
@@ -266,9 +380,33 @@ pub fn run_pipeline(cfg: &PipelineConfig, place: Placement, mut log: impl FnMut(
         masks.push((format!("manual (0-{b})"), LayerMask::keep_through(b)));
     }
     masks.push((format!("search (0-{})", report.boundary), LayerMask::keep_through(report.boundary)));
-    let evaluation = evaluate(&model, &tokenizer, &info, &test, &masks, &metrics, cfg)?;
+    let n_main = masks.len();
+    for &b in &cfg.sweep {
+        if b >= l {
+            return Err(Error::Usage(format!("sweep boundary {b} is past the last block ({l} blocks)")));
+        }
+        masks.push((format!("sweep 0-{b}"), LayerMask::keep_through(b)));
+    }
+    let distinct = masks.iter().enumerate().filter(|(i, (_, m))| !masks[..*i].iter().any(|(_, o)| o == m)).count();
+    let _bar = progress::begin("evaluate", Some((distinct * test.len()) as u64), "answers");
+    let mut evaluation = evaluate(&model, &tokenizer, &info, &test, &masks, &metrics, cfg)?;
+    drop(_bar);
+    let sweep = evaluation.split_off(n_main);
     timings.push(("evaluate".to_string(), t.elapsed().as_secs_f64()));
-    log(&format!("evaluated {} masks on {} test samples", masks.len(), test.len()));
+    log(&format!("evaluated {distinct} distinct masks on {} test samples", test.len()));
+
+    let speed = if cfg.speed_tokens > 0 {
+        let t = std::time::Instant::now();
+        let _bar = progress::begin("decode speed", None, "tokens");
+        let first = test.first().ok_or_else(|| Error::Usage("no test sample for the speed run".into()))?;
+        let prompt = tokenizer.encode_prompt(&first.prompt, cfg.chat)?;
+        let v = decode_speeds(&mut model, &prompt, cfg.speed_tokens, report.boundary)?;
+        timings.push(("speed".to_string(), t.elapsed().as_secs_f64()));
+        log(&format!("decode speed measured over {} tokens", cfg.speed_tokens));
+        v
+    } else {
+        Vec::new()
+    };
 
     let pruned = cfg.out.join("pruned-adapter");
     prune_adapter(&cfg.adapter, &LayerMask::keep_through(report.boundary), &pruned)?;
@@ -280,15 +418,188 @@ pub fn run_pipeline(cfg: &PipelineConfig, place: Placement, mut log: impl FnMut(
         manual_boundary,
         search: report,
         evaluation,
+        sweep,
+        speed,
+        trained,
         pruned_adapter: pruned,
         timings,
     };
+    write_plots(&out, &metrics[0])?;
     write_text(&cfg.out.join("report.json"), &serde_json::to_string_pretty(&out)?)?;
     write_text(&cfg.out.join("report.md"), &markdown(&out))?;
     Ok(out)
 }
 
-fn write_text(path: &Path, text: &str) -> Result<()> {
+/// Trains the adapter the config names from its `[train]` table.
+fn train_adapter(cfg: &PipelineConfig, t: &TrainSection, task: Task, place: Placement) -> Result<serde_json::Value> {
+    let (mut model, tokenizer) = load_model(&cfg.model, place)?;
+    let all = task.load(&t.data)?;
+    let take = if t.samples == 0 { usize::MAX } else { t.samples };
+    let samples: Vec<lora_model::TrainSample> = all
+        .into_iter()
+        .skip(t.offset)
+        .take(take)
+        .map(|s| lora_model::TrainSample { prompt: s.prompt, answer: s.answer })
+        .collect();
+    if samples.is_empty() {
+        return Err(Error::Usage(format!("{}: no training samples after skipping {}", t.data.display(), t.offset)));
+    }
+    let lora = lora_model::LoraConfig {
+        r: t.r,
+        lora_alpha: t.alpha,
+        target_modules: Some(lora_model::adapter::ModuleSelector::Regex("all-linear".into())),
+        base_model_name_or_path: Some(cfg.model.display().to_string()),
+        ..Default::default()
+    };
+    let tc = lora_model::TrainConfig {
+        learning_rate: t.lr,
+        epochs: t.epochs,
+        batch_size: t.batch_size,
+        grad_accum: t.grad_accum,
+        max_len: t.max_len,
+        seed: t.seed,
+        chat: cfg.chat,
+        save_bf16: t.bf16,
+        ..Default::default()
+    };
+    let started = std::time::Instant::now();
+    let mut bar: Option<progress::Step> = None;
+    let summary = lora_model::train(&mut model, &tokenizer, &samples, &lora, &tc, &cfg.adapter, |p| {
+        if bar.is_none() {
+            bar = Some(progress::begin("train", Some(p.total_steps as u64), "steps"));
+        }
+        progress::advance(1);
+    })?;
+    drop(bar);
+    Ok(serde_json::json!({
+        "steps": summary.steps,
+        "samples": summary.samples,
+        "dropped_samples": summary.dropped_samples,
+        "final_loss": summary.final_loss,
+        "wall_s": started.elapsed().as_secs_f64(),
+        "r": t.r, "alpha": t.alpha, "lr": t.lr, "epochs": t.epochs, "batch_size": t.batch_size,
+        "grad_accum": t.grad_accum, "max_len": t.max_len, "seed": t.seed,
+    }))
+}
+
+/// Batch-1 greedy decode speed of base, full LoRA, LoRA pruned at `boundary` (unmerged) and merged full LoRA,
+/// interleaved over three rounds (median). The model is left unmerged.
+pub fn decode_speeds(model: &mut Llama, prompt: &[i64], tokens: usize, boundary: usize) -> Result<Vec<SpeedResult>> {
+    let cfg = lora_model::GenerationConfig { max_new_tokens: tokens, ..Default::default() };
+    let settings: [(String, LayerMask, bool); 4] = [
+        ("base".into(), LayerMask::none(), false),
+        ("full".into(), LayerMask::all(), false),
+        (format!("pruned (0-{boundary})"), LayerMask::keep_through(boundary), false),
+        ("merged".into(), LayerMask::none(), true),
+    ];
+    let mut runs: Vec<Vec<f64>> = vec![Vec::new(); settings.len()];
+    for _ in 0..3 {
+        for ((_, mask, merged), out) in settings.iter().zip(runs.iter_mut()) {
+            if *merged {
+                lora_model::adapter::merge(model, &LayerMask::all())?;
+            }
+            let r = lora_model::generate(model, None, &[prompt.to_vec()], &cfg, mask);
+            if *merged {
+                lora_model::adapter::unmerge(model)?;
+            }
+            out.push(r?.1.decode_tokens_per_s);
+            progress::advance(tokens as u64);
+        }
+    }
+    let median = |v: &mut Vec<f64>| {
+        v.sort_by(f64::total_cmp);
+        v[v.len() / 2]
+    };
+    let speeds: Vec<f64> = runs.iter_mut().map(median).collect();
+    Ok(settings
+        .iter()
+        .zip(&speeds)
+        .map(|((label, _, _), &v)| SpeedResult {
+            label: label.clone(),
+            decode_tokens_per_s: v,
+            vs_base: v / speeds[0] - 1.0,
+        })
+        .collect())
+}
+
+/// `search.svg` (validation scores of the searched boundaries), `proxy.svg` (proxy-first's ranking) and
+/// `sweep.svg` (test-set score vs boundary), as far as the report has the data.
+fn write_plots(r: &PipelineReport, metric: &Metric) -> Result<()> {
+    let l = r.num_layers;
+    let mut marks: Vec<(String, usize)> = Vec::new();
+    if let Some(b) = r.manual_boundary {
+        marks.push((format!("manual b = {b}"), b));
+    }
+    marks.push((format!("searched b = {}", r.search.boundary), r.search.boundary));
+    let full_val = r.search.reference.score;
+    let points: Vec<BoundaryPoint> = r
+        .search
+        .candidates
+        .iter()
+        .filter(|c| c.finalist)
+        .map(|c| BoundaryPoint {
+            boundary: c.boundary,
+            value: c.score,
+            band: Some([full_val + c.ci[0], full_val + c.ci[1]]),
+        })
+        .collect();
+    if !points.is_empty() {
+        BoundaryPlot {
+            title: format!("Validation {} vs boundary (search: {})", metric.name(), r.config.strategy),
+            y_label: format!("mean per-sample {}", metric.name()),
+            num_layers: l,
+            points,
+            references: vec![("full LoRA".into(), full_val)],
+            marks: marks.clone(),
+        }
+        .write(&r.config.out.join("search.svg"))?;
+    }
+    if !r.search.proxy_ranking.is_empty() {
+        BoundaryPlot {
+            title: "Validation proxy (mean answer log-probability) vs boundary".into(),
+            y_label: "mean log P(answer)".into(),
+            num_layers: l,
+            points: r
+                .search
+                .proxy_ranking
+                .iter()
+                .map(|p| BoundaryPoint { boundary: p.boundary, value: p.score, band: None })
+                .collect(),
+            references: Vec::new(),
+            marks: marks.clone(),
+        }
+        .write(&r.config.out.join("proxy.svg"))?;
+    }
+    if let Some(full) = r.evaluation.iter().find(|e| e.label == "full") {
+        if !r.sweep.is_empty() {
+            let mut refs = vec![("full LoRA".to_string(), full.item_mean)];
+            if let Some(base) = r.evaluation.iter().find(|e| e.label == "base") {
+                refs.push(("base".to_string(), base.item_mean));
+            }
+            let points = r
+                .sweep
+                .iter()
+                .filter_map(|e| {
+                    let b = e.boundary?;
+                    let band = e.ci_vs_full.map(|c| [full.item_mean + c[0], full.item_mean + c[1]]);
+                    Some(BoundaryPoint { boundary: b, value: e.item_mean, band })
+                })
+                .collect();
+            BoundaryPlot {
+                title: format!("Test {} vs boundary (paired-bootstrap 95% CI vs full LoRA)", metric.name()),
+                y_label: format!("mean per-item {}", metric.name()),
+                num_layers: l,
+                points,
+                references: refs,
+                marks,
+            }
+            .write(&r.config.out.join("sweep.svg"))?;
+        }
+    }
+    Ok(())
+}
+
+pub(crate) fn write_text(path: &Path, text: &str) -> Result<()> {
     let tmp = path.with_extension("tmp");
     std::fs::write(&tmp, text).map_err(|source| Error::Io { path: tmp.clone(), source })?;
     std::fs::rename(&tmp, path).map_err(|source| Error::Io { path: path.to_path_buf(), source })
@@ -324,6 +635,36 @@ pub fn markdown(r: &PipelineReport) -> String {
             e.lora_params_kept * 100.0
         ));
     }
-    s.push_str("\n![probe curves](probe.svg)\n");
+    if !r.sweep.is_empty() {
+        s.push_str("\n## Score vs boundary on the test set (the paper's Fig. 4)\n\n");
+        s.push_str(&format!("| boundary | {} | mean per item | 95% CI vs full | LoRA kept |\n", names.join(" | ")));
+        s.push_str(&format!("|---|{}---|---|---|\n", "---|".repeat(names.len())));
+        for e in &r.sweep {
+            let vals: Vec<String> = e.scores.iter().map(|(_, v)| format!("{v:.4}")).collect();
+            let ci = e.ci_vs_full.map_or("—".to_string(), |c| format!("[{:+.4}, {:+.4}]", c[0], c[1]));
+            s.push_str(&format!(
+                "| {} | {} | {:.4} | {} | {:.0}% |\n",
+                e.boundary.map_or(e.mask.clone(), |b| b.to_string()),
+                vals.join(" | "),
+                e.item_mean,
+                ci,
+                e.lora_params_kept * 100.0
+            ));
+        }
+        s.push_str("\n![score vs boundary](sweep.svg)\n");
+    }
+    if !r.speed.is_empty() {
+        s.push_str("\n## Decode speed (batch 1, greedy)\n\n| setting | tokens/s | vs base |\n|---|---|---|\n");
+        for v in &r.speed {
+            s.push_str(&format!("| {} | {:.1} | {:+.1} % |\n", v.label, v.decode_tokens_per_s, v.vs_base * 100.0));
+        }
+    }
+    s.push_str("\n## Probe curves (answer-token probability by layer)\n\n![probe curves](probe.svg)\n");
+    if r.config.out.join("search.svg").exists() {
+        s.push_str("\n![validation score vs boundary](search.svg)\n");
+    }
+    if r.config.out.join("proxy.svg").exists() {
+        s.push_str("\n![validation proxy vs boundary](proxy.svg)\n");
+    }
     s
 }

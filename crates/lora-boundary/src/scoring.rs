@@ -30,6 +30,7 @@ pub fn generate_answers(
             .collect::<std::result::Result<Vec<_>, _>>()?;
         let (gens, _) = generate(model, Some(tokenizer), &ids, &cfg, mask)?;
         out.extend(gens.into_iter().map(|g| g.text.trim().to_string()));
+        crate::progress::advance(chunk.len() as u64);
     }
     Ok(out)
 }
@@ -233,6 +234,7 @@ pub fn answer_logprobs_sweep(
             };
             row_logprobs(model, &batch, &last, dst)?;
         }
+        crate::progress::advance(batch.answers.len() as u64);
     }
     Ok(out)
 }

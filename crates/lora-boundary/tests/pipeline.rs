@@ -106,6 +106,10 @@ fn pipeline_runs_end_to_end_on_the_tiny_model() {
         batch_size: 4,
         seed: 0,
         out: out.clone(),
+        sweep: vec![0, 2],
+        ablation: true,
+        speed_tokens: 4,
+        train: None,
     };
     let report = run_pipeline(&cfg, Placement::default(), |_| {}).unwrap();
     assert_eq!(report.num_layers, 4);
@@ -115,7 +119,21 @@ fn pipeline_runs_end_to_end_on_the_tiny_model() {
     assert_eq!(&labels[..2], &["full", "base"]);
     let full = &report.evaluation[0];
     assert!((full.lora_params_kept - 1.0).abs() < 1e-12 && report.evaluation[1].lora_params_kept == 0.0);
-    for f in ["report.json", "report.md", "probe.svg"] {
+    // The Fig. 4 sweep: one row per requested boundary, each with a CI against full LoRA, and its plot; the
+    // searched boundary's row agrees with the sweep where both exist (one generation per distinct mask).
+    let swept: Vec<Option<usize>> = report.sweep.iter().map(|e| e.boundary).collect();
+    assert_eq!(swept, [Some(0), Some(2)]);
+    assert!(report.sweep.iter().all(|e| e.ci_vs_full.is_some() && e.item_mean.is_finite()));
+    let searched = report.evaluation.iter().find(|e| e.label.starts_with("search")).unwrap();
+    if let Some(same) = report.sweep.iter().find(|e| e.mask == searched.mask) {
+        assert_eq!(same.scores, searched.scores);
+    }
+    // Decode speed of base, full, pruned and merged.
+    let speed: Vec<&str> = report.speed.iter().map(|s| s.label.as_str()).collect();
+    assert_eq!(speed.len(), 4, "{speed:?}");
+    assert!(report.speed.iter().all(|s| s.decode_tokens_per_s > 0.0));
+    assert!(report.speed[0].vs_base == 0.0);
+    for f in ["report.json", "report.md", "probe.svg", "search.svg", "sweep.svg"] {
         assert!(out.join(f).exists(), "{f}");
     }
     assert!(std::fs::read_to_string(out.join("report.md")).unwrap().contains("| full |"));
@@ -123,9 +141,10 @@ fn pipeline_runs_end_to_end_on_the_tiny_model() {
     let (mut m2, _) = load_model(&model_dir, Placement::default()).unwrap();
     let info = load_adapter(&mut m2, &report.pruned_adapter).unwrap();
     assert_eq!(info.layers().into_iter().collect::<Vec<_>>(), (0..=report.search.boundary).collect::<Vec<_>>());
-    // Probe curves have L + 1 points for both masks.
+    // Probe curves have L + 1 points for full, base and the two half-drop ablations (the paper's Fig. 2).
     let curves = report.probe["curves"].as_array().unwrap();
-    assert_eq!(curves.len(), 2);
+    let names: Vec<&str> = curves.iter().map(|c| c["mask"].as_str().unwrap()).collect();
+    assert_eq!(names, ["all", "none", "2-3", "0-1"]);
     assert_eq!(curves[0]["gt_prob"].as_array().unwrap().len(), 5);
     // A second run into the same directory is refused instead of mixing results.
     assert!(run_pipeline(&cfg, Placement::default(), |_| {}).is_err());
@@ -187,5 +206,50 @@ fn pipeline_runs_end_to_end_on_the_tiny_model() {
         .output()
         .unwrap();
     assert_eq!(bad.status.code(), Some(2), "{}", String::from_utf8_lossy(&bad.stderr));
-    let _ = LayerMask::all();
+
+    // The proxy's shared-prefix sweep equals one teacher-forced pass per boundary.
+    let (mut m3, tok3) = load_model(&model_dir, Placement::default()).unwrap();
+    load_adapter(&mut m3, &adapter).unwrap();
+    let val = lora_boundary::tasks::Task::Jsonl.load(&val_f).unwrap();
+    let refs: Vec<&lora_boundary::tasks::Sample> = val.iter().collect();
+    let sweep = lora_boundary::scoring::answer_logprobs_sweep(&m3, &tok3, &refs, &[0, 1, 2, 3], true, 3).unwrap();
+    for (b, row) in sweep.iter().enumerate() {
+        let one =
+            lora_boundary::scoring::answer_logprobs(&m3, &tok3, &refs, &LayerMask::keep_through(b), true, 3).unwrap();
+        for (x, y) in row.iter().zip(&one) {
+            assert!((x - y).abs() < 1e-4, "boundary {b}: sweep {x} vs direct {y}");
+        }
+    }
+    assert!(lora_boundary::scoring::answer_logprobs_sweep(&m3, &tok3, &refs, &[4], true, 3).is_err());
+
+    // A config with a [train] table trains the adapter when it does not exist yet, then runs as before.
+    let trained_dir = tmp.path().join("adapter-trained");
+    let cfg2 = PipelineConfig {
+        adapter: trained_dir.clone(),
+        out: tmp.path().join("run2"),
+        sweep: Vec::new(),
+        ablation: false,
+        speed_tokens: 0,
+        proxy_only: true,
+        train: Some(lora_boundary::pipeline::TrainSection {
+            data: train_f.clone(),
+            offset: 0,
+            samples: 8,
+            r: 2,
+            alpha: 4.0,
+            lr: 5e-3,
+            epochs: 1,
+            batch_size: 4,
+            grad_accum: 1,
+            max_len: 64,
+            seed: 1,
+            bf16: false,
+        }),
+        ..cfg.clone()
+    };
+    let r2 = run_pipeline(&cfg2, Placement::default(), |_| {}).unwrap();
+    let trained = r2.trained.expect("the run trained the adapter");
+    assert_eq!(trained["steps"], 2);
+    assert!(trained_dir.join("adapter_config.json").exists());
+    assert_eq!(r2.probe["curves"].as_array().unwrap().len(), 2, "no ablation curves when switched off");
 }
