@@ -1,6 +1,7 @@
-//! One timed run of each corpus metric on the 10k SciTLDR benchmark pairs (the pairs of
+//! Timed runs of each corpus metric on the 10k SciTLDR benchmark pairs (the pairs of
 //! `benches/metrics.rs` and `scripts/fixtures/metrics/time_reference.py`), printing wall time and
-//! process CPU time. `cargo run --release -p lora-metrics --example time_10k`.
+//! process CPU time of the first run and the medians. `cargo run --release -p lora-metrics --example
+//! time_10k`.
 
 use lora_metrics::{corpus_score, score_report, Metric, MetricGroup};
 use std::path::PathBuf;
@@ -26,13 +27,30 @@ fn pairs() -> Option<(Vec<String>, Vec<Vec<String>>)> {
     Some((preds, refs))
 }
 
-/// Process CPU time (user + system) in seconds, from /proc/self/stat (clock ticks of 10 ms).
+/// Process CPU time in seconds: the run time of every thread of the process, from
+/// `/proc/self/task/*/schedstat` (nanoseconds), or else user + system time from `/proc/self/stat`
+/// (clock ticks of 10 ms).
 fn cpu_seconds() -> f64 {
-    let stat = std::fs::read_to_string("/proc/self/stat").unwrap_or_default();
-    let after = stat.rsplit(')').next().unwrap_or("");
-    let f: Vec<&str> = after.split_whitespace().collect();
-    let ticks = |i: usize| f.get(i).and_then(|x| x.parse::<f64>().ok()).unwrap_or(0.0);
-    (ticks(11) + ticks(12)) / 100.0
+    let from_schedstat = || -> Option<f64> {
+        let mut ns = 0u64;
+        for task in std::fs::read_dir("/proc/self/task").ok()? {
+            let stat = std::fs::read_to_string(task.ok()?.path().join("schedstat")).ok()?;
+            ns += stat.split_whitespace().next()?.parse::<u64>().ok()?;
+        }
+        (ns > 0).then_some(ns as f64 * 1e-9)
+    };
+    from_schedstat().unwrap_or_else(|| {
+        let stat = std::fs::read_to_string("/proc/self/stat").unwrap_or_default();
+        let after = stat.rsplit(')').next().unwrap_or("");
+        let f: Vec<&str> = after.split_whitespace().collect();
+        let ticks = |i: usize| f.get(i).and_then(|x| x.parse::<f64>().ok()).unwrap_or(0.0);
+        (ticks(11) + ticks(12)) / 100.0
+    })
+}
+
+fn median(mut v: Vec<f64>) -> f64 {
+    v.sort_by(f64::total_cmp);
+    v[v.len() / 2]
 }
 
 fn main() {
@@ -40,18 +58,28 @@ fn main() {
         eprintln!("../shared/data/scitldr not found");
         return;
     };
-    // `ONLY=bleu` (for example) restricts the run to one metric.
+    // `ONLY=bleu` (for example) restricts the run to one metric; `REPS` (default 5) sets the number
+    // of timed runs per metric.
     let only = std::env::var("ONLY").ok();
+    let reps = std::env::var("REPS").ok().and_then(|r| r.parse::<usize>().ok()).unwrap_or(5).max(1);
+    println!("{} rayon threads, {reps} runs per metric", rayon::current_num_threads());
     let run = |name: &str, f: &dyn Fn() -> f64| {
         if only.as_deref().is_some_and(|o| o != name) {
             return;
         }
-        let (t, c) = (Instant::now(), cpu_seconds());
-        let v = f();
+        let (mut walls, mut cpus, mut v) = (Vec::new(), Vec::new(), 0.0);
+        for _ in 0..reps {
+            let (t, c) = (Instant::now(), cpu_seconds());
+            v = f();
+            walls.push(t.elapsed().as_secs_f64());
+            cpus.push(cpu_seconds() - c);
+        }
         println!(
-            "{name:<22} wall {:>8.3} s  cpu {:>7.2} s  score {v:.12}",
-            t.elapsed().as_secs_f64(),
-            cpu_seconds() - c
+            "{name:<22} first: wall {:>7.3} s cpu {:>7.3} s | median: wall {:>7.3} s cpu {:>7.3} s | score {v:.12}",
+            walls[0],
+            cpus[0],
+            median(walls.clone()),
+            median(cpus.clone())
         );
     };
     run("rouge_4types_stemmer", &|| {

@@ -222,14 +222,9 @@ impl Tokens13a {
     /// on its own as ` {segment} `. A segment without `.`, `,` or `-` (no later pattern matches in
     /// it) is one token as it stands.
     pub(crate) fn tokenize(&mut self, line: &str) {
-        self.spans.clear();
         self.text.clear();
-        let (mut raw, mut high) = (0u8, 0u8);
-        for &c in line.as_bytes() {
-            raw |= BYTE_CLASS[usize::from(c)];
-            high |= c;
-        }
-        if raw & RAW != 0 {
+        self.text.push_str(line);
+        if !self.split(true) {
             let mut s = line.replace("<skipped>", "");
             if s.contains('\n') {
                 s = s.replace("-\n", "").replace('\n', " ");
@@ -238,16 +233,28 @@ impl Tokens13a {
                 s = s.replace("&quot;", "\"").replace("&amp;", "&").replace("&lt;", "<").replace("&gt;", ">");
             }
             self.text = s;
-        } else {
-            self.text.push_str(line);
+            self.split(false);
         }
+    }
+
+    /// Tokenizes `self.text` as it is. With `check_raw`, returns false (the tokens are then
+    /// incomplete) if the text has a byte of the line-level replacements (`<`, `\n`, `&`).
+    fn split(&mut self, check_raw: bool) -> bool {
+        self.spans.clear();
         let b = self.text.as_bytes();
-        let (mut start, mut active) = (0usize, 0u32);
+        let (mut start, mut active, mut seen, mut high) = (0usize, 0u32, 0u8, 0u8);
         for (i, &c) in b.iter().enumerate() {
             let k = BYTE_CLASS[usize::from(c)];
+            seen |= k;
+            high |= c;
             if k & (SPACE | PUNCT) != 0 {
                 if i > start {
-                    segment(b, start, i, active, &mut self.spans);
+                    if active == 0 {
+                        // No pattern can match.
+                        self.spans.push((start as u32, i as u32));
+                    } else {
+                        segment(b, start, i, active, &mut self.spans);
+                    }
                 }
                 if k & PUNCT != 0 {
                     self.spans.push((i as u32, i as u32 + 1));
@@ -257,13 +264,16 @@ impl Tokens13a {
                 active += u32::from(k & ACTIVE != 0);
             }
         }
+        if check_raw && seen & RAW != 0 {
+            return false;
+        }
         if b.len() > start {
             segment(b, start, b.len(), active, &mut self.spans);
         }
-        // The replacements only touch ASCII, so `line` tells whether the text has non-ASCII bytes.
         if high >= 0x80 {
             self.split_unicode_space();
         }
+        true
     }
 
     /// Splits the tokens further at non-ASCII Python white space (U+0085, U+00A0, U+3000, ...).

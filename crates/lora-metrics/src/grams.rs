@@ -352,17 +352,24 @@ pub(crate) struct Vocab<'a> {
 }
 
 /// `w` packed with its length into a `u128`, if it has at most 15 bytes (exact: distinct words of
-/// at most 15 bytes give distinct values).
+/// at most 15 bytes give distinct values). Bytes `0..8` go into the low half, bytes `8..` and the
+/// length into the high half.
 #[inline]
 fn short_key(w: &str) -> Option<u128> {
     let b = w.as_bytes();
-    if b.len() > 15 {
-        return None;
-    }
-    let mut k = [0u8; 16];
-    k[..b.len()].copy_from_slice(b);
-    k[15] = b.len() as u8;
-    Some(u128::from_le_bytes(k))
+    let n = b.len();
+    let le64 = |s: &[u8]| s.try_into().map_or(0, u64::from_le_bytes);
+    let le32 = |s: &[u8]| s.try_into().map_or(0, u32::from_le_bytes);
+    let (lo, hi) = match n {
+        0 => (0, 0),
+        // Bytes 0, n / 2 and n - 1 are all the bytes.
+        1..=3 => (u64::from(b[0]) | u64::from(b[n / 2]) << 8 | u64::from(b[n - 1]) << 16, 0),
+        // The last 4 bytes overlap the first 4; keep only bytes 4.. of them.
+        4..=7 => (u64::from(le32(&b[..4])) | (u64::from(le32(&b[n - 4..])) >> (8 * (8 - n))) << 32, 0),
+        8..=15 => (le64(&b[..8]), le64(&b[n - 8..]).checked_shr(8 * (16 - n as u32)).unwrap_or(0)),
+        _ => return None,
+    };
+    Some(u128::from(lo) | u128::from(hi | (n as u64) << 56) << 64)
 }
 
 impl<'a> Vocab<'a> {
@@ -473,6 +480,30 @@ mod tests {
         let (a, b) = ([0, 1, 5, 511, 7, 0], [3, 1, 2, 0, 511, 0]);
         assert_eq!(P::lane_min(pack(a), pack(b)), pack([0, 1, 2, 0, 7, 0]));
         assert_eq!(Packing::<u128, 32, 4>::LANE, 16);
+    }
+
+    #[test]
+    fn short_keys_are_exact() {
+        let words: Vec<String> = (0..=16)
+            .flat_map(|n| {
+                let base: Vec<u8> = (0..n).map(|i| b'a' + (i % 26) as u8).collect();
+                (0..n.max(1)).map(move |at| {
+                    let mut w = base.clone();
+                    if let Some(c) = w.get_mut(at) {
+                        *c = b'Z';
+                    }
+                    String::from_utf8(w).unwrap_or_default()
+                })
+            })
+            .chain(["\0", "\0\0", "a\0", "\0a", "é", "ééééééé", "éééééééé"].map(String::from))
+            .collect();
+        let mut seen = std::collections::HashMap::new();
+        for w in &words {
+            match short_key(w) {
+                Some(k) => assert_eq!(*seen.entry(k).or_insert(w.as_str()), w.as_str(), "{w:?}"),
+                None => assert!(w.len() > 15),
+            }
+        }
     }
 
     #[test]
