@@ -17,8 +17,10 @@ fn main() -> anyhow::Result<()> {
     let stamp = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH)?.as_secs();
     cfg.out = cfg.out.with_file_name(format!("quickstart-{stamp}"));
     let t0 = std::time::Instant::now();
-    let report =
-        run_pipeline(&cfg, Placement::default(), |line| println!("[{:>6.1}s] {line}", t0.elapsed().as_secs_f64()))?;
+    lora_boundary::progress::enable(true);
+    let report = run_pipeline(&cfg, Placement::default(), |line| {
+        lora_boundary::progress::println(&format!("[{:>6.1}s] {line}", t0.elapsed().as_secs_f64()))
+    })?;
     println!("\n{}", markdown(&report));
     println!("report, plot and pruned adapter in {} ({:.0}s in all)", cfg.out.display(), t0.elapsed().as_secs_f64());
     Ok(())

@@ -85,6 +85,10 @@ pub struct PipelineConfig {
     pub seed: u64,
     /// Output directory for the report, plots and the pruned adapter.
     pub out: PathBuf,
+    /// Shuffle every data file with this seed before taking offsets and counts (a fixed random split; every role
+    /// reading the same file sees the same order, so disjoint ranges stay disjoint). Default: file order.
+    #[serde(default)]
+    pub shuffle_seed: Option<u64>,
     /// Test-set boundaries for the score-vs-boundary sweep (the paper's Fig. 4); empty = no sweep.
     #[serde(default)]
     pub sweep: Vec<usize>,
@@ -259,13 +263,27 @@ pub fn evaluate(
             ci_vs_full: s.ci_vs_first,
             lora_params_kept: info.kept_fraction(mask),
             item_mean: s.items.iter().sum::<f64>() / s.items.len().max(1) as f64,
-            boundary: (0..model.num_layers()).find(|&b| *mask == LayerMask::keep_through(b)),
+            boundary: if *mask == LayerMask::all() {
+                Some(model.num_layers().saturating_sub(1))
+            } else {
+                (0..model.num_layers()).find(|&b| *mask == LayerMask::keep_through(b))
+            },
         })
         .collect())
 }
 
-fn load_split(task: Task, path: &Path, offset: usize, n: usize) -> Result<Vec<Sample>> {
+/// A file's samples, in a seeded random order when `shuffle_seed` is set (the same order for every role that reads
+/// the file, so disjoint offset ranges stay disjoint).
+fn load_ordered(task: Task, path: &Path, shuffle_seed: Option<u64>) -> Result<Vec<Sample>> {
     let all = task.load(path)?;
+    match shuffle_seed {
+        Some(seed) => Ok(crate::tasks::split(&all, &[all.len()], seed)?.into_iter().next().unwrap_or_default()),
+        None => Ok(all),
+    }
+}
+
+fn load_split(task: Task, path: &Path, offset: usize, n: usize, shuffle_seed: Option<u64>) -> Result<Vec<Sample>> {
+    let all = load_ordered(task, path, shuffle_seed)?;
     let part: Vec<Sample> = all.into_iter().skip(offset).take(n).collect();
     if part.is_empty() {
         return Err(Error::Usage(format!("{}: no samples after skipping {offset}", path.display())));
@@ -309,8 +327,8 @@ pub fn run_pipeline(cfg: &PipelineConfig, place: Placement, mut log: impl FnMut(
     let (mut model, tokenizer) = load_model(&cfg.model, place)?;
     let info = load_adapter(&mut model, &cfg.adapter)?;
     let l = model.num_layers();
-    let val = load_split(task, &cfg.validation, cfg.validation_offset, cfg.validation_samples)?;
-    let test = load_split(task, &cfg.test, cfg.test_offset, cfg.test_samples)?;
+    let val = load_split(task, &cfg.validation, cfg.validation_offset, cfg.validation_samples, cfg.shuffle_seed)?;
+    let test = load_split(task, &cfg.test, cfg.test_offset, cfg.test_samples, cfg.shuffle_seed)?;
     timings.push(("load".to_string(), t.elapsed().as_secs_f64()));
     log(&format!("loaded {} ({l} blocks) + adapter ({} LoRA modules)", cfg.model.display(), info.modules.len()));
 
@@ -375,17 +393,19 @@ pub fn run_pipeline(cfg: &PipelineConfig, place: Placement, mut log: impl FnMut(
     ));
 
     let t = std::time::Instant::now();
+    // keep_through(L − 1) is full LoRA: use the same mask so it is generated once.
+    let keep = |b: usize| if b + 1 >= l { LayerMask::all() } else { LayerMask::keep_through(b) };
     let mut masks = vec![("full".to_string(), LayerMask::all()), ("base".to_string(), LayerMask::none())];
     if let Some(b) = manual_boundary {
-        masks.push((format!("manual (0-{b})"), LayerMask::keep_through(b)));
+        masks.push((format!("manual (0-{b})"), keep(b)));
     }
-    masks.push((format!("search (0-{})", report.boundary), LayerMask::keep_through(report.boundary)));
+    masks.push((format!("search (0-{})", report.boundary), keep(report.boundary)));
     let n_main = masks.len();
     for &b in &cfg.sweep {
         if b >= l {
             return Err(Error::Usage(format!("sweep boundary {b} is past the last block ({l} blocks)")));
         }
-        masks.push((format!("sweep 0-{b}"), LayerMask::keep_through(b)));
+        masks.push((format!("sweep 0-{b}"), keep(b)));
     }
     let distinct = masks.iter().enumerate().filter(|(i, (_, m))| !masks[..*i].iter().any(|(_, o)| o == m)).count();
     let _bar = progress::begin("evaluate", Some((distinct * test.len()) as u64), "answers");
@@ -433,7 +453,7 @@ pub fn run_pipeline(cfg: &PipelineConfig, place: Placement, mut log: impl FnMut(
 /// Trains the adapter the config names from its `[train]` table.
 fn train_adapter(cfg: &PipelineConfig, t: &TrainSection, task: Task, place: Placement) -> Result<serde_json::Value> {
     let (mut model, tokenizer) = load_model(&cfg.model, place)?;
-    let all = task.load(&t.data)?;
+    let all = load_ordered(task, &t.data, cfg.shuffle_seed)?;
     let take = if t.samples == 0 { usize::MAX } else { t.samples };
     let samples: Vec<lora_model::TrainSample> = all
         .into_iter()

@@ -110,6 +110,7 @@ fn pipeline_runs_end_to_end_on_the_tiny_model() {
         ablation: true,
         speed_tokens: 4,
         train: None,
+        shuffle_seed: None,
     };
     let report = run_pipeline(&cfg, Placement::default(), |_| {}).unwrap();
     assert_eq!(report.num_layers, 4);
