@@ -1,7 +1,7 @@
 //! Timed runs of each corpus metric on the 10k SciTLDR benchmark pairs (the pairs of
 //! `benches/metrics.rs` and `scripts/fixtures/metrics/time_reference.py`), printing wall time and
 //! process CPU time of the first run and the medians. `cargo run --release -p lora-metrics --example
-//! time_10k`.
+//! time_10k` (environment: `ONLY=bleu`, `REPS=5`, `UNIQUE_REFS=1`).
 
 use lora_metrics::{corpus_score, score_report, Metric, MetricGroup};
 use std::path::PathBuf;
@@ -54,10 +54,19 @@ fn median(mut v: Vec<f64>) -> f64 {
 }
 
 fn main() {
-    let Some((preds, refs)) = pairs() else {
+    let Some((preds, mut refs)) = pairs() else {
         eprintln!("../shared/data/scitldr not found");
         return;
     };
+    // `UNIQUE_REFS=1` appends " u{row}" to every reference, so that no reference repeats across
+    // rows (`time_reference.py` does the same with `UNIQUE_REFS=1`).
+    if std::env::var("UNIQUE_REFS").is_ok_and(|v| v == "1") {
+        for (i, row) in refs.iter_mut().enumerate() {
+            for r in row.iter_mut() {
+                r.push_str(&format!(" u{i}"));
+            }
+        }
+    }
     // `ONLY=bleu` (for example) restricts the run to one metric; `REPS` (default 5) sets the number
     // of timed runs per metric.
     let only = std::env::var("ONLY").ok();

@@ -2,7 +2,7 @@
 //! max order 4, closest reference length), corpus level with several reference streams and
 //! sentence level with effective order (`sacrebleu.sentence_bleu`).
 
-use crate::grams::{DistinctRefs, Key, Packing, Pad, Vocab};
+use crate::grams::{DistinctRefs, Key, MaxCounts, Packing, Pad, Vocab};
 use crate::text::{py_isspace, py_rstrip};
 use rayon::prelude::*;
 use serde::Serialize;
@@ -224,6 +224,7 @@ impl Tokens13a {
     pub(crate) fn tokenize(&mut self, line: &str) {
         self.text.clear();
         self.text.push_str(line);
+        self.spans.reserve(line.len() / 2 + 2);
         if !self.split(true) {
             let mut s = line.replace("<skipped>", "");
             if s.contains('\n') {
@@ -348,10 +349,10 @@ fn closest_ref_len(hyp_len: u64, ref_lens: &[u64]) -> u64 {
     best.map_or(0, |(_, l)| l)
 }
 
-/// The references of one row merged as sacrebleu merges them: per order, every n-gram of any
-/// reference with its maximum count over the references, and the reference lengths.
+/// A distinct list of references, prepared once: the maximum n-gram counts over them, and their
+/// lengths in tokens.
 struct RefList<K> {
-    max_counts: [Vec<(K, u32)>; MAX_ORDER],
+    max_counts: MaxCounts<K, MAX_ORDER>,
     lens: Vec<u64>,
 }
 
@@ -365,10 +366,11 @@ struct Scratch<K> {
 
 /// Statistics of every row against its references (all of them; sacrebleu drops only `None`).
 ///
-/// Each distinct reference is tokenized and counted once, and each distinct list of references
-/// merged once. The token ids come from a vocabulary of the reference tokens; hypothesis tokens
-/// outside it cannot match and get [`Packing::ABSENT`]. Token 4-grams are packed into a `u64`
-/// (16-bit ids) when the vocabulary is small enough, else into a `u128`.
+/// Each distinct reference is tokenized and counted once, and the counts of each distinct list of
+/// references are merged into maximum counts once (sacrebleu does that per row). The token
+/// ids come from a vocabulary of the reference tokens; hypothesis tokens outside it cannot match
+/// and get [`Packing::ABSENT`]. Token 4-grams are packed into a `u64` (16-bit ids) when the
+/// vocabulary is small enough, else into a `u128`.
 fn corpus_stats(predictions: &[String], references: &DistinctRefs<'_>) -> Vec<Stats> {
     let tokens: Vec<Tokens13a> = references
         .texts
@@ -395,20 +397,21 @@ fn stats_with<K: Key, const BITS: u32>(
     ids: &[Vec<u32>],
     vocab: &Vocab<'_>,
 ) -> Vec<Stats> {
-    let keys: Vec<Vec<K>> =
-        ids.par_iter().map(|ids| Packing::<K, BITS, MAX_ORDER>::sorted_keys(ids, Pad::Zero)).collect();
+    type P<K, const BITS: u32> = Packing<K, BITS, MAX_ORDER>;
+    let counts: Vec<MaxCounts<K, MAX_ORDER>> =
+        ids.par_iter().map(|ids| P::<K, BITS>::group_counts(&P::<K, BITS>::sorted_keys(ids, Pad::Ones))).collect();
     let (list_of_row, lists) = references.lists();
     let lists: Vec<RefList<K>> = lists
         .par_iter()
-        .map(|members| RefList {
-            max_counts: std::array::from_fn(|n| {
-                let counts = |m: u32| Packing::<K, BITS, MAX_ORDER>::ngram_counts(&keys[m as usize], n + 1);
-                match members.split_first() {
-                    Some((&first, rest)) => rest.iter().fold(counts(first), |acc, &m| merge_max(&acc, &counts(m))),
-                    None => Vec::new(),
-                }
-            }),
-            lens: members.iter().map(|&m| ids[m as usize].len() as u64).collect(),
+        .map(|members| {
+            let parts: Vec<&MaxCounts<K, MAX_ORDER>> = members.iter().map(|&m| &counts[m as usize]).collect();
+            RefList {
+                max_counts: match parts.as_slice() {
+                    [one] => (*one).clone(),
+                    _ => P::<K, BITS>::union_max(&parts),
+                },
+                lens: members.iter().map(|&m| ids[m as usize].len() as u64).collect(),
+            }
         })
         .collect();
     predictions
@@ -416,32 +419,6 @@ fn stats_with<K: Key, const BITS: u32>(
         .zip(list_of_row.par_iter())
         .map_init(Scratch::default, |s, (hyp, &l)| row_stats::<K, BITS>(s, hyp, &lists[l as usize], vocab))
         .collect()
-}
-
-/// The union of two sorted `(n-gram, count)` lists, with the larger count where both have an n-gram.
-fn merge_max<K: Key>(a: &[(K, u32)], b: &[(K, u32)]) -> Vec<(K, u32)> {
-    let mut out = Vec::with_capacity(a.len() + b.len());
-    let (mut i, mut j) = (0, 0);
-    while i < a.len() && j < b.len() {
-        match a[i].0.cmp(&b[j].0) {
-            std::cmp::Ordering::Less => {
-                out.push(a[i]);
-                i += 1;
-            }
-            std::cmp::Ordering::Greater => {
-                out.push(b[j]);
-                j += 1;
-            }
-            std::cmp::Ordering::Equal => {
-                out.push((a[i].0, a[i].1.max(b[j].1)));
-                i += 1;
-                j += 1;
-            }
-        }
-    }
-    out.extend_from_slice(&a[i..]);
-    out.extend_from_slice(&b[j..]);
-    out
 }
 
 fn row_stats<K: Key, const BITS: u32>(s: &mut Scratch<K>, hyp: &str, refs: &RefList<K>, vocab: &Vocab<'_>) -> Stats {
@@ -452,12 +429,13 @@ fn row_stats<K: Key, const BITS: u32>(s: &mut Scratch<K>, hyp: &str, refs: &RefL
     s.keys.clear();
     P::<K, BITS>::push_keys(&s.ids, Pad::Zero, &mut s.keys);
     s.keys.sort_unstable();
+    let correct = P::<K, BITS>::clipped_by_max(&s.keys, &refs.max_counts);
     let hyp_len = s.tokens.len() as u64;
     let mut st: Stats = [0; 2 + 2 * MAX_ORDER];
     st[0] = hyp_len;
     st[1] = closest_ref_len(hyp_len, &refs.lens);
     for n in 0..MAX_ORDER {
-        st[2 + n] = P::<K, BITS>::clipped_by_counts(&s.keys, n + 1, &refs.max_counts[n]);
+        st[2 + n] = u64::from(correct[n]);
         st[2 + MAX_ORDER + n] = hyp_len.saturating_sub(n as u64);
     }
     st

@@ -34,10 +34,6 @@ pub(crate) trait Key: Copy + Ord + Default + Send + Sync + std::fmt::Debug {
     fn shift_in(self, n: u32, x: Self, shift: u32) -> Self;
     /// `(self ^ other).leading_zeros()`.
     fn xor_leading_zeros(self, other: Self) -> u32;
-    /// `self.trailing_zeros()`.
-    fn trailing_zeros_(self) -> u32;
-    /// `self` with all but the `n` highest bits cleared.
-    fn high_bits(self, n: u32) -> Self;
 }
 
 macro_rules! impl_key {
@@ -55,14 +51,6 @@ macro_rules! impl_key {
             #[inline]
             fn xor_leading_zeros(self, other: Self) -> u32 {
                 (self ^ other).leading_zeros()
-            }
-            #[inline]
-            fn trailing_zeros_(self) -> u32 {
-                self.trailing_zeros()
-            }
-            #[inline]
-            fn high_bits(self, n: u32) -> Self {
-                self & <$t>::MAX.checked_shl(<$t>::BITS - n).unwrap_or(0)
             }
         }
     };
@@ -145,14 +133,6 @@ impl<K: Key, const BITS: u32, const UNITS: usize> Packing<K, BITS, UNITS> {
         (a.xor_leading_zeros(b) / BITS).min(UNITS as u32) as usize
     }
 
-    /// Number of units present in a key padded with [`Pad::Zero`] (the highest order of n-gram
-    /// that starts at its position).
-    #[inline]
-    fn order(a: K) -> usize {
-        debug_assert!(a != K::default());
-        UNITS - ((a.trailing_zeros_() - Self::SHIFT) / BITS) as usize
-    }
-
     /// For every order `n` in `1..=UNITS`: the number of `n`-grams the two texts share with
     /// clipping, `sum over n-grams g of min(count_a(g), count_b(g))`. `a` and `b` are sorted keys,
     /// `a` padded with [`Pad::Zero`] and `b` with [`Pad::Ones`].
@@ -166,15 +146,96 @@ impl<K: Key, const BITS: u32, const UNITS: usize> Packing<K, BITS, UNITS> {
     pub(crate) fn clipped_matches(a: &[K], b: &[K]) -> [u32; UNITS] {
         let limit = 1usize << (Self::LANE - 1);
         if a.len() < limit && b.len() < limit {
-            Self::clipped_matches_lanes(a, b)
+            Self::merge_lanes(a, b, |&k| k, |_| Self::LANE_ONES)
         } else {
-            Self::clipped_matches_wide(a, b)
+            Self::merge_wide(a, b, |&k| k, |_| [1; UNITS])
         }
     }
 
-    /// [`Packing::clipped_matches`] with the counts of all orders in the lanes of one `u64` (texts
-    /// shorter than `2^(LANE - 1)` units, so that no count reaches the high bit of a lane).
-    fn clipped_matches_lanes(a: &[K], b: &[K]) -> [u32; UNITS] {
+    /// BLEU's clipped counts: for every order `n` in `1..=UNITS`, the sum over the `n`-grams `g` of
+    /// the hypothesis of `min(count in the hypothesis, max over the references of the count)`.
+    /// `hyp` holds sorted keys padded with [`Pad::Zero`]; `refs` comes from
+    /// [`Packing::union_max`] (or [`Packing::group_counts`] for one reference).
+    pub(crate) fn clipped_by_max(hyp: &[K], refs: &MaxCounts<K, UNITS>) -> [u32; UNITS] {
+        let limit = 1usize << (Self::LANE - 1);
+        if hyp.len() < limit && refs.below(limit as u32) {
+            let pack = |w: &[u32; UNITS]| {
+                w.iter().enumerate().fold(0u64, |x, (n, &c)| x | u64::from(c) << (Self::LANE * n as u32))
+            };
+            Self::merge_lanes(hyp, &refs.keys, |(k, _)| *k, |(_, w)| pack(w))
+        } else {
+            Self::merge_wide(hyp, &refs.keys, |(k, _)| *k, |(_, w)| *w)
+        }
+    }
+
+    /// The n-gram counts of one text for [`Packing::clipped_by_max`]: its sorted keys (padded with
+    /// [`Pad::Ones`]), where the last key of every `n`-gram carries the count of that n-gram for
+    /// order `n` (the other keys carry 0 for that order). Keys that carry nothing are left out.
+    pub(crate) fn group_counts(sorted: &[K]) -> MaxCounts<K, UNITS> {
+        Self::regroup(sorted.iter().map(|&k| (k, [1; UNITS])), |x, y| x + y)
+    }
+
+    /// The maximum counts over several texts, in the form of [`Packing::group_counts`]: the last key
+    /// of every `n`-gram carries, for order `n`, the largest count of that n-gram in any of them.
+    pub(crate) fn union_max(parts: &[&MaxCounts<K, UNITS>]) -> MaxCounts<K, UNITS> {
+        let mut merged: Vec<(K, [u32; UNITS])> = Vec::new();
+        let mut tmp = Vec::new();
+        for part in parts {
+            tmp.clear();
+            tmp.reserve(merged.len() + part.keys.len());
+            let (a, b) = (&merged, &part.keys);
+            let (mut i, mut j) = (0, 0);
+            while i < a.len() && j < b.len() {
+                if a[i].0 <= b[j].0 {
+                    tmp.push(a[i]);
+                    i += 1;
+                } else {
+                    tmp.push(b[j]);
+                    j += 1;
+                }
+            }
+            tmp.extend_from_slice(&a[i..]);
+            tmp.extend_from_slice(&b[j..]);
+            std::mem::swap(&mut merged, &mut tmp);
+        }
+        // Every n-gram of a part is whole inside the same n-gram of the union, and its count sits on
+        // one of its keys, so the largest value on the union n-gram's keys is the maximum count.
+        Self::regroup(merged.into_iter(), u32::max)
+    }
+
+    /// Sorted keys with values per order, combined per n-gram with `combine`: the result has, for
+    /// every order `n`, the combined values of each n-gram on its last key, and drops the keys that
+    /// carry nothing.
+    fn regroup(items: impl Iterator<Item = (K, [u32; UNITS])>, combine: fn(u32, u32) -> u32) -> MaxCounts<K, UNITS> {
+        let mut keys: Vec<(K, [u32; UNITS])> = Vec::with_capacity(items.size_hint().0);
+        let mut run = [0u32; UNITS];
+        let mut prev = K::default();
+        for (k, w) in items {
+            let shared = Self::lcp(prev, k);
+            if let Some(last) = keys.last_mut() {
+                for (w, r) in last.1[shared..].iter_mut().zip(&mut run[shared..]) {
+                    *w = std::mem::take(r);
+                }
+            }
+            for (r, &x) in run.iter_mut().zip(&w) {
+                *r = combine(*r, x);
+            }
+            keys.push((k, [0; UNITS]));
+            prev = k;
+        }
+        if let Some(last) = keys.last_mut() {
+            last.1 = run;
+        }
+        keys.retain(|(_, w)| w.iter().any(|&c| c > 0));
+        let max = keys.iter().flat_map(|(_, w)| w.iter().copied()).max().unwrap_or(0);
+        MaxCounts { keys, max }
+    }
+
+    /// The merge of [`Packing::clipped_matches`] with the counts of all orders in the lanes of one
+    /// `u64`: each key of `a` counts 1 in every lane, each entry of `b` its `weight`. No count may
+    /// reach `2^(LANE - 1)`.
+    #[inline]
+    fn merge_lanes<B>(a: &[K], b: &[B], key: impl Fn(&B) -> K, weight: impl Fn(&B) -> u64) -> [u32; UNITS] {
         let (mut acc, mut ca, mut cb) = (0u64, 0u64, 0u64);
         // 0 shares no unit with any key (the first unit of a key is nonzero).
         let mut prev = K::default();
@@ -187,107 +248,99 @@ impl<K: Key, const BITS: u32, const UNITS: usize> Packing<K, BITS, UNITS> {
             *cb &= !ending;
         };
         while i < a.len() && j < b.len() {
-            let (x, y) = (a[i], b[j]);
+            let (x, y) = (a[i], key(&b[j]));
             let from_a = x <= y;
             let e = if from_a { x } else { y };
             close(Self::lcp(prev, e), &mut ca, &mut cb);
-            let add = Self::LANE_ONES;
-            ca += if from_a { add } else { 0 };
-            cb += if from_a { 0 } else { add };
-            i += usize::from(from_a);
-            j += usize::from(!from_a);
+            if from_a {
+                ca += Self::LANE_ONES;
+                i += 1;
+            } else {
+                cb += weight(&b[j]);
+                j += 1;
+            }
             prev = e;
         }
         // One side is left: its keys only matter while they continue the current n-grams.
-        for &e in a[i..].iter().chain(&b[j..]) {
-            let shared = Self::lcp(prev, e);
-            if shared == 0 {
-                break;
-            }
-            close(shared, &mut ca, &mut cb);
-            if i < a.len() {
+        if i < a.len() {
+            for &e in &a[i..] {
+                let shared = Self::lcp(prev, e);
+                if shared == 0 {
+                    break;
+                }
+                close(shared, &mut ca, &mut cb);
                 ca += Self::LANE_ONES;
-            } else {
-                cb += Self::LANE_ONES;
+                prev = e;
             }
-            prev = e;
+        } else {
+            for y in &b[j..] {
+                let e = key(y);
+                let shared = Self::lcp(prev, e);
+                if shared == 0 {
+                    break;
+                }
+                close(shared, &mut ca, &mut cb);
+                cb += weight(y);
+                prev = e;
+            }
         }
         close(0, &mut ca, &mut cb);
         std::array::from_fn(|n| ((acc >> (Self::LANE * n as u32)) & ((1 << Self::LANE) - 1)) as u32)
     }
 
-    /// [`Packing::clipped_matches`] with one `u32` count per order (any text length).
-    fn clipped_matches_wide(a: &[K], b: &[K]) -> [u32; UNITS] {
+    /// [`Packing::merge_lanes`] with one `u32` count per order (any counts).
+    fn merge_wide<B>(a: &[K], b: &[B], key: impl Fn(&B) -> K, weight: impl Fn(&B) -> [u32; UNITS]) -> [u32; UNITS] {
         let mut acc = [0u32; UNITS];
-        let mut cnt = [[0u32; UNITS]; 2];
+        let (mut ca, mut cb) = ([0u32; UNITS], [0u32; UNITS]);
         let mut prev = K::default();
         let (mut i, mut j) = (0usize, 0usize);
-        while i < a.len() || j < b.len() {
-            let from_a = j == b.len() || (i < a.len() && a[i] <= b[j]);
-            let e = if from_a { a[i] } else { b[j] };
+        loop {
+            let from_a = match (a.get(i), b.get(j)) {
+                (Some(&x), Some(y)) => x <= key(y),
+                (Some(_), None) => true,
+                (None, Some(_)) => false,
+                (None, None) => break,
+            };
+            let e = if from_a { a[i] } else { key(&b[j]) };
             let shared = Self::lcp(prev, e);
             for n in shared..UNITS {
-                acc[n] += cnt[0][n].min(cnt[1][n]);
-                cnt[0][n] = 0;
-                cnt[1][n] = 0;
+                acc[n] += ca[n].min(cb[n]);
+                ca[n] = 0;
+                cb[n] = 0;
             }
-            for c in &mut cnt[usize::from(!from_a)] {
-                *c += 1;
+            if from_a {
+                for c in &mut ca {
+                    *c += 1;
+                }
+                i += 1;
+            } else {
+                for (c, w) in cb.iter_mut().zip(weight(&b[j])) {
+                    *c += w;
+                }
+                j += 1;
             }
-            i += usize::from(from_a);
-            j += usize::from(!from_a);
             prev = e;
         }
         for n in 0..UNITS {
-            acc[n] += cnt[0][n].min(cnt[1][n]);
+            acc[n] += ca[n].min(cb[n]);
         }
         acc
     }
+}
 
-    /// The distinct `n`-grams (`n` in `1..=UNITS`) of the sorted keys `a`, each as its key cut to `n`
-    /// units, with its count, in ascending order.
-    pub(crate) fn ngram_counts(a: &[K], n: usize) -> Vec<(K, u32)> {
-        let mut out: Vec<(K, u32)> = Vec::with_capacity(a.len());
-        for &k in a.iter().filter(|&&k| Self::order(k) >= n) {
-            let p = k.high_bits(BITS * n as u32);
-            match out.last_mut() {
-                Some((q, c)) if *q == p => *c += 1,
-                _ => out.push((p, 1)),
-            }
-        }
-        out
-    }
+/// Sorted keys with a count per order on the last key of each n-gram (see
+/// [`Packing::group_counts`]).
+#[derive(Clone)]
+pub(crate) struct MaxCounts<K, const UNITS: usize> {
+    keys: Vec<(K, [u32; UNITS])>,
+    /// The largest weight.
+    max: u32,
+}
 
-    /// `sum over n-grams g of min(count of g in a, count of g in counts)` for the `n`-grams of the
-    /// sorted keys `a` and a sorted `(n-gram, count)` list like [`Packing::ngram_counts`] gives.
-    pub(crate) fn clipped_by_counts(a: &[K], n: usize, counts: &[(K, u32)]) -> u64 {
-        let (mut j, mut total) = (0usize, 0u64);
-        let mut settle = |p: K, c: u32| {
-            while j < counts.len() && counts[j].0 < p {
-                j += 1;
-            }
-            if let Some(&(q, m)) = counts.get(j) {
-                if q == p {
-                    total += u64::from(c.min(m));
-                }
-            }
-        };
-        let (mut cur, mut c) = (K::default(), 0u32);
-        for &k in a.iter().filter(|&&k| Self::order(k) >= n) {
-            let p = k.high_bits(BITS * n as u32);
-            if p == cur {
-                c += 1;
-            } else {
-                if c > 0 {
-                    settle(cur, c);
-                }
-                (cur, c) = (p, 1);
-            }
-        }
-        if c > 0 {
-            settle(cur, c);
-        }
-        total
+impl<K, const UNITS: usize> MaxCounts<K, UNITS> {
+    /// Whether every weight is below `limit`.
+    fn below(&self, limit: u32) -> bool {
+        self.max < limit
     }
 }
 
@@ -401,31 +454,38 @@ impl<'a> Vocab<'a> {
 mod tests {
     use super::*;
 
+    use std::collections::HashMap;
+
     type P = Packing<u128, 21, 6>;
+
+    fn counts(s: &[u32], n: usize) -> HashMap<Vec<u32>, u32> {
+        let mut m: HashMap<Vec<u32>, u32> = HashMap::new();
+        for w in s.windows(n) {
+            *m.entry(w.to_vec()).or_default() += 1;
+        }
+        m
+    }
 
     /// Clipped matches by brute force over explicit n-grams.
     fn brute(a: &[u32], b: &[u32], units: usize) -> Vec<u32> {
+        brute_max(a, &[b], units)
+    }
+
+    /// BLEU's clipped counts (max over the references) by brute force.
+    fn brute_max(a: &[u32], refs: &[&[u32]], units: usize) -> Vec<u32> {
         (1..=units)
             .map(|n| {
-                let grams = |s: &[u32]| {
-                    let mut m: std::collections::HashMap<Vec<u32>, u32> = Default::default();
-                    for w in s.windows(n) {
-                        *m.entry(w.to_vec()).or_default() += 1;
-                    }
-                    m
-                };
-                let (ga, gb) = (grams(a), grams(b));
-                ga.iter().map(|(g, &c)| c.min(gb.get(g).copied().unwrap_or(0))).sum()
+                let max_ref = |g: &Vec<u32>| refs.iter().map(|r| counts(r, n).get(g).copied().unwrap_or(0)).max();
+                counts(a, n).iter().map(|(g, &c)| c.min(max_ref(g).unwrap_or(0))).sum()
             })
             .collect()
     }
 
     #[test]
-    fn keys_order_and_prefix() {
+    fn keys_and_prefixes() {
         let mut k = Vec::new();
         P::push_keys(&[3, 1, 2], Pad::Zero, &mut k);
         assert_eq!(k.len(), 3);
-        assert_eq!(k.iter().map(|&x| P::order(x)).collect::<Vec<_>>(), [3, 2, 1]);
         assert_eq!(P::lcp(k[0], k[0]), 6);
         let mut k2 = Vec::new();
         P::push_keys(&[3, 1, 5], Pad::Zero, &mut k2);
@@ -445,21 +505,39 @@ mod tests {
             let alpha = 1 + (round % 4) as u64;
             let mut text = |len: u64| -> Vec<u32> { (0..next(len)).map(|_| 1 + next(alpha) as u32).collect() };
             let (a, b) = (text(30), text(30));
+            let refs: Vec<Vec<u32>> = (0..1 + round % 9).map(|_| text(30)).collect();
             let (ka, kb) = (P::sorted_keys(&a, Pad::Zero), P::sorted_keys(&b, Pad::Ones));
             assert_eq!(P::clipped_matches(&ka, &kb).to_vec(), brute(&a, &b, 6), "{a:?} {b:?}");
-            assert_eq!(P::clipped_matches_wide(&ka, &kb).to_vec(), brute(&a, &b, 6), "{a:?} {b:?}");
+            let wide = P::merge_wide(&ka, &kb, |&k| k, |_| [1; 6]);
+            assert_eq!(wide.to_vec(), brute(&a, &b, 6), "{a:?} {b:?}");
             type Q = Packing<u64, 10, 6>;
             let (qa, qb) = (Q::sorted_keys(&a, Pad::Zero), Q::sorted_keys(&b, Pad::Ones));
             assert_eq!(Q::clipped_matches(&qa, &qb).to_vec(), brute(&a, &b, 6), "{a:?} {b:?}");
-            assert_eq!(Q::clipped_matches_wide(&qa, &qb).to_vec(), brute(&a, &b, 6), "{a:?} {b:?}");
-            let kb = P::sorted_keys(&b, Pad::Zero);
-            for n in 1..=6 {
-                let counts = P::ngram_counts(&kb, n);
-                assert_eq!(counts.iter().map(|&(_, c)| c as usize).sum::<usize>(), b.len().saturating_sub(n - 1));
-                assert!(counts.windows(2).all(|w| w[0].0 < w[1].0));
-                assert_eq!(P::clipped_by_counts(&ka, n, &counts), u64::from(brute(&a, &b, 6)[n - 1]));
-            }
+            let wide = Q::merge_wide(&qa, &qb, |&k| k, |_| [1; 6]);
+            assert_eq!(wide.to_vec(), brute(&a, &b, 6), "{a:?} {b:?}");
+            let ref_slices: Vec<&[u32]> = refs.iter().map(Vec::as_slice).collect();
+            let want = brute_max(&a, &ref_slices, 6);
+            let qr: Vec<Vec<u64>> = refs.iter().map(|r| Q::sorted_keys(r, Pad::Ones)).collect();
+            let qr: Vec<&[u64]> = qr.iter().map(Vec::as_slice).collect();
+            let parts: Vec<_> = qr.iter().map(|r| Q::group_counts(r)).collect();
+            let m = Q::union_max(&parts.iter().collect::<Vec<_>>());
+            assert_eq!(Q::clipped_by_max(&qa, &m).to_vec(), want, "{a:?} {refs:?}");
+            let wide = Q::merge_wide(&qa, &m.keys, |(k, _)| *k, |(_, w)| *w);
+            assert_eq!(wide.to_vec(), want, "{a:?} {refs:?}");
         }
+    }
+
+    #[test]
+    fn long_texts_take_the_wide_counts_for_bleu() {
+        type T = Packing<u64, 16, 4>;
+        let a: Vec<u32> = (0..40_000).map(|i| 1 + (i % 3)).collect();
+        let b: Vec<u32> = (0..70_000).map(|i| 1 + (i % 2)).collect();
+        let c: Vec<u32> = (0..100).map(|i| 1 + (i % 5)).collect();
+        let kr = [T::sorted_keys(&b, Pad::Ones), T::sorted_keys(&c, Pad::Ones)];
+        let m = T::union_max(&[&T::group_counts(&kr[0]), &T::group_counts(&kr[1])]);
+        assert!(!m.below(1 << 15));
+        let got = T::clipped_by_max(&T::sorted_keys(&a, Pad::Zero), &m);
+        assert_eq!(got.to_vec(), brute_max(&a, &[&b, &c], 4));
     }
 
     #[test]
