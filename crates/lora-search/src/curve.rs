@@ -245,12 +245,15 @@ impl Detected {
 ///
 /// ```
 /// use lora_search::{detect, Curve, Detection};
+/// # fn main() -> Result<(), Box<dyn std::error::Error>> {
 /// // 6 blocks; the probability jumps between points 3 and 4, i.e. in block 3.
-/// let c = Curve::new(vec![0.01, 0.02, 0.02, 0.03, 0.70, 0.80, 0.82]).unwrap();
-/// let d = detect(&c, Detection::SteepestRise { half_window: 0 }).unwrap();
+/// let c = Curve::new(vec![0.01, 0.02, 0.02, 0.03, 0.70, 0.80, 0.82])?;
+/// let d = detect(&c, Detection::SteepestRise { half_window: 0 })?;
 /// assert_eq!(d.boundary, Some(3));
-/// let flat = Curve::new(vec![0.2; 7]).unwrap();
-/// assert_eq!(detect(&flat, Detection::Knee).unwrap().boundary, None);
+/// let flat = Curve::new(vec![0.2; 7])?;
+/// assert_eq!(detect(&flat, Detection::Knee)?.boundary, None);
+/// # Ok(())
+/// # }
 /// ```
 pub fn detect(curve: &Curve, method: Detection) -> Result<Detected, SearchError> {
     detect_with(curve, method, DEFAULT_MIN_RISE)

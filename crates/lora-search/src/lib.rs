@@ -13,7 +13,8 @@
 //! * **By search on validation samples** — [`BoundarySearch`] drives a [`Scorer`]
 //!   (boundary × samples → per-sample scores, higher is better) with one of four
 //!   [`Strategy`] values and returns a [`SearchReport`]. Selection rule: the best mean
-//!   score wins; candidates tied with it within ε go to the smaller boundary.
+//!   score wins; candidates tied with it within ε go to the smaller boundary. The default,
+//!   adaptive successive halving, spends at most 3 full validation evaluations.
 //!
 //! A model has `L` blocks; boundary `L − 1` is full LoRA, the reference every candidate is
 //! compared against (paired-bootstrap 95% CI of the difference).
@@ -21,13 +22,15 @@
 //! ```
 //! use lora_search::{BoundarySearch, Strategy};
 //! use lora_search::synthetic::{Profile, SyntheticScorer};
-//!
+//! # fn main() -> Result<(), lora_search::SearchError> {
 //! let means = Profile::Step { at: 17, low: 0.3, high: 0.8 }.means(30);
 //! let mut scorer = SyntheticScorer::new(means, 0.1, 0.05, 1);
-//! let report = BoundarySearch::new(30).seed(1).run(&mut scorer, 256).unwrap();
+//! let report = BoundarySearch::new(30).seed(1).run(&mut scorer, 256)?;
 //! assert_eq!(report.strategy, Strategy::Halving);
 //! assert_eq!(report.boundary, 17);
 //! assert!(report.full_evaluations <= 3.0);
+//! # Ok(())
+//! # }
 //! ```
 
 #![deny(missing_docs)]

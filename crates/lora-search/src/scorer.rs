@@ -23,7 +23,10 @@ use crate::SearchError;
 ///         Ok(vec![if boundary >= 3 { 1.0 } else { 0.0 }; samples.len()])
 ///     }
 /// }
-/// assert_eq!(Toy.score(5, &[0, 1]).unwrap(), vec![1.0, 1.0]);
+/// # fn main() -> Result<(), SearchError> {
+/// assert_eq!(Toy.score(5, &[0, 1])?, vec![1.0, 1.0]);
+/// # Ok(())
+/// # }
 /// ```
 pub trait Scorer {
     /// One score per entry of `samples` for keep-through(`boundary`); higher is better.
@@ -46,8 +49,11 @@ impl<S: Scorer + ?Sized> Scorer for Box<S> {
 ///
 /// ```
 /// use lora_search::{FnScorer, Scorer};
+/// # fn main() -> Result<(), lora_search::SearchError> {
 /// let mut s = FnScorer::new(|b, i| Ok((b + i) as f64));
-/// assert_eq!(s.score(2, &[0, 5]).unwrap(), vec![2.0, 7.0]);
+/// assert_eq!(s.score(2, &[0, 5])?, vec![2.0, 7.0]);
+/// # Ok(())
+/// # }
 /// ```
 pub struct FnScorer<F> {
     f: F,
@@ -81,11 +87,14 @@ where
 ///
 /// ```
 /// use lora_search::{FnScorer, Memo, Scorer};
+/// # fn main() -> Result<(), lora_search::SearchError> {
 /// let mut m = Memo::new(FnScorer::new(|b, i| Ok((b * 10 + i) as f64)), 4);
-/// m.score(1, &[0, 1]).unwrap();
-/// m.score(1, &[1, 2]).unwrap(); // sample 1 is cached
+/// m.score(1, &[0, 1])?;
+/// m.score(1, &[1, 2])?; // sample 1 is cached
 /// assert_eq!(m.sample_evals(), 3);
 /// assert_eq!(m.full_evaluations(), 0.75);
+/// # Ok(())
+/// # }
 /// ```
 pub struct Memo<S> {
     inner: S,

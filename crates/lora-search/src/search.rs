@@ -7,7 +7,7 @@ use std::str::FromStr;
 use rayon::prelude::*;
 use serde::Serialize;
 
-use crate::race::{arms, decide, Decision};
+use crate::race::{decide, fit, Decision, THREAT_SHARE};
 use crate::rng::{mix, Rng};
 use crate::scorer::{Memo, Scorer};
 use crate::stats::{mean, paired_bootstrap_ci, variance};
@@ -24,15 +24,21 @@ pub enum Strategy {
     /// samples, then repeated refinement: with `t = ⌈t/2⌉` starting from `s` down to 1,
     /// evaluate `c ± t` and `best ± t` around the current choice `c` and the current best.
     CoarseToFine,
-    /// Successive halving over samples (the default): all candidates start on a small
-    /// seeded subset; each round keeps `⌈k/η⌉` of them (η = 2 by default) and grows the
-    /// subset, until one candidate remains on all samples; it and the full-LoRA reference
-    /// are the finalists. The subset schedule is sized to a budget of
-    /// full-validation-evaluation equivalents (default 3).
+    /// Adaptive successive halving (the default), within a budget of full validation
+    /// evaluations (default 3): full LoRA on every sample, every candidate screened on
+    /// `min_samples` samples, then the sample count of one candidate at a time is multiplied
+    /// by η (default 2) — always the one whose comparison the selection rule currently rests
+    /// on least firmly (a boundary below the choice that might be tied, the choice itself, or
+    /// a candidate that might beat the best by more than ε); candidates that are clearly out
+    /// stay on their few samples. Budget for completing the choice on every sample is kept
+    /// back throughout; the completed choice and full LoRA are the finalists. Estimates come
+    /// from an additive fit (boundary effect + per-sample difficulty) of all scores so far.
     #[default]
     Halving,
-    /// Rank every candidate by a cheap proxy scorer on all samples, then evaluate only a
-    /// short list (default 2, plus the full-LoRA reference) with the real scorer.
+    /// Rank every candidate by a cheap proxy scorer on all samples; the short list is the
+    /// smallest `shortlist` (default 2) boundaries statistically indistinguishable from the
+    /// proxy's best (paired differences), evaluated with the real scorer together with the
+    /// full-LoRA reference: at most `shortlist + 1` full evaluations.
     ProxyFirst,
 }
 
@@ -65,8 +71,11 @@ impl FromStr for Strategy {
     ///
     /// ```
     /// use lora_search::Strategy;
-    /// assert_eq!("coarse-to-fine".parse::<Strategy>().unwrap(), Strategy::CoarseToFine);
+    /// # fn main() -> Result<(), lora_search::SearchError> {
+    /// assert_eq!("coarse-to-fine".parse::<Strategy>()?, Strategy::CoarseToFine);
     /// assert!("greedy".parse::<Strategy>().is_err());
+    /// # Ok(())
+    /// # }
     /// ```
     fn from_str(s: &str) -> Result<Self, Self::Err> {
         Strategy::ALL
@@ -91,8 +100,11 @@ pub enum TieRule {
 /// Parses a range `"LO-HI"` (inclusive), as the CLI's `--range` takes it.
 ///
 /// ```
-/// assert_eq!(lora_search::parse_range("4-20").unwrap(), (4, 20));
+/// # fn main() -> Result<(), lora_search::SearchError> {
+/// assert_eq!(lora_search::parse_range("4-20")?, (4, 20));
 /// assert!(lora_search::parse_range("20").is_err());
+/// # Ok(())
+/// # }
 /// ```
 pub fn parse_range(s: &str) -> Result<(usize, usize), SearchError> {
     let bad = || SearchError::BadRange(s.to_string());
@@ -120,7 +132,8 @@ pub struct Candidate {
     pub scorer_calls: usize,
     /// Number of samples its score is based on.
     pub samples: usize,
-    /// Whether it was evaluated on every sample and hence eligible for selection.
+    /// Whether it was evaluated on every sample; the selection rule is applied to the
+    /// finalists (see [`SearchReport::boundary`] for the one exception).
     pub finalist: bool,
 }
 
@@ -142,7 +155,11 @@ pub struct ProxyScore {
 /// The outcome of [`BoundarySearch::run`].
 #[derive(Debug, Clone, PartialEq, Serialize)]
 pub struct SearchReport {
-    /// The selected boundary (keep-through `b`).
+    /// The selected boundary (keep-through `b`). Normally a finalist; with
+    /// [`Strategy::Halving`], when the completed choice failed its full-sample check so that
+    /// the finalists would fall back to full LoRA and the budget could not complete the next
+    /// candidate, the smaller boundary the racing statistics choose is reported instead (its
+    /// candidate entry then has `finalist: false`).
     pub boundary: usize,
     /// The strategy that ran.
     pub strategy: Strategy,
@@ -186,16 +203,19 @@ impl SearchReport {
 ///
 /// ```
 /// use lora_search::{BoundarySearch, FnScorer, Strategy};
-///
+/// # fn main() -> Result<(), lora_search::SearchError> {
 /// // 12 layers; quality jumps once LoRA is kept through block 5.
 /// let mut scorer = FnScorer::new(|b, i| Ok(if b >= 5 { 0.8 } else { 0.3 } + (i % 3) as f64 * 0.01));
-/// let report = BoundarySearch::new(12)
-///     .strategy(Strategy::Exhaustive)
-///     .seed(7)
-///     .run(&mut scorer, 40)
-///     .unwrap();
+/// let report = BoundarySearch::new(12).strategy(Strategy::Exhaustive).seed(7).run(&mut scorer, 40)?;
 /// assert_eq!(report.boundary, 5);
 /// assert_eq!(report.scorer_calls, 12 * 40);
+///
+/// // The default strategy reaches the same boundary within 3 full evaluations.
+/// let report = BoundarySearch::new(12).seed(7).run(&mut scorer, 40)?;
+/// assert_eq!((report.strategy, report.boundary), (Strategy::Halving, 5));
+/// assert!(report.full_evaluations <= 3.0);
+/// # Ok(())
+/// # }
 /// ```
 #[derive(Debug, Clone, PartialEq)]
 pub struct BoundarySearch {
@@ -295,34 +315,41 @@ impl BoundarySearch {
         self
     }
 
-    /// Elimination factor η ≥ 2 of [`Strategy::Halving`]: each round keeps `⌈k/η⌉`
-    /// (default 2).
+    /// Growth factor η ≥ 2 of [`Strategy::Halving`]: a candidate that needs more evidence
+    /// has its sample count multiplied by η (default 2).
     pub fn eta(mut self, eta: usize) -> Self {
         self.eta = eta;
         self
     }
 
-    /// Budget of [`Strategy::Halving`] in full validation evaluations (≥ 1, default 3).
+    /// Budget of [`Strategy::Halving`] in full validation evaluations (≥ 1, default 3). It
+    /// holds whenever screening fits: `n + K·1 + (n − 1) ≤ budget·n` for `K` non-reference
+    /// candidates (for `L = 30`, budget 3: `n ≥ 28`); smaller validation sets report the real
+    /// cost.
     pub fn budget(mut self, budget: f64) -> Self {
         self.budget = budget;
         self
     }
 
-    /// Smallest sample subset of a halving round (≥ 1, default 2).
+    /// Samples every candidate is first screened on by [`Strategy::Halving`] (≥ 1, default
+    /// 2; lowered to 1 when the budget requires it).
     pub fn min_samples(mut self, n: usize) -> Self {
         self.min_samples = n;
         self
     }
 
-    /// Short-list length of [`Strategy::ProxyFirst`] (≥ 1, default 2; the full-LoRA
-    /// reference is evaluated in addition).
+    /// Short-list length of [`Strategy::ProxyFirst`] (≥ 1, default 2): at most this many
+    /// boundaries indistinguishable from the proxy's best (the smallest ones) are evaluated
+    /// with the real scorer, plus the full-LoRA reference.
     pub fn shortlist(mut self, k: usize) -> Self {
         self.shortlist = k;
         self
     }
 
-    /// Width `z` (in standard errors) of the contention margin used when halving and
-    /// proxy-first prune candidates (≥ 0, default 2).
+    /// Confidence `z` (in standard errors, ≥ 0, default 2): [`Strategy::Halving`] accepts its
+    /// choice as tied once it lies `z` standard errors above the tie level;
+    /// [`Strategy::ProxyFirst`] counts a boundary as indistinguishable from the proxy's best
+    /// while its mean paired difference is within `z + √(2 ln K)` standard errors of 0.
     pub fn z(mut self, z: f64) -> Self {
         self.z = z;
         self
@@ -434,6 +461,7 @@ impl BoundarySearch {
         let ctx = Ctx { lo, hi, reference, order: &order };
         let mut proxy_ranking = Vec::new();
         let mut proxy_calls = 0;
+        let mut override_choice: Option<usize> = None;
         match self.strategy {
             Strategy::Exhaustive => {
                 table.eval(reference, &order)?;
@@ -442,7 +470,7 @@ impl BoundarySearch {
                 }
             }
             Strategy::CoarseToFine => self.coarse_to_fine(&ctx, &mut table)?,
-            Strategy::Halving => self.halving(&ctx, &mut table)?,
+            Strategy::Halving => override_choice = self.halving(&ctx, &mut table)?,
             Strategy::ProxyFirst => {
                 let p = proxy.ok_or(SearchError::MissingProxy)?;
                 let (ranking, calls) = self.proxy_first(&ctx, p, &mut table)?;
@@ -450,7 +478,7 @@ impl BoundarySearch {
                 proxy_calls = calls;
             }
         }
-        self.report(&ctx, &table, &kept, proxy_ranking, proxy_calls)
+        self.report(&ctx, &table, &kept, proxy_ranking, proxy_calls, override_choice)
     }
 
     fn coarse_to_fine(&self, ctx: &Ctx<'_>, table: &mut Table<'_>) -> Result<(), SearchError> {
@@ -479,16 +507,19 @@ impl BoundarySearch {
         Ok(())
     }
 
-    /// Adaptive successive halving (see [`Strategy::Halving`]).
-    fn halving(&self, ctx: &Ctx<'_>, table: &mut Table<'_>) -> Result<(), SearchError> {
+    /// Adaptive successive halving (see [`Strategy::Halving`]). Returns the boundary the
+    /// racing statistics choose when the finalists alone would fall back to full LoRA.
+    fn halving(&self, ctx: &Ctx<'_>, table: &mut Table<'_>) -> Result<Option<usize>, SearchError> {
         let n = table.n;
         let limit = budget_limit(self.budget, n);
         table.eval(ctx.reference, ctx.order)?;
         let others: Vec<usize> = (ctx.lo..=ctx.hi).filter(|&b| b != ctx.reference).collect();
         if others.is_empty() {
-            return Ok(());
+            return Ok(None);
         }
         let m0 = screening_samples(others.len(), n, limit, self.min_samples);
+        // Validation sets too small for the budget: the screening alone exceeds it.
+        let over_budget = n + others.len() * m0 + (n - m0) > limit;
         let mut seen: BTreeMap<usize, usize> = BTreeMap::new();
         if ctx.in_range(ctx.reference) {
             seen.insert(ctx.reference, n);
@@ -497,31 +528,40 @@ impl BoundarySearch {
             table.eval(b, &ctx.order[..m0])?;
             seen.insert(b, m0);
         }
-        let mut threat_turn = true;
-        loop {
-            let Some(d) = self.race_decision(ctx, table, &seen) else {
-                break;
-            };
+        let (mut spent_top, mut spent_choice) = (0usize, 0usize);
+        while let Some(d) = self.race_decision(ctx, table, &seen) {
             let spent = table.memo.sample_evals();
-            let m_choice = seen.get(&d.choice).copied().unwrap_or(n);
-            let reserve = n - m_choice.min(n);
-            // Alternate between sharpening the top and sharpening the choice.
-            let next = if threat_turn { d.threat.or(d.scan) } else { d.scan.or(d.threat) };
-            threat_turn = !threat_turn;
-            let Some((grow, z)) = next else {
+            let m_of = |b: usize| seen.get(&b).copied().unwrap_or(n).min(n);
+            // Comparisons of the top get at most THREAT_SHARE of what the choice's get, but go
+            // first while under that share; when one kind has nothing open, the other runs.
+            let top_turn = spent_top as f64 <= THREAT_SHARE * spent_choice as f64;
+            let top_link = d.violation.or(d.threat).map(|l| (l, true));
+            let choice_link = d.scan.map(|l| (l, false));
+            let next = if top_turn { top_link.or(choice_link) } else { choice_link.or(top_link) };
+            let next = next.or(d.choice_link.map(|l| (l, false))).or(d.polish.map(|l| (l, false)));
+            let Some(((grow, _), for_top)) = next else {
                 break;
             };
-            if std::env::var("RACE_DEBUG").is_ok() {
-                eprintln!("spent {spent} choice {} top {} grow {grow} (m {:?}) z {z:.2} threat {:?} scan {:?}", d.choice, d.top, seen.get(&grow), d.threat, d.scan);
-            }
-            let cur = seen.get(&grow).copied().unwrap_or(n);
-            let want = (cur.saturating_mul(self.eta)).max(cur + 1).min(n);
-            // Growing the choice spends from its own reserve; growing another must leave it.
-            let room = if grow == d.choice { limit.saturating_sub(spent) } else { limit.saturating_sub(spent + reserve) };
+            let cur = m_of(grow);
+            let want = cur.saturating_mul(self.eta).max(cur + 1).min(n);
+            // Budget kept back to complete the choice; growing the choice draws on it.
+            let reserve = n - m_of(d.choice);
+            let room = if spent + reserve > limit {
+                0
+            } else if grow == d.choice {
+                want - cur
+            } else {
+                limit - spent - reserve
+            };
             let to = want.min(cur + room);
             if to > cur {
                 table.eval(grow, &ctx.order[..to])?;
                 seen.insert(grow, to);
+                if for_top {
+                    spent_top += to - cur;
+                } else {
+                    spent_choice += to - cur;
+                }
             } else if reserve > 0 && spent + reserve <= limit {
                 table.eval(d.choice, ctx.order)?;
                 seen.insert(d.choice, n);
@@ -529,37 +569,43 @@ impl BoundarySearch {
                 break;
             }
         }
-        // The choice must be a finalist (on all samples). If the last step moved it to a
-        // candidate the budget cannot complete, the choice among affordable candidates is used;
-        // if none is affordable (validation sets too small for the budget), the plain choice is
-        // completed and the report shows the real cost.
+        // The choice becomes a finalist. If the last steps moved it to a candidate the budget
+        // cannot complete, the choice among affordable candidates is completed instead; if
+        // nothing is affordable (validation sets too small for the budget), the plain choice
+        // is completed and the report shows the real cost.
         let room = limit.saturating_sub(table.memo.sample_evals());
         let affordable: BTreeMap<usize, usize> =
             seen.iter().filter(|(_, &m)| n - m.min(n) <= room).map(|(&b, &m)| (b, m)).collect();
         let plain = self.race_decision(ctx, table, &seen).map(|d| d.choice);
-        let pick = match plain {
-            Some(c) if affordable.contains_key(&c) => Some(c),
+        let complete = match plain {
+            Some(c) if over_budget || affordable.contains_key(&c) => Some(c),
             _ => self.race_decision(ctx, table, &affordable).map(|d| d.choice).or(plain),
         };
-        match pick.or(others.first().copied()) {
-            Some(b) => table.eval(b, ctx.order),
-            None => Ok(()),
+        if let Some(b) = complete.or(others.first().copied()) {
+            table.eval(b, ctx.order)?;
+            seen.insert(b, n);
         }
+        // A completed choice can fail its full-sample check, and the budget may not cover
+        // the next one: the racing statistics' choice is then reported (see `report`).
+        Ok(match plain {
+            Some(c) if seen.get(&c).is_some_and(|&m| m < n) => Some(c),
+            _ => self.race_decision(ctx, table, &seen).map(|d| d.choice),
+        })
     }
 
-    /// The racing decision on the candidates in `seen` (boundary → samples evaluated).
+    /// The racing decision on the candidates in `seen` (boundary → samples evaluated); the
+    /// reference always enters the fit as its anchor.
     fn race_decision(&self, ctx: &Ctx<'_>, table: &Table<'_>, seen: &BTreeMap<usize, usize>) -> Option<Decision> {
-        let diffs: Vec<(usize, Vec<f64>)> = seen
+        let mut data: Vec<(usize, Vec<f64>)> = seen
             .iter()
-            .filter(|(b, _)| ctx.in_range(**b))
-            .map(|(&b, &m)| {
-                let prefix = &ctx.order[..m.min(ctx.order.len())];
-                let s = table.scores(b, prefix);
-                let r = table.scores(ctx.reference, prefix);
-                (b, s.iter().zip(&r).map(|(x, y)| x - y).collect())
-            })
+            .filter(|(b, _)| ctx.in_range(**b) && **b != ctx.reference)
+            .map(|(&b, &m)| (b, table.scores(b, &ctx.order[..m.min(ctx.order.len())])))
             .collect();
-        decide(&arms(&diffs, ctx.reference), self.epsilon, table.n, self.z)
+        data.push((ctx.reference, table.scores(ctx.reference, ctx.order)));
+        let mut all = fit(&data, ctx.reference);
+        all.retain(|a| ctx.in_range(a.boundary));
+        all.sort_by_key(|a| a.boundary);
+        decide(&all, self.epsilon, table.n, self.z)
     }
 
     fn proxy_first(
@@ -576,7 +622,8 @@ impl BoundarySearch {
         }
         let scored = ptable.scores_on(&pool, ctx.order);
         let tied = indistinguishable(&scored, self.z);
-        let list: Vec<usize> = scored.iter().zip(&tied).filter(|(_, &t)| t).map(|((b, _), _)| *b).take(self.shortlist).collect();
+        let list: Vec<usize> =
+            scored.iter().zip(&tied).filter(|(_, &t)| t).map(|((b, _), _)| *b).take(self.shortlist).collect();
         table.eval(ctx.reference, ctx.order)?;
         for &b in &list {
             table.eval(b, ctx.order)?;
@@ -628,8 +675,15 @@ impl BoundarySearch {
         kept: &[f64],
         proxy_ranking: Vec<ProxyScore>,
         proxy_calls: usize,
+        override_choice: Option<usize>,
     ) -> Result<SearchReport, SearchError> {
         let (chosen, best) = self.select_full(ctx, table)?;
+        // Halving only: when the finalists fall back to full LoRA but the racing statistics
+        // choose a smaller boundary (its completion failed or was unaffordable), report that.
+        let chosen = match override_choice {
+            Some(o) if chosen == ctx.reference && o < chosen && ctx.in_range(o) => o,
+            _ => chosen,
+        };
         let ref_scores = table.scores(ctx.reference, ctx.order);
         let mut boundaries: Vec<usize> = (ctx.lo..=ctx.hi).filter(|&b| table.count(b) > 0).collect();
         if !boundaries.contains(&ctx.reference) {
@@ -777,10 +831,7 @@ fn budget_limit(budget: f64, n: usize) -> usize {
 /// at least 1 (then the budget may be exceeded, which the report shows).
 pub(crate) fn screening_samples(k: usize, n: usize, limit: usize, min_samples: usize) -> usize {
     let top = min_samples.clamp(1, n.max(1));
-    (1..=top)
-        .rev()
-        .find(|&m| n.saturating_add(k.saturating_mul(m)).saturating_add(n - m) <= limit)
-        .unwrap_or(1)
+    (1..=top).rev().find(|&m| n.saturating_add(k.saturating_mul(m)).saturating_add(n - m) <= limit).unwrap_or(1)
 }
 
 /// Best mean; ties go to the smaller boundary.
@@ -796,9 +847,10 @@ fn best_of(means: &[(usize, f64)]) -> Option<(usize, f64)> {
 }
 
 /// Which entries of `scored` are statistically indistinguishable from the best mean: with
-/// `d_i = s_b,i − s_best,i` the per-sample paired differences, `b` is indistinguishable when
-/// `mean(d) + z · sd(d)/√n ≥ 0` (the best itself always is; with one sample, when
-/// `mean(d) ≥ 0`).
+/// `d_i = s_b,i − s_best,i` the per-sample paired differences and `K` candidates, `b` is
+/// indistinguishable when `mean(d) + (z + √(2 ln K)) · sd(d)/√n ≥ 0`. The allowance
+/// `√(2 ln K)` standard errors covers the best's own selection bias (it is the largest of
+/// `K` noisy means). The best itself always is; with one sample, `b` is when `mean(d) ≥ 0`.
 fn indistinguishable(scored: &[(usize, Vec<f64>)], z: f64) -> Vec<bool> {
     let means: Vec<(usize, f64)> = scored.iter().map(|(b, s)| (*b, mean(s))).collect();
     let Some((best, _)) = best_of(&means) else {
@@ -807,6 +859,7 @@ fn indistinguishable(scored: &[(usize, Vec<f64>)], z: f64) -> Vec<bool> {
     let Some((_, bs)) = scored.iter().find(|(b, _)| *b == best) else {
         return vec![false; scored.len()];
     };
+    let allowance = (2.0 * (scored.len().max(1) as f64).ln()).sqrt();
     scored
         .iter()
         .map(|(b, s)| {
@@ -815,7 +868,7 @@ fn indistinguishable(scored: &[(usize, Vec<f64>)], z: f64) -> Vec<bool> {
             }
             let d: Vec<f64> = s.iter().zip(bs).map(|(x, y)| x - y).collect();
             let se = variance(&d).map_or(0.0, |v| (v / d.len() as f64).sqrt());
-            mean(&d) + z * se >= 0.0
+            mean(&d) + (z + allowance) * se >= 0.0
         })
         .collect()
 }
@@ -843,7 +896,8 @@ mod tests {
         let with = |off: f64, wob: f64| -> Vec<f64> {
             shared.iter().enumerate().map(|(i, s)| s + off + if i % 2 == 0 { wob } else { -wob }).collect()
         };
-        let scored = vec![(0, with(-0.5, 0.01)), (1, with(-0.01, 0.02)), (2, with(0.0, 0.0)), (3, with(-0.002, 0.0))];
+        // K = 4: allowance √(2 ln 4) ≈ 1.67 standard errors on top of z.
+        let scored = vec![(0, with(-0.5, 0.01)), (1, with(-0.02, 0.02)), (2, with(0.0, 0.0)), (3, with(-0.002, 0.0))];
         assert_eq!(indistinguishable(&scored, 2.0), vec![false, true, true, false]);
         assert_eq!(indistinguishable(&scored, 0.0), vec![false, false, true, false]);
         assert!(indistinguishable(&[], 2.0).is_empty());

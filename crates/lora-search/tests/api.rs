@@ -161,3 +161,72 @@ fn single_candidate_range() {
     let r = BoundarySearch::new(1).run(&mut step(1), 3).unwrap();
     assert_eq!(r.boundary, 0);
 }
+
+/// Proxy-first on a small validation set whose per-sample difficulty varies a lot (the
+/// quickstart's situation: 16 samples). The proxy plateaus from boundary 22; the short list
+/// comes from paired differences to the proxy's best, so the per-sample spread does not
+/// widen it to boundaries far below the plateau.
+#[test]
+fn proxy_shortlist_uses_paired_differences() {
+    let l = 30;
+    let proxy_means: Vec<f64> = (0..l).map(|b| if b >= 22 { -1.0 } else { -1.0 - 0.02 * (22 - b) as f64 }).collect();
+    let mut proxy = SyntheticScorer::new(proxy_means, 0.01, 0.5, 5);
+    let mut real = SyntheticScorer::new(Profile::Step { at: 22, low: 0.3, high: 0.8 }.means(l), 0.05, 0.1, 6);
+    let r = BoundarySearch::new(l)
+        .strategy(Strategy::ProxyFirst)
+        .epsilon(0.05)
+        .bootstrap_resamples(50)
+        .run_with_proxy(&mut proxy, &mut real, 16)
+        .unwrap();
+    let tied: Vec<usize> = r.proxy_ranking.iter().filter(|p| p.indistinguishable).map(|p| p.boundary).collect();
+    let listed: Vec<usize> = r.proxy_ranking.iter().filter(|p| p.shortlisted).map(|p| p.boundary).collect();
+    assert!(tied.iter().all(|&b| b >= 20), "{tied:?}");
+    assert_eq!(listed, tied.iter().copied().take(2).collect::<Vec<_>>());
+    assert!(r.full_evaluations <= 3.0);
+    assert_eq!(r.boundary, 22);
+    // Each shortlisted boundary is also listed as indistinguishable in the JSON.
+    let j = serde_json::to_value(&r).unwrap();
+    assert!(j["proxy_ranking"][25]["indistinguishable"].is_boolean());
+}
+
+/// Validation sets too small for the budget: every candidate still gets one sample, the
+/// report shows the real cost, and nothing panics.
+#[test]
+fn halving_on_tiny_validation_sets_reports_its_real_cost() {
+    for n in [1, 2, 5, 16] {
+        let mut sc = SyntheticScorer::new(Profile::Step { at: 20, low: 0.2, high: 0.9 }.means(30), 0.05, 0.1, 2);
+        let r = BoundarySearch::new(30).run(&mut sc, n).unwrap();
+        assert!(r.boundary < 30);
+        assert!(r.full_evaluations > 3.0, "n = {n}: {}", r.full_evaluations);
+        assert!(r.candidates.iter().all(|c| c.samples >= 1));
+        assert_eq!(r.reference.samples, n);
+        if n == 16 {
+            assert_eq!(r.scorer_calls, 16 + 29 + 15, "full LoRA, one sample each, the choice completed");
+        }
+    }
+    // From n = 28 on (L = 30) the budget holds; with room to race, the step is found.
+    for (n, want) in [(28, None), (64, Some(20)), (128, Some(20))] {
+        let mut sc = SyntheticScorer::new(Profile::Step { at: 20, low: 0.2, high: 0.9 }.means(30), 0.05, 0.1, 2);
+        let r = BoundarySearch::new(30).epsilon(0.05).run(&mut sc, n).unwrap();
+        assert!(r.full_evaluations <= 3.0, "n = {n}: {}", r.full_evaluations);
+        if let Some(b) = want {
+            assert_eq!(r.boundary, b, "n = {n}");
+        }
+    }
+}
+
+/// Every budget above `2 + (K − 1)/n` (full LoRA, screening, completing the choice) is a hard
+/// cap; below it the screening alone exceeds it and the report shows the real cost.
+#[test]
+fn halving_budget_is_a_hard_cap() {
+    for budget in [2.2, 2.5, 3.0, 5.0] {
+        let mut sc =
+            SyntheticScorer::new(Profile::Ramp { start: 8, end: 18, low: 0.2, high: 0.8 }.means(30), 0.08, 0.1, 9);
+        let r = BoundarySearch::new(30).budget(budget).epsilon(0.03).bootstrap_resamples(10).run(&mut sc, 256).unwrap();
+        assert!(r.full_evaluations <= budget, "{budget}: {}", r.full_evaluations);
+        assert!(r.candidates.iter().any(|c| c.boundary == r.boundary));
+    }
+    let mut sc = SyntheticScorer::new(Profile::Flat { level: 0.5 }.means(30), 0.08, 0.1, 9);
+    let r = BoundarySearch::new(30).budget(1.5).bootstrap_resamples(10).run(&mut sc, 256).unwrap();
+    assert_eq!(r.scorer_calls, 256 + 29 + 255, "full LoRA, one screening sample each, the choice completed");
+}
