@@ -519,7 +519,7 @@ impl BoundarySearch {
         }
         let m0 = screening_samples(others.len(), n, limit, self.min_samples);
         // Validation sets too small for the budget: the screening alone exceeds it.
-        let over_budget = n + others.len() * m0 + (n - m0) > limit;
+        let over_budget = n.saturating_add(others.len().saturating_mul(m0)).saturating_add(n - m0) > limit;
         let mut seen: BTreeMap<usize, usize> = BTreeMap::new();
         if ctx.in_range(ctx.reference) {
             seen.insert(ctx.reference, n);
