@@ -58,6 +58,7 @@ fn bench(c: &mut Criterion) {
                     b.iter_batched(
                         || prefill(&m, &mask, batch),
                         |mut cache| {
+                            let _threads = lora_boundary::model::kernels::decode_scope();
                             let opts = ForwardOptions { logits: Logits::Last, ..ForwardOptions::new(&mask) };
                             let mut next = Tensor::zeros([batch, 1], (Kind::Int64, m.device()));
                             for _ in 0..DECODE {

@@ -58,6 +58,7 @@ fn decode(m: &Llama, mask: &LayerMask, tokens: i64) -> Result<f64> {
     let opts = ForwardOptions { logits: Logits::Last, ..ForwardOptions::new(mask) };
     let mut next = m.forward_cached(&prompt, None, &mut cache, &opts)?.logits.context("logits")?.f_argmax(-1, true)?;
     let t = Instant::now();
+    let _threads = kernels::decode_scope();
     for _ in 0..tokens {
         let out = m.forward_cached(&next, None, &mut cache, &opts)?;
         next = out.logits.context("logits")?.f_argmax(-1, true)?;

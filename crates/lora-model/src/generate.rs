@@ -168,6 +168,7 @@ pub fn generate(
     let prefill_s = t0.elapsed().as_secs_f64();
     let t1 = Instant::now();
     let mut produced = 0usize;
+    let _threads = (model.device() == tch::Device::Cpu).then(crate::kernels::decode_scope);
     for step in 0..config.max_new_tokens {
         let Some(l) = logits.take() else { break };
         let next: Vec<i64> = match config.sampling {

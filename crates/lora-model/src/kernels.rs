@@ -12,9 +12,8 @@
 //! libtorch. Results equal libtorch's up to the order of summation (f32) and one final rounding instead of three
 //! (bf16: libtorch rounds the base output, the LoRA output and their sum; here only the sum is rounded). Set
 //! `LORA_BOUNDARY_KERNELS=off` to route everything to libtorch (for comparisons).
-use std::sync::atomic::{AtomicU8, Ordering};
+use std::sync::atomic::{AtomicU8, AtomicUsize, Ordering};
 
-use rayon::prelude::*;
 use tch::{Device, Kind, Tensor};
 
 use crate::error::Result;
@@ -51,14 +50,168 @@ pub fn set_enabled(on: bool) -> bool {
 /// Weight elements below which a product runs on one thread (splitting costs more than it saves).
 const PARALLEL_MIN: usize = 1 << 16;
 
-/// How many threads a product over `elements` weights uses: libtorch's intra-op thread count (which follows
-/// `OMP_NUM_THREADS`), capped by rayon's pool, and one for small products.
+/// Threads the kernels use now: 1, or 2 inside a [`decode_scope`].
+static KERNEL_THREADS: AtomicUsize = AtomicUsize::new(1);
+
+/// How many threads a product over `elements` weights uses (one for small products).
 fn threads_for(elements: usize) -> usize {
     if elements < PARALLEL_MIN {
-        return 1;
+        1
+    } else {
+        KERNEL_THREADS.load(Ordering::Relaxed)
     }
-    let torch = usize::try_from(tch::get_num_threads()).unwrap_or(1).max(1);
-    torch.min(rayon::current_num_threads())
+}
+
+/// While alive, decode-sized products run on two threads (this one and a spinning helper) and libtorch's own
+/// intra-op pool is set to one thread; dropping it restores libtorch's thread count.
+///
+/// Why: a decode step is a few hundred products of tens of microseconds. libtorch's OpenMP workers and the
+/// helper both spin between jobs, so with both pools active the two cores are oversubscribed and decoding runs
+/// several times slower; with libtorch on one thread and the products split in two, batch-1 decode is about
+/// 1.5× faster than libtorch's two threads on the project's 2-core machine (`docs/performance.md`). The thread
+/// count of libtorch is process-wide: other threads running libtorch ops meanwhile also get one thread.
+/// [`crate::generate`] opens a scope around its decode loop; open one yourself around hand-written decode loops.
+/// A no-op when the kernels are off, libtorch has one thread already (e.g. `OMP_NUM_THREADS=1`), or a scope is
+/// already open.
+#[must_use = "the scope ends when dropped"]
+#[derive(Debug)]
+pub struct DecodeScope {
+    restore: Option<i32>,
+}
+
+/// Opens a [`DecodeScope`].
+pub fn decode_scope() -> DecodeScope {
+    let torch = tch::get_num_threads();
+    if !enabled() || torch <= 1 {
+        return DecodeScope { restore: None };
+    }
+    if KERNEL_THREADS.compare_exchange(1, 2, Ordering::AcqRel, Ordering::Relaxed).is_err() {
+        return DecodeScope { restore: None };
+    }
+    tch::set_num_threads(1);
+    DecodeScope { restore: Some(torch) }
+}
+
+impl Drop for DecodeScope {
+    fn drop(&mut self) {
+        if let Some(n) = self.restore.take() {
+            tch::set_num_threads(n);
+            KERNEL_THREADS.store(1, Ordering::Relaxed);
+        }
+    }
+}
+
+mod helper {
+    //! One long-lived helper thread that takes half of a split product. A decode step makes a few hundred
+    //! products of a few tens of microseconds each; waking a sleeping pool thread for each costs about as much as
+    //! the product, so the helper spins for a short while after each job before it parks.
+    use std::cell::UnsafeCell;
+    use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+    use std::sync::{Mutex, OnceLock};
+    use std::thread::Thread;
+
+    /// Spin iterations (`spin_loop` hints) before the helper parks: a few hundred microseconds.
+    const SPIN: u32 = 100_000;
+
+    type Job = (*mut (), unsafe fn(*mut ()));
+
+    struct Helper {
+        posted: AtomicU64,
+        done: AtomicU64,
+        failed: AtomicBool,
+        job: UnsafeCell<Option<Job>>,
+        thread: OnceLock<Thread>,
+        busy: Mutex<()>,
+    }
+
+    // SAFETY: `job` is written only by the thread holding `busy`, before it publishes the job with a release
+    // store to `posted`; the helper reads it only after the matching acquire load, and the writer does not touch
+    // it again until the helper has released `done`.
+    unsafe impl Sync for Helper {}
+
+    fn get() -> Option<&'static Helper> {
+        static HELPER: OnceLock<Option<&'static Helper>> = OnceLock::new();
+        *HELPER.get_or_init(|| {
+            let h: &'static Helper = Box::leak(Box::new(Helper {
+                posted: AtomicU64::new(0),
+                done: AtomicU64::new(0),
+                failed: AtomicBool::new(false),
+                job: UnsafeCell::new(None),
+                thread: OnceLock::new(),
+                busy: Mutex::new(()),
+            }));
+            let spawned = std::thread::Builder::new().name("lora-kernel-helper".into()).spawn(move || run(h)).ok()?;
+            h.thread.set(spawned.thread().clone()).ok()?;
+            Some(h)
+        })
+    }
+
+    fn run(h: &'static Helper) {
+        let mut seen = 0u64;
+        loop {
+            let mut spins = 0u32;
+            loop {
+                let p = h.posted.load(Ordering::Acquire);
+                if p != seen {
+                    seen = p;
+                    break;
+                }
+                if spins < SPIN {
+                    spins += 1;
+                    std::hint::spin_loop();
+                } else {
+                    std::thread::park();
+                    spins = 0;
+                }
+            }
+            // SAFETY: see `impl Sync for Helper`; the poster keeps the job's data alive until `done` says so.
+            if let Some((data, call)) = unsafe { (*h.job.get()).take() } {
+                let ok = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| unsafe { call(data) })).is_ok();
+                if !ok {
+                    h.failed.store(true, Ordering::Relaxed);
+                }
+            }
+            h.done.store(seen, Ordering::Release);
+        }
+    }
+
+    unsafe fn call_once<B: FnOnce()>(p: *mut ()) {
+        // SAFETY: `p` points at the poster's `Option<B>`, alive until the poster has seen `done`.
+        if let Some(f) = unsafe { (*(p as *mut Option<B>)).take() } {
+            f()
+        }
+    }
+
+    /// Runs `a` on this thread and `b` on the helper thread, and returns when both are done; both run here when
+    /// the helper is busy with another caller or could not be started. Returns false if `b` panicked.
+    pub fn join<A: FnOnce(), B: FnOnce() + Send>(a: A, b: B) -> bool {
+        let guard = get().and_then(|h| h.busy.try_lock().ok().map(|g| (h, g)));
+        let Some((h, _guard)) = guard else {
+            a();
+            b();
+            return true;
+        };
+        let mut slot = Some(b);
+        // SAFETY: the helper only reads `job` after the release store below, and `slot` outlives the wait.
+        unsafe { *h.job.get() = Some((&mut slot as *mut Option<B> as *mut (), call_once::<B>)) };
+        let seq = h.posted.load(Ordering::Relaxed) + 1;
+        h.failed.store(false, Ordering::Relaxed);
+        h.posted.store(seq, Ordering::Release);
+        if let Some(t) = h.thread.get() {
+            t.unpark();
+        }
+        a();
+        let mut spins = 0u32;
+        while h.done.load(Ordering::Acquire) != seq {
+            spins += 1;
+            if spins < SPIN {
+                std::hint::spin_loop();
+            } else {
+                std::thread::yield_now();
+            }
+        }
+        !h.failed.load(Ordering::Relaxed)
+    }
 }
 
 /// The low-rank part of a fused call: `scaling · B (A x)`.
@@ -178,23 +331,23 @@ pub(crate) fn small_linear(
             simd::matvec(*b, *r, range, &xa_rows, out, true);
         }
     };
-    let threads = threads_for(n_out * w_in);
     let mut y = vec![0f32; m * n_out];
-    if threads <= 1 {
+    if threads_for(n_out * w_in) <= 1 {
         compute(0..n_out, &mut y);
     } else {
-        // Chunks of whole groups of rows; each fills its own [m, len] buffer, scattered into y afterwards.
-        let per = n_out.div_ceil(threads).next_multiple_of(simd::ROW_GROUP);
-        let ranges: Vec<std::ops::Range<usize>> = (0..n_out).step_by(per).map(|s| s..(s + per).min(n_out)).collect();
-        let parts: Vec<Vec<f32>> = ranges
-            .par_iter()
-            .map(|range| {
-                let mut out = vec![0f32; m * range.len()];
-                compute(range.clone(), &mut out);
-                out
-            })
-            .collect();
-        for (range, part) in ranges.iter().zip(&parts) {
+        // Two halves of whole row groups: this thread computes the first, the helper thread the second, each
+        // into its own [m, len] buffer, scattered into y afterwards.
+        let split = (n_out / 2).next_multiple_of(simd::ROW_GROUP).min(n_out);
+        let mut first = vec![0f32; m * split];
+        let mut second = vec![0f32; m * (n_out - split)];
+        let ok = helper::join(|| compute(0..split, &mut first), || compute(split..n_out, &mut second));
+        if !ok {
+            return Err(crate::error::ModelError::InvalidArgument("decode kernel helper thread failed".into()));
+        }
+        for (range, part) in [(0..split, &first), (split..n_out, &second)] {
+            if range.is_empty() {
+                continue;
+            }
             for (row, src) in part.chunks_exact(range.len()).enumerate() {
                 y[row * n_out + range.start..row * n_out + range.end].copy_from_slice(src);
             }
@@ -436,6 +589,19 @@ mod tests {
         for (n_in, n_out, r) in [(72, 40, 3), (256, 301, 5)] {
             check_shape(n_in, n_out, r);
         }
+        // Inside a decode scope the large shape is split between this thread and the helper; same results, and
+        // libtorch's thread count comes back afterwards.
+        let before = tch::get_num_threads();
+        {
+            let _scope = decode_scope();
+            if before > 1 {
+                assert_eq!(tch::get_num_threads(), 1);
+                assert_eq!(threads_for(256 * 301), 2);
+            }
+            check_shape(256, 301, 5);
+        }
+        assert_eq!(tch::get_num_threads(), before);
+        assert_eq!(threads_for(256 * 301), 1);
     }
 
     fn check_shape(n_in: i64, n_out: i64, r: i64) {
