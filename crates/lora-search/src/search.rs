@@ -680,8 +680,18 @@ impl BoundarySearch {
         let (chosen, best) = self.select_full(ctx, table)?;
         // Halving only: when the finalists fall back to full LoRA but the racing statistics
         // choose a smaller boundary (its completion failed or was unaffordable), report that.
+        // The racing statistics' own choice is reported only when it is a finalist (evaluated on every sample):
+        // on real runs with one or two samples per screened candidate (sparse metrics like F1), an unverified
+        // choice proved unreliable, so a choice the budget could not verify falls back to the finalists' rule.
         let chosen = match override_choice {
-            Some(o) if chosen == ctx.reference && o < chosen && ctx.in_range(o) => o,
+            Some(o) if chosen == ctx.reference && o < chosen && ctx.in_range(o) && table.is_full(o) => {
+                let (mine, full) = (table.scores(o, ctx.order), table.scores(ctx.reference, ctx.order));
+                if mean(&mine) >= mean(&full) - self.epsilon {
+                    o
+                } else {
+                    chosen
+                }
+            }
             _ => chosen,
         };
         let ref_scores = table.scores(ctx.reference, ctx.order);

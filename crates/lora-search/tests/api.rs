@@ -230,3 +230,33 @@ fn halving_budget_is_a_hard_cap() {
     let r = BoundarySearch::new(30).budget(1.5).bootstrap_resamples(10).run(&mut sc, 256).unwrap();
     assert_eq!(r.scorer_calls, 256 + 29 + 255, "full LoRA, one screening sample each, the choice completed");
 }
+
+/// A real-run shape that once fooled the default strategy: sparse 0/1 item scores (like F1 on closed-book QA),
+/// 32 samples, 30 blocks, so screening sees one or two samples per candidate. Whatever it picks must not be
+/// clearly worse than full LoRA on the full validation set.
+#[test]
+fn default_never_reports_a_boundary_clearly_worse_than_full_lora_on_sparse_scores() {
+    let l = 30;
+    let n = 32;
+    // P(item solved) rises from 0.05 (b = 0) to 0.2 (b ≥ 16); full LoRA 0.18.
+    let p = |b: usize| if b == l - 1 { 0.18 } else { 0.05 + 0.15 * (b.min(16) as f64 / 16.0) };
+    for seed in 0..20u64 {
+        let mut sc = FnScorer::new(|b: usize, i: usize| {
+            let h = (i as u64 + 1).wrapping_mul(0x9E37_79B9_7F4A_7C15)
+                ^ (b as u64).wrapping_mul(0xBF58_476D_1CE4_E5B9)
+                ^ seed;
+            let u = (h.wrapping_mul(0x94D0_49BB_1331_11EB) >> 11) as f64 / (1u64 << 53) as f64;
+            Ok(if u < p(b) { 1.0 } else { 0.0 })
+        });
+        let r = BoundarySearch::new(l).seed(seed).run(&mut sc, n).unwrap();
+        let chosen = r.candidate(r.boundary).expect("the chosen boundary is reported");
+        assert!(
+            chosen.score >= r.reference.score - 0.1 || chosen.samples < n,
+            "seed {seed}: chose {} scoring {:.3} on all samples vs full {:.3}",
+            r.boundary,
+            chosen.score,
+            r.reference.score
+        );
+        assert!(chosen.finalist || chosen.score >= r.reference.score - 0.1, "seed {seed}");
+    }
+}
