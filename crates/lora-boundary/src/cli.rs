@@ -472,8 +472,10 @@ fn run_generate(a: &GenerateArgs) -> Result<()> {
         prompts.iter().map(|p| tokenizer.encode_prompt(p, a.chat)).collect::<std::result::Result<_, _>>()?;
     let mut rows = Vec::with_capacity(ids.len());
     let (mut prefill_tok, mut prefill_s, mut decode_tok, mut decode_s) = (0.0, 0.0, 0.0, 0.0);
+    let bar = crate::progress::begin("generate", Some(ids.len() as u64), "prompts");
     for chunk in ids.chunks(a.batch_size) {
         let (out, timing) = generate(&model, Some(&tokenizer), chunk, &cfg, &mask)?;
+        crate::progress::advance(chunk.len() as u64);
         prefill_tok += timing.prefill_tokens_per_s * timing.prefill_s;
         prefill_s += timing.prefill_s;
         decode_tok += timing.decode_tokens_per_s * timing.decode_s;
@@ -485,6 +487,7 @@ fn run_generate(a: &GenerateArgs) -> Result<()> {
             rows.push(GenerateRow { text: g.text, token_ids: g.token_ids });
         }
     }
+    drop(bar);
     let timing = GenerateTiming {
         load_s,
         prefill_tokens_per_s: prefill_tok / f64::max(prefill_s, 1e-9),
@@ -767,7 +770,9 @@ fn run_probe(a: &ProbeArgs) -> Result<()> {
                 .ok_or_else(|| Error::Usage(format!("--diff `{d}`: expected MASK_A,MASK_B")))
         })
         .collect::<Result<_>>()?;
+    let bar = crate::progress::begin("probe", None, "");
     let result = lora_probe::run_probe_command(&opts).map_err(|e| Error::Usage(format!("probe: {e}")))?;
+    drop(bar);
     match a.format.as_str() {
         "json" => print_json(&result.to_json(a.per_sample).map_err(|e| Error::Usage(e.to_string()))?),
         "csv" => {
