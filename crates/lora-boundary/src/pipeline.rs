@@ -345,7 +345,7 @@ pub fn run_pipeline(cfg: &PipelineConfig, place: Placement, mut log: impl FnMut(
     let full_curve = probe.curve("all").ok_or_else(|| Error::Usage("probe returned no `all` curve".into()))?;
     let detections = detect_boundaries(full_curve)?;
     let manual_boundary = detections.iter().find_map(|d| d.boundary);
-    probe.plot_svg(cfg.out.join("probe.svg")).map_err(|e| Error::Usage(format!("plot: {e}")))?;
+
     timings.push(("probe".to_string(), t.elapsed().as_secs_f64()));
     log(&format!(
         "probe on {} samples: manual boundary {}",
@@ -444,6 +444,12 @@ pub fn run_pipeline(cfg: &PipelineConfig, place: Placement, mut log: impl FnMut(
         pruned_adapter: pruned,
         timings,
     };
+    let mut marks: Vec<(String, usize)> = Vec::new();
+    if let Some(b) = out.manual_boundary {
+        marks.push((format!("manual b = {b}"), b));
+    }
+    marks.push((format!("searched b = {}", out.search.boundary), out.search.boundary));
+    probe.plot_svg_marked(cfg.out.join("probe.svg"), &marks).map_err(|e| Error::Usage(format!("plot: {e}")))?;
     write_plots(&out, &metrics[0])?;
     write_text(&cfg.out.join("report.json"), &serde_json::to_string_pretty(&out)?)?;
     write_text(&cfg.out.join("report.md"), &markdown(&out))?;

@@ -138,6 +138,8 @@ fn pipeline_runs_end_to_end_on_the_tiny_model() {
         assert!(out.join(f).exists(), "{f}");
     }
     assert!(std::fs::read_to_string(out.join("report.md")).unwrap().contains("| full |"));
+    let probe_svg = std::fs::read_to_string(out.join("probe.svg")).unwrap();
+    assert!(probe_svg.contains(&format!("searched b = {}", report.search.boundary)), "probe plot marks the boundary");
     // The pruned adapter holds exactly blocks 0..=boundary and loads.
     let (mut m2, _) = load_model(&model_dir, Placement::default()).unwrap();
     let info = load_adapter(&mut m2, &report.pruned_adapter).unwrap();

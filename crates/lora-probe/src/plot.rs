@@ -37,8 +37,18 @@ impl ProbeResult {
     /// Renders the answer-token probability vs layer as SVG (see [`ProbeResult::plot_svg_metric`]).
     pub fn render_svg(&self, metric: PlotMetric) -> Result<String> {
         let mut svg = String::new();
-        self.draw(&mut svg, metric).map_err(|message| ProbeError::InvalidArgument(format!("plot: {message}")))?;
+        self.draw(&mut svg, metric, &[]).map_err(|message| ProbeError::InvalidArgument(format!("plot: {message}")))?;
         Ok(svg)
+    }
+
+    /// Writes the answer-token probability vs layer to `path` as SVG with vertical marks `(label, boundary)`:
+    /// a boundary `b` (LoRA on blocks `0..=b`) is drawn at point `b + 1`, the state after block `b`.
+    pub fn plot_svg_marked(&self, path: impl AsRef<Path>, marks: &[(String, usize)]) -> Result<()> {
+        let path = path.as_ref();
+        let mut svg = String::new();
+        self.draw(&mut svg, PlotMetric::GtProb, marks)
+            .map_err(|message| ProbeError::Plot { path: path.to_path_buf(), message })?;
+        write_atomic(path, svg.as_bytes())
     }
 
     /// Writes the answer-token probability vs layer (one line per mask, 95% CI bands) to `path` as SVG, atomically.
@@ -50,11 +60,11 @@ impl ProbeResult {
     pub fn plot_svg_metric(&self, path: impl AsRef<Path>, metric: PlotMetric) -> Result<()> {
         let path = path.as_ref();
         let mut svg = String::new();
-        self.draw(&mut svg, metric).map_err(|message| ProbeError::Plot { path: path.to_path_buf(), message })?;
+        self.draw(&mut svg, metric, &[]).map_err(|message| ProbeError::Plot { path: path.to_path_buf(), message })?;
         write_atomic(path, svg.as_bytes())
     }
 
-    fn draw(&self, svg: &mut String, metric: PlotMetric) -> std::result::Result<(), String> {
+    fn draw(&self, svg: &mut String, metric: PlotMetric, marks: &[(String, usize)]) -> std::result::Result<(), String> {
         let err = |e: &dyn std::fmt::Display| e.to_string();
         let series: Vec<Series<'_>> = self
             .curves
@@ -110,6 +120,15 @@ impl ProbeResult {
                     .map_err(|e| err(&e))?
                     .label(format!("LoRA: {mask}"))
                     .legend(move |(x, y)| PathElement::new(vec![(x, y), (x + 20, y)], color.stroke_width(2)));
+            }
+            for (j, (label, b)) in marks.iter().enumerate() {
+                let color = COLORS[(series.len() + j) % COLORS.len()];
+                let x = (*b + 1) as f64;
+                chart
+                    .draw_series(std::iter::once(PathElement::new(vec![(x, 0.0), (x, y_max)], color.stroke_width(1))))
+                    .map_err(|e| err(&e))?
+                    .label(label.clone())
+                    .legend(move |(x, y)| PathElement::new(vec![(x, y), (x + 20, y)], color.stroke_width(1)));
             }
             chart
                 .configure_series_labels()
