@@ -70,7 +70,7 @@ fn threads_for(elements: usize) -> usize {
 /// several times slower; with libtorch on one thread and the products split in two, batch-1 decode is about
 /// 1.5× faster than libtorch's two threads on the project's 2-core machine (`docs/performance.md`). The thread
 /// count of libtorch is process-wide: other threads running libtorch ops meanwhile also get one thread.
-/// [`crate::generate`] opens a scope around its decode loop; open one yourself around hand-written decode loops.
+/// [`generate()`](crate::generate()) opens a scope around its decode loop; open one yourself around hand-written decode loops.
 /// A no-op when the kernels are off, libtorch has one thread already (e.g. `OMP_NUM_THREADS=1`), or a scope is
 /// already open.
 #[must_use = "the scope ends when dropped"]
