@@ -592,7 +592,7 @@ fn run_eval(a: &EvalArgs) -> Result<()> {
     };
     let settings =
         EvalSettings { max_new_tokens: a.max_new_tokens, chat: a.data.chat, batch_size: a.batch_size, seed: a.seed };
-    let distinct = masks.iter().enumerate().filter(|(i, m)| !masks[..*i].contains(m)).count();
+    let distinct = crate::scoring::distinct_masks(&masks);
     let bar = crate::progress::begin("eval", Some((distinct * samples.len()) as u64), "answers");
     let scored = score_masks(&model, &tokenizer, &samples, &masks, &[metric], settings)?;
     drop(bar);
@@ -602,7 +602,7 @@ fn run_eval(a: &EvalArgs) -> Result<()> {
         .map(|(mask, s)| EvalRow {
             mask: mask.to_string(),
             score: s.corpus.first().map_or(f64::NAN, |c| c.1),
-            item_mean: s.items.iter().sum::<f64>() / s.items.len().max(1) as f64,
+            item_mean: s.item_mean(),
             ci_vs_first: s.ci_vs_first,
             lora_params_kept: info.as_ref().map(|i| i.kept_fraction(mask)),
             predictions: if a.format == Format::Json { s.predictions } else { Vec::new() },

@@ -259,10 +259,10 @@ pub fn evaluate(
         .map(|((label, mask), s)| EvalResult {
             label: label.clone(),
             mask: mask.to_string(),
+            item_mean: s.item_mean(),
             scores: s.corpus,
             ci_vs_full: s.ci_vs_first,
             lora_params_kept: info.kept_fraction(mask),
-            item_mean: s.items.iter().sum::<f64>() / s.items.len().max(1) as f64,
             boundary: if *mask == LayerMask::all() {
                 Some(model.num_layers().saturating_sub(1))
             } else {
@@ -407,7 +407,7 @@ pub fn run_pipeline(cfg: &PipelineConfig, place: Placement, mut log: impl FnMut(
         }
         masks.push((format!("sweep 0-{b}"), keep(b)));
     }
-    let distinct = masks.iter().enumerate().filter(|(i, (_, m))| !masks[..*i].iter().any(|(_, o)| o == m)).count();
+    let distinct = crate::scoring::distinct_masks(masks.iter().map(|(_, m)| m));
     let _bar = progress::begin("evaluate", Some((distinct * test.len()) as u64), "answers");
     let mut evaluation = evaluate(&model, &tokenizer, &info, &test, &masks, &metrics, cfg)?;
     drop(_bar);
@@ -444,13 +444,9 @@ pub fn run_pipeline(cfg: &PipelineConfig, place: Placement, mut log: impl FnMut(
         pruned_adapter: pruned,
         timings,
     };
-    let mut marks: Vec<(String, usize)> = Vec::new();
-    if let Some(b) = out.manual_boundary {
-        marks.push((format!("manual b = {b}"), b));
-    }
-    marks.push((format!("searched b = {}", out.search.boundary), out.search.boundary));
+    let marks = boundary_marks(&out);
     probe.plot_svg_marked(cfg.out.join("probe.svg"), &marks).map_err(|e| Error::Usage(format!("plot: {e}")))?;
-    write_plots(&out, &metrics[0])?;
+    write_plots(&out, &metrics[0], marks)?;
     write_text(&cfg.out.join("report.json"), &serde_json::to_string_pretty(&out)?)?;
     write_text(&cfg.out.join("report.md"), &markdown(&out))?;
     Ok(out)
@@ -548,15 +544,18 @@ pub fn decode_speeds(model: &mut Llama, prompt: &[i64], tokens: usize, boundary:
         .collect())
 }
 
+/// The boundaries every plot marks: the manual one (when the curve had a clear rise) and the searched one.
+fn boundary_marks(r: &PipelineReport) -> Vec<(String, usize)> {
+    let mut marks: Vec<(String, usize)> =
+        r.manual_boundary.map(|b| (format!("manual b = {b}"), b)).into_iter().collect();
+    marks.push((format!("searched b = {}", r.search.boundary), r.search.boundary));
+    marks
+}
+
 /// `search.svg` (validation scores of the searched boundaries), `proxy.svg` (proxy-first's ranking) and
 /// `sweep.svg` (test-set score vs boundary), as far as the report has the data.
-fn write_plots(r: &PipelineReport, metric: &Metric) -> Result<()> {
+fn write_plots(r: &PipelineReport, metric: &Metric, marks: Vec<(String, usize)>) -> Result<()> {
     let l = r.num_layers;
-    let mut marks: Vec<(String, usize)> = Vec::new();
-    if let Some(b) = r.manual_boundary {
-        marks.push((format!("manual b = {b}"), b));
-    }
-    marks.push((format!("searched b = {}", r.search.boundary), r.search.boundary));
     let full_val = r.search.reference.score;
     let points: Vec<BoundaryPoint> = r
         .search

@@ -68,6 +68,24 @@ pub struct MaskScores {
     pub ci_vs_first: Option<[f64; 2]>,
 }
 
+impl MaskScores {
+    /// Mean per-item score of the first metric (what the CI is about).
+    pub fn item_mean(&self) -> f64 {
+        self.items.iter().sum::<f64>() / self.items.len().max(1) as f64
+    }
+}
+
+/// How many generations [`score_masks`] runs for `masks`: one per distinct mask.
+pub fn distinct_masks<'a>(masks: impl IntoIterator<Item = &'a LayerMask>) -> usize {
+    let mut seen: Vec<&LayerMask> = Vec::new();
+    for m in masks {
+        if !seen.contains(&m) {
+            seen.push(m);
+        }
+    }
+    seen.len()
+}
+
 /// Generates under each mask (once per distinct mask) and scores with `metrics` (the first one per item too).
 pub fn score_masks(
     model: &Llama,
