@@ -12,7 +12,7 @@
 //! libtorch. Results equal libtorch's up to the order of summation (f32) and one final rounding instead of three
 //! (bf16: libtorch rounds the base output, the LoRA output and their sum; here only the sum is rounded). Set
 //! `LORA_BOUNDARY_KERNELS=off` to route everything to libtorch (for comparisons).
-use std::sync::atomic::{AtomicU8, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicU64, AtomicU8, AtomicUsize, Ordering};
 
 use tch::{Device, Kind, Tensor};
 
@@ -272,22 +272,52 @@ pub(crate) fn small_linear(
     if m == 0 || m > MAX_ROWS {
         return Ok(None);
     }
-    // SAFETY: every borrowed tensor lives until the end of this function and nothing writes to it meanwhile.
-    let Some((w, n_out, w_in)) = (unsafe { borrow_mat(weight) }) else { return Ok(None) };
-    if w_in as i64 != n_in {
+    let xf = x.f_to_kind(Kind::Float)?.f_contiguous()?;
+    let xv = Vec::<f32>::try_from(xf.f_view([-1])?)?;
+    let rows: Vec<&[f32]> = xv.chunks_exact(n_in as usize).collect();
+    let n_out = weight.size().first().copied().unwrap_or(0).max(0) as usize;
+    let mut y = vec![0f32; rows.len() * n_out];
+    if !linear_rows(weight, bias, lora, &rows, &mut y)? {
         return Ok(None);
+    }
+    let mut shape = xs;
+    if let Some(last) = shape.last_mut() {
+        *last = n_out as i64;
+    }
+    let out = Tensor::from_slice(&y).f_view(shape.as_slice())?;
+    Ok(Some(if kind == Kind::Float { out } else { out.f_to_kind(kind)? }))
+}
+
+/// `y = x Wᵀ + bias (+ scaling · (x Aᵀ) Bᵀ)` for the activation rows `rows` (each `in` long) into `y`
+/// (`[rows.len(), out]`, row-major), split over two threads inside a [`decode_scope`]. Returns `Ok(false)`, with
+/// `y` untouched, when the kernels do not apply to these tensors (then the caller uses libtorch).
+pub(crate) fn linear_rows(
+    weight: &Tensor,
+    bias: Option<&Tensor>,
+    lora: Option<LoraPart<'_>>,
+    rows: &[&[f32]],
+    y: &mut [f32],
+) -> Result<bool> {
+    if !enabled() || rows.is_empty() || rows.len() > MAX_ROWS as usize {
+        return Ok(false);
+    }
+    let kind = weight.kind();
+    // SAFETY: every borrowed tensor lives until the end of this function and nothing writes to it meanwhile.
+    let Some((w, n_out, w_in)) = (unsafe { borrow_mat(weight) }) else { return Ok(false) };
+    if rows.iter().any(|r| r.len() != w_in) || y.len() != rows.len() * n_out {
+        return Ok(false);
     }
     let lora = match lora {
         Some(l) => {
             if l.a.kind() != kind || l.b.kind() != kind {
-                return Ok(None);
+                return Ok(false);
             }
             let (Some((a, r, a_in)), Some((b, b_out, b_r))) = (unsafe { borrow_mat(l.a) }, unsafe { borrow_mat(l.b) })
             else {
-                return Ok(None);
+                return Ok(false);
             };
             if a_in != w_in || b_out != n_out || b_r != r {
-                return Ok(None);
+                return Ok(false);
             }
             Some((a, b, r, l.scaling as f32))
         }
@@ -295,17 +325,14 @@ pub(crate) fn small_linear(
     };
     let bias = match bias {
         Some(b) => {
-            let b = b.f_to_kind(Kind::Float)?.f_contiguous()?;
             if b.numel() != n_out || b.device() != Device::Cpu {
-                return Ok(None);
+                return Ok(false);
             }
+            let b = b.f_to_kind(Kind::Float)?.f_contiguous()?;
             Some(Vec::<f32>::try_from(&b)?)
         }
         None => None,
     };
-    let xf = x.f_to_kind(Kind::Float)?.f_contiguous()?;
-    let xv = Vec::<f32>::try_from(xf.f_view([-1])?)?;
-    let rows: Vec<&[f32]> = xv.chunks_exact(w_in).collect();
     let m = rows.len();
 
     // The low-rank input `scaling · A x` first (r values per row), then W and B together, split by output rows
@@ -313,7 +340,7 @@ pub(crate) fn small_linear(
     let lora = match lora {
         Some((a, b, r, scaling)) => {
             let mut xa = vec![0f32; m * r];
-            simd::matvec(a, w_in, 0..r, &rows, &mut xa, false);
+            simd::matvec(a, w_in, 0..r, rows, &mut xa, false);
             for v in &mut xa {
                 *v *= scaling;
             }
@@ -326,14 +353,21 @@ pub(crate) fn small_linear(
         None => Vec::new(),
     };
     let compute = |range: std::ops::Range<usize>, out: &mut [f32]| {
-        simd::matvec(w, w_in, range.clone(), &rows, out, false);
+        simd::matvec(w, w_in, range.clone(), rows, out, false);
         if let Some((b, r, _)) = &lora {
             simd::matvec(*b, *r, range, &xa_rows, out, true);
         }
     };
-    let mut y = vec![0f32; m * n_out];
     if threads_for(n_out * w_in) <= 1 {
-        compute(0..n_out, &mut y);
+        compute(0..n_out, y);
+    } else if m == 1 {
+        // One row: the halves are contiguous parts of y.
+        let split = (n_out / 2).next_multiple_of(simd::ROW_GROUP).min(n_out);
+        let (first, second) = y.split_at_mut(split);
+        let ok = helper::join(|| compute(0..split, first), || compute(split..n_out, second));
+        if !ok {
+            return Err(crate::error::ModelError::InvalidArgument("decode kernel helper thread failed".into()));
+        }
     } else {
         // Two halves of whole row groups: this thread computes the first, the helper thread the second, each
         // into its own [m, len] buffer, scattered into y afterwards.
@@ -360,12 +394,25 @@ pub(crate) fn small_linear(
             }
         }
     }
-    let mut shape = xs;
-    if let Some(last) = shape.last_mut() {
-        *last = n_out as i64;
-    }
-    let out = Tensor::from_slice(&y).f_view(shape.as_slice())?;
-    Ok(Some(if kind == Kind::Float { out } else { out.f_to_kind(kind)? }))
+    Ok(true)
+}
+
+/// Decode steps that ran on the fused one-token path (see [`Llama::forward_cached`](crate::Llama::forward_cached)),
+/// process-wide: for tests and diagnostics.
+pub fn fused_decode_steps() -> u64 {
+    FUSED_STEPS.load(Ordering::Relaxed)
+}
+
+pub(crate) static FUSED_STEPS: AtomicU64 = AtomicU64::new(0);
+
+/// Dot product of two equally long f32 slices (AVX2/FMA when available).
+pub(crate) fn dot(a: &[f32], b: &[f32]) -> f32 {
+    simd::dot(a, b)
+}
+
+/// `y += alpha · x` over equally long f32 slices (AVX2/FMA when available).
+pub(crate) fn axpy(y: &mut [f32], alpha: f32, x: &[f32]) {
+    simd::axpy(y, alpha, x)
 }
 
 mod simd {
@@ -412,6 +459,31 @@ mod simd {
         scalar(w, n_in, len, xs, y, add)
     }
 
+    /// `Σ a[i] b[i]`.
+    pub fn dot(a: &[f32], b: &[f32]) -> f32 {
+        let n = a.len().min(b.len());
+        #[cfg(target_arch = "x86_64")]
+        if available() {
+            // SAFETY: AVX2 and FMA were just detected; both slices hold at least `n` values.
+            return unsafe { x86::dot(&a[..n], &b[..n]) };
+        }
+        a[..n].iter().zip(&b[..n]).map(|(x, y)| x * y).sum()
+    }
+
+    /// `y[i] += alpha · x[i]`.
+    pub fn axpy(y: &mut [f32], alpha: f32, x: &[f32]) {
+        let n = y.len().min(x.len());
+        #[cfg(target_arch = "x86_64")]
+        if available() {
+            // SAFETY: AVX2 and FMA were just detected; both slices hold at least `n` values.
+            unsafe { x86::axpy(&mut y[..n], alpha, &x[..n]) };
+            return;
+        }
+        for (a, b) in y[..n].iter_mut().zip(&x[..n]) {
+            *a += alpha * b;
+        }
+    }
+
     /// Portable reference loop.
     fn scalar(w: Mat<'_>, n_in: usize, n_out: usize, xs: &[&[f32]], y: &mut [f32], add: bool) {
         for o in 0..n_out {
@@ -436,6 +508,8 @@ mod simd {
         use std::arch::x86_64::*;
 
         const R: usize = super::ROW_GROUP;
+        /// How many row blocks ahead the loops prefetch.
+        const PREFETCH: usize = 2;
 
         #[target_feature(enable = "avx2,fma")]
         unsafe fn hsum(v: __m256) -> f32 {
@@ -453,76 +527,165 @@ mod simd {
             }
         }
 
+        /// `Σ a[i] b[i]` for equally long slices.
+        #[target_feature(enable = "avx2,fma")]
+        pub unsafe fn dot(a: &[f32], b: &[f32]) -> f32 {
+            let n = a.len();
+            let end = n - n % 8;
+            let (pa, pb) = (a.as_ptr(), b.as_ptr());
+            let mut acc = _mm256_setzero_ps();
+            let mut i = 0;
+            while i < end {
+                acc = _mm256_fmadd_ps(_mm256_loadu_ps(pa.add(i)), _mm256_loadu_ps(pb.add(i)), acc);
+                i += 8;
+            }
+            hsum(acc) + (end..n).map(|k| a[k] * b[k]).sum::<f32>()
+        }
+
+        /// `y[i] += alpha · x[i]` for equally long slices.
+        #[target_feature(enable = "avx2,fma")]
+        pub unsafe fn axpy(y: &mut [f32], alpha: f32, x: &[f32]) {
+            let n = y.len();
+            let end = n - n % 8;
+            let (py, px) = (y.as_mut_ptr(), x.as_ptr());
+            let av = _mm256_set1_ps(alpha);
+            let mut i = 0;
+            while i < end {
+                let v = _mm256_fmadd_ps(av, _mm256_loadu_ps(px.add(i)), _mm256_loadu_ps(py.add(i)));
+                _mm256_storeu_ps(py.add(i), v);
+                i += 8;
+            }
+            for k in end..n {
+                y[k] += alpha * x[k];
+            }
+        }
+
+        /// `N` weight rows starting at row `o` times one activation row `x`: two accumulators per weight row
+        /// (16 columns per step), `N` a constant so that the accumulators stay in registers.
+        #[target_feature(enable = "avx2,fma")]
+        #[inline]
+        unsafe fn rows_f32<const N: usize>(w: &[f32], n_in: usize, o: usize, x: &[f32]) -> [f32; N] {
+            let vec_end = n_in - n_in % 16;
+            let mut acc0 = [_mm256_setzero_ps(); N];
+            let mut acc1 = [_mm256_setzero_ps(); N];
+            let xp = x.as_ptr();
+            let wp = w.as_ptr().add(o * n_in);
+            let mut i = 0;
+            // The N rows are one contiguous block; each step covers N·64 bytes of it, so fetching as many
+            // bytes of the block PREFETCH blocks ahead keeps the memory system busy across short rows (the
+            // hardware prefetcher needs several misses per row to start; rows are only a few KB).
+            let ahead = (wp as *const i8).wrapping_add(PREFETCH * N * n_in * 4);
+            while i < vec_end {
+                let x0 = _mm256_loadu_ps(xp.add(i));
+                let x1 = _mm256_loadu_ps(xp.add(i + 8));
+                let pf = ahead.wrapping_add(i * 4 * N);
+                for l in 0..N {
+                    _mm_prefetch::<_MM_HINT_T0>(pf.wrapping_add(64 * l));
+                }
+                for r in 0..N {
+                    let p = wp.add(r * n_in + i);
+                    acc0[r] = _mm256_fmadd_ps(_mm256_loadu_ps(p), x0, acc0[r]);
+                    acc1[r] = _mm256_fmadd_ps(_mm256_loadu_ps(p.add(8)), x1, acc1[r]);
+                }
+                i += 16;
+            }
+            let mut out = [0f32; N];
+            for r in 0..N {
+                let row = &w[(o + r) * n_in..(o + r + 1) * n_in];
+                let tail: f32 = (vec_end..n_in).map(|i| row[i] * x[i]).sum();
+                out[r] = hsum(_mm256_add_ps(acc0[r], acc1[r])) + tail;
+            }
+            out
+        }
+
         #[target_feature(enable = "avx2,fma")]
         pub unsafe fn matvec_f32(w: &[f32], n_in: usize, n_out: usize, xs: &[&[f32]], y: &mut [f32], add: bool) {
-            let vec_end = n_in - n_in % 8;
             let mut o = 0;
             while o < n_out {
                 let rows = R.min(n_out - o);
                 for (m, x) in xs.iter().enumerate() {
-                    let mut acc = [_mm256_setzero_ps(); R];
-                    let xp = x.as_ptr();
-                    let mut i = 0;
-                    while i < vec_end {
-                        let xv = _mm256_loadu_ps(xp.add(i));
-                        for (r, a) in acc.iter_mut().enumerate().take(rows) {
-                            let wv = _mm256_loadu_ps(w.as_ptr().add((o + r) * n_in + i));
-                            *a = _mm256_fmadd_ps(wv, xv, *a);
+                    if rows == R {
+                        for (r, v) in rows_f32::<R>(w, n_in, o, x).into_iter().enumerate() {
+                            store(y, m * n_out + o + r, v, add);
                         }
-                        i += 8;
-                    }
-                    for (r, a) in acc.iter().enumerate().take(rows) {
-                        let row = &w[(o + r) * n_in..(o + r + 1) * n_in];
-                        let tail: f32 = (vec_end..n_in).map(|i| row[i] * x[i]).sum();
-                        store(y, m * n_out + o + r, hsum(*a) + tail, add);
+                    } else {
+                        for r in 0..rows {
+                            store(y, m * n_out + o + r, rows_f32::<1>(w, n_in, o + r, x)[0], add);
+                        }
                     }
                 }
                 o += rows;
             }
         }
 
-        /// bf16 weights: 16 columns per step, widened by interleaving with zeros (`unpacklo/hi_epi16`), which
-        /// takes columns `0–3, 8–11` into the low half and `4–7, 12–15` into the high half of each 128-bit lane;
-        /// `x` is permuted once per call to match.
+        /// `N` bf16 weight rows starting at row `o` times one activation row: 16 columns per step. A 32-bit lane
+        /// holds two bf16 values; shifting it left by 16 gives the even column as f32, masking off the low half
+        /// gives the odd one, so `xs` is `x` with each 16-column block split into its even and odd columns.
+        #[target_feature(enable = "avx2,fma")]
+        #[inline]
+        unsafe fn rows_bf16<const N: usize>(w: &[u16], n_in: usize, o: usize, x: &[f32], xs: &[f32]) -> [f32; N] {
+            let vec_end = n_in - n_in % 16;
+            let high = _mm256_set1_epi32(0xFFFF_0000_u32 as i32);
+            let mut even = [_mm256_setzero_ps(); N];
+            let mut odd = [_mm256_setzero_ps(); N];
+            let xp = xs.as_ptr();
+            let wp = w.as_ptr().add(o * n_in);
+            let mut i = 0;
+            // As in `rows_f32`: each step covers N·32 bytes of the contiguous block; prefetch ahead.
+            let ahead = (wp as *const i8).wrapping_add(PREFETCH * N * n_in * 2);
+            while i < vec_end {
+                let xe = _mm256_loadu_ps(xp.add(i));
+                let xo = _mm256_loadu_ps(xp.add(i + 8));
+                let pf = ahead.wrapping_add(i * 2 * N);
+                for l in 0..N.div_ceil(2) {
+                    _mm_prefetch::<_MM_HINT_T0>(pf.wrapping_add(64 * l));
+                }
+                for r in 0..N {
+                    let v = _mm256_loadu_si256(wp.add(r * n_in + i) as *const __m256i);
+                    let e = _mm256_castsi256_ps(_mm256_slli_epi32(v, 16));
+                    let d = _mm256_castsi256_ps(_mm256_and_si256(v, high));
+                    even[r] = _mm256_fmadd_ps(e, xe, even[r]);
+                    odd[r] = _mm256_fmadd_ps(d, xo, odd[r]);
+                }
+                i += 16;
+            }
+            let mut out = [0f32; N];
+            for r in 0..N {
+                let row = &w[(o + r) * n_in..(o + r + 1) * n_in];
+                let tail: f32 = (vec_end..n_in).map(|i| f32::from_bits(u32::from(row[i]) << 16) * x[i]).sum();
+                out[r] = hsum(_mm256_add_ps(even[r], odd[r])) + tail;
+            }
+            out
+        }
+
         #[target_feature(enable = "avx2,fma")]
         pub unsafe fn matvec_bf16(w: &[u16], n_in: usize, n_out: usize, xs: &[&[f32]], y: &mut [f32], add: bool) {
             let vec_end = n_in - n_in % 16;
-            let permuted: Vec<Vec<f32>> = xs
+            let split: Vec<Vec<f32>> = xs
                 .iter()
                 .map(|x| {
                     let mut p = x.to_vec();
                     for (dst, src) in p[..vec_end].chunks_exact_mut(16).zip(x[..vec_end].chunks_exact(16)) {
-                        dst[..4].copy_from_slice(&src[..4]);
-                        dst[4..8].copy_from_slice(&src[8..12]);
-                        dst[8..12].copy_from_slice(&src[4..8]);
-                        dst[12..16].copy_from_slice(&src[12..16]);
+                        for j in 0..8 {
+                            dst[j] = src[2 * j];
+                            dst[8 + j] = src[2 * j + 1];
+                        }
                     }
                     p
                 })
                 .collect();
-            let zero = _mm256_setzero_si256();
             let mut o = 0;
             while o < n_out {
                 let rows = R.min(n_out - o);
-                for (m, (x, xp)) in xs.iter().zip(&permuted).enumerate() {
-                    let mut acc = [_mm256_setzero_ps(); R];
-                    let xptr = xp.as_ptr();
-                    let mut i = 0;
-                    while i < vec_end {
-                        let xl = _mm256_loadu_ps(xptr.add(i));
-                        let xh = _mm256_loadu_ps(xptr.add(i + 8));
-                        for (r, a) in acc.iter_mut().enumerate().take(rows) {
-                            let v = _mm256_loadu_si256(w.as_ptr().add((o + r) * n_in + i) as *const __m256i);
-                            let lo = _mm256_castsi256_ps(_mm256_unpacklo_epi16(zero, v));
-                            let hi = _mm256_castsi256_ps(_mm256_unpackhi_epi16(zero, v));
-                            *a = _mm256_fmadd_ps(hi, xh, _mm256_fmadd_ps(lo, xl, *a));
+                for (m, (x, xp)) in xs.iter().zip(&split).enumerate() {
+                    if rows == R {
+                        for (r, v) in rows_bf16::<R>(w, n_in, o, x, xp).into_iter().enumerate() {
+                            store(y, m * n_out + o + r, v, add);
                         }
-                        i += 16;
-                    }
-                    for (r, a) in acc.iter().enumerate().take(rows) {
-                        let row = &w[(o + r) * n_in..(o + r + 1) * n_in];
-                        let tail: f32 = (vec_end..n_in).map(|i| f32::from_bits(u32::from(row[i]) << 16) * x[i]).sum();
-                        store(y, m * n_out + o + r, hsum(*a) + tail, add);
+                    } else {
+                        for r in 0..rows {
+                            store(y, m * n_out + o + r, rows_bf16::<1>(w, n_in, o + r, x, xp)[0], add);
+                        }
                     }
                 }
                 o += rows;

@@ -10,6 +10,8 @@ use crate::lora::LoraLinear;
 use crate::mask::{LayerMask, Module};
 use crate::weights::{load_placed, Placement, SafetensorsWeights, WeightSource};
 
+mod decode;
+
 /// Which logits a forward pass computes.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
 pub enum Logits {
@@ -427,6 +429,11 @@ impl Llama {
 
     /// A cached forward step: the new tokens `input_ids` `[B, T]` attend to everything in `cache` and are
     /// appended to it. The first call may carry an `attention_mask` for left padding; later calls must not.
+    ///
+    /// One-token steps on CPU (f32/bf16, at most [`crate::kernels::MAX_ROWS`] rows, no hidden states) run as one
+    /// fused step outside libtorch (norms, RoPE, cache write, attention and the fused projection kernels on f32
+    /// rows); the results equal the libtorch path up to summation order in f32, and keep f32 intermediates in
+    /// bf16. `LORA_BOUNDARY_KERNELS=off` disables it.
     pub fn forward_cached(
         &self,
         input_ids: &Tensor,
@@ -488,6 +495,11 @@ impl Llama {
             }
         };
         opts.mask.validate(self.num_layers())?;
+        if let (Input::Ids(ids), Some(c), None) = (input, cache.as_deref_mut(), attention_mask) {
+            if let Some(out) = self.fused_decode(ids, c, opts)? {
+                return Ok(out);
+            }
+        }
         let dev = self.place.device;
         let past = cache.as_ref().map_or(0, |c| c.len);
         if let Some(c) = cache.as_ref() {

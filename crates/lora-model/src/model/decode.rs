@@ -1,0 +1,415 @@
+//! The fused one-token decode step on CPU.
+//!
+//! A batch-1 decode step of a small model is a few hundred small operations per token: per block two RMSNorms,
+//! seven projections, RoPE on the query and key, the cache write, attention, SwiGLU and two residual adds. Run
+//! through libtorch, each is a dispatch that costs about as much as its arithmetic (≈ 900 per token for
+//! SmolLM2, ≈ a quarter of the step). Here the whole step runs on plain `f32` rows: the projections through the
+//! fused matrix–vector kernels of [`crate::kernels`] (LoRA included), everything else in short loops, and the
+//! key/value rows are written straight into the preallocated [`KvCache`]. libtorch is called once per step, for
+//! the logits tensor.
+//!
+//! It applies only where it is exact to do so: CPU, f32 or bf16 weights, one new token per row for at most
+//! [`crate::kernels::MAX_ROWS`] rows after a prefill, no autograd, no hidden states requested, no sliding window
+//! in reach, and the kernels enabled (`LORA_BOUNDARY_KERNELS=off` routes everything to libtorch). Activations stay
+//! in f32 between operations (libtorch rounds every bf16 intermediate); in f32 the results equal the libtorch
+//! path up to the order of summation.
+use tch::{Device, Kind, Tensor};
+
+use super::{Block, ForwardOptions, ForwardOutput, KvCache, Llama, Logits};
+use crate::error::{ModelError, Result};
+use crate::kernels::{self, LoraPart, MAX_ROWS};
+use crate::lora::LoraLinear;
+use crate::mask::Module;
+
+/// A borrowed contiguous CPU tensor of f32 or bf16 values.
+#[derive(Clone, Copy)]
+enum Raw<'a> {
+    F32(&'a [f32]),
+    Bf16(&'a [u16]),
+}
+
+impl Raw<'_> {
+    fn len(&self) -> usize {
+        match self {
+            Raw::F32(v) => v.len(),
+            Raw::Bf16(v) => v.len(),
+        }
+    }
+
+    #[inline(always)]
+    fn get(&self, i: usize) -> f32 {
+        match self {
+            Raw::F32(v) => v[i],
+            Raw::Bf16(v) => f32::from_bits(u32::from(v[i]) << 16),
+        }
+    }
+
+    /// Values `range` widened to f32 into `out`.
+    fn read_into(&self, start: usize, out: &mut [f32]) {
+        match self {
+            Raw::F32(v) => out.copy_from_slice(&v[start..start + out.len()]),
+            Raw::Bf16(v) => {
+                let n = out.len();
+                for (o, &b) in out.iter_mut().zip(&v[start..start + n]) {
+                    *o = f32::from_bits(u32::from(b) << 16);
+                }
+            }
+        }
+    }
+}
+
+/// Borrows `t` if it is a contiguous CPU tensor of kind f32 or bf16 without autograd.
+///
+/// # Safety
+/// The slice aliases the tensor's storage: the tensor must outlive it and nobody may write to it meanwhile.
+unsafe fn raw(t: &Tensor) -> Option<Raw<'_>> {
+    if t.device() != Device::Cpu || !t.is_contiguous() || t.requires_grad() {
+        return None;
+    }
+    let n = t.numel();
+    let ptr = t.data_ptr();
+    if n == 0 || ptr.is_null() {
+        return None;
+    }
+    match t.kind() {
+        Kind::Float => Some(Raw::F32(std::slice::from_raw_parts(ptr as *const f32, n))),
+        Kind::BFloat16 => Some(Raw::Bf16(std::slice::from_raw_parts(ptr as *const u16, n))),
+        _ => None,
+    }
+}
+
+/// f32 → bf16 bits, rounding to nearest even (as libtorch converts).
+#[inline]
+fn to_bf16(v: f32) -> u16 {
+    if v.is_nan() {
+        return 0x7FC0;
+    }
+    let bits = v.to_bits();
+    let round = 0x7FFF + ((bits >> 16) & 1);
+    (bits.wrapping_add(round) >> 16) as u16
+}
+
+/// `x · rsqrt(mean(x²) + eps) · w` for each row of `x` (`[rows, h]`) into `out`.
+fn rms_norm(x: &[f32], w: Raw<'_>, eps: f64, h: usize, out: &mut [f32]) {
+    for (row, o) in x.chunks_exact(h).zip(out.chunks_exact_mut(h)) {
+        let ms = kernels::dot(row, row) / h as f32;
+        let inv = 1.0 / (ms + eps as f32).sqrt();
+        for (i, (v, dst)) in row.iter().zip(o.iter_mut()).enumerate() {
+            *dst = v * inv * w.get(i);
+        }
+    }
+}
+
+/// HF's half-split RoPE, in place on one head `x` (`head_dim` values) at angles `angle[i] = pos · inv_freq[i]`.
+fn rope(x: &mut [f32], cos: &[f32], sin: &[f32]) {
+    let half = cos.len();
+    for i in 0..half {
+        let (a, b) = (x[i], x[i + half]);
+        x[i] = a * cos[i] - b * sin[i];
+        x[i + half] = b * cos[i] + a * sin[i];
+    }
+}
+
+/// Per-step state shared by the blocks.
+struct Step<'a> {
+    rows: usize,
+    /// Cached positions before this token.
+    past: usize,
+    /// Per row, `head_dim / 2` cosines and sines of its position.
+    cos: Vec<Vec<f32>>,
+    sin: Vec<Vec<f32>>,
+    /// Per row, which of the `past + 1` keys may be attended to (`None`: all).
+    valid: Option<Vec<Vec<bool>>>,
+    opts: &'a ForwardOptions<'a>,
+}
+
+impl Llama {
+    /// The fused decode step, or `Ok(None)` when it does not apply (the caller then runs the libtorch path;
+    /// nothing has been changed).
+    pub(super) fn fused_decode(
+        &self,
+        ids: &Tensor,
+        cache: &mut KvCache,
+        opts: &ForwardOptions<'_>,
+    ) -> Result<Option<ForwardOutput>> {
+        let kind = self.place.kind;
+        if !kernels::enabled()
+            || self.place.device != Device::Cpu
+            || opts.train
+            || opts.hidden_states
+            || !matches!(kind, Kind::Float | Kind::BFloat16)
+        {
+            return Ok(None);
+        }
+        let size = ids.size();
+        let (b, t) = match size.as_slice() {
+            [b, t] => (*b, *t),
+            _ => return Ok(None),
+        };
+        if t != 1 || !(1..=MAX_ROWS).contains(&b) || cache.len == 0 || cache.len + 1 > cache.capacity {
+            return Ok(None);
+        }
+        if cache.key_mask.size().first() != Some(&b) {
+            return Ok(None);
+        }
+        let s = cache.len + 1;
+        if self.config.sliding_window.is_some_and(|w| (w as i64) < s) {
+            return Ok(None);
+        }
+        opts.mask.validate(self.num_layers())?;
+        let c = &self.config;
+        let (h, vocab) = (c.hidden_size, c.vocab_size);
+        let ids: Vec<i64> = Vec::try_from(ids.f_to_device(Device::Cpu)?.f_to_kind(Kind::Int64)?.f_view([-1])?)?;
+        if ids.iter().any(|&i| i < 0 || i as usize >= vocab) {
+            return Ok(None);
+        }
+        // SAFETY: the embedding lives as long as `self` and is not written during the step.
+        let Some(embed) = (unsafe { raw(&self.embed) }) else { return Ok(None) };
+        if embed.len() != vocab * h {
+            return Ok(None);
+        }
+        let rows = b as usize;
+        let past = cache.len as usize;
+        let pos: Vec<i64> = Vec::try_from(cache.next_pos.f_to_kind(Kind::Int64)?.f_contiguous()?)?;
+        let half = c.head_dim / 2;
+        let inv_freq = super::inverse_frequencies(c);
+        let (mut cos, mut sin) = (Vec::with_capacity(rows), Vec::with_capacity(rows));
+        for &p in &pos {
+            let angles: Vec<f32> = inv_freq.iter().map(|f| p as f32 * f).collect();
+            cos.push(angles.iter().map(|a| a.cos()).collect());
+            sin.push(angles.iter().map(|a| a.sin()).collect());
+        }
+        if inv_freq.len() != half {
+            return Ok(None);
+        }
+        let valid = if cache.padded {
+            let m = cache.key_mask.f_narrow(1, 0, s)?.f_to_kind(Kind::Uint8)?.f_contiguous()?;
+            let flat: Vec<u8> = Vec::try_from(m.f_view([-1])?)?;
+            Some(flat.chunks_exact(s as usize).map(|r| r.iter().map(|&v| v != 0).collect()).collect())
+        } else {
+            None
+        };
+        let step = Step { rows, past, cos, sin, valid, opts };
+
+        let mut x = vec![0f32; rows * h];
+        for (r, &id) in ids.iter().enumerate() {
+            embed.read_into(id as usize * h, &mut x[r * h..(r + 1) * h]);
+        }
+        for block in &self.blocks {
+            self.fused_block(block, &mut x, cache, &step)?;
+        }
+        cache.len = s;
+        cache.next_pos = cache.next_pos.f_add_scalar(1)?;
+        kernels::FUSED_STEPS.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+
+        let logits = match opts.logits {
+            Logits::Skip => None,
+            Logits::All | Logits::Last => {
+                // SAFETY: the norm weight lives as long as `self`.
+                let norm = unsafe { raw(&self.norm) }.ok_or_else(|| bad_tensor("model.norm.weight"))?;
+                let mut normed = vec![0f32; rows * h];
+                rms_norm(&x, norm, c.rms_norm_eps, h, &mut normed);
+                let head = self.lm_head.as_ref().unwrap_or(&self.embed);
+                let xs: Vec<&[f32]> = normed.chunks_exact(h).collect();
+                let mut y = vec![0f32; rows * vocab];
+                let l = if kernels::linear_rows(head, None, None, &xs, &mut y)? {
+                    Tensor::from_slice(&y).f_view([b, vocab as i64])?
+                } else {
+                    let n = Tensor::from_slice(&normed).f_view([b, h as i64])?.f_to_kind(kind)?;
+                    self.lm_head(&n)?
+                };
+                Some(if opts.logits == Logits::All { l.f_unsqueeze(1)? } else { l })
+            }
+        };
+        Ok(Some(ForwardOutput { logits, hidden_states: Vec::new() }))
+    }
+
+    /// One block on the rows `x` (`[rows, hidden]`, updated in place).
+    fn fused_block(&self, block: &Block, x: &mut [f32], cache: &mut KvCache, step: &Step<'_>) -> Result<()> {
+        let c = &self.config;
+        let (h, hd) = (c.hidden_size, c.head_dim);
+        let a = &block.attn;
+        let (nh, nkv) = (a.num_heads as usize, a.num_kv_heads as usize);
+        let l = block.index;
+        let rows = step.rows;
+        let mask = step.opts.mask;
+        let on = |m: Module| mask.is_active(l, m);
+
+        // SAFETY: the norm weights live as long as `self`.
+        let in_norm = unsafe { raw(&block.input_norm) }.ok_or_else(|| bad_tensor("input_layernorm"))?;
+        let post_norm = unsafe { raw(&block.post_norm) }.ok_or_else(|| bad_tensor("post_attention_layernorm"))?;
+        let mut n = vec![0f32; rows * h];
+        rms_norm(x, in_norm, c.rms_norm_eps, h, &mut n);
+        let mut q = vec![0f32; rows * nh * hd];
+        let mut k = vec![0f32; rows * nkv * hd];
+        let mut v = vec![0f32; rows * nkv * hd];
+        project(&a.q, on(Module::Q), &n, h, &mut q)?;
+        project(&a.k, on(Module::K), &n, h, &mut k)?;
+        project(&a.v, on(Module::V), &n, h, &mut v)?;
+        for r in 0..rows {
+            for head in q[r * nh * hd..(r + 1) * nh * hd].chunks_exact_mut(hd) {
+                rope(head, &step.cos[r], &step.sin[r]);
+            }
+            for head in k[r * nkv * hd..(r + 1) * nkv * hd].chunks_exact_mut(hd) {
+                rope(head, &step.cos[r], &step.sin[r]);
+            }
+        }
+
+        // Append this position's keys and values to the cache, then attend over positions 0..=past.
+        let cap = cache.capacity as usize;
+        let s = step.past + 1;
+        let keys = &cache.keys[l];
+        let values = &cache.values[l];
+        let shape_ok = |t: &Tensor| t.size() == [rows as i64, nkv as i64, cap as i64, hd as i64];
+        if !shape_ok(keys) || !shape_ok(values) || keys.kind() != self.place.kind || values.kind() != keys.kind() {
+            return Err(ModelError::InvalidArgument(format!("block {l}: KV cache does not fit the model")));
+        }
+        // SAFETY: the cache tensors are contiguous CPU tensors of this kind with `rows·nkv·cap·hd` elements
+        // (checked just above, and `raw` checks contiguity); this step is the only user of the cache meanwhile
+        // (`&mut KvCache`), so writing through the pointers races with nothing.
+        let (Some(kr), Some(vr)) = (unsafe { raw(keys) }, unsafe { raw(values) }) else {
+            return Err(ModelError::InvalidArgument(format!("block {l}: KV cache is not a contiguous CPU tensor")));
+        };
+        for r in 0..rows {
+            for g in 0..nkv {
+                let at = ((r * nkv + g) * cap + step.past) * hd;
+                let src = (r * nkv + g) * hd;
+                unsafe {
+                    write_row(kr, at, &k[src..src + hd]);
+                    write_row(vr, at, &v[src..src + hd]);
+                }
+            }
+        }
+        let scale = 1.0 / (hd as f32).sqrt();
+        let rep = nh / nkv;
+        let mut att = vec![0f32; rows * nh * hd];
+        let mut kbuf = vec![0f32; s * hd];
+        let mut vbuf = vec![0f32; s * hd];
+        let mut scores = vec![0f32; s];
+        for r in 0..rows {
+            let valid = step.valid.as_ref().map(|v| &v[r]);
+            for g in 0..nkv {
+                let base = (r * nkv + g) * cap * hd;
+                kr.read_into(base, &mut kbuf);
+                vr.read_into(base, &mut vbuf);
+                for head in g * rep..(g + 1) * rep {
+                    let qh = &q[(r * nh + head) * hd..(r * nh + head + 1) * hd];
+                    let mut max = f32::NEG_INFINITY;
+                    for (j, sc) in scores.iter_mut().enumerate() {
+                        // The newest position is always visible (as in the libtorch path's mask).
+                        let seen = j + 1 == s || valid.is_none_or(|v| v[j]);
+                        *sc = if seen {
+                            kernels::dot(qh, &kbuf[j * hd..(j + 1) * hd]) * scale
+                        } else {
+                            f32::NEG_INFINITY
+                        };
+                        max = max.max(*sc);
+                    }
+                    let mut sum = 0f32;
+                    for sc in scores.iter_mut() {
+                        *sc = (*sc - max).exp();
+                        sum += *sc;
+                    }
+                    let out = &mut att[(r * nh + head) * hd..(r * nh + head + 1) * hd];
+                    for (j, &p) in scores.iter().enumerate() {
+                        if p > 0.0 {
+                            kernels::axpy(out, p / sum, &vbuf[j * hd..(j + 1) * hd]);
+                        }
+                    }
+                }
+            }
+        }
+        let mut o = vec![0f32; rows * h];
+        project(&a.o, on(Module::O), &att, nh * hd, &mut o)?;
+        for (xv, ov) in x.iter_mut().zip(&o) {
+            *xv += ov;
+        }
+
+        rms_norm(x, post_norm, c.rms_norm_eps, h, &mut n);
+        let inter = c.intermediate_size;
+        let mlp = &block.mlp;
+        let mut gate = vec![0f32; rows * inter];
+        let mut up = vec![0f32; rows * inter];
+        project(&mlp.gate, on(Module::Gate), &n, h, &mut gate)?;
+        project(&mlp.up, on(Module::Up), &n, h, &mut up)?;
+        for (g, u) in gate.iter_mut().zip(&up) {
+            *g = *g / (1.0 + (-*g).exp()) * u;
+        }
+        let mut down = vec![0f32; rows * h];
+        project(&mlp.down, on(Module::Down), &gate, inter, &mut down)?;
+        for (xv, dv) in x.iter_mut().zip(&down) {
+            *xv += dv;
+        }
+        Ok(())
+    }
+}
+
+/// Writes `src` into `dst` at element offset `at` (rounded to bf16 for a bf16 tensor).
+///
+/// # Safety
+/// `dst` must be the only live reference to its storage that anyone reads or writes meanwhile, and
+/// `at + src.len() ≤ dst.len()`.
+unsafe fn write_row(dst: Raw<'_>, at: usize, src: &[f32]) {
+    match dst {
+        Raw::F32(d) => {
+            assert!(at + src.len() <= d.len(), "KV cache write out of bounds");
+            let p = (d.as_ptr() as *mut f32).add(at);
+            std::ptr::copy_nonoverlapping(src.as_ptr(), p, src.len());
+        }
+        Raw::Bf16(d) => {
+            assert!(at + src.len() <= d.len(), "KV cache write out of bounds");
+            let p = (d.as_ptr() as *mut u16).add(at);
+            for (i, &v) in src.iter().enumerate() {
+                *p.add(i) = to_bf16(v);
+            }
+        }
+    }
+}
+
+/// `y = lin(x)` (with its LoRA when `lora_on`) for the rows of `x` (`[rows, n_in]`): the fused kernel, or
+/// libtorch for what the kernel does not take.
+fn project(lin: &LoraLinear, lora_on: bool, x: &[f32], n_in: usize, y: &mut [f32]) -> Result<()> {
+    let part = match &lin.lora {
+        Some(l) if lora_on && !l.merged => Some(LoraPart { a: &l.a, b: &l.b, scaling: l.scaling }),
+        _ => None,
+    };
+    let rows: Vec<&[f32]> = x.chunks_exact(n_in).collect();
+    if kernels::linear_rows(&lin.weight, lin.bias.as_ref(), part, &rows, y)? {
+        return Ok(());
+    }
+    let xt = Tensor::from_slice(x).f_view([rows.len() as i64, n_in as i64])?.f_to_kind(lin.weight.kind())?;
+    let out = lin.forward(&xt, lora_on, false)?.f_to_kind(Kind::Float)?.f_contiguous()?;
+    let v: Vec<f32> = Vec::try_from(out.f_view([-1])?)?;
+    if v.len() != y.len() {
+        return Err(ModelError::InvalidArgument(format!(
+            "projection output has {} values, expected {}",
+            v.len(),
+            y.len()
+        )));
+    }
+    y.copy_from_slice(&v);
+    Ok(())
+}
+
+fn bad_tensor(what: &str) -> ModelError {
+    ModelError::InvalidArgument(format!("{what}: not a contiguous f32/bf16 CPU tensor"))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn bf16_rounding_matches_libtorch() {
+        // Exact halfway cases (ties to even, down and up), just above halfway, and ordinary values.
+        let bits = [0x3F80_8000u32, 0x3F81_8000, 0x3F80_8001, 0xBF80_7FFF, 0x0000_0001, 0x7F7F_FFFF];
+        let mut vals: Vec<f32> = bits.iter().map(|&b| f32::from_bits(b)).collect();
+        vals.extend([0.0f32, 1.0, -1.0, std::f32::consts::PI, -std::f32::consts::E, 1e-30, 65504.0]);
+        let t = Tensor::from_slice(&vals).to_kind(Kind::BFloat16);
+        // SAFETY: `t` outlives the borrow.
+        let Some(Raw::Bf16(bits)) = (unsafe { raw(&t) }) else { panic!("bf16 tensor") };
+        for (v, &want) in vals.iter().zip(bits) {
+            assert_eq!(to_bf16(*v), want, "{v}");
+        }
+    }
+}

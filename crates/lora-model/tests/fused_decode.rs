@@ -1,0 +1,96 @@
+//! The fused one-token decode step (`forward_cached` with one new token per row on CPU) against uncached
+//! libtorch forwards of the whole sequence: tiny Llama with an rsLoRA/pattern adapter, Qwen2 with q/k/v bias and
+//! its adapter, llama3 rope scaling; left-padded batches; masks all / keep-through / none; f32 and bf16.
+use std::path::PathBuf;
+
+use lora_model::tch::{Kind, Tensor};
+use lora_model::{kernels, load_adapter, ForwardOptions, LayerMask, Llama, Logits, Placement};
+
+fn fixtures() -> PathBuf {
+    PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../../tests/fixtures")
+}
+
+fn load(base: &str, adapter: Option<&str>, kind: Kind) -> Llama {
+    let place = Placement { kind, ..Placement::default() };
+    let mut m = Llama::load(fixtures().join("models").join(base), place).unwrap();
+    if let Some(a) = adapter {
+        load_adapter(&mut m, fixtures().join("adapters").join(a)).unwrap();
+    }
+    m
+}
+
+/// Left-pads `rows` to one length: `(ids, attention_mask)`.
+fn padded(rows: &[Vec<i64>]) -> (Tensor, Tensor) {
+    let n = rows.iter().map(Vec::len).max().unwrap();
+    let mut ids = Vec::new();
+    let mut att = Vec::new();
+    for r in rows {
+        ids.extend(std::iter::repeat_n(0i64, n - r.len()).chain(r.iter().copied()));
+        att.extend(std::iter::repeat_n(0i64, n - r.len()).chain(std::iter::repeat_n(1i64, r.len())));
+    }
+    let b = rows.len() as i64;
+    (Tensor::from_slice(&ids).view([b, n as i64]), Tensor::from_slice(&att).view([b, n as i64]))
+}
+
+/// Prefills `prompts`, then feeds `steps` one token per row; each step's logits must equal the last position of
+/// an uncached forward over everything so far. Returns the largest difference relative to the logits' scale.
+fn check(model: &Llama, prompts: &[Vec<i64>], steps: &[Vec<i64>], mask: &LayerMask) -> f64 {
+    let opts = ForwardOptions { logits: Logits::Last, ..ForwardOptions::new(mask) };
+    let (ids, att) = padded(prompts);
+    let b = prompts.len() as i64;
+    let mut cache = model.new_cache(b, ids.size()[1] + steps.len() as i64).unwrap();
+    model.forward_cached(&ids, Some(&att), &mut cache, &opts).unwrap();
+    let mut seqs = prompts.to_vec();
+    let mut worst = 0f64;
+    for step in steps {
+        let before = kernels::fused_decode_steps();
+        let tok = Tensor::from_slice(step).view([b, 1]);
+        let got = model.forward_cached(&tok, None, &mut cache, &opts).unwrap().logits.unwrap();
+        if kernels::enabled() {
+            assert!(kernels::fused_decode_steps() > before, "the one-token step did not run fused");
+        }
+        for (s, t) in seqs.iter_mut().zip(step) {
+            s.push(*t);
+        }
+        let (ids, att) = padded(&seqs);
+        let full = model.forward(&ids, Some(&att), &opts).unwrap().logits.unwrap();
+        assert_eq!(got.size(), full.size());
+        assert_eq!(got.kind(), Kind::Float);
+        let scale = full.abs().max().double_value(&[]).max(1.0);
+        worst = worst.max((&got - &full).abs().max().double_value(&[]) / scale);
+    }
+    worst
+}
+
+#[test]
+fn fused_decode_equals_uncached_forward() {
+    let _g = lora_model::tch::no_grad_guard();
+    let prompts = vec![vec![5i64, 17, 42, 7, 99], vec![3, 8, 1], vec![11, 12, 13, 14, 15, 16]];
+    let steps: Vec<Vec<i64>> = (0..4).map(|k| vec![20 + k, 30 + k, 40 + k]).collect();
+    let cases = [
+        ("tiny-llama", Some("tiny-llama-rslora-patterns")),
+        ("tiny-qwen2", Some("tiny-qwen2-basic")),
+        ("tiny-llama3-rope", None),
+    ];
+    for (base, adapter) in cases {
+        for kind in [Kind::Float, Kind::BFloat16] {
+            let model = load(base, adapter, kind);
+            for mask in [LayerMask::all(), LayerMask::keep_through(0), LayerMask::none()] {
+                // One row, then a left-padded batch of three.
+                let one =
+                    check(&model, &prompts[..1], &steps.iter().map(|s| s[..1].to_vec()).collect::<Vec<_>>(), &mask);
+                let many = check(&model, &prompts, &steps, &mask);
+                // f32: summation order only. bf16: libtorch rounds every intermediate to bf16 (8 bits), the fused
+                // step keeps them in f32.
+                let tol = if kind == Kind::Float { 1e-5 } else { 0.05 };
+                assert!(one < tol && many < tol, "{base} {kind:?} {mask}: relative diff {one:.2e} / {many:.2e}");
+            }
+        }
+    }
+    // Inside a decode scope (projections split between this thread and the helper) the same holds. In this
+    // test, not a separate one: the scope sets libtorch's thread count for the whole process.
+    let model = load("tiny-llama", Some("tiny-llama-basic"), Kind::Float);
+    let _scope = kernels::decode_scope();
+    let d = check(&model, &prompts, &steps, &LayerMask::all());
+    assert!(d < 1e-5, "in a decode scope: {d:.2e}");
+}
