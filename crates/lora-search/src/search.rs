@@ -35,10 +35,11 @@ pub enum Strategy {
     /// from an additive fit (boundary effect + per-sample difficulty) of all scores so far.
     #[default]
     Halving,
-    /// Rank every candidate by a cheap proxy scorer on all samples; the short list is the
-    /// smallest `shortlist` (default 2) boundaries statistically indistinguishable from the
-    /// proxy's best (paired differences), evaluated with the real scorer together with the
-    /// full-LoRA reference: at most `shortlist + 1` full evaluations.
+    /// Rank every candidate by a cheap proxy scorer on all samples; the short list holds the
+    /// proxy's plateau edges — the smallest boundary keeping all but `proxy_margin` (10%) of
+    /// the proxy's rise, and the smallest not significantly below the proxy's best (paired
+    /// differences) — up to `shortlist` (default 2) boundaries, evaluated with the real
+    /// scorer together with the full-LoRA reference: at most `shortlist + 1` full evaluations.
     ProxyFirst,
 }
 
@@ -233,6 +234,7 @@ pub struct BoundarySearch {
     min_samples: usize,
     shortlist: usize,
     z: f64,
+    proxy_margin: f64,
 }
 
 /// Default tie tolerance ε (scores are assumed to be on a 0–1 scale).
@@ -241,6 +243,9 @@ pub const DEFAULT_EPSILON: f64 = 0.01;
 pub const DEFAULT_RESAMPLES: usize = 1000;
 /// Default budget of the halving strategy, in full validation evaluations.
 pub const DEFAULT_BUDGET: f64 = 3.0;
+/// Default practical margin of [`Strategy::ProxyFirst`]: a boundary keeping 90% of the proxy's
+/// rise counts as on the proxy's plateau.
+pub const DEFAULT_PROXY_MARGIN: f64 = 0.1;
 
 impl BoundarySearch {
     /// A search over a model with `num_layers` decoder blocks; the range defaults to all
@@ -263,6 +268,7 @@ impl BoundarySearch {
             min_samples: 2,
             shortlist: 2,
             z: 2.0,
+            proxy_margin: DEFAULT_PROXY_MARGIN,
         }
     }
 
@@ -339,8 +345,8 @@ impl BoundarySearch {
     }
 
     /// Short-list length of [`Strategy::ProxyFirst`] (≥ 1, default 2): at most this many
-    /// boundaries indistinguishable from the proxy's best (the smallest ones) are evaluated
-    /// with the real scorer, plus the full-LoRA reference.
+    /// boundaries on the proxy's plateau (its edges first, then the smallest others) are
+    /// evaluated with the real scorer, plus the full-LoRA reference.
     pub fn shortlist(mut self, k: usize) -> Self {
         self.shortlist = k;
         self
@@ -348,10 +354,19 @@ impl BoundarySearch {
 
     /// Confidence `z` (in standard errors, ≥ 0, default 2): [`Strategy::Halving`] accepts its
     /// choice as tied once it lies `z` standard errors above the tie level;
-    /// [`Strategy::ProxyFirst`] counts a boundary as indistinguishable from the proxy's best
-    /// while its mean paired difference is within `z + √(2 ln K)` standard errors of 0.
+    /// [`Strategy::ProxyFirst`] counts a boundary as not significantly below the proxy's best
+    /// while its mean paired difference is within `z` standard errors of 0 (`z + √(2 ln K)`
+    /// when the proxy shows no clear rise).
     pub fn z(mut self, z: f64) -> Self {
         self.z = z;
+        self
+    }
+
+    /// Practical margin ρ of [`Strategy::ProxyFirst`] (`0 ≤ ρ < 1`, default
+    /// [`DEFAULT_PROXY_MARGIN`]): where the proxy rises clearly, a boundary whose proxy mean is
+    /// within `ρ · rise` of the best counts as on the plateau (`rise` = best − worst candidate).
+    pub fn proxy_margin(mut self, rho: f64) -> Self {
+        self.proxy_margin = rho;
         self
     }
 
@@ -419,6 +434,9 @@ impl BoundarySearch {
         }
         if !(self.z.is_finite() && self.z >= 0.0) {
             return bad("z", self.z.to_string(), "must be finite and >= 0");
+        }
+        if !(self.proxy_margin.is_finite() && (0.0..1.0).contains(&self.proxy_margin)) {
+            return bad("proxy_margin", self.proxy_margin.to_string(), "must be in [0, 1)");
         }
         let counts = match &self.param_counts {
             None => vec![1.0; self.num_layers],
@@ -621,9 +639,7 @@ impl BoundarySearch {
             ptable.eval(b, ctx.order)?;
         }
         let scored = ptable.scores_on(&pool, ctx.order);
-        let tied = indistinguishable(&scored, self.z);
-        let list: Vec<usize> =
-            scored.iter().zip(&tied).filter(|(_, &t)| t).map(|((b, _), _)| *b).take(self.shortlist).collect();
+        let (tied, list) = plateau(&scored, self.z, self.proxy_margin, self.shortlist);
         table.eval(ctx.reference, ctx.order)?;
         for &b in &list {
             table.eval(b, ctx.order)?;
@@ -856,31 +872,71 @@ fn best_of(means: &[(usize, f64)]) -> Option<(usize, f64)> {
     best
 }
 
-/// Which entries of `scored` are statistically indistinguishable from the best mean: with
-/// `d_i = s_b,i − s_best,i` the per-sample paired differences and `K` candidates, `b` is
-/// indistinguishable when `mean(d) + (z + √(2 ln K)) · sd(d)/√n ≥ 0`. The allowance
-/// `√(2 ln K)` standard errors covers the best's own selection bias (it is the largest of
-/// `K` noisy means). The best itself always is; with one sample, `b` is when `mean(d) ≥ 0`.
-fn indistinguishable(scored: &[(usize, Vec<f64>)], z: f64) -> Vec<bool> {
+/// The proxy's plateau: which entries of `scored` (ascending boundaries) count as on it, and
+/// the short list of at most `k` boundaries to evaluate with the real scorer.
+///
+/// With `d_b,i = s_b,i − s_best,i` the per-sample paired differences to the best mean, `m_b`
+/// and `se_b` their mean and standard error, and `K` candidates:
+///
+/// * the **rise** `G = max_b(−m_b)` is *clear* when `G ≥ (z + 2√(2 ln K)) · median_b(se_b)`
+///   (the range of `K` equal candidates' means stays below about `2√(2 ln K)` standard errors);
+/// * with a clear rise, `b` is on the plateau when it keeps all but `ρ` of the rise,
+///   `m_b ≥ −ρ·G` (the *practical edge*), or is not significantly below the best,
+///   `m_b + z·se_b ≥ 0` (the *statistical edge*). The short list is the smallest boundary of
+///   each kind, then the smallest others;
+/// * without one, `b` is on it when `m_b + (z + √(2 ln K))·se_b ≥ 0` (the allowance covers the
+///   best's own selection bias as the largest of `K` noisy means) and the short list is the
+///   smallest such boundaries.
+///
+/// Why two edges: a proxy that keeps rising slowly below the metric's step puts the practical
+/// edge too low and the statistical edge on the step; a heavy-tailed proxy (log-probabilities
+/// of a few hard samples) makes every standard error large, and the practical edge still
+/// finds the plateau.
+fn plateau(scored: &[(usize, Vec<f64>)], z: f64, rho: f64, k: usize) -> (Vec<bool>, Vec<usize>) {
     let means: Vec<(usize, f64)> = scored.iter().map(|(b, s)| (*b, mean(s))).collect();
     let Some((best, _)) = best_of(&means) else {
-        return Vec::new();
+        return (Vec::new(), Vec::new());
     };
     let Some((_, bs)) = scored.iter().find(|(b, _)| *b == best) else {
-        return vec![false; scored.len()];
+        return (vec![false; scored.len()], Vec::new());
     };
-    let allowance = (2.0 * (scored.len().max(1) as f64).ln()).sqrt();
-    scored
+    let stats: Vec<(f64, f64)> = scored
         .iter()
-        .map(|(b, s)| {
-            if *b == best {
-                return true;
-            }
+        .map(|(_, s)| {
             let d: Vec<f64> = s.iter().zip(bs).map(|(x, y)| x - y).collect();
             let se = variance(&d).map_or(0.0, |v| (v / d.len() as f64).sqrt());
-            mean(&d) + (z + allowance) * se >= 0.0
+            (mean(&d), se)
         })
-        .collect()
+        .collect();
+    let allowance = (2.0 * (scored.len().max(1) as f64).ln()).sqrt();
+    let rise = stats.iter().map(|(m, _)| -m).fold(0.0, f64::max);
+    let mut ses: Vec<f64> =
+        scored.iter().zip(&stats).filter(|((b, _), _)| *b != best).map(|(_, (_, se))| *se).collect();
+    ses.sort_by(f64::total_cmp);
+    let noise = ses.get(ses.len() / 2).copied().unwrap_or(0.0);
+    let clear = rise > 0.0 && rise >= (z + 2.0 * allowance) * noise;
+    let boundaries: Vec<usize> = scored.iter().map(|(b, _)| *b).collect();
+    if !clear {
+        let flags: Vec<bool> = stats.iter().map(|(m, se)| m + (z + allowance) * se >= 0.0).collect();
+        let list = boundaries.iter().zip(&flags).filter(|(_, &f)| f).map(|(b, _)| *b).take(k).collect();
+        return (flags, list);
+    }
+    let practical: Vec<bool> = stats.iter().map(|(m, _)| *m >= -rho * rise).collect();
+    let statistical: Vec<bool> = stats.iter().map(|(m, se)| m + z * se >= 0.0).collect();
+    let flags: Vec<bool> = practical.iter().zip(&statistical).map(|(p, s)| *p || *s).collect();
+    let first = |f: &[bool]| boundaries.iter().zip(f).find(|(_, &x)| x).map(|(b, _)| *b);
+    let mut list: Vec<usize> = Vec::with_capacity(k);
+    for b in [first(&practical), first(&statistical)]
+        .into_iter()
+        .flatten()
+        .chain(boundaries.iter().zip(&flags).filter(|(_, &f)| f).map(|(b, _)| *b))
+    {
+        if list.len() < k && !list.contains(&b) {
+            list.push(b);
+        }
+    }
+    list.sort_unstable();
+    (flags, list)
 }
 
 #[cfg(test)]
@@ -900,17 +956,40 @@ mod tests {
     }
 
     #[test]
-    fn indistinguishable_uses_paired_differences() {
+    fn plateau_has_a_practical_and_a_statistical_edge() {
         // A large shared per-sample effect: unpaired spreads overlap, paired ones do not.
         let shared = [0.0, 1.0, 2.0, 3.0, 4.0, 5.0];
-        let with = |off: f64, wob: f64| -> Vec<f64> {
-            shared.iter().enumerate().map(|(i, s)| s + off + if i % 2 == 0 { wob } else { -wob }).collect()
-        };
-        // K = 4: allowance √(2 ln 4) ≈ 1.67 standard errors on top of z.
-        let scored = vec![(0, with(-0.5, 0.01)), (1, with(-0.02, 0.02)), (2, with(0.0, 0.0)), (3, with(-0.002, 0.0))];
-        assert_eq!(indistinguishable(&scored, 2.0), vec![false, true, true, false]);
-        assert_eq!(indistinguishable(&scored, 0.0), vec![false, false, true, false]);
-        assert!(indistinguishable(&[], 2.0).is_empty());
+        let with =
+            |off: &dyn Fn(usize) -> f64| -> Vec<f64> { shared.iter().enumerate().map(|(i, s)| s + off(i)).collect() };
+        let wob = |o: f64, w: f64| move |i: usize| o + if i.is_multiple_of(2) { w } else { -w };
+        // 0: far below, with a heavy tail (one sample above the best): its standard error is large, and the
+        // old allowance band (z + √(2 ln K) standard errors) called it indistinguishable.
+        let tail = [-5.0, -5.0, -5.0, -5.0, 3.0, -1.0];
+        let scored = vec![
+            (0, with(&|i| tail[i])),
+            (1, with(&wob(-0.25, 0.001))),
+            (2, with(&|_| 0.0)),
+            (3, with(&wob(-0.01, 0.02))),
+            (4, with(&wob(-0.4, 0.001))),
+        ];
+        // Rise 3 ≫ the typical standard error: clear. Practical edge (within 10 % of the rise): 1;
+        // statistical edge (within 2 standard errors): 2 is the best, 3 is too; 4 is neither.
+        let (flags, list) = plateau(&scored, 2.0, 0.1, 2);
+        assert_eq!(flags, vec![false, true, true, true, false]);
+        assert_eq!(list, vec![1, 2]);
+        let (_, list) = plateau(&scored, 2.0, 0.1, 3);
+        assert_eq!(list, vec![1, 2, 3]);
+        // No practical margin: only the statistical edge.
+        let (flags, list) = plateau(&scored, 2.0, 0.0, 2);
+        assert_eq!(flags, vec![false, false, true, true, false]);
+        assert_eq!(list, vec![2, 3]);
+        // A flat proxy (differences of the order of their noise): the wide band, smallest first.
+        let flat: Vec<(usize, Vec<f64>)> =
+            (0..4).map(|b| (b, with(&|i| 0.001 * b as f64 + 0.004 * ((i * 7 + b * 13) % 5) as f64))).collect();
+        let (flags, list) = plateau(&flat, 2.0, 0.1, 2);
+        assert_eq!(flags, vec![true; 4]);
+        assert_eq!(list, vec![0, 1]);
+        assert_eq!(plateau(&[], 2.0, 0.1, 2), (Vec::new(), Vec::new()));
     }
 
     #[test]
