@@ -251,8 +251,9 @@ pub struct SearchArgs {
     /// Metric name, or `logprob` for the teacher-forced proxy alone (default: the task's metric).
     #[arg(long)]
     pub metric: Option<String>,
-    /// `exhaustive`, `coarse-to-fine`, `halving`, `proxy-first`.
-    #[arg(long, default_value = "halving")]
+    /// `proxy-first` (default: the teacher-forced proxy ranks every boundary, the metric decides between the
+    /// proxy's plateau edges), `exhaustive`, `coarse-to-fine`, `halving`.
+    #[arg(long, default_value = "proxy-first")]
     pub strategy: String,
     /// Candidate boundaries `LO-HI` (default: all blocks).
     #[arg(long)]
@@ -627,6 +628,13 @@ fn run_search(a: &SearchArgs) -> Result<()> {
     let (model, tokenizer, info) = load_with_adapter(&a.model, true)?;
     let l = model.num_layers();
     let strategy: lora_search::Strategy = a.strategy.parse().map_err(|e: SearchError| Error::Usage(e.to_string()))?;
+    let proxy_only = a.metric.as_deref() == Some("logprob");
+    // Scoring with the proxy alone, proxy-first is exhaustive search over the proxy (one shared sweep).
+    let strategy = if proxy_only && strategy == lora_search::Strategy::ProxyFirst {
+        lora_search::Strategy::Exhaustive
+    } else {
+        strategy
+    };
     let mut search = lora_search::BoundarySearch::new(l).strategy(strategy).seed(a.seed);
     let mut proxy = ProxyScorer::new(&model, &tokenizer, &samples, a.data.chat, a.batch_size);
     if let Some(r) = &a.range {
@@ -638,7 +646,7 @@ fn run_search(a: &SearchArgs) -> Result<()> {
         search = search.param_counts(i.params_per_layer.iter().map(|&p| p as f64).collect());
     }
     let bar = crate::progress::begin("search", None, "samples scored");
-    let report = if a.metric.as_deref() == Some("logprob") {
+    let report = if proxy_only {
         search.run(&mut proxy, samples.len())
     } else {
         let metric = metric_for(task, &a.metric)?;
@@ -662,7 +670,10 @@ fn run_search(a: &SearchArgs) -> Result<()> {
     match a.format {
         Format::Json => print_json(&report),
         Format::Text => {
-            println!("boundary {} ({} strategy, {} scorer calls)", report.boundary, a.strategy, report.scorer_calls);
+            println!(
+                "boundary {} ({} strategy, {} scorer calls)",
+                report.boundary, report.strategy, report.scorer_calls
+            );
             for c in &report.candidates {
                 println!(
                     "  b={:>3}  score {:>9.4}  CI vs full [{:+.4}, {:+.4}]  LoRA kept {:>5.1}%",

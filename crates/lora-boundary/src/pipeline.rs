@@ -28,7 +28,7 @@ fn default_batch() -> usize {
     8
 }
 fn default_strategy() -> String {
-    "halving".into()
+    "proxy-first".into()
 }
 
 /// Configuration of a pipeline run (the TOML file of `lora-boundary run`).
@@ -356,6 +356,8 @@ pub fn run_pipeline(cfg: &PipelineConfig, place: Placement, mut log: impl FnMut(
     let t = std::time::Instant::now();
     let _bar = progress::begin("search", None, "samples scored");
     let strategy: Strategy = cfg.strategy.parse().map_err(|e: lora_search::SearchError| Error::Usage(e.to_string()))?;
+    // Scoring with the proxy alone, proxy-first is exhaustive search over the proxy (one shared sweep).
+    let strategy = if cfg.proxy_only && strategy == Strategy::ProxyFirst { Strategy::Exhaustive } else { strategy };
     let mut search = BoundarySearch::new(l)
         .strategy(strategy)
         .seed(cfg.seed)
@@ -389,7 +391,7 @@ pub fn run_pipeline(cfg: &PipelineConfig, place: Placement, mut log: impl FnMut(
     timings.push(("search".to_string(), t.elapsed().as_secs_f64()));
     log(&format!(
         "search ({}): boundary {} after {:.2} full validation evaluations",
-        cfg.strategy, report.boundary, report.full_evaluations
+        report.strategy, report.boundary, report.full_evaluations
     ));
 
     let t = std::time::Instant::now();

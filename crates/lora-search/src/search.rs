@@ -639,11 +639,47 @@ impl BoundarySearch {
             ptable.eval(b, ctx.order)?;
         }
         let scored = ptable.scores_on(&pool, ctx.order);
-        let (tied, list) = plateau(&scored, self.z, self.proxy_margin, self.shortlist);
+        let (tied, plan) = plateau(&scored, self.z, self.proxy_margin, self.shortlist);
         table.eval(ctx.reference, ctx.order)?;
-        for &b in &list {
-            table.eval(b, ctx.order)?;
-        }
+        let list = match plan {
+            Plan::Evaluate(list) => {
+                for &b in &list {
+                    table.eval(b, ctx.order)?;
+                }
+                list
+            }
+            Plan::Bisect { lo, hi } => {
+                // The metric's edge lies somewhere between the proxy's two edges: bisect for the smallest
+                // boundary whose real score ties the best real score so far (ε rule), `shortlist` evaluations.
+                let mut best = mean(&table.scores(ctx.reference, ctx.order));
+                let (mut lo, mut hi) = (lo, hi);
+                let mut list = Vec::with_capacity(self.shortlist);
+                // k evaluations resolve 2^k − 1 candidates; a wider bracket cannot be resolved, so its lower end
+                // (the smallest boundary the proxy considers) is tried first.
+                let resolvable = u32::try_from(self.shortlist)
+                    .ok()
+                    .and_then(|k| 1usize.checked_shl(k))
+                    .map_or(usize::MAX, |v| v - 1);
+                let mut lower_first = hi - lo + 1 > resolvable;
+                while list.len() < self.shortlist && lo <= hi {
+                    let mid = if std::mem::take(&mut lower_first) { lo } else { lo + (hi - lo) / 2 };
+                    table.eval(mid, ctx.order)?;
+                    list.push(mid);
+                    let m = mean(&table.scores(mid, ctx.order));
+                    best = best.max(m);
+                    if m >= best - self.epsilon {
+                        if mid == 0 {
+                            break;
+                        }
+                        hi = mid - 1;
+                    } else {
+                        lo = mid + 1;
+                    }
+                }
+                list.sort_unstable();
+                list
+            }
+        };
         let ranking = scored
             .iter()
             .zip(&tied)
@@ -872,8 +908,17 @@ fn best_of(means: &[(usize, f64)]) -> Option<(usize, f64)> {
     best
 }
 
+/// Which real evaluations [`Strategy::ProxyFirst`] makes after ranking by the proxy.
+#[derive(Debug, Clone, PartialEq, Eq)]
+enum Plan {
+    /// These boundaries (ascending).
+    Evaluate(Vec<usize>),
+    /// Bisection for the smallest tied boundary in `lo..=hi`.
+    Bisect { lo: usize, hi: usize },
+}
+
 /// The proxy's plateau: which entries of `scored` (ascending boundaries) count as on it, and
-/// the short list of at most `k` boundaries to evaluate with the real scorer.
+/// which real evaluations to make (at most `k`).
 ///
 /// With `d_b,i = s_b,i − s_best,i` the per-sample paired differences to the best mean, `m_b`
 /// and `se_b` their mean and standard error, and `K` candidates:
@@ -881,24 +926,25 @@ fn best_of(means: &[(usize, f64)]) -> Option<(usize, f64)> {
 /// * the **rise** `G = max_b(−m_b)` is *clear* when `G ≥ (z + 2√(2 ln K)) · median_b(se_b)`
 ///   (the range of `K` equal candidates' means stays below about `2√(2 ln K)` standard errors);
 /// * with a clear rise, `b` is on the plateau when it keeps all but `ρ` of the rise,
-///   `m_b ≥ −ρ·G` (the *practical edge*), or is not significantly below the best,
-///   `m_b + z·se_b ≥ 0` (the *statistical edge*). The short list is the smallest boundary of
-///   each kind, then the smallest others;
+///   `m_b ≥ −ρ·G`, or is not significantly below the best, `m_b + z·se_b ≥ 0`. The smallest
+///   boundary of the first kind is the *practical edge* `p`, of the second the *statistical
+///   edge* `s`; the real metric's edge is taken to lie between them, and the plan bisects
+///   `min(p, s)..=max(p, s)`;
 /// * without one, `b` is on it when `m_b + (z + √(2 ln K))·se_b ≥ 0` (the allowance covers the
-///   best's own selection bias as the largest of `K` noisy means) and the short list is the
-///   smallest such boundaries.
+///   best's own selection bias as the largest of `K` noisy means), and the plan evaluates the
+///   `k` smallest such boundaries.
 ///
 /// Why two edges: a proxy that keeps rising slowly below the metric's step puts the practical
-/// edge too low and the statistical edge on the step; a heavy-tailed proxy (log-probabilities
-/// of a few hard samples) makes every standard error large, and the practical edge still
-/// finds the plateau.
-fn plateau(scored: &[(usize, Vec<f64>)], z: f64, rho: f64, k: usize) -> (Vec<bool>, Vec<usize>) {
+/// edge below the step and the statistical edge on it; a heavy-tailed proxy (log-probabilities
+/// of a few hard samples) makes every standard error large, pushing the statistical edge above
+/// the step, and the practical edge still reaches it.
+fn plateau(scored: &[(usize, Vec<f64>)], z: f64, rho: f64, k: usize) -> (Vec<bool>, Plan) {
     let means: Vec<(usize, f64)> = scored.iter().map(|(b, s)| (*b, mean(s))).collect();
     let Some((best, _)) = best_of(&means) else {
-        return (Vec::new(), Vec::new());
+        return (Vec::new(), Plan::Evaluate(Vec::new()));
     };
     let Some((_, bs)) = scored.iter().find(|(b, _)| *b == best) else {
-        return (vec![false; scored.len()], Vec::new());
+        return (vec![false; scored.len()], Plan::Evaluate(Vec::new()));
     };
     let stats: Vec<(f64, f64)> = scored
         .iter()
@@ -919,24 +965,14 @@ fn plateau(scored: &[(usize, Vec<f64>)], z: f64, rho: f64, k: usize) -> (Vec<boo
     if !clear {
         let flags: Vec<bool> = stats.iter().map(|(m, se)| m + (z + allowance) * se >= 0.0).collect();
         let list = boundaries.iter().zip(&flags).filter(|(_, &f)| f).map(|(b, _)| *b).take(k).collect();
-        return (flags, list);
+        return (flags, Plan::Evaluate(list));
     }
     let practical: Vec<bool> = stats.iter().map(|(m, _)| *m >= -rho * rise).collect();
     let statistical: Vec<bool> = stats.iter().map(|(m, se)| m + z * se >= 0.0).collect();
     let flags: Vec<bool> = practical.iter().zip(&statistical).map(|(p, s)| *p || *s).collect();
-    let first = |f: &[bool]| boundaries.iter().zip(f).find(|(_, &x)| x).map(|(b, _)| *b);
-    let mut list: Vec<usize> = Vec::with_capacity(k);
-    for b in [first(&practical), first(&statistical)]
-        .into_iter()
-        .flatten()
-        .chain(boundaries.iter().zip(&flags).filter(|(_, &f)| f).map(|(b, _)| *b))
-    {
-        if list.len() < k && !list.contains(&b) {
-            list.push(b);
-        }
-    }
-    list.sort_unstable();
-    (flags, list)
+    let first = |f: &[bool]| boundaries.iter().zip(f).find(|(_, &x)| x).map_or(best, |(b, _)| *b);
+    let (p, s) = (first(&practical), first(&statistical));
+    (flags, Plan::Bisect { lo: p.min(s), hi: p.max(s) })
 }
 
 #[cfg(test)]
@@ -973,23 +1009,21 @@ mod tests {
             (4, with(&wob(-0.4, 0.001))),
         ];
         // Rise 3 ≫ the typical standard error: clear. Practical edge (within 10 % of the rise): 1;
-        // statistical edge (within 2 standard errors): 2 is the best, 3 is too; 4 is neither.
-        let (flags, list) = plateau(&scored, 2.0, 0.1, 2);
+        // statistical edge (within 2 standard errors): 2 (the best; 3 is within too, 4 is neither).
+        let (flags, plan) = plateau(&scored, 2.0, 0.1, 2);
         assert_eq!(flags, vec![false, true, true, true, false]);
-        assert_eq!(list, vec![1, 2]);
-        let (_, list) = plateau(&scored, 2.0, 0.1, 3);
-        assert_eq!(list, vec![1, 2, 3]);
+        assert_eq!(plan, Plan::Bisect { lo: 1, hi: 2 });
         // No practical margin: only the statistical edge.
-        let (flags, list) = plateau(&scored, 2.0, 0.0, 2);
+        let (flags, plan) = plateau(&scored, 2.0, 0.0, 2);
         assert_eq!(flags, vec![false, false, true, true, false]);
-        assert_eq!(list, vec![2, 3]);
+        assert_eq!(plan, Plan::Bisect { lo: 2, hi: 2 });
         // A flat proxy (differences of the order of their noise): the wide band, smallest first.
         let flat: Vec<(usize, Vec<f64>)> =
             (0..4).map(|b| (b, with(&|i| 0.001 * b as f64 + 0.004 * ((i * 7 + b * 13) % 5) as f64))).collect();
-        let (flags, list) = plateau(&flat, 2.0, 0.1, 2);
+        let (flags, plan) = plateau(&flat, 2.0, 0.1, 2);
         assert_eq!(flags, vec![true; 4]);
-        assert_eq!(list, vec![0, 1]);
-        assert_eq!(plateau(&[], 2.0, 0.1, 2), (Vec::new(), Vec::new()));
+        assert_eq!(plan, Plan::Evaluate(vec![0, 1]));
+        assert_eq!(plateau(&[], 2.0, 0.1, 2), (Vec::new(), Plan::Evaluate(Vec::new())));
     }
 
     #[test]
