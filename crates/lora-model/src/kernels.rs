@@ -449,7 +449,7 @@ mod simd {
             // SAFETY: AVX2 and FMA were just detected; `w` holds exactly `len` rows of `n_in`, every `x` has
             // `n_in` values and `y` has `xs.len() * len` (asserted above), which bounds every load and store.
             unsafe {
-                if n_in % 8 == 0 && n_in <= x86::NARROW_MAX {
+                if n_in.is_multiple_of(8) && n_in <= x86::NARROW_MAX {
                     x86::matvec_narrow(w, n_in, len, xs, y, add);
                     return;
                 }
