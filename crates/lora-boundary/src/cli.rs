@@ -162,7 +162,10 @@ pub struct DataArgs {
     /// `jsonl` (`prompt`, `answer`, optional `references`), `e2e`, `hotpotqa`, `gsm8k`, `scitldr`.
     #[arg(long, default_value = "jsonl")]
     pub task: String,
-    /// Use the first N samples only.
+    /// Skip the first N samples (applied before `--limit`).
+    #[arg(long, default_value_t = 0)]
+    pub offset: usize,
+    /// Use the first N samples only (after `--offset`).
     #[arg(long)]
     pub limit: Option<usize>,
     /// Wrap prompts in the model's chat template.
@@ -175,6 +178,17 @@ impl DataArgs {
     pub fn load(&self) -> Result<(Task, Vec<Sample>)> {
         let task: Task = self.task.parse()?;
         let mut samples = task.load(&self.data)?;
+        if self.offset > 0 {
+            if self.offset >= samples.len() {
+                return Err(Error::Usage(format!(
+                    "--offset {} skips all {} samples of {}",
+                    self.offset,
+                    samples.len(),
+                    self.data.display()
+                )));
+            }
+            samples.drain(..self.offset);
+        }
         if let Some(n) = self.limit {
             samples.truncate(n);
         }
