@@ -221,34 +221,79 @@ pub(crate) struct LoraPart<'a> {
     pub scaling: f64,
 }
 
-/// A borrowed weight matrix, row-major `[rows, cols]`.
+/// Borrowed f32 or bf16 values of a contiguous CPU tensor (a weight matrix is row-major `[rows, cols]`).
 #[derive(Clone, Copy)]
-enum Mat<'a> {
+pub(crate) enum Mat<'a> {
     F32(&'a [f32]),
     /// bf16 as raw bits.
     Bf16(&'a [u16]),
 }
 
-/// Borrows a contiguous 2-D CPU tensor of kind f32 or bf16 as a slice, or `None` if it is not one.
+impl Mat<'_> {
+    /// Number of values.
+    pub(crate) fn len(&self) -> usize {
+        match self {
+            Mat::F32(v) => v.len(),
+            Mat::Bf16(v) => v.len(),
+        }
+    }
+
+    /// Value `i` as f32.
+    #[inline(always)]
+    pub(crate) fn get(&self, i: usize) -> f32 {
+        match self {
+            Mat::F32(v) => v[i],
+            Mat::Bf16(v) => f32::from_bits(u32::from(v[i]) << 16),
+        }
+    }
+
+    /// Values `start..start + out.len()` as f32 into `out`.
+    pub(crate) fn read_into(&self, start: usize, out: &mut [f32]) {
+        let n = out.len();
+        match self {
+            Mat::F32(v) => out.copy_from_slice(&v[start..start + n]),
+            Mat::Bf16(v) => {
+                for (o, &b) in out.iter_mut().zip(&v[start..start + n]) {
+                    *o = f32::from_bits(u32::from(b) << 16);
+                }
+            }
+        }
+    }
+}
+
+/// Borrows a contiguous CPU tensor of kind f32 or bf16 without autograd (any shape), or `None` if it is not one.
 ///
 /// # Safety
-/// The returned slice aliases the tensor's storage; the tensor must outlive it and must not be written meanwhile.
-unsafe fn borrow_mat(t: &Tensor) -> Option<(Mat<'_>, usize, usize)> {
-    if t.device() != Device::Cpu || t.dim() != 2 || !t.is_contiguous() || t.requires_grad() {
+/// The returned slice aliases the tensor's storage; the tensor must outlive it and must not be written meanwhile
+/// except through this borrow by its only user.
+pub(crate) unsafe fn borrow(t: &Tensor) -> Option<Mat<'_>> {
+    if t.device() != Device::Cpu || !t.is_contiguous() || t.requires_grad() {
         return None;
     }
-    let size = t.size();
-    let (rows, cols) = (usize::try_from(size[0]).ok()?, usize::try_from(size[1]).ok()?);
-    let n = rows.checked_mul(cols)?;
+    let n = t.numel();
     let ptr = t.data_ptr();
     if n == 0 || ptr.is_null() {
         return None;
     }
     match t.kind() {
-        Kind::Float => Some((Mat::F32(std::slice::from_raw_parts(ptr as *const f32, n)), rows, cols)),
-        Kind::BFloat16 => Some((Mat::Bf16(std::slice::from_raw_parts(ptr as *const u16, n)), rows, cols)),
+        Kind::Float => Some(Mat::F32(std::slice::from_raw_parts(ptr as *const f32, n))),
+        Kind::BFloat16 => Some(Mat::Bf16(std::slice::from_raw_parts(ptr as *const u16, n))),
         _ => None,
     }
+}
+
+/// [`borrow`] for a 2-D tensor, with its `(rows, cols)`.
+///
+/// # Safety
+/// As for [`borrow`].
+unsafe fn borrow_mat(t: &Tensor) -> Option<(Mat<'_>, usize, usize)> {
+    if t.dim() != 2 {
+        return None;
+    }
+    let size = t.size();
+    let (rows, cols) = (usize::try_from(size[0]).ok()?, usize::try_from(size[1]).ok()?);
+    let m = borrow(t)?;
+    (m.len() == rows.checked_mul(cols)?).then_some((m, rows, cols))
 }
 
 /// `x Wᵀ + bias (+ scaling · (x Aᵀ) Bᵀ)` for a small `x` `[..., in]`, or `Ok(None)` when the kernels do not

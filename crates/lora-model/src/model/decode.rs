@@ -17,66 +17,9 @@ use tch::{Device, Kind, Tensor};
 
 use super::{Block, ForwardOptions, ForwardOutput, KvCache, Llama, Logits};
 use crate::error::{ModelError, Result};
-use crate::kernels::{self, LoraPart, MAX_ROWS};
+use crate::kernels::{self, borrow, LoraPart, Mat, MAX_ROWS};
 use crate::lora::LoraLinear;
 use crate::mask::Module;
-
-/// A borrowed contiguous CPU tensor of f32 or bf16 values.
-#[derive(Clone, Copy)]
-enum Raw<'a> {
-    F32(&'a [f32]),
-    Bf16(&'a [u16]),
-}
-
-impl Raw<'_> {
-    fn len(&self) -> usize {
-        match self {
-            Raw::F32(v) => v.len(),
-            Raw::Bf16(v) => v.len(),
-        }
-    }
-
-    #[inline(always)]
-    fn get(&self, i: usize) -> f32 {
-        match self {
-            Raw::F32(v) => v[i],
-            Raw::Bf16(v) => f32::from_bits(u32::from(v[i]) << 16),
-        }
-    }
-
-    /// Values `range` widened to f32 into `out`.
-    fn read_into(&self, start: usize, out: &mut [f32]) {
-        match self {
-            Raw::F32(v) => out.copy_from_slice(&v[start..start + out.len()]),
-            Raw::Bf16(v) => {
-                let n = out.len();
-                for (o, &b) in out.iter_mut().zip(&v[start..start + n]) {
-                    *o = f32::from_bits(u32::from(b) << 16);
-                }
-            }
-        }
-    }
-}
-
-/// Borrows `t` if it is a contiguous CPU tensor of kind f32 or bf16 without autograd.
-///
-/// # Safety
-/// The slice aliases the tensor's storage: the tensor must outlive it and nobody may write to it meanwhile.
-unsafe fn raw(t: &Tensor) -> Option<Raw<'_>> {
-    if t.device() != Device::Cpu || !t.is_contiguous() || t.requires_grad() {
-        return None;
-    }
-    let n = t.numel();
-    let ptr = t.data_ptr();
-    if n == 0 || ptr.is_null() {
-        return None;
-    }
-    match t.kind() {
-        Kind::Float => Some(Raw::F32(std::slice::from_raw_parts(ptr as *const f32, n))),
-        Kind::BFloat16 => Some(Raw::Bf16(std::slice::from_raw_parts(ptr as *const u16, n))),
-        _ => None,
-    }
-}
 
 /// f32 → bf16 bits, rounding to nearest even (as libtorch converts).
 #[inline]
@@ -90,7 +33,7 @@ fn to_bf16(v: f32) -> u16 {
 }
 
 /// `x · rsqrt(mean(x²) + eps) · w` for each row of `x` (`[rows, h]`) into `out`.
-fn rms_norm(x: &[f32], w: Raw<'_>, eps: f64, h: usize, out: &mut [f32]) {
+fn rms_norm(x: &[f32], w: Mat<'_>, eps: f64, h: usize, out: &mut [f32]) {
     for (row, o) in x.chunks_exact(h).zip(out.chunks_exact_mut(h)) {
         let ms = kernels::dot(row, row) / h as f32;
         let inv = 1.0 / (ms + eps as f32).sqrt();
@@ -164,7 +107,7 @@ impl Llama {
             return Ok(None);
         }
         // SAFETY: the embedding lives as long as `self` and is not written during the step.
-        let Some(embed) = (unsafe { raw(&self.embed) }) else { return Ok(None) };
+        let Some(embed) = (unsafe { borrow(&self.embed) }) else { return Ok(None) };
         if embed.len() != vocab * h {
             return Ok(None);
         }
@@ -206,7 +149,7 @@ impl Llama {
             Logits::Skip => None,
             Logits::All | Logits::Last => {
                 // SAFETY: the norm weight lives as long as `self`.
-                let norm = unsafe { raw(&self.norm) }.ok_or_else(|| bad_tensor("model.norm.weight"))?;
+                let norm = unsafe { borrow(&self.norm) }.ok_or_else(|| bad_tensor("model.norm.weight"))?;
                 let mut normed = vec![0f32; rows * h];
                 rms_norm(&x, norm, c.rms_norm_eps, h, &mut normed);
                 let head = self.lm_head.as_ref().unwrap_or(&self.embed);
@@ -236,8 +179,8 @@ impl Llama {
         let on = |m: Module| mask.is_active(l, m);
 
         // SAFETY: the norm weights live as long as `self`.
-        let in_norm = unsafe { raw(&block.input_norm) }.ok_or_else(|| bad_tensor("input_layernorm"))?;
-        let post_norm = unsafe { raw(&block.post_norm) }.ok_or_else(|| bad_tensor("post_attention_layernorm"))?;
+        let in_norm = unsafe { borrow(&block.input_norm) }.ok_or_else(|| bad_tensor("input_layernorm"))?;
+        let post_norm = unsafe { borrow(&block.post_norm) }.ok_or_else(|| bad_tensor("post_attention_layernorm"))?;
         let mut n = vec![0f32; rows * h];
         rms_norm(x, in_norm, c.rms_norm_eps, h, &mut n);
         let mut q = vec![0f32; rows * nh * hd];
@@ -265,9 +208,9 @@ impl Llama {
             return Err(ModelError::InvalidArgument(format!("block {l}: KV cache does not fit the model")));
         }
         // SAFETY: the cache tensors are contiguous CPU tensors of this kind with `rows·nkv·cap·hd` elements
-        // (checked just above, and `raw` checks contiguity); this step is the only user of the cache meanwhile
+        // (checked just above, and `borrow` checks contiguity); this step is the only user of the cache meanwhile
         // (`&mut KvCache`), so writing through the pointers races with nothing.
-        let (Some(kr), Some(vr)) = (unsafe { raw(keys) }, unsafe { raw(values) }) else {
+        let (Some(kr), Some(vr)) = (unsafe { borrow(keys) }, unsafe { borrow(values) }) else {
             return Err(ModelError::InvalidArgument(format!("block {l}: KV cache is not a contiguous CPU tensor")));
         };
         for r in 0..rows {
@@ -349,14 +292,14 @@ impl Llama {
 /// # Safety
 /// `dst` must be the only live reference to its storage that anyone reads or writes meanwhile, and
 /// `at + src.len() ≤ dst.len()`.
-unsafe fn write_row(dst: Raw<'_>, at: usize, src: &[f32]) {
+unsafe fn write_row(dst: Mat<'_>, at: usize, src: &[f32]) {
     match dst {
-        Raw::F32(d) => {
+        Mat::F32(d) => {
             assert!(at + src.len() <= d.len(), "KV cache write out of bounds");
             let p = (d.as_ptr() as *mut f32).add(at);
             std::ptr::copy_nonoverlapping(src.as_ptr(), p, src.len());
         }
-        Raw::Bf16(d) => {
+        Mat::Bf16(d) => {
             assert!(at + src.len() <= d.len(), "KV cache write out of bounds");
             let p = (d.as_ptr() as *mut u16).add(at);
             for (i, &v) in src.iter().enumerate() {
@@ -407,7 +350,7 @@ mod tests {
         vals.extend([0.0f32, 1.0, -1.0, std::f32::consts::PI, -std::f32::consts::E, 1e-30, 65504.0]);
         let t = Tensor::from_slice(&vals).to_kind(Kind::BFloat16);
         // SAFETY: `t` outlives the borrow.
-        let Some(Raw::Bf16(bits)) = (unsafe { raw(&t) }) else { panic!("bf16 tensor") };
+        let Some(Mat::Bf16(bits)) = (unsafe { borrow(&t) }) else { panic!("bf16 tensor") };
         for (v, &want) in vals.iter().zip(bits) {
             assert_eq!(to_bf16(*v), want, "{v}");
         }
