@@ -664,6 +664,8 @@ fn run_search(a: &SearchArgs) -> Result<()> {
         search.run(&mut proxy, samples.len())
     } else {
         let metric = metric_for(task, &a.metric)?;
+        // The tie tolerance ε is on a 0–1 scale; BLEU and chrF score 0–100.
+        search = search.epsilon(lora_search::DEFAULT_EPSILON * metric.max_score());
         let mut real = GenerationScorer {
             model: &model,
             tokenizer: &tokenizer,

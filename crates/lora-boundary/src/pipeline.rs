@@ -371,6 +371,8 @@ pub fn run_pipeline(cfg: &PipelineConfig, place: Placement, mut log: impl FnMut(
     let report = if cfg.proxy_only {
         search.run(&mut proxy, val.len())
     } else {
+        // The tie tolerance ε is on a 0–1 scale; BLEU and chrF score 0–100.
+        let search = search.epsilon(lora_search::DEFAULT_EPSILON * metrics[0].max_score());
         let mut real = GenerationScorer {
             model: &model,
             tokenizer: &tokenizer,

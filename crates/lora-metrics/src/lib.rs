@@ -128,6 +128,21 @@ impl Metric {
         })
     }
 
+    /// The best possible score: 100 for BLEU, chrF and chrF++ (sacrebleu's scale), 1 for the others.
+    ///
+    /// ```
+    /// use lora_metrics::Metric;
+    /// assert_eq!(Metric::Bleu.max_score(), 100.0);
+    /// assert_eq!(Metric::RougeL.max_score(), 1.0);
+    /// ```
+    pub fn max_score(self) -> f64 {
+        if matches!(self, Metric::Bleu | Metric::Chrf | Metric::ChrfPlusPlus) {
+            100.0
+        } else {
+            1.0
+        }
+    }
+
     /// Whether the corpus score is the mean of [`item_scores`] (false for BLEU and chrF, whose corpus
     /// score pools n-gram statistics).
     pub fn is_mean_of_items(self) -> bool {
