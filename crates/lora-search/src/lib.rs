@@ -51,6 +51,6 @@ pub use error::SearchError;
 pub use scorer::{FnScorer, Memo, Scorer};
 pub use search::{
     parse_range, BoundarySearch, Candidate, ProxyScore, SearchReport, Strategy, TieRule, DEFAULT_BUDGET,
-    DEFAULT_EPSILON, DEFAULT_RESAMPLES,
+    DEFAULT_EPSILON, DEFAULT_PROXY_MARGIN, DEFAULT_RESAMPLES,
 };
 pub use stats::paired_bootstrap_ci;
