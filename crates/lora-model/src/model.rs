@@ -162,6 +162,8 @@ pub struct Llama {
     norm: Tensor,
     lm_head: Option<Tensor>,
     inv_freq: Tensor,
+    /// The same inverse frequencies on the host (the fused decode step's RoPE).
+    inv_freq_host: Vec<f32>,
     place: Placement,
 }
 
@@ -333,8 +335,9 @@ impl Llama {
         }
         let norm = load("model.norm.weight", &[h])?;
         let lm_head = if c.tie_word_embeddings { None } else { Some(load("lm_head.weight", &[v, h])?) };
-        let inv_freq = Tensor::from_slice(&inverse_frequencies(c)).f_to_device(place.device)?;
-        Ok(Llama { config, embed, blocks, norm, lm_head, inv_freq, place })
+        let inv_freq_host = inverse_frequencies(c);
+        let inv_freq = Tensor::from_slice(&inv_freq_host).f_to_device(place.device)?;
+        Ok(Llama { config, embed, blocks, norm, lm_head, inv_freq, inv_freq_host, place })
     }
 
     /// The resolved configuration.

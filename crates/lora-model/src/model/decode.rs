@@ -99,7 +99,7 @@ impl Llama {
         if self.config.sliding_window.is_some_and(|w| (w as i64) < s) {
             return Ok(None);
         }
-        opts.mask.validate(self.num_layers())?;
+        // `run` has validated `opts.mask` already.
         let c = &self.config;
         let (h, vocab) = (c.hidden_size, c.vocab_size);
         let ids: Vec<i64> = Vec::try_from(ids.f_to_device(Device::Cpu)?.f_to_kind(Kind::Int64)?.f_view([-1])?)?;
@@ -114,16 +114,14 @@ impl Llama {
         let rows = b as usize;
         let past = cache.len as usize;
         let pos: Vec<i64> = Vec::try_from(cache.next_pos.f_to_kind(Kind::Int64)?.f_contiguous()?)?;
-        let half = c.head_dim / 2;
-        let inv_freq = super::inverse_frequencies(c);
+        if self.inv_freq_host.len() != c.head_dim / 2 {
+            return Ok(None);
+        }
         let (mut cos, mut sin) = (Vec::with_capacity(rows), Vec::with_capacity(rows));
         for &p in &pos {
-            let angles: Vec<f32> = inv_freq.iter().map(|f| p as f32 * f).collect();
+            let angles: Vec<f32> = self.inv_freq_host.iter().map(|f| p as f32 * f).collect();
             cos.push(angles.iter().map(|a| a.cos()).collect());
             sin.push(angles.iter().map(|a| a.sin()).collect());
-        }
-        if inv_freq.len() != half {
-            return Ok(None);
         }
         let valid = if cache.padded {
             let m = cache.key_mask.f_narrow(1, 0, s)?.f_to_kind(Kind::Uint8)?.f_contiguous()?;
