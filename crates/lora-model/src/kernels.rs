@@ -322,7 +322,7 @@ pub(crate) fn small_linear(
     let rows: Vec<&[f32]> = xv.chunks_exact(n_in as usize).collect();
     let n_out = weight.size().first().copied().unwrap_or(0).max(0) as usize;
     let mut y = vec![0f32; rows.len() * n_out];
-    if !linear_rows(weight, bias, lora, &rows, &mut y)? {
+    if !linear_rows(&[Linear { weight, bias, lora }], &rows, &mut [&mut y])? {
         return Ok(None);
     }
     let mut shape = xs;
@@ -333,113 +333,200 @@ pub(crate) fn small_linear(
     Ok(Some(if kind == Kind::Float { out } else { out.f_to_kind(kind)? }))
 }
 
-/// `y = x Wᵀ + bias (+ scaling · (x Aᵀ) Bᵀ)` for the activation rows `rows` (each `in` long) into `y`
-/// (`[rows.len(), out]`, row-major), split over two threads inside a [`decode_scope`]. Returns `Ok(false)`, with
-/// `y` untouched, when the kernels do not apply to these tensors (then the caller uses libtorch).
-pub(crate) fn linear_rows(
-    weight: &Tensor,
-    bias: Option<&Tensor>,
-    lora: Option<LoraPart<'_>>,
-    rows: &[&[f32]],
-    y: &mut [f32],
-) -> Result<bool> {
-    if !enabled() || rows.is_empty() || rows.len() > MAX_ROWS as usize {
+/// One half of a LoRA's low-rank input `A x` (rows `rows` of A, for every activation row), computed once by
+/// whichever of the two threads of a split product claims it first.
+struct HalfA {
+    rows: std::ops::Range<usize>,
+    /// 0 unclaimed, 1 being computed, 2 ready, 3 the computing thread panicked.
+    state: AtomicU8,
+    /// `[activation rows, rows.len()]`; written only by the claiming thread, read only once `state` is 2.
+    buf: std::cell::UnsafeCell<Vec<f32>>,
+}
+
+// SAFETY: `buf` is written only by the one thread whose compare-exchange moved `state` from 0 to 1, and read only
+// after an acquire load has seen the release store of 2 that follows the write.
+unsafe impl Sync for HalfA {}
+
+impl HalfA {
+    fn new(rows: std::ops::Range<usize>, m: usize) -> Self {
+        let len = rows.len() * m;
+        HalfA { rows, state: AtomicU8::new(0), buf: std::cell::UnsafeCell::new(vec![0f32; len]) }
+    }
+
+    /// Computes this half of `A x` unless another thread has claimed it.
+    fn claim(&self, a: Mat<'_>, n_in: usize, xs: &[&[f32]]) {
+        if self.state.compare_exchange(0, 1, Ordering::AcqRel, Ordering::Acquire).is_err() {
+            return;
+        }
+        // Marks the half ready, or failed if the product panics, so that a waiting thread never spins forever.
+        struct Done<'a>(&'a AtomicU8);
+        impl Drop for Done<'_> {
+            fn drop(&mut self) {
+                self.0.store(if std::thread::panicking() { 3 } else { 2 }, Ordering::Release);
+            }
+        }
+        let _done = Done(&self.state);
+        // SAFETY: this thread won the claim, so it is the only one touching `buf` until it stores 2.
+        let buf = unsafe { &mut *self.buf.get() };
+        simd::matvec(a, n_in, self.rows.clone(), xs, buf, false);
+    }
+
+    /// This half of `A x` once it is ready, or `None` if the thread computing it panicked.
+    fn wait(&self) -> Option<&[f32]> {
+        loop {
+            match self.state.load(Ordering::Acquire) {
+                2 => {
+                    // SAFETY: the claiming thread finished writing before its release store of 2.
+                    return Some(unsafe { (*self.buf.get()).as_slice() });
+                }
+                3 => return None,
+                _ => std::hint::spin_loop(),
+            }
+        }
+    }
+}
+
+/// One projection of a [`linear_rows`] call: `x Wᵀ + bias (+ scaling · (x Aᵀ) Bᵀ)`.
+pub(crate) struct Linear<'a> {
+    pub weight: &'a Tensor,
+    pub bias: Option<&'a Tensor>,
+    pub lora: Option<LoraPart<'a>>,
+}
+
+/// A [`Linear`] borrowed for the kernels.
+struct Prepared<'a> {
+    w: Mat<'a>,
+    n_out: usize,
+    /// `B`, r, scaling and the two halves of `A x`.
+    lora: Option<(Mat<'a>, Mat<'a>, usize, f32, [HalfA; 2])>,
+    bias: Option<Vec<f32>>,
+    /// Output rows `0..split` go to this thread, `split..n_out` to the helper.
+    split: usize,
+}
+
+/// `ys[p] = x Wₚᵀ + biasₚ (+ scalingₚ · (x Aₚᵀ) Bₚᵀ)` for the activation rows `rows` (each `in` long) and every
+/// projection `p` of `lins` (all reading the same input, e.g. q, k and v), into `ys[p]` (`[rows.len(), outₚ]`,
+/// row-major). Inside a [`decode_scope`] each projection's output rows are split between this thread and the
+/// helper, so several projections cost one hand-over instead of one each. Returns `Ok(false)`, with `ys`
+/// untouched, when the kernels do not apply to one of the tensors (then the caller uses libtorch).
+pub(crate) fn linear_rows(lins: &[Linear<'_>], rows: &[&[f32]], ys: &mut [&mut [f32]]) -> Result<bool> {
+    if !enabled() || rows.is_empty() || rows.len() > MAX_ROWS as usize || lins.len() != ys.len() {
         return Ok(false);
     }
-    let kind = weight.kind();
-    // SAFETY: every borrowed tensor lives until the end of this function and nothing writes to it meanwhile.
-    let Some((w, n_out, w_in)) = (unsafe { borrow_mat(weight) }) else { return Ok(false) };
-    if rows.iter().any(|r| r.len() != w_in) || y.len() != rows.len() * n_out {
+    let m = rows.len();
+    let w_in = rows[0].len();
+    if rows.iter().any(|r| r.len() != w_in) {
         return Ok(false);
     }
-    let lora = match lora {
+    let mut prepared = Vec::with_capacity(lins.len());
+    for (lin, y) in lins.iter().zip(ys.iter()) {
+        // SAFETY: every borrowed tensor lives until the end of this function and nothing writes to it meanwhile.
+        match unsafe { prepare(lin, w_in, m) }? {
+            Some(p) if y.len() == m * p.n_out => prepared.push(p),
+            _ => return Ok(false),
+        }
+    }
+    let elements: usize = prepared.iter().map(|p| p.n_out * w_in).sum();
+    let threads = threads_for(elements);
+    for p in &mut prepared {
+        p.split = if threads <= 1 { p.n_out } else { (p.n_out / 2).next_multiple_of(simd::ROW_GROUP).min(p.n_out) };
+    }
+
+    // Thread `own` (0 here, 1 the helper) computes rows `0..split` (or `split..n_out`) of every projection into
+    // `outs[p]` (`[m, rows]`). The low-rank input `A x` comes in two halves of A's rows, each computed by whichever
+    // thread claims it first; a thread waits for the other half only after its part of every W, so the wait is
+    // normally over before it starts.
+    let compute = |own: usize, outs: &mut [Vec<f32>]| -> bool {
+        let range = |p: &Prepared<'_>| if own == 0 { 0..p.split } else { p.split..p.n_out };
+        for (p, out) in prepared.iter().zip(outs.iter_mut()) {
+            if let Some((a, _, _, _, halves)) = &p.lora {
+                halves[own].claim(*a, w_in, rows);
+            }
+            simd::matvec(p.w, w_in, range(p), rows, out, false);
+        }
+        for (p, out) in prepared.iter().zip(outs.iter_mut()) {
+            let Some((a, b, r, scaling, halves)) = &p.lora else { continue };
+            halves[1 - own].claim(*a, w_in, rows);
+            let (Some(lo), Some(hi)) = (halves[0].wait(), halves[1].wait()) else { return false };
+            let (cut, r) = (halves[0].rows.len(), *r);
+            let mut xa = vec![0f32; m * r];
+            for (row, dst) in xa.chunks_exact_mut(r).enumerate() {
+                dst[..cut].copy_from_slice(&lo[row * cut..(row + 1) * cut]);
+                dst[cut..].copy_from_slice(&hi[row * (r - cut)..(row + 1) * (r - cut)]);
+                for v in dst.iter_mut() {
+                    *v *= scaling;
+                }
+            }
+            let xa_rows: Vec<&[f32]> = xa.chunks_exact(r).collect();
+            simd::matvec(*b, r, range(p), &xa_rows, out, true);
+        }
+        true
+    };
+    let mut first: Vec<Vec<f32>> = prepared.iter().map(|p| vec![0f32; m * p.split]).collect();
+    let mut second: Vec<Vec<f32>> = prepared.iter().map(|p| vec![0f32; m * (p.n_out - p.split)]).collect();
+    let ok = if threads <= 1 {
+        compute(0, &mut first) && compute(1, &mut second)
+    } else {
+        let (mut ok_a, mut ok_b) = (false, false);
+        let joined = helper::join(|| ok_a = compute(0, &mut first), || ok_b = compute(1, &mut second));
+        joined && ok_a && ok_b
+    };
+    if !ok {
+        return Err(crate::error::ModelError::InvalidArgument("decode kernel helper thread failed".into()));
+    }
+    for (((p, y), a), b) in prepared.iter().zip(ys.iter_mut()).zip(&first).zip(&second) {
+        let (n_out, split) = (p.n_out, p.split);
+        for (row, dst) in y.chunks_exact_mut(n_out).enumerate() {
+            dst[..split].copy_from_slice(&a[row * split..(row + 1) * split]);
+            dst[split..].copy_from_slice(&b[row * (n_out - split)..(row + 1) * (n_out - split)]);
+            if let Some(bias) = &p.bias {
+                for (v, b) in dst.iter_mut().zip(bias) {
+                    *v += b;
+                }
+            }
+        }
+    }
+    Ok(true)
+}
+
+/// Borrows one projection for [`linear_rows`] (`w_in` inputs, `m` activation rows), or `None` when the kernels do
+/// not take it.
+///
+/// # Safety
+/// The returned slices alias the tensors' storage: they must outlive it and not be written meanwhile.
+unsafe fn prepare<'a>(lin: &Linear<'a>, w_in: usize, m: usize) -> Result<Option<Prepared<'a>>> {
+    let kind = lin.weight.kind();
+    let Some((w, n_out, in_)) = borrow_mat(lin.weight) else { return Ok(None) };
+    if in_ != w_in {
+        return Ok(None);
+    }
+    let lora = match &lin.lora {
         Some(l) => {
             if l.a.kind() != kind || l.b.kind() != kind {
-                return Ok(false);
+                return Ok(None);
             }
-            let (Some((a, r, a_in)), Some((b, b_out, b_r))) = (unsafe { borrow_mat(l.a) }, unsafe { borrow_mat(l.b) })
-            else {
-                return Ok(false);
+            let (Some((a, r, a_in)), Some((b, b_out, b_r))) = (borrow_mat(l.a), borrow_mat(l.b)) else {
+                return Ok(None);
             };
             if a_in != w_in || b_out != n_out || b_r != r {
-                return Ok(false);
+                return Ok(None);
             }
-            Some((a, b, r, l.scaling as f32))
+            let cut = r / 2;
+            Some((a, b, r, l.scaling as f32, [HalfA::new(0..cut, m), HalfA::new(cut..r, m)]))
         }
         None => None,
     };
-    let bias = match bias {
+    let bias = match lin.bias {
         Some(b) => {
             if b.numel() != n_out || b.device() != Device::Cpu {
-                return Ok(false);
+                return Ok(None);
             }
             let b = b.f_to_kind(Kind::Float)?.f_contiguous()?;
             Some(Vec::<f32>::try_from(&b)?)
         }
         None => None,
     };
-    let m = rows.len();
-
-    // The low-rank input `scaling · A x` first (r values per row), then W and B together, split by output rows
-    // over the intra-op threads.
-    let lora = match lora {
-        Some((a, b, r, scaling)) => {
-            let mut xa = vec![0f32; m * r];
-            simd::matvec(a, w_in, 0..r, rows, &mut xa, false);
-            for v in &mut xa {
-                *v *= scaling;
-            }
-            Some((b, r, xa))
-        }
-        None => None,
-    };
-    let xa_rows: Vec<&[f32]> = match &lora {
-        Some((_, r, xa)) => xa.chunks_exact(*r).collect(),
-        None => Vec::new(),
-    };
-    let compute = |range: std::ops::Range<usize>, out: &mut [f32]| {
-        simd::matvec(w, w_in, range.clone(), rows, out, false);
-        if let Some((b, r, _)) = &lora {
-            simd::matvec(*b, *r, range, &xa_rows, out, true);
-        }
-    };
-    if threads_for(n_out * w_in) <= 1 {
-        compute(0..n_out, y);
-    } else if m == 1 {
-        // One row: the halves are contiguous parts of y.
-        let split = (n_out / 2).next_multiple_of(simd::ROW_GROUP).min(n_out);
-        let (first, second) = y.split_at_mut(split);
-        let ok = helper::join(|| compute(0..split, first), || compute(split..n_out, second));
-        if !ok {
-            return Err(crate::error::ModelError::InvalidArgument("decode kernel helper thread failed".into()));
-        }
-    } else {
-        // Two halves of whole row groups: this thread computes the first, the helper thread the second, each
-        // into its own [m, len] buffer, scattered into y afterwards.
-        let split = (n_out / 2).next_multiple_of(simd::ROW_GROUP).min(n_out);
-        let mut first = vec![0f32; m * split];
-        let mut second = vec![0f32; m * (n_out - split)];
-        let ok = helper::join(|| compute(0..split, &mut first), || compute(split..n_out, &mut second));
-        if !ok {
-            return Err(crate::error::ModelError::InvalidArgument("decode kernel helper thread failed".into()));
-        }
-        for (range, part) in [(0..split, &first), (split..n_out, &second)] {
-            if range.is_empty() {
-                continue;
-            }
-            for (row, src) in part.chunks_exact(range.len()).enumerate() {
-                y[row * n_out + range.start..row * n_out + range.end].copy_from_slice(src);
-            }
-        }
-    }
-    if let Some(bias) = bias {
-        for row in y.chunks_exact_mut(n_out) {
-            for (v, b) in row.iter_mut().zip(&bias) {
-                *v += b;
-            }
-        }
-    }
-    Ok(true)
+    Ok(Some(Prepared { w, n_out, lora, bias, split: n_out }))
 }
 
 /// Decode steps that ran on the fused one-token path (see [`Llama::forward_cached`](crate::Llama::forward_cached)),
@@ -627,9 +714,41 @@ mod simd {
             }
         }
 
+        /// Prefetches the `len` bytes that lie [`AHEAD`] bytes past `block` (the next blocks of a narrow
+        /// matrix, whose rows are too short for a per-row prefetch to run ahead of the loads).
+        #[inline(always)]
+        unsafe fn prefetch_block(block: *const i8, len: usize) {
+            let ahead = block.wrapping_add(AHEAD);
+            for l in (0..len).step_by(64) {
+                _mm_prefetch::<_MM_HINT_T0>(ahead.wrapping_add(l));
+            }
+        }
+
+        /// The eight dot products in `acc` (one vector of partial sums per weight row) reduced together into
+        /// one vector of eight sums (a transposing `hadd` tree), stored to (or added into) `dst[0..8]`.
+        #[target_feature(enable = "avx2,fma")]
+        #[inline]
+        unsafe fn finish8(acc: &[__m256; 8], dst: *mut f32, add: bool) {
+            let s01 = _mm256_hadd_ps(acc[0], acc[1]);
+            let s23 = _mm256_hadd_ps(acc[2], acc[3]);
+            let s45 = _mm256_hadd_ps(acc[4], acc[5]);
+            let s67 = _mm256_hadd_ps(acc[6], acc[7]);
+            let s0123 = _mm256_hadd_ps(s01, s23);
+            let s4567 = _mm256_hadd_ps(s45, s67);
+            // Lane halves: low 128 bits hold rows 0-3 (then 4-7) of columns 0-3, high of columns 4-7.
+            let lo = _mm256_permute2f128_ps(s0123, s4567, 0x20);
+            let hi = _mm256_permute2f128_ps(s0123, s4567, 0x31);
+            let mut sums = _mm256_add_ps(lo, hi);
+            if add {
+                sums = _mm256_add_ps(sums, _mm256_loadu_ps(dst));
+            }
+            _mm256_storeu_ps(dst, sums);
+        }
+
         /// Narrow matrices (`n_in` a multiple of 8, at most [`NARROW_MAX`]: LoRA's `B`, `n_in` = r): eight
-        /// weight rows at a time, their eight dot products reduced together into one vector (a transposing
-        /// `hadd` tree) instead of one horizontal sum per row, which would cost more than the row itself.
+        /// weight rows at a time, their eight dot products reduced together by [`finish8`] instead of one
+        /// horizontal sum per row, which would cost more than the row itself. bf16 rows whose width is a multiple
+        /// of 16 take 16 columns per load (even and odd columns, as in [`row_bf16`]).
         #[target_feature(enable = "avx2,fma")]
         pub unsafe fn matvec_narrow(
             w: super::Mat<'_>,
@@ -640,42 +759,67 @@ mod simd {
             add: bool,
         ) {
             let full = n_out - n_out % 8;
+            let high = _mm256_set1_epi32(0xFFFF_0000_u32 as i32);
             for (m, x) in xs.iter().enumerate() {
                 let xp = x.as_ptr();
-                let mut o = 0;
-                while o < full {
-                    let mut acc = [_mm256_setzero_ps(); 8];
-                    let mut c = 0;
-                    while c < n_in {
-                        let xv = _mm256_loadu_ps(xp.add(c));
-                        for (r, a) in acc.iter_mut().enumerate() {
-                            *a = _mm256_fmadd_ps(load8(w, (o + r) * n_in + c), xv, *a);
+                let dst = y.as_mut_ptr().add(m * n_out);
+                match w {
+                    super::Mat::F32(w) => {
+                        let wp = w.as_ptr();
+                        for o in (0..full).step_by(8) {
+                            prefetch_block(wp.add(o * n_in) as *const i8, 32 * n_in);
+                            let mut acc = [_mm256_setzero_ps(); 8];
+                            for c in (0..n_in).step_by(8) {
+                                let xv = _mm256_loadu_ps(xp.add(c));
+                                for (r, a) in acc.iter_mut().enumerate() {
+                                    *a = _mm256_fmadd_ps(_mm256_loadu_ps(wp.add((o + r) * n_in + c)), xv, *a);
+                                }
+                            }
+                            finish8(&acc, dst.add(o), add);
                         }
-                        c += 8;
                     }
-                    let s01 = _mm256_hadd_ps(acc[0], acc[1]);
-                    let s23 = _mm256_hadd_ps(acc[2], acc[3]);
-                    let s45 = _mm256_hadd_ps(acc[4], acc[5]);
-                    let s67 = _mm256_hadd_ps(acc[6], acc[7]);
-                    let s0123 = _mm256_hadd_ps(s01, s23);
-                    let s4567 = _mm256_hadd_ps(s45, s67);
-                    // Lane halves: low 128 bits hold rows 0-3 (then 4-7) of columns 0-3, high of columns 4-7.
-                    let lo = _mm256_permute2f128_ps(s0123, s4567, 0x20);
-                    let hi = _mm256_permute2f128_ps(s0123, s4567, 0x31);
-                    let mut sums = _mm256_add_ps(lo, hi);
-                    let dst = y.as_mut_ptr().add(m * n_out + o);
-                    if add {
-                        sums = _mm256_add_ps(sums, _mm256_loadu_ps(dst));
+                    super::Mat::Bf16(w) if n_in.is_multiple_of(16) => {
+                        let wp = w.as_ptr();
+                        let mut xe = [0f32; NARROW_MAX / 2];
+                        let mut xo = [0f32; NARROW_MAX / 2];
+                        for (j, pair) in x.chunks_exact(2).enumerate() {
+                            xe[j] = pair[0];
+                            xo[j] = pair[1];
+                        }
+                        for o in (0..full).step_by(8) {
+                            prefetch_block(wp.add(o * n_in) as *const i8, 16 * n_in);
+                            let mut acc = [_mm256_setzero_ps(); 8];
+                            for c in (0..n_in).step_by(16) {
+                                let e = _mm256_loadu_ps(xe.as_ptr().add(c / 2));
+                                let d = _mm256_loadu_ps(xo.as_ptr().add(c / 2));
+                                for (r, a) in acc.iter_mut().enumerate() {
+                                    let v = _mm256_loadu_si256(wp.add((o + r) * n_in + c) as *const __m256i);
+                                    let ev = _mm256_castsi256_ps(_mm256_slli_epi32(v, 16));
+                                    let ov = _mm256_castsi256_ps(_mm256_and_si256(v, high));
+                                    *a = _mm256_fmadd_ps(ov, d, _mm256_fmadd_ps(ev, e, *a));
+                                }
+                            }
+                            finish8(&acc, dst.add(o), add);
+                        }
                     }
-                    _mm256_storeu_ps(dst, sums);
-                    o += 8;
+                    super::Mat::Bf16(wb) => {
+                        for o in (0..full).step_by(8) {
+                            prefetch_block(wb.as_ptr().add(o * n_in) as *const i8, 16 * n_in);
+                            let mut acc = [_mm256_setzero_ps(); 8];
+                            for c in (0..n_in).step_by(8) {
+                                let xv = _mm256_loadu_ps(xp.add(c));
+                                for (r, a) in acc.iter_mut().enumerate() {
+                                    *a = _mm256_fmadd_ps(load8(w, (o + r) * n_in + c), xv, *a);
+                                }
+                            }
+                            finish8(&acc, dst.add(o), add);
+                        }
+                    }
                 }
                 for r in full..n_out {
                     let mut acc = _mm256_setzero_ps();
-                    let mut c = 0;
-                    while c < n_in {
+                    for c in (0..n_in).step_by(8) {
                         acc = _mm256_fmadd_ps(load8(w, r * n_in + c), _mm256_loadu_ps(xp.add(c)), acc);
-                        c += 8;
                     }
                     store(y, m * n_out + r, hsum(acc), add);
                 }
@@ -859,7 +1003,8 @@ mod tests {
             return;
         }
         // The second shape is large enough to be split over threads (when libtorch has more than one).
-        for (n_in, n_out, r) in [(72, 40, 3), (256, 301, 5)] {
+        // r = 8 and 16 take the narrow kernel for B (bf16: 8 and 16 columns per load).
+        for (n_in, n_out, r) in [(72, 40, 3), (256, 301, 5), (96, 24, 8), (256, 301, 16)] {
             check_shape(n_in, n_out, r);
         }
         // Inside a decode scope the large shape is split between this thread and the helper; same results, and
@@ -872,6 +1017,7 @@ mod tests {
                 assert_eq!(threads_for(256 * 301), 2);
             }
             check_shape(256, 301, 5);
+            check_shape(256, 301, 16);
         }
         assert_eq!(tch::get_num_threads(), before);
         assert_eq!(threads_for(256 * 301), 1);

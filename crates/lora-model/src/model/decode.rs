@@ -153,7 +153,8 @@ impl Llama {
                 let head = self.lm_head.as_ref().unwrap_or(&self.embed);
                 let xs: Vec<&[f32]> = normed.chunks_exact(h).collect();
                 let mut y = vec![0f32; rows * vocab];
-                let l = if kernels::linear_rows(head, None, None, &xs, &mut y)? {
+                let lin = kernels::Linear { weight: head, bias: None, lora: None };
+                let l = if kernels::linear_rows(&[lin], &xs, &mut [&mut y])? {
                     Tensor::from_slice(&y).f_view([b, vocab as i64])?
                 } else {
                     let n = Tensor::from_slice(&normed).f_view([b, h as i64])?.f_to_kind(kind)?;
@@ -184,9 +185,12 @@ impl Llama {
         let mut q = vec![0f32; rows * nh * hd];
         let mut k = vec![0f32; rows * nkv * hd];
         let mut v = vec![0f32; rows * nkv * hd];
-        project(&a.q, on(Module::Q), &n, h, &mut q)?;
-        project(&a.k, on(Module::K), &n, h, &mut k)?;
-        project(&a.v, on(Module::V), &n, h, &mut v)?;
+        project(
+            &[(&a.q, on(Module::Q)), (&a.k, on(Module::K)), (&a.v, on(Module::V))],
+            &n,
+            h,
+            &mut [&mut q, &mut k, &mut v],
+        )?;
         for r in 0..rows {
             for head in q[r * nh * hd..(r + 1) * nh * hd].chunks_exact_mut(hd) {
                 rope(head, &step.cos[r], &step.sin[r]);
@@ -261,7 +265,7 @@ impl Llama {
             }
         }
         let mut o = vec![0f32; rows * h];
-        project(&a.o, on(Module::O), &att, nh * hd, &mut o)?;
+        project(&[(&a.o, on(Module::O))], &att, nh * hd, &mut [&mut o])?;
         for (xv, ov) in x.iter_mut().zip(&o) {
             *xv += ov;
         }
@@ -271,13 +275,12 @@ impl Llama {
         let mlp = &block.mlp;
         let mut gate = vec![0f32; rows * inter];
         let mut up = vec![0f32; rows * inter];
-        project(&mlp.gate, on(Module::Gate), &n, h, &mut gate)?;
-        project(&mlp.up, on(Module::Up), &n, h, &mut up)?;
+        project(&[(&mlp.gate, on(Module::Gate)), (&mlp.up, on(Module::Up))], &n, h, &mut [&mut gate, &mut up])?;
         for (g, u) in gate.iter_mut().zip(&up) {
             *g = *g / (1.0 + (-*g).exp()) * u;
         }
         let mut down = vec![0f32; rows * h];
-        project(&mlp.down, on(Module::Down), &gate, inter, &mut down)?;
+        project(&[(&mlp.down, on(Module::Down))], &gate, inter, &mut [&mut down])?;
         for (xv, dv) in x.iter_mut().zip(&down) {
             *xv += dv;
         }
@@ -307,28 +310,37 @@ unsafe fn write_row(dst: Mat<'_>, at: usize, src: &[f32]) {
     }
 }
 
-/// `y = lin(x)` (with its LoRA when `lora_on`) for the rows of `x` (`[rows, n_in]`): the fused kernel, or
-/// libtorch for what the kernel does not take.
-fn project(lin: &LoraLinear, lora_on: bool, x: &[f32], n_in: usize, y: &mut [f32]) -> Result<()> {
-    let part = match &lin.lora {
-        Some(l) if lora_on && !l.merged => Some(LoraPart { a: &l.a, b: &l.b, scaling: l.scaling }),
-        _ => None,
-    };
+/// `ys[p] = lins[p].0(x)` (with its LoRA when `lins[p].1`) for the rows of `x` (`[rows, n_in]`), all projections
+/// in one kernel call, or libtorch one by one for what the kernels do not take.
+fn project(lins: &[(&LoraLinear, bool)], x: &[f32], n_in: usize, ys: &mut [&mut [f32]]) -> Result<()> {
+    let parts: Vec<kernels::Linear<'_>> = lins
+        .iter()
+        .map(|&(lin, on)| kernels::Linear {
+            weight: &lin.weight,
+            bias: lin.bias.as_ref(),
+            lora: match &lin.lora {
+                Some(l) if on && !l.merged => Some(LoraPart { a: &l.a, b: &l.b, scaling: l.scaling }),
+                _ => None,
+            },
+        })
+        .collect();
     let rows: Vec<&[f32]> = x.chunks_exact(n_in).collect();
-    if kernels::linear_rows(&lin.weight, lin.bias.as_ref(), part, &rows, y)? {
+    if kernels::linear_rows(&parts, &rows, ys)? {
         return Ok(());
     }
-    let xt = Tensor::from_slice(x).f_view([rows.len() as i64, n_in as i64])?.f_to_kind(lin.weight.kind())?;
-    let out = lin.forward(&xt, lora_on, false)?.f_to_kind(Kind::Float)?.f_contiguous()?;
-    let v: Vec<f32> = Vec::try_from(out.f_view([-1])?)?;
-    if v.len() != y.len() {
-        return Err(ModelError::InvalidArgument(format!(
-            "projection output has {} values, expected {}",
-            v.len(),
-            y.len()
-        )));
+    for (&(lin, on), y) in lins.iter().zip(ys.iter_mut()) {
+        let xt = Tensor::from_slice(x).f_view([rows.len() as i64, n_in as i64])?.f_to_kind(lin.weight.kind())?;
+        let out = lin.forward(&xt, on, false)?.f_to_kind(Kind::Float)?.f_contiguous()?;
+        let v: Vec<f32> = Vec::try_from(out.f_view([-1])?)?;
+        if v.len() != y.len() {
+            return Err(ModelError::InvalidArgument(format!(
+                "projection output has {} values, expected {}",
+                v.len(),
+                y.len()
+            )));
+        }
+        y.copy_from_slice(&v);
     }
-    y.copy_from_slice(&v);
     Ok(())
 }
 
