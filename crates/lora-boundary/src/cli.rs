@@ -8,10 +8,9 @@ use serde::Serialize;
 
 use crate::error::{Error, Result};
 use crate::loading::{load_model, parse_device, parse_kind, DEFAULT_MODEL};
-use crate::scoring::{score_masks, EvalSettings, GenerationScorer, ProxyScorer};
+use crate::scoring::{score_masks, search_boundary, EvalSettings, SearchSetup};
 use crate::tasks::{Sample, Task};
 use lora_model::{generate, load_adapter, prune_adapter, GenerationConfig, LayerMask, Placement, Sampling};
-use lora_search::SearchError;
 
 /// Find the LoRA boundary layer of a fine-tuned LLM and drop LoRA above it.
 #[derive(Debug, Parser)]
@@ -640,48 +639,22 @@ fn run_eval(a: &EvalArgs) -> Result<()> {
 fn run_search(a: &SearchArgs) -> Result<()> {
     let (task, samples) = a.data.load()?;
     let (model, tokenizer, info) = load_with_adapter(&a.model, true)?;
-    let l = model.num_layers();
-    let strategy: lora_search::Strategy = a.strategy.parse().map_err(|e: SearchError| Error::Usage(e.to_string()))?;
-    let proxy_only = a.metric.as_deref() == Some("logprob");
-    // Scoring with the proxy alone, proxy-first is exhaustive search over the proxy (one shared sweep).
-    let strategy = if proxy_only && strategy == lora_search::Strategy::ProxyFirst {
-        lora_search::Strategy::Exhaustive
-    } else {
-        strategy
+    let metric = match a.metric.as_deref() {
+        Some("logprob") => None,
+        _ => Some(metric_for(task, &a.metric)?),
     };
-    let mut search = lora_search::BoundarySearch::new(l).strategy(strategy).seed(a.seed);
-    let mut proxy = ProxyScorer::new(&model, &tokenizer, &samples, a.data.chat, a.batch_size);
-    if let Some(r) = &a.range {
-        let (lo, hi) = lora_search::parse_range(r).map_err(|e| Error::Usage(e.to_string()))?;
-        search = search.range(lo, hi);
-        proxy = proxy.with_range(lo, hi);
-    }
-    if let Some(i) = &info {
-        search = search.param_counts(i.params_per_layer.iter().map(|&p| p as f64).collect());
-    }
+    let setup = SearchSetup {
+        strategy: &a.strategy,
+        seed: a.seed,
+        range: a.range.as_deref(),
+        params_per_layer: info.as_ref().map(|i| i.params_per_layer.as_slice()),
+        metric,
+        max_new_tokens: a.max_new_tokens,
+        chat: a.data.chat,
+        batch_size: a.batch_size,
+    };
     let bar = crate::progress::begin("search", None, "samples scored");
-    let report = if proxy_only {
-        search.run(&mut proxy, samples.len())
-    } else {
-        let metric = metric_for(task, &a.metric)?;
-        // The tie tolerance ε is on a 0–1 scale; BLEU and chrF score 0–100.
-        search = search.epsilon(lora_search::DEFAULT_EPSILON * metric.max_score());
-        let mut real = GenerationScorer {
-            model: &model,
-            tokenizer: &tokenizer,
-            samples: &samples,
-            metric,
-            max_new_tokens: a.max_new_tokens,
-            chat: a.data.chat,
-            batch_size: a.batch_size,
-        };
-        if strategy == lora_search::Strategy::ProxyFirst {
-            search.run_with_proxy(&mut proxy, &mut real, samples.len())
-        } else {
-            search.run(&mut real, samples.len())
-        }
-    }
-    .map_err(|e| Error::Usage(e.to_string()))?;
+    let report = search_boundary(&model, &tokenizer, &samples, &setup)?;
     drop(bar);
     match a.format {
         Format::Json => print_json(&report),

@@ -9,13 +9,13 @@ use serde::{Deserialize, Serialize};
 use lora_metrics::Metric;
 use lora_model::{load_adapter, prune_adapter, AdapterInfo, LayerMask, Llama, Placement, Tokenizer};
 use lora_probe::{Probe, ProbeConfig, ProbeResult};
-use lora_search::{detect, BoundarySearch, Curve, Detected, Detection, SearchReport, Strategy};
+use lora_search::{detect, Curve, Detected, Detection, SearchReport};
 
 use crate::error::{Error, Result};
 use crate::loading::load_model;
 use crate::plot::{BoundaryPlot, BoundaryPoint};
 use crate::progress;
-use crate::scoring::{score_masks, EvalSettings, GenerationScorer, ProxyScorer};
+use crate::scoring::{score_masks, search_boundary, EvalSettings, SearchSetup};
 use crate::tasks::{Sample, Task};
 
 fn default_k() -> usize {
@@ -355,40 +355,17 @@ pub fn run_pipeline(cfg: &PipelineConfig, place: Placement, mut log: impl FnMut(
 
     let t = std::time::Instant::now();
     let _bar = progress::begin("search", None, "samples scored");
-    let strategy: Strategy = cfg.strategy.parse().map_err(|e: lora_search::SearchError| Error::Usage(e.to_string()))?;
-    // Scoring with the proxy alone, proxy-first is exhaustive search over the proxy (one shared sweep).
-    let strategy = if cfg.proxy_only && strategy == Strategy::ProxyFirst { Strategy::Exhaustive } else { strategy };
-    let mut search = BoundarySearch::new(l)
-        .strategy(strategy)
-        .seed(cfg.seed)
-        .param_counts(info.params_per_layer.iter().map(|&p| p as f64).collect());
-    let mut proxy = ProxyScorer::new(&model, &tokenizer, &val, cfg.chat, cfg.batch_size);
-    if let Some(r) = &cfg.range {
-        let (lo, hi) = lora_search::parse_range(r).map_err(|e| Error::Usage(format!("range: {e}")))?;
-        search = search.range(lo, hi);
-        proxy = proxy.with_range(lo, hi);
-    }
-    let report = if cfg.proxy_only {
-        search.run(&mut proxy, val.len())
-    } else {
-        // The tie tolerance ε is on a 0–1 scale; BLEU and chrF score 0–100.
-        let search = search.epsilon(lora_search::DEFAULT_EPSILON * metrics[0].max_score());
-        let mut real = GenerationScorer {
-            model: &model,
-            tokenizer: &tokenizer,
-            samples: &val,
-            metric: metrics[0],
-            max_new_tokens: cfg.max_new_tokens,
-            chat: cfg.chat,
-            batch_size: cfg.batch_size,
-        };
-        if strategy == Strategy::ProxyFirst {
-            search.run_with_proxy(&mut proxy, &mut real, val.len())
-        } else {
-            search.run(&mut real, val.len())
-        }
-    }
-    .map_err(|e| Error::Usage(format!("search: {e}")))?;
+    let setup = SearchSetup {
+        strategy: &cfg.strategy,
+        seed: cfg.seed,
+        range: cfg.range.as_deref(),
+        params_per_layer: Some(&info.params_per_layer),
+        metric: (!cfg.proxy_only).then_some(metrics[0]),
+        max_new_tokens: cfg.max_new_tokens,
+        chat: cfg.chat,
+        batch_size: cfg.batch_size,
+    };
+    let report = search_boundary(&model, &tokenizer, &val, &setup)?;
     drop(_bar);
     timings.push(("search".to_string(), t.elapsed().as_secs_f64()));
     log(&format!(

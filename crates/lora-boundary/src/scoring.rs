@@ -5,7 +5,7 @@ use std::collections::HashMap;
 use lora_metrics::Metric;
 use lora_model::tch::{Kind, Tensor};
 use lora_model::{generate, ForwardOptions, GenerationConfig, LayerMask, Llama, Logits, Tokenizer};
-use lora_search::{Scorer, SearchError};
+use lora_search::{BoundarySearch, Scorer, SearchError, SearchReport, Strategy};
 
 use crate::error::{Error, Result};
 use crate::tasks::Sample;
@@ -371,4 +371,65 @@ impl Scorer for ProxyScorer<'_> {
             })
             .collect()
     }
+}
+
+/// How the validation-set boundary search runs (shared by the CLI's `search` and `lora-boundary run`).
+pub(crate) struct SearchSetup<'a> {
+    /// Strategy name (`proxy-first`, `exhaustive`, `coarse-to-fine`, `halving`).
+    pub strategy: &'a str,
+    pub seed: u64,
+    /// Candidate boundaries `LO-HI` (default: all blocks).
+    pub range: Option<&'a str>,
+    /// LoRA parameters per block, for the "LoRA kept" figures and the cost model.
+    pub params_per_layer: Option<&'a [u64]>,
+    /// The metric that decides, or `None` to rank by the teacher-forced proxy alone.
+    pub metric: Option<Metric>,
+    pub max_new_tokens: usize,
+    pub chat: bool,
+    pub batch_size: usize,
+}
+
+/// Searches the boundary on `samples`. With the proxy alone, `proxy-first` becomes exhaustive search over the
+/// proxy (one shared sweep); with a metric, the tie tolerance ε (meant for 0–1 scores) is scaled to the metric's
+/// range (BLEU and chrF score 0–100).
+pub(crate) fn search_boundary(
+    model: &Llama,
+    tokenizer: &Tokenizer,
+    samples: &[Sample],
+    setup: &SearchSetup<'_>,
+) -> Result<SearchReport> {
+    let usage = |e: SearchError| Error::Usage(format!("search: {e}"));
+    let mut strategy: Strategy = setup.strategy.parse().map_err(usage)?;
+    if setup.metric.is_none() && strategy == Strategy::ProxyFirst {
+        strategy = Strategy::Exhaustive;
+    }
+    let mut search = BoundarySearch::new(model.num_layers()).strategy(strategy).seed(setup.seed);
+    let mut proxy = ProxyScorer::new(model, tokenizer, samples, setup.chat, setup.batch_size);
+    if let Some(r) = setup.range {
+        let (lo, hi) = lora_search::parse_range(r).map_err(|e| Error::Usage(format!("range: {e}")))?;
+        search = search.range(lo, hi);
+        proxy = proxy.with_range(lo, hi);
+    }
+    if let Some(p) = setup.params_per_layer {
+        search = search.param_counts(p.iter().map(|&p| p as f64).collect());
+    }
+    let Some(metric) = setup.metric else {
+        return search.run(&mut proxy, samples.len()).map_err(usage);
+    };
+    let search = search.epsilon(lora_search::DEFAULT_EPSILON * metric.max_score());
+    let mut real = GenerationScorer {
+        model,
+        tokenizer,
+        samples,
+        metric,
+        max_new_tokens: setup.max_new_tokens,
+        chat: setup.chat,
+        batch_size: setup.batch_size,
+    };
+    if strategy == Strategy::ProxyFirst {
+        search.run_with_proxy(&mut proxy, &mut real, samples.len())
+    } else {
+        search.run(&mut real, samples.len())
+    }
+    .map_err(usage)
 }
