@@ -354,7 +354,7 @@ impl HalfA {
     }
 
     /// Computes this half of `A x` unless another thread has claimed it.
-    fn claim(&self, a: Mat<'_>, n_in: usize, xs: &[&[f32]]) {
+    fn claim(&self, a: Mat<'_>, n_in: usize, xs: &simd::Rows<'_>) {
         if self.state.compare_exchange(0, 1, Ordering::AcqRel, Ordering::Acquire).is_err() {
             return;
         }
@@ -436,17 +436,18 @@ pub(crate) fn linear_rows(lins: &[Linear<'_>], rows: &[&[f32]], ys: &mut [&mut [
     // `outs[p]` (`[m, rows]`). The low-rank input `A x` comes in two halves of A's rows, each computed by whichever
     // thread claims it first; a thread waits for the other half only after its part of every W, so the wait is
     // normally over before it starts.
+    let input = simd::Rows::new(rows);
     let compute = |own: usize, outs: &mut [Vec<f32>]| -> bool {
         let range = |p: &Prepared<'_>| if own == 0 { 0..p.split } else { p.split..p.n_out };
         for (p, out) in prepared.iter().zip(outs.iter_mut()) {
             if let Some((a, _, _, _, halves)) = &p.lora {
-                halves[own].claim(*a, w_in, rows);
+                halves[own].claim(*a, w_in, &input);
             }
-            simd::matvec(p.w, w_in, range(p), rows, out, false);
+            simd::matvec(p.w, w_in, range(p), &input, out, false);
         }
         for (p, out) in prepared.iter().zip(outs.iter_mut()) {
             let Some((a, b, r, scaling, halves)) = &p.lora else { continue };
-            halves[1 - own].claim(*a, w_in, rows);
+            halves[1 - own].claim(*a, w_in, &input);
             let (Some(lo), Some(hi)) = (halves[0].wait(), halves[1].wait()) else { return false };
             let (cut, r) = (halves[0].rows.len(), *r);
             let mut xa = vec![0f32; m * r];
@@ -458,7 +459,7 @@ pub(crate) fn linear_rows(lins: &[Linear<'_>], rows: &[&[f32]], ys: &mut [&mut [
                 }
             }
             let xa_rows: Vec<&[f32]> = xa.chunks_exact(r).collect();
-            simd::matvec(*b, r, range(p), &xa_rows, out, true);
+            simd::matvec(*b, r, range(p), &simd::Rows::new(&xa_rows), out, true);
         }
         true
     };
@@ -568,9 +569,43 @@ mod simd {
     /// for the common shapes).
     pub const ROW_GROUP: usize = 16;
 
-    /// Output rows `rows` of `W x` for every activation row `x` in `xs`, into `y` laid out `[xs.len(), rows.len()]`
+    /// Activation rows for [`matvec`], with their bf16 column order (each 16-column block split into its even and
+    /// odd columns, see `x86::row_bf16`) made on first use and shared by every bf16 product over these rows (all
+    /// projections of a call, both threads, both halves of `A x`).
+    pub struct Rows<'a> {
+        pub xs: &'a [&'a [f32]],
+        split: std::sync::OnceLock<Vec<Vec<f32>>>,
+    }
+
+    impl<'a> Rows<'a> {
+        pub fn new(xs: &'a [&'a [f32]]) -> Self {
+            Rows { xs, split: std::sync::OnceLock::new() }
+        }
+
+        /// The rows in bf16 column order (the columns past the last whole 16-column block as they are).
+        pub fn split(&self) -> &[Vec<f32>] {
+            self.split.get_or_init(|| {
+                self.xs
+                    .iter()
+                    .map(|x| {
+                        let mut p = x.to_vec();
+                        for (dst, src) in p.chunks_exact_mut(16).zip(x.chunks_exact(16)) {
+                            for j in 0..8 {
+                                dst[j] = src[2 * j];
+                                dst[8 + j] = src[2 * j + 1];
+                            }
+                        }
+                        p
+                    })
+                    .collect()
+            })
+        }
+    }
+
+    /// Output rows `rows` of `W x` for every activation row `x` of `x`, into `y` laid out `[x.xs.len(), rows.len()]`
     /// (added to what `y` holds when `add`). `W` is `[*, n_in]` row-major.
-    pub fn matvec(w: Mat<'_>, n_in: usize, rows: std::ops::Range<usize>, xs: &[&[f32]], y: &mut [f32], add: bool) {
+    pub fn matvec(w: Mat<'_>, n_in: usize, rows: std::ops::Range<usize>, x: &Rows<'_>, y: &mut [f32], add: bool) {
+        let xs = x.xs;
         let len = rows.len();
         let w = match w {
             Mat::F32(w) => Mat::F32(&w[rows.start * n_in..rows.end * n_in]),
@@ -579,16 +614,21 @@ mod simd {
         assert!(xs.iter().all(|x| x.len() == n_in) && y.len() == xs.len() * len, "matvec: shapes disagree");
         #[cfg(target_arch = "x86_64")]
         if available() {
-            // SAFETY: AVX2 and FMA were just detected; `w` holds exactly `len` rows of `n_in`, every `x` has
-            // `n_in` values and `y` has `xs.len() * len` (asserted above), which bounds every load and store.
+            let split = || match w {
+                Mat::Bf16(_) => x.split(),
+                Mat::F32(_) => &[],
+            };
+            // SAFETY: AVX2 and FMA were just detected; `w` holds exactly `len` rows of `n_in`, every row of `xs`
+            // (and of its split copy) has `n_in` values and `y` has `xs.len() * len` (asserted above), which bounds
+            // every load and store.
             unsafe {
                 if n_in.is_multiple_of(8) && n_in <= x86::NARROW_MAX {
-                    x86::matvec_narrow(w, n_in, len, xs, y, add);
+                    x86::matvec_narrow(w, n_in, len, xs, split(), y, add);
                     return;
                 }
                 match w {
                     Mat::F32(w) => x86::matvec_f32(w, n_in, len, xs, y, add),
-                    Mat::Bf16(w) => x86::matvec_bf16(w, n_in, len, xs, y, add),
+                    Mat::Bf16(w) => x86::matvec_bf16(w, n_in, len, xs, split(), y, add),
                 }
             }
             return;
@@ -748,13 +788,15 @@ mod simd {
         /// Narrow matrices (`n_in` a multiple of 8, at most [`NARROW_MAX`]: LoRA's `B`, `n_in` = r): eight
         /// weight rows at a time, their eight dot products reduced together by [`finish8`] instead of one
         /// horizontal sum per row, which would cost more than the row itself. bf16 rows whose width is a multiple
-        /// of 16 take 16 columns per load (even and odd columns, as in [`row_bf16`]).
+        /// of 16 take 16 columns per load (even and odd columns, as in [`row_bf16`]; `split` holds the rows in that
+        /// order, and is only read then).
         #[target_feature(enable = "avx2,fma")]
         pub unsafe fn matvec_narrow(
             w: super::Mat<'_>,
             n_in: usize,
             n_out: usize,
             xs: &[&[f32]],
+            split: &[Vec<f32>],
             y: &mut [f32],
             add: bool,
         ) {
@@ -780,18 +822,13 @@ mod simd {
                     }
                     super::Mat::Bf16(w) if n_in.is_multiple_of(16) => {
                         let wp = w.as_ptr();
-                        let mut xe = [0f32; NARROW_MAX / 2];
-                        let mut xo = [0f32; NARROW_MAX / 2];
-                        for (j, pair) in x.chunks_exact(2).enumerate() {
-                            xe[j] = pair[0];
-                            xo[j] = pair[1];
-                        }
+                        let sp = split[m].as_ptr();
                         for o in (0..full).step_by(8) {
                             prefetch_block(wp.add(o * n_in) as *const i8, 16 * n_in);
                             let mut acc = [_mm256_setzero_ps(); 8];
                             for c in (0..n_in).step_by(16) {
-                                let e = _mm256_loadu_ps(xe.as_ptr().add(c / 2));
-                                let d = _mm256_loadu_ps(xo.as_ptr().add(c / 2));
+                                let e = _mm256_loadu_ps(sp.add(c));
+                                let d = _mm256_loadu_ps(sp.add(c + 8));
                                 for (r, a) in acc.iter_mut().enumerate() {
                                     let v = _mm256_loadu_si256(wp.add((o + r) * n_in + c) as *const __m256i);
                                     let ev = _mm256_castsi256_ps(_mm256_slli_epi32(v, 16));
@@ -910,26 +947,20 @@ mod simd {
             s
         }
 
-        /// [`matvec_f32`] for bf16 weights (see [`row_bf16`] for the column order).
+        /// [`matvec_f32`] for bf16 weights; `split` holds the rows of `xs` in [`row_bf16`]'s column order.
         #[target_feature(enable = "avx2,fma")]
-        pub unsafe fn matvec_bf16(w: &[u16], n_in: usize, n_out: usize, xs: &[&[f32]], y: &mut [f32], add: bool) {
-            let vec_end = n_in - n_in % 16;
-            let split: Vec<Vec<f32>> = xs
-                .iter()
-                .map(|x| {
-                    let mut p = x.to_vec();
-                    for (dst, src) in p[..vec_end].chunks_exact_mut(16).zip(x[..vec_end].chunks_exact(16)) {
-                        for j in 0..8 {
-                            dst[j] = src[2 * j];
-                            dst[8 + j] = src[2 * j + 1];
-                        }
-                    }
-                    p
-                })
-                .collect();
+        pub unsafe fn matvec_bf16(
+            w: &[u16],
+            n_in: usize,
+            n_out: usize,
+            xs: &[&[f32]],
+            split: &[Vec<f32>],
+            y: &mut [f32],
+            add: bool,
+        ) {
             for o in 0..n_out {
                 let row = &w[o * n_in..(o + 1) * n_in];
-                for (m, (x, xp)) in xs.iter().zip(&split).enumerate() {
+                for (m, (x, xp)) in xs.iter().zip(split).enumerate() {
                     store(y, m * n_out + o, row_bf16(row, x, xp), add);
                 }
             }
@@ -969,7 +1000,7 @@ mod simd {
                 for mat in [Mat::F32(&w), Mat::Bf16(&wb)] {
                     let mut fast = vec![0.5f32; m * n_out];
                     let mut slow = fast.clone();
-                    matvec(mat, n_in, 0..n_out, &xs, &mut fast, true);
+                    matvec(mat, n_in, 0..n_out, &Rows::new(&xs), &mut fast, true);
                     scalar(mat, n_in, n_out, &xs, &mut slow, true);
                     for (a, b) in fast.iter().zip(&slow) {
                         assert!((a - b).abs() <= 1e-4 * (1.0 + b.abs()), "{n_in}x{n_out}x{m}: {a} vs {b}");
