@@ -228,15 +228,22 @@ impl Llama {
         let scale = 1.0 / (hd as f32).sqrt();
         let rep = nh / nkv;
         let mut att = vec![0f32; rows * nh * hd];
-        let mut kbuf = vec![0f32; s * hd];
-        let mut vbuf = vec![0f32; s * hd];
+        let widen = if matches!(kr, Mat::F32(_)) { 0 } else { s * hd };
+        let (mut kbuf, mut vbuf) = (vec![0f32; widen], vec![0f32; widen]);
         let mut scores = vec![0f32; s];
         for r in 0..rows {
             let valid = step.valid.as_ref().map(|v| &v[r]);
             for g in 0..nkv {
                 let base = (r * nkv + g) * cap * hd;
-                kr.read_into(base, &mut kbuf);
-                vr.read_into(base, &mut vbuf);
+                // f32 caches are read in place; bf16 ones are widened into the buffers.
+                let (keys, values): (&[f32], &[f32]) = match (kr, vr) {
+                    (Mat::F32(k), Mat::F32(v)) => (&k[base..base + s * hd], &v[base..base + s * hd]),
+                    _ => {
+                        kr.read_into(base, &mut kbuf);
+                        vr.read_into(base, &mut vbuf);
+                        (&kbuf, &vbuf)
+                    }
+                };
                 for head in g * rep..(g + 1) * rep {
                     let qh = &q[(r * nh + head) * hd..(r * nh + head + 1) * hd];
                     let mut max = f32::NEG_INFINITY;
@@ -244,7 +251,7 @@ impl Llama {
                         // The newest position is always visible (as in the libtorch path's mask).
                         let seen = j + 1 == s || valid.is_none_or(|v| v[j]);
                         *sc = if seen {
-                            kernels::dot(qh, &kbuf[j * hd..(j + 1) * hd]) * scale
+                            kernels::dot(qh, &keys[j * hd..(j + 1) * hd]) * scale
                         } else {
                             f32::NEG_INFINITY
                         };
@@ -258,7 +265,7 @@ impl Llama {
                     let out = &mut att[(r * nh + head) * hd..(r * nh + head + 1) * hd];
                     for (j, &p) in scores.iter().enumerate() {
                         if p > 0.0 {
-                            kernels::axpy(out, p / sum, &vbuf[j * hd..(j + 1) * hd]);
+                            kernels::axpy(out, p / sum, &values[j * hd..(j + 1) * hd]);
                         }
                     }
                 }
