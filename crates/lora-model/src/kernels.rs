@@ -229,7 +229,7 @@ pub(crate) enum Mat<'a> {
     Bf16(&'a [u16]),
 }
 
-impl Mat<'_> {
+impl<'a> Mat<'a> {
     /// Number of values.
     pub(crate) fn len(&self) -> usize {
         match self {
@@ -244,6 +244,14 @@ impl Mat<'_> {
         match self {
             Mat::F32(v) => v[i],
             Mat::Bf16(v) => f32::from_bits(u32::from(v[i]) << 16),
+        }
+    }
+
+    /// Values `range` as a shorter borrow.
+    pub(crate) fn slice(&self, range: std::ops::Range<usize>) -> Mat<'a> {
+        match *self {
+            Mat::F32(v) => Mat::F32(&v[range]),
+            Mat::Bf16(v) => Mat::Bf16(&v[range]),
         }
     }
 
@@ -400,15 +408,87 @@ struct Prepared<'a> {
     /// `B`, r, scaling and the two halves of `A x`.
     lora: Option<(Mat<'a>, Mat<'a>, usize, f32, [HalfA; 2])>,
     bias: Option<Vec<f32>>,
-    /// Output rows `0..split` go to this thread, `split..n_out` to the helper.
-    split: usize,
 }
+
+/// Hands out the output rows of a [`linear_rows`] call (all its projections' rows, one after another) in
+/// contiguous chunks to two threads: the front thread takes chunks from the start, the back thread from the end,
+/// each chunk a quarter of what is left (at least `min` rows), so that both threads stream long runs of weight
+/// rows and finish within one small chunk of each other whatever else slows one of them down.
+struct Chunks {
+    /// The unclaimed rows `lo..hi`: `lo` in the low 32 bits, `hi` in the high 32.
+    left: AtomicU64,
+    min: usize,
+}
+
+impl Chunks {
+    fn new(total: usize, min: usize) -> Self {
+        Chunks { left: AtomicU64::new((total as u64) << 32), min: min.max(1) }
+    }
+
+    /// The next chunk for the front (or back) thread, or `None` when every row is taken.
+    fn claim(&self, front: bool) -> Option<std::ops::Range<usize>> {
+        let mut cur = self.left.load(Ordering::Relaxed);
+        loop {
+            let (lo, hi) = ((cur & 0xFFFF_FFFF) as usize, (cur >> 32) as usize);
+            if lo >= hi {
+                return None;
+            }
+            let rest = hi - lo;
+            let size = if rest <= 2 * self.min { rest } else { (rest / 4).max(self.min).next_multiple_of(self.min) };
+            let (range, next) = if front { (lo..lo + size, (lo + size, hi)) } else { (hi - size..hi, (lo, hi - size)) };
+            let packed = ((next.1 as u64) << 32) | next.0 as u64;
+            match self.left.compare_exchange_weak(cur, packed, Ordering::Relaxed, Ordering::Relaxed) {
+                Ok(_) => return Some(range),
+                Err(now) => cur = now,
+            }
+        }
+    }
+}
+
+/// An output buffer `[m, n_out]` that both threads of a split product write, each into the output rows (columns
+/// of this buffer) of the chunks it claimed.
+struct Out {
+    ptr: *mut f32,
+    n_out: usize,
+    m: usize,
+}
+
+// SAFETY: the two threads write disjoint output rows (every chunk of a `Chunks` goes to one thread), and the
+// buffer outlives both (`linear_rows` returns only after both are done).
+unsafe impl Sync for Out {}
+
+impl Out {
+    /// Writes `vals` (`[m, rows.len()]`) into output rows `rows`.
+    ///
+    /// # Safety
+    /// No other thread may touch output rows `rows` meanwhile, and `rows.end ≤ n_out`.
+    unsafe fn put(&self, rows: std::ops::Range<usize>, vals: &[f32]) {
+        let len = rows.len();
+        for (row, src) in vals.chunks_exact(len).take(self.m).enumerate() {
+            let dst = self.ptr.add(row * self.n_out + rows.start);
+            std::ptr::copy_nonoverlapping(src.as_ptr(), dst, len);
+        }
+    }
+
+    /// Output rows `rows` as one slice, possible when there is one activation row.
+    ///
+    /// # Safety
+    /// As for [`Out::put`], and `m` must be 1.
+    #[allow(clippy::mut_from_ref)] // the caller's claim on `rows` is what makes this borrow exclusive
+    unsafe fn slice(&self, rows: std::ops::Range<usize>) -> &mut [f32] {
+        std::slice::from_raw_parts_mut(self.ptr.add(rows.start), rows.len())
+    }
+}
+
+/// Bytes of weights a chunk holds at least (the largest imbalance between the two threads of a split product).
+const CHUNK_MIN_BYTES: usize = 16 << 10;
 
 /// `ys[p] = x Wₚᵀ + biasₚ (+ scalingₚ · (x Aₚᵀ) Bₚᵀ)` for the activation rows `rows` (each `in` long) and every
 /// projection `p` of `lins` (all reading the same input, e.g. q, k and v), into `ys[p]` (`[rows.len(), outₚ]`,
-/// row-major). Inside a [`decode_scope`] each projection's output rows are split between this thread and the
-/// helper, so several projections cost one hand-over instead of one each. Returns `Ok(false)`, with `ys`
-/// untouched, when the kernels do not apply to one of the tensors (then the caller uses libtorch).
+/// row-major). Inside a [`decode_scope`] the output rows of all projections are shared out between this thread
+/// and the helper in chunks ([`Chunks`]), so several projections cost one hand-over instead of one each. Returns
+/// `Ok(false)`, with `ys` untouched, when the kernels do not apply to one of the tensors (then the caller uses
+/// libtorch).
 pub(crate) fn linear_rows(lins: &[Linear<'_>], rows: &[&[f32]], ys: &mut [&mut [f32]]) -> Result<bool> {
     if !enabled() || rows.is_empty() || rows.len() > MAX_ROWS as usize || lins.len() != ys.len() {
         return Ok(false);
@@ -426,27 +506,35 @@ pub(crate) fn linear_rows(lins: &[Linear<'_>], rows: &[&[f32]], ys: &mut [&mut [
             _ => return Ok(false),
         }
     }
-    let elements: usize = prepared.iter().map(|p| p.n_out * w_in).sum();
-    let threads = threads_for(elements);
-    for p in &mut prepared {
-        p.split = if threads <= 1 { p.n_out } else { (p.n_out / 2).next_multiple_of(simd::ROW_GROUP).min(p.n_out) };
+    let total: usize = prepared.iter().map(|p| p.n_out).sum();
+    let threads = threads_for(total * w_in);
+    let elem = if matches!(prepared[0].w, Mat::F32(_)) { 4 } else { 2 };
+    let min = (CHUNK_MIN_BYTES / (w_in * elem).max(1)).next_multiple_of(8).max(8);
+    let chunks = Chunks::new(total, min);
+    let outs: Vec<Out> = ys.iter_mut().map(|y| Out { ptr: y.as_mut_ptr(), n_out: y.len() / m, m }).collect();
+    let input = simd::Rows::new(rows);
+    if matches!(prepared[0].w, Mat::Bf16(_)) {
+        // Made here, before the threads start: two threads initialising it at once would queue one behind the
+        // other on the lock.
+        input.split();
     }
 
-    // Thread `own` (0 here, 1 the helper) computes rows `0..split` (or `split..n_out`) of every projection into
-    // `outs[p]` (`[m, rows]`). The low-rank input `A x` comes in two halves of A's rows, each computed by whichever
-    // thread claims it first; a thread waits for the other half only after its part of every W, so the wait is
-    // normally over before it starts.
-    let input = simd::Rows::new(rows);
-    let compute = |own: usize, outs: &mut [Vec<f32>]| -> bool {
-        let range = |p: &Prepared<'_>| if own == 0 { 0..p.split } else { p.split..p.n_out };
-        for (p, out) in prepared.iter().zip(outs.iter_mut()) {
+    // Each thread first computes one half of every LoRA's `A x` (and the other half too when the other thread
+    // has not claimed it yet), then takes chunks of output rows until none are left: for each, the rows of W,
+    // plus B's rows times the scaled `A x`, plus the bias.
+    let work = |front: bool| -> bool {
+        let own = usize::from(!front);
+        for p in &prepared {
             if let Some((a, _, _, _, halves)) = &p.lora {
                 halves[own].claim(*a, w_in, &input);
             }
-            simd::matvec(p.w, w_in, range(p), &input, out, false);
         }
-        for (p, out) in prepared.iter().zip(outs.iter_mut()) {
-            let Some((a, b, r, scaling, halves)) = &p.lora else { continue };
+        let mut low_rank: Vec<Option<Vec<f32>>> = Vec::with_capacity(prepared.len());
+        for p in &prepared {
+            let Some((a, _, r, scaling, halves)) = &p.lora else {
+                low_rank.push(None);
+                continue;
+            };
             halves[1 - own].claim(*a, w_in, &input);
             let (Some(lo), Some(hi)) = (halves[0].wait(), halves[1].wait()) else { return false };
             let (cut, r) = (halves[0].rows.len(), *r);
@@ -458,34 +546,74 @@ pub(crate) fn linear_rows(lins: &[Linear<'_>], rows: &[&[f32]], ys: &mut [&mut [
                     *v *= scaling;
                 }
             }
-            let xa_rows: Vec<&[f32]> = xa.chunks_exact(r).collect();
-            simd::matvec(*b, r, range(p), &simd::Rows::new(&xa_rows), out, true);
+            low_rank.push(Some(xa));
+        }
+        let lr_rows: Vec<Option<Vec<&[f32]>>> = prepared
+            .iter()
+            .zip(&low_rank)
+            .map(|(p, xa)| match (&p.lora, xa) {
+                (Some((_, _, r, _, _)), Some(xa)) => Some(xa.chunks_exact(*r).collect()),
+                _ => None,
+            })
+            .collect();
+        let lr_inputs: Vec<Option<simd::Rows<'_>>> = lr_rows
+            .iter()
+            .zip(&prepared)
+            .map(|(rows, p)| {
+                let rows = simd::Rows::new(rows.as_deref()?);
+                if let Some((_, Mat::Bf16(_), _, _, _)) = &p.lora {
+                    rows.split();
+                }
+                Some(rows)
+            })
+            .collect();
+        let mut tmp = Vec::new();
+        while let Some(range) = chunks.claim(front) {
+            let mut start = 0;
+            for ((p, out), xa) in prepared.iter().zip(&outs).zip(&lr_inputs) {
+                let (lo, hi) = (range.start.max(start), range.end.min(start + p.n_out));
+                start += p.n_out;
+                if lo >= hi {
+                    continue;
+                }
+                let local = lo - (start - p.n_out)..hi - (start - p.n_out);
+                let len = local.len();
+                // SAFETY: this thread claimed these output rows; no other thread touches them.
+                let dst: &mut [f32] = if m == 1 {
+                    unsafe { out.slice(local.clone()) }
+                } else {
+                    tmp.clear();
+                    tmp.resize(m * len, 0.0);
+                    &mut tmp
+                };
+                simd::matvec(p.w, w_in, local.clone(), &input, dst, false);
+                if let (Some((_, b, r, _, _)), Some(xa)) = (&p.lora, xa) {
+                    simd::matvec(*b, *r, local.clone(), xa, dst, true);
+                }
+                if let Some(bias) = &p.bias {
+                    for row in dst.chunks_exact_mut(len) {
+                        for (v, b) in row.iter_mut().zip(&bias[local.clone()]) {
+                            *v += b;
+                        }
+                    }
+                }
+                if m > 1 {
+                    // SAFETY: as above.
+                    unsafe { out.put(local, &tmp) };
+                }
+            }
         }
         true
     };
-    let mut first: Vec<Vec<f32>> = prepared.iter().map(|p| vec![0f32; m * p.split]).collect();
-    let mut second: Vec<Vec<f32>> = prepared.iter().map(|p| vec![0f32; m * (p.n_out - p.split)]).collect();
     let ok = if threads <= 1 {
-        compute(0, &mut first) && compute(1, &mut second)
+        work(true)
     } else {
         let (mut ok_a, mut ok_b) = (false, false);
-        let joined = helper::join(|| ok_a = compute(0, &mut first), || ok_b = compute(1, &mut second));
+        let joined = helper::join(|| ok_a = work(true), || ok_b = work(false));
         joined && ok_a && ok_b
     };
     if !ok {
         return Err(crate::error::ModelError::InvalidArgument("decode kernel helper thread failed".into()));
-    }
-    for (((p, y), a), b) in prepared.iter().zip(ys.iter_mut()).zip(&first).zip(&second) {
-        let (n_out, split) = (p.n_out, p.split);
-        for (row, dst) in y.chunks_exact_mut(n_out).enumerate() {
-            dst[..split].copy_from_slice(&a[row * split..(row + 1) * split]);
-            dst[split..].copy_from_slice(&b[row * (n_out - split)..(row + 1) * (n_out - split)]);
-            if let Some(bias) = &p.bias {
-                for (v, b) in dst.iter_mut().zip(bias) {
-                    *v += b;
-                }
-            }
-        }
     }
     Ok(true)
 }
@@ -527,7 +655,7 @@ unsafe fn prepare<'a>(lin: &Linear<'a>, w_in: usize, m: usize) -> Result<Option<
         }
         None => None,
     };
-    Ok(Some(Prepared { w, n_out, lora, bias, split: n_out }))
+    Ok(Some(Prepared { w, n_out, lora, bias }))
 }
 
 /// Decode steps that ran on the fused one-token path (see [`Llama::forward_cached`](crate::Llama::forward_cached)),
@@ -538,14 +666,36 @@ pub fn fused_decode_steps() -> u64 {
 
 pub(crate) static FUSED_STEPS: AtomicU64 = AtomicU64::new(0);
 
-/// Dot product of two equally long f32 slices (AVX2/FMA when available).
-pub(crate) fn dot(a: &[f32], b: &[f32]) -> f32 {
+/// Dot product of `a` with the first `a.len()` values of `b` (f32, or bf16 widened; AVX2/FMA when available).
+pub(crate) fn dot(a: &[f32], b: Mat<'_>) -> f32 {
     simd::dot(a, b)
 }
 
-/// `y += alpha · x` over equally long f32 slices (AVX2/FMA when available).
-pub(crate) fn axpy(y: &mut [f32], alpha: f32, x: &[f32]) {
+/// `y[i] += alpha · x[i]` over the first `y.len()` values of `x` (f32, or bf16 widened).
+pub(crate) fn axpy(y: &mut [f32], alpha: f32, x: Mat<'_>) {
     simd::axpy(y, alpha, x)
+}
+
+/// `out[i] = (x[i] · scale) · w[i]`: the last step of an RMSNorm.
+pub(crate) fn scale_mul(x: &[f32], scale: f32, w: Mat<'_>, out: &mut [f32]) {
+    simd::scale_mul(x, scale, w, out)
+}
+
+/// SwiGLU in place: `gate[i] = silu(gate[i]) · up[i]` with `silu(g) = g / (1 + e^-g)`.
+pub(crate) fn swiglu(gate: &mut [f32], up: &[f32]) {
+    simd::swiglu(gate, up)
+}
+
+/// Runs `a` here and `b` on the kernels' helper thread inside a [`decode_scope`] (both here otherwise), and
+/// returns when both are done; false if `b` panicked.
+pub(crate) fn join<A: FnOnce(), B: FnOnce() + Send>(a: A, b: B) -> bool {
+    if KERNEL_THREADS.load(Ordering::Relaxed) > 1 {
+        helper::join(a, b)
+    } else {
+        a();
+        b();
+        true
+    }
 }
 
 mod simd {
@@ -564,10 +714,6 @@ mod simd {
             false
         }
     }
-
-    /// Output rows are split between threads at multiples of this (keeps each half's rows cache-line aligned
-    /// for the common shapes).
-    pub const ROW_GROUP: usize = 16;
 
     /// Activation rows for [`matvec`], with their bf16 column order (each 16-column block split into its even and
     /// odd columns, see `x86::row_bf16`) made on first use and shared by every bf16 product over these rows (all
@@ -636,28 +782,56 @@ mod simd {
         scalar(w, n_in, len, xs, y, add)
     }
 
-    /// `Σ a[i] b[i]`.
-    pub fn dot(a: &[f32], b: &[f32]) -> f32 {
-        let n = a.len().min(b.len());
+    /// `Σ a[i] b[i]` over `a.len()` values (`b` at least as long).
+    pub fn dot(a: &[f32], b: Mat<'_>) -> f32 {
+        assert!(b.len() >= a.len(), "dot: second operand too short");
         #[cfg(target_arch = "x86_64")]
         if available() {
-            // SAFETY: AVX2 and FMA were just detected; both slices hold at least `n` values.
-            return unsafe { x86::dot(&a[..n], &b[..n]) };
+            // SAFETY: AVX2 and FMA were just detected; `b` holds at least `a.len()` values (asserted).
+            return unsafe { x86::dot(a, b) };
         }
-        a[..n].iter().zip(&b[..n]).map(|(x, y)| x * y).sum()
+        a.iter().enumerate().map(|(i, x)| x * b.get(i)).sum()
     }
 
-    /// `y[i] += alpha · x[i]`.
-    pub fn axpy(y: &mut [f32], alpha: f32, x: &[f32]) {
-        let n = y.len().min(x.len());
+    /// `y[i] += alpha · x[i]` over `y.len()` values (`x` at least as long).
+    pub fn axpy(y: &mut [f32], alpha: f32, x: Mat<'_>) {
+        assert!(x.len() >= y.len(), "axpy: second operand too short");
         #[cfg(target_arch = "x86_64")]
         if available() {
-            // SAFETY: AVX2 and FMA were just detected; both slices hold at least `n` values.
-            unsafe { x86::axpy(&mut y[..n], alpha, &x[..n]) };
+            // SAFETY: AVX2 and FMA were just detected; `x` holds at least `y.len()` values (asserted).
+            unsafe { x86::axpy(y, alpha, x) };
             return;
         }
-        for (a, b) in y[..n].iter_mut().zip(&x[..n]) {
-            *a += alpha * b;
+        for (i, a) in y.iter_mut().enumerate() {
+            *a += alpha * x.get(i);
+        }
+    }
+
+    /// `out[i] = (x[i] · scale) · w[i]`.
+    pub fn scale_mul(x: &[f32], scale: f32, w: Mat<'_>, out: &mut [f32]) {
+        assert!(w.len() >= x.len() && out.len() == x.len(), "scale_mul: shapes disagree");
+        #[cfg(target_arch = "x86_64")]
+        if available() {
+            // SAFETY: AVX2 and FMA were just detected; the lengths were just checked.
+            unsafe { x86::scale_mul(x, scale, w, out) };
+            return;
+        }
+        for (i, (v, o)) in x.iter().zip(out.iter_mut()).enumerate() {
+            *o = v * scale * w.get(i);
+        }
+    }
+
+    /// `gate[i] = gate[i] / (1 + e^-gate[i]) · up[i]`.
+    pub fn swiglu(gate: &mut [f32], up: &[f32]) {
+        assert!(up.len() >= gate.len(), "swiglu: shapes disagree");
+        #[cfg(target_arch = "x86_64")]
+        if available() {
+            // SAFETY: AVX2 and FMA were just detected; the lengths were just checked.
+            unsafe { x86::swiglu(gate, up) };
+            return;
+        }
+        for (g, u) in gate.iter_mut().zip(up) {
+            *g = *g / (1.0 + (-*g).exp()) * u;
         }
     }
 
@@ -705,36 +879,96 @@ mod simd {
             }
         }
 
-        /// `Σ a[i] b[i]` for equally long slices.
+        /// `Σ a[i] b[i]` over `a.len()` values; `b` holds at least as many.
         #[target_feature(enable = "avx2,fma")]
-        pub unsafe fn dot(a: &[f32], b: &[f32]) -> f32 {
+        pub unsafe fn dot(a: &[f32], b: super::Mat<'_>) -> f32 {
             let n = a.len();
             let end = n - n % 8;
-            let (pa, pb) = (a.as_ptr(), b.as_ptr());
+            let pa = a.as_ptr();
             let mut acc = _mm256_setzero_ps();
             let mut i = 0;
             while i < end {
-                acc = _mm256_fmadd_ps(_mm256_loadu_ps(pa.add(i)), _mm256_loadu_ps(pb.add(i)), acc);
+                acc = _mm256_fmadd_ps(_mm256_loadu_ps(pa.add(i)), load8(b, i), acc);
                 i += 8;
             }
-            hsum(acc) + (end..n).map(|k| a[k] * b[k]).sum::<f32>()
+            hsum(acc) + (end..n).map(|k| a[k] * b.get(k)).sum::<f32>()
         }
 
-        /// `y[i] += alpha · x[i]` for equally long slices.
+        /// `y[i] += alpha · x[i]` over `y.len()` values; `x` holds at least as many.
         #[target_feature(enable = "avx2,fma")]
-        pub unsafe fn axpy(y: &mut [f32], alpha: f32, x: &[f32]) {
+        pub unsafe fn axpy(y: &mut [f32], alpha: f32, x: super::Mat<'_>) {
             let n = y.len();
             let end = n - n % 8;
-            let (py, px) = (y.as_mut_ptr(), x.as_ptr());
+            let py = y.as_mut_ptr();
             let av = _mm256_set1_ps(alpha);
             let mut i = 0;
             while i < end {
-                let v = _mm256_fmadd_ps(av, _mm256_loadu_ps(px.add(i)), _mm256_loadu_ps(py.add(i)));
+                let v = _mm256_fmadd_ps(av, load8(x, i), _mm256_loadu_ps(py.add(i)));
                 _mm256_storeu_ps(py.add(i), v);
                 i += 8;
             }
+            for (k, v) in y.iter_mut().enumerate().skip(end) {
+                *v += alpha * x.get(k);
+            }
+        }
+
+        /// `out[i] = (x[i] · scale) · w[i]` (the same two roundings as the scalar loop).
+        #[target_feature(enable = "avx2,fma")]
+        pub unsafe fn scale_mul(x: &[f32], scale: f32, w: super::Mat<'_>, out: &mut [f32]) {
+            let n = x.len();
+            let end = n - n % 8;
+            let (px, po) = (x.as_ptr(), out.as_mut_ptr());
+            let sv = _mm256_set1_ps(scale);
+            let mut i = 0;
+            while i < end {
+                _mm256_storeu_ps(po.add(i), _mm256_mul_ps(_mm256_mul_ps(_mm256_loadu_ps(px.add(i)), sv), load8(w, i)));
+                i += 8;
+            }
             for k in end..n {
-                y[k] += alpha * x[k];
+                out[k] = x[k] * scale * w.get(k);
+            }
+        }
+
+        /// `e^x` for eight values: Cephes' single-precision method (`x = n ln 2 + r`, a degree-6 polynomial in
+        /// `r`, times `2^n`), within 2 ulp of `expf` over `[-87, 88]`; inputs are clamped to that range, so very
+        /// negative inputs give ≈ 1e-38 instead of 0 (harmless next to the 1 that SiLU adds).
+        #[target_feature(enable = "avx2,fma")]
+        #[inline]
+        unsafe fn exp8(x: __m256) -> __m256 {
+            let x = _mm256_min_ps(_mm256_max_ps(x, _mm256_set1_ps(-87.0)), _mm256_set1_ps(88.0));
+            let n = _mm256_round_ps::<{ _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC }>(_mm256_mul_ps(
+                x,
+                _mm256_set1_ps(std::f32::consts::LOG2_E),
+            ));
+            // r = x - n ln 2, with ln 2 split in two so that n · (high part) is exact.
+            let r = _mm256_fnmadd_ps(n, _mm256_set1_ps(0.693_359_4), x);
+            let r = _mm256_fnmadd_ps(n, _mm256_set1_ps(-2.121_944_4e-4), r);
+            let mut p = _mm256_set1_ps(1.987_569_1e-4);
+            for c in [1.398_199_9e-3, 8.333_452e-3, 4.166_579_6e-2, 0.166_666_65, 0.5] {
+                p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(c));
+            }
+            let p = _mm256_add_ps(_mm256_fmadd_ps(p, _mm256_mul_ps(r, r), r), _mm256_set1_ps(1.0));
+            let pow2 = _mm256_slli_epi32(_mm256_add_epi32(_mm256_cvtps_epi32(n), _mm256_set1_epi32(127)), 23);
+            _mm256_mul_ps(p, _mm256_castsi256_ps(pow2))
+        }
+
+        /// `gate[i] = gate[i] / (1 + e^-gate[i]) · up[i]`; `up` holds at least `gate.len()` values.
+        #[target_feature(enable = "avx2,fma")]
+        pub unsafe fn swiglu(gate: &mut [f32], up: &[f32]) {
+            let n = gate.len();
+            let end = n - n % 8;
+            let (pg, pu) = (gate.as_mut_ptr(), up.as_ptr());
+            let one = _mm256_set1_ps(1.0);
+            let mut i = 0;
+            while i < end {
+                let g = _mm256_loadu_ps(pg.add(i));
+                let e = exp8(_mm256_sub_ps(_mm256_setzero_ps(), g));
+                let s = _mm256_div_ps(g, _mm256_add_ps(one, e));
+                _mm256_storeu_ps(pg.add(i), _mm256_mul_ps(s, _mm256_loadu_ps(pu.add(i))));
+                i += 8;
+            }
+            for k in end..n {
+                gate[k] = gate[k] / (1.0 + (-gate[k]).exp()) * up[k];
             }
         }
 
@@ -980,6 +1214,44 @@ mod simd {
         }
 
         #[test]
+        fn swiglu_equals_the_scalar_formula() {
+            // Every magnitude SiLU meets, both signs, the clamped tails, and a length with a scalar tail.
+            let mut gate: Vec<f32> = (0..203).map(|k| (k as f32 - 101.0) * 0.9).collect();
+            gate.extend([-1e-30, 1e-30, 0.0, -0.0, 86.9, -86.9, 87.5, -87.5, 120.0, -120.0, f32::MIN_POSITIVE]);
+            let up: Vec<f32> = (0..gate.len()).map(|k| 1.0 + (k % 7) as f32 * 0.25).collect();
+            let mut fast = gate.clone();
+            swiglu(&mut fast, &up);
+            for ((g, u), f) in gate.iter().zip(&up).zip(&fast) {
+                let want = (f64::from(*g) / (1.0 + (-f64::from(*g)).exp()) * f64::from(*u)) as f32;
+                // A few ulp; far below zero (where the kernel clamps e^-g) anything within 1e-30 of the true ≈ 0.
+                let tol = (4.0 * f32::EPSILON * want.abs()).max(1e-30);
+                assert!((f - want).abs() <= tol, "silu({g}) * {u}: {f} vs {want}");
+            }
+        }
+
+        #[test]
+        fn dot_axpy_and_scale_mul_read_bf16_as_its_f32_value() {
+            for n in [5usize, 8, 64, 77] {
+                let a = data(n, 3);
+                let b = data(n + 3, 4);
+                let bits: Vec<u16> = b.iter().map(|v| (v.to_bits() >> 16) as u16).collect();
+                let wide: Vec<f32> = bits.iter().map(|&h| f32::from_bits(u32::from(h) << 16)).collect();
+                let want: f32 = a.iter().zip(&wide).map(|(x, y)| x * y).sum();
+                for m in [Mat::Bf16(&bits), Mat::F32(&wide)] {
+                    assert!((dot(&a, m) - want).abs() <= 1e-5 * (1.0 + want.abs()), "dot, n = {n}");
+                    let mut y = a.clone();
+                    axpy(&mut y, 0.5, m);
+                    let mut out = vec![0f32; n];
+                    scale_mul(&a, 1.5, m, &mut out);
+                    for i in 0..n {
+                        assert_eq!(y[i], a[i] + 0.5 * wide[i], "axpy, n = {n}");
+                        assert_eq!(out[i], a[i] * 1.5 * wide[i], "scale_mul, n = {n}");
+                    }
+                }
+            }
+        }
+
+        #[test]
         fn vector_loops_equal_the_scalar_loop_for_odd_shapes() {
             for &(n_in, n_out, m) in &[
                 (576, 192, 1),
@@ -1049,9 +1321,82 @@ mod tests {
             }
             check_shape(256, 301, 5);
             check_shape(256, 301, 16);
+            check_shared_input();
         }
         assert_eq!(tch::get_num_threads(), before);
         assert_eq!(threads_for(256 * 301), 1);
+    }
+
+    /// Whatever order the two threads claim in, every row is handed out exactly once, in chunks of at least
+    /// `min` rows (but the last), each thread's chunks adjacent to each other.
+    #[test]
+    fn chunks_hand_out_every_row_once() {
+        for (total, min) in [(0usize, 8usize), (5, 8), (576, 16), (1536 * 2, 8), (49_152, 16), (100, 1)] {
+            for pattern in [0u32, 0b1010, 0b0110_1101, u32::MAX] {
+                let chunks = Chunks::new(total, min);
+                let mut seen = vec![0u8; total];
+                let mut k = 0;
+                let (mut front_end, mut back_start) = (0, total);
+                loop {
+                    let front = pattern.rotate_left(k) & 1 == 1;
+                    k += 1;
+                    let Some(range) = chunks.claim(front).or_else(|| chunks.claim(!front)) else { break };
+                    assert!(range.len() >= min.min(total) || range.end == back_start || range.start == front_end);
+                    if range.start == front_end {
+                        front_end = range.end;
+                    } else {
+                        assert_eq!(range.end, back_start, "{total}/{min}: chunks of one end are adjacent");
+                        back_start = range.start;
+                    }
+                    for r in range {
+                        seen[r] += 1;
+                    }
+                }
+                assert!(seen.iter().all(|&c| c == 1), "{total}/{min}: every row once");
+                assert_eq!(front_end, back_start);
+            }
+        }
+    }
+
+    /// Several projections of one input in one call (as q, k and v are): each output equals its own libtorch
+    /// product, whichever thread computed which of its rows.
+    fn check_shared_input() {
+        let n_in = 256;
+        let shapes = [(301i64, Some(16i64), true), (77, None, true), (160, Some(8), false)];
+        type Part = (Tensor, Option<Tensor>, Option<(Tensor, Tensor)>);
+        let parts: Vec<Part> = shapes
+            .iter()
+            .enumerate()
+            .map(|(k, &(n_out, r, bias))| {
+                let seed = 20 + 4 * k as i64;
+                let lora = r.map(|r| (randn(&[r, n_in], seed + 1), randn(&[n_out, r], seed + 2)));
+                (randn(&[n_out, n_in], seed), bias.then(|| randn(&[n_out], seed + 3)), lora)
+            })
+            .collect();
+        for rows in [1i64, 3] {
+            let x = randn(&[rows, n_in], 40 + rows);
+            let xv = Vec::<f32>::try_from(x.view([-1])).unwrap();
+            let xs: Vec<&[f32]> = xv.chunks_exact(n_in as usize).collect();
+            let lins: Vec<Linear<'_>> = parts
+                .iter()
+                .map(|(w, b, l)| Linear {
+                    weight: w,
+                    bias: b.as_ref(),
+                    lora: l.as_ref().map(|(a, b)| LoraPart { a, b, scaling: 0.5 }),
+                })
+                .collect();
+            let mut outs: Vec<Vec<f32>> = shapes.iter().map(|s| vec![f32::NAN; (rows * s.0) as usize]).collect();
+            let mut refs: Vec<&mut [f32]> = outs.iter_mut().map(|o| o.as_mut_slice()).collect();
+            assert!(linear_rows(&lins, &xs, &mut refs).unwrap());
+            for ((w, b, l), out) in parts.iter().zip(&outs) {
+                let mut want = x.linear(w, b.as_ref());
+                if let Some((a, bb)) = l {
+                    want += x.linear::<Tensor>(a, None).linear::<Tensor>(bb, None) * 0.5;
+                }
+                let got = Tensor::from_slice(out).view(want.size().as_slice());
+                assert!(max_diff(&got, &want) < 1e-4, "{rows} rows: {}", max_diff(&got, &want));
+            }
+        }
     }
 
     fn check_shape(n_in: i64, n_out: i64, r: i64) {

@@ -35,11 +35,9 @@ fn to_bf16(v: f32) -> u16 {
 /// `x · rsqrt(mean(x²) + eps) · w` for each row of `x` (`[rows, h]`) into `out`.
 fn rms_norm(x: &[f32], w: Mat<'_>, eps: f64, h: usize, out: &mut [f32]) {
     for (row, o) in x.chunks_exact(h).zip(out.chunks_exact_mut(h)) {
-        let ms = kernels::dot(row, row) / h as f32;
+        let ms = kernels::dot(row, Mat::F32(row)) / h as f32;
         let inv = 1.0 / (ms + eps as f32).sqrt();
-        for (i, (v, dst)) in row.iter().zip(o.iter_mut()).enumerate() {
-            *dst = v * inv * w.get(i);
-        }
+        kernels::scale_mul(row, inv, w, o);
     }
 }
 
@@ -64,6 +62,28 @@ struct Step<'a> {
     /// Per row, which of the `past + 1` keys may be attended to (`None`: all).
     valid: Option<Vec<Vec<bool>>>,
     opts: &'a ForwardOptions<'a>,
+}
+
+/// The activations of one block, allocated once per step and reused by every block.
+struct Scratch {
+    /// The normed input of the attention, then of the MLP.
+    n: Vec<f32>,
+    q: Vec<f32>,
+    k: Vec<f32>,
+    v: Vec<f32>,
+    /// Attention output, `[rows, heads · head_dim]`.
+    att: Vec<f32>,
+    o: Vec<f32>,
+    gate: Vec<f32>,
+    up: Vec<f32>,
+    down: Vec<f32>,
+}
+
+impl Scratch {
+    fn new(rows: usize, h: usize, q: usize, kv: usize, inter: usize) -> Self {
+        let z = |n: usize| vec![0f32; rows * n];
+        Scratch { n: z(h), q: z(q), k: z(kv), v: z(kv), att: z(q), o: z(h), gate: z(inter), up: z(inter), down: z(h) }
+    }
 }
 
 impl Llama {
@@ -136,8 +156,13 @@ impl Llama {
         for (r, &id) in ids.iter().enumerate() {
             embed.read_into(id as usize * h, &mut x[r * h..(r + 1) * h]);
         }
+        let (nh, nkv) = match self.blocks.first() {
+            Some(bl) => (bl.attn.num_heads as usize, bl.attn.num_kv_heads as usize),
+            None => (0, 0),
+        };
+        let mut scratch = Scratch::new(rows, h, nh * c.head_dim, nkv * c.head_dim, c.intermediate_size);
         for block in &self.blocks {
-            self.fused_block(block, &mut x, cache, &step)?;
+            self.fused_block(block, &mut x, cache, &step, &mut scratch)?;
         }
         cache.len = s;
         cache.next_pos = cache.next_pos.f_add_scalar(1)?;
@@ -167,7 +192,14 @@ impl Llama {
     }
 
     /// One block on the rows `x` (`[rows, hidden]`, updated in place).
-    fn fused_block(&self, block: &Block, x: &mut [f32], cache: &mut KvCache, step: &Step<'_>) -> Result<()> {
+    fn fused_block(
+        &self,
+        block: &Block,
+        x: &mut [f32],
+        cache: &mut KvCache,
+        step: &Step<'_>,
+        sc: &mut Scratch,
+    ) -> Result<()> {
         let c = &self.config;
         let (h, hd) = (c.hidden_size, c.head_dim);
         let a = &block.attn;
@@ -176,33 +208,31 @@ impl Llama {
         let rows = step.rows;
         let mask = step.opts.mask;
         let on = |m: Module| mask.is_active(l, m);
+        if sc.q.len() != rows * nh * hd || sc.k.len() != rows * nkv * hd {
+            return Err(ModelError::InvalidArgument(format!("block {l}: head counts differ from block 0")));
+        }
 
         // SAFETY: the norm weights live as long as `self`.
         let in_norm = unsafe { borrow(&block.input_norm) }.ok_or_else(|| bad_tensor("input_layernorm"))?;
         let post_norm = unsafe { borrow(&block.post_norm) }.ok_or_else(|| bad_tensor("post_attention_layernorm"))?;
-        let mut n = vec![0f32; rows * h];
-        rms_norm(x, in_norm, c.rms_norm_eps, h, &mut n);
-        let mut q = vec![0f32; rows * nh * hd];
-        let mut k = vec![0f32; rows * nkv * hd];
-        let mut v = vec![0f32; rows * nkv * hd];
+        rms_norm(x, in_norm, c.rms_norm_eps, h, &mut sc.n);
         project(
             &[(&a.q, on(Module::Q)), (&a.k, on(Module::K)), (&a.v, on(Module::V))],
-            &n,
+            &sc.n,
             h,
-            &mut [&mut q, &mut k, &mut v],
+            &mut [&mut sc.q, &mut sc.k, &mut sc.v],
         )?;
         for r in 0..rows {
-            for head in q[r * nh * hd..(r + 1) * nh * hd].chunks_exact_mut(hd) {
+            for head in sc.q[r * nh * hd..(r + 1) * nh * hd].chunks_exact_mut(hd) {
                 rope(head, &step.cos[r], &step.sin[r]);
             }
-            for head in k[r * nkv * hd..(r + 1) * nkv * hd].chunks_exact_mut(hd) {
+            for head in sc.k[r * nkv * hd..(r + 1) * nkv * hd].chunks_exact_mut(hd) {
                 rope(head, &step.cos[r], &step.sin[r]);
             }
         }
 
         // Append this position's keys and values to the cache, then attend over positions 0..=past.
         let cap = cache.capacity as usize;
-        let s = step.past + 1;
         let keys = &cache.keys[l];
         let values = &cache.values[l];
         let shape_ok = |t: &Tensor| t.size() == [rows as i64, nkv as i64, cap as i64, hd as i64];
@@ -220,78 +250,95 @@ impl Llama {
                 let at = ((r * nkv + g) * cap + step.past) * hd;
                 let src = (r * nkv + g) * hd;
                 unsafe {
-                    write_row(kr, at, &k[src..src + hd]);
-                    write_row(vr, at, &v[src..src + hd]);
+                    write_row(kr, at, &sc.k[src..src + hd]);
+                    write_row(vr, at, &sc.v[src..src + hd]);
                 }
             }
         }
-        let scale = 1.0 / (hd as f32).sqrt();
-        let rep = nh / nkv;
-        let mut att = vec![0f32; rows * nh * hd];
-        let widen = if matches!(kr, Mat::F32(_)) { 0 } else { s * hd };
-        let (mut kbuf, mut vbuf) = (vec![0f32; widen], vec![0f32; widen]);
-        let mut scores = vec![0f32; s];
-        for r in 0..rows {
-            let valid = step.valid.as_ref().map(|v| &v[r]);
-            for g in 0..nkv {
-                let base = (r * nkv + g) * cap * hd;
-                // f32 caches are read in place; bf16 ones are widened into the buffers.
-                let (keys, values): (&[f32], &[f32]) = match (kr, vr) {
-                    (Mat::F32(k), Mat::F32(v)) => (&k[base..base + s * hd], &v[base..base + s * hd]),
-                    _ => {
-                        kr.read_into(base, &mut kbuf);
-                        vr.read_into(base, &mut vbuf);
-                        (&kbuf, &vbuf)
-                    }
-                };
-                for head in g * rep..(g + 1) * rep {
-                    let qh = &q[(r * nh + head) * hd..(r * nh + head + 1) * hd];
-                    let mut max = f32::NEG_INFINITY;
-                    for (j, sc) in scores.iter_mut().enumerate() {
-                        // The newest position is always visible (as in the libtorch path's mask).
-                        let seen = j + 1 == s || valid.is_none_or(|v| v[j]);
-                        *sc = if seen {
-                            kernels::dot(qh, &keys[j * hd..(j + 1) * hd]) * scale
-                        } else {
-                            f32::NEG_INFINITY
-                        };
-                        max = max.max(*sc);
-                    }
-                    let mut sum = 0f32;
-                    for sc in scores.iter_mut() {
-                        *sc = (*sc - max).exp();
-                        sum += *sc;
-                    }
-                    let out = &mut att[(r * nh + head) * hd..(r * nh + head + 1) * hd];
-                    for (j, &p) in scores.iter().enumerate() {
-                        if p > 0.0 {
-                            kernels::axpy(out, p / sum, &values[j * hd..(j + 1) * hd]);
-                        }
-                    }
-                }
-            }
+        // The (row, head) pairs are shared out between this thread and the kernels' helper.
+        let heads = Heads { q: &sc.q, keys: kr, values: vr, nh, nkv, hd, cap, s: step.past + 1, step };
+        let pairs = rows * nh;
+        let cut = pairs / 2;
+        let (lo, hi) = sc.att.split_at_mut(cut * hd);
+        if !kernels::join(|| heads.attend(0..cut, lo), || heads.attend(cut..pairs, hi)) {
+            return Err(ModelError::InvalidArgument(format!("block {l}: attention on the helper thread failed")));
         }
-        let mut o = vec![0f32; rows * h];
-        project(&[(&a.o, on(Module::O))], &att, nh * hd, &mut [&mut o])?;
-        for (xv, ov) in x.iter_mut().zip(&o) {
+        project(&[(&a.o, on(Module::O))], &sc.att, nh * hd, &mut [&mut sc.o])?;
+        for (xv, ov) in x.iter_mut().zip(&sc.o) {
             *xv += ov;
         }
 
-        rms_norm(x, post_norm, c.rms_norm_eps, h, &mut n);
+        rms_norm(x, post_norm, c.rms_norm_eps, h, &mut sc.n);
         let inter = c.intermediate_size;
         let mlp = &block.mlp;
-        let mut gate = vec![0f32; rows * inter];
-        let mut up = vec![0f32; rows * inter];
-        project(&[(&mlp.gate, on(Module::Gate)), (&mlp.up, on(Module::Up))], &n, h, &mut [&mut gate, &mut up])?;
-        for (g, u) in gate.iter_mut().zip(&up) {
-            *g = *g / (1.0 + (-*g).exp()) * u;
-        }
-        let mut down = vec![0f32; rows * h];
-        project(&[(&mlp.down, on(Module::Down))], &gate, inter, &mut [&mut down])?;
-        for (xv, dv) in x.iter_mut().zip(&down) {
+        project(
+            &[(&mlp.gate, on(Module::Gate)), (&mlp.up, on(Module::Up))],
+            &sc.n,
+            h,
+            &mut [&mut sc.gate, &mut sc.up],
+        )?;
+        kernels::swiglu(&mut sc.gate, &sc.up);
+        project(&[(&mlp.down, on(Module::Down))], &sc.gate, inter, &mut [&mut sc.down])?;
+        for (xv, dv) in x.iter_mut().zip(&sc.down) {
             *xv += dv;
         }
         Ok(())
+    }
+}
+
+/// What attention reads in one block: the rotated queries and the cache (this position's keys and values
+/// written already).
+struct Heads<'a> {
+    /// `[rows, heads · head_dim]`.
+    q: &'a [f32],
+    /// `[rows, kv heads, capacity, head_dim]`.
+    keys: Mat<'a>,
+    values: Mat<'a>,
+    nh: usize,
+    nkv: usize,
+    hd: usize,
+    cap: usize,
+    /// Positions to attend over (`past + 1`).
+    s: usize,
+    step: &'a Step<'a>,
+}
+
+impl Heads<'_> {
+    /// Softmax attention for the (row, head) pairs `pairs` (pair `p` = row `p / heads`, head `p % heads`), into
+    /// `out` (`[pairs.len(), head_dim]`).
+    fn attend(&self, pairs: std::ops::Range<usize>, out: &mut [f32]) {
+        let (hd, s) = (self.hd, self.s);
+        let scale = 1.0 / (hd as f32).sqrt();
+        let rep = self.nh / self.nkv;
+        let mut scores = vec![0f32; s];
+        for (p, dst) in pairs.zip(out.chunks_exact_mut(hd)) {
+            let (r, head) = (p / self.nh, p % self.nh);
+            let valid = self.step.valid.as_ref().map(|v| &v[r]);
+            let base = (r * self.nkv + head / rep) * self.cap * hd;
+            let qh = &self.q[p * hd..(p + 1) * hd];
+            let mut max = f32::NEG_INFINITY;
+            for (j, sc) in scores.iter_mut().enumerate() {
+                // The newest position is always visible (as in the libtorch path's mask).
+                let seen = j + 1 == s || valid.is_none_or(|v| v[j]);
+                *sc = if seen {
+                    kernels::dot(qh, self.keys.slice(base + j * hd..base + (j + 1) * hd)) * scale
+                } else {
+                    f32::NEG_INFINITY
+                };
+                max = max.max(*sc);
+            }
+            let mut sum = 0f32;
+            for sc in scores.iter_mut() {
+                *sc = (*sc - max).exp();
+                sum += *sc;
+            }
+            dst.fill(0.0);
+            for (j, &w) in scores.iter().enumerate() {
+                if w > 0.0 {
+                    kernels::axpy(dst, w / sum, self.values.slice(base + j * hd..base + (j + 1) * hd));
+                }
+            }
+        }
     }
 }
 
