@@ -214,6 +214,73 @@ mod helper {
     }
 }
 
+pub(crate) mod pool {
+    //! Reusable `f32` buffers, one free list per thread. A decode step asks for a few hundred short-lived
+    //! buffers (inputs in bf16 column order, halves of `A x`, attention scores, the logits); taking them from
+    //! here instead of the allocator keeps glibc's bins (and its consolidation of freed chunks) out of the step.
+    use std::cell::RefCell;
+
+    /// Buffers kept per thread at most.
+    const KEEP: usize = 32;
+
+    thread_local! {
+        static FREE: RefCell<Vec<Vec<f32>>> = const { RefCell::new(Vec::new()) };
+    }
+
+    /// A buffer of `len` values (contents unspecified) that goes back to the current thread's free list when
+    /// dropped.
+    #[derive(Debug, Default)]
+    pub(crate) struct Buf {
+        v: Vec<f32>,
+        len: usize,
+    }
+
+    /// A buffer of `len` values, reused if this thread has one large enough. Its values are whatever the
+    /// previous user left (or 0).
+    pub(crate) fn take(len: usize) -> Buf {
+        let reused = FREE.with(|f| {
+            let mut f = f.try_borrow_mut().ok()?;
+            let at = f.iter().position(|v| v.len() >= len)?;
+            Some(f.swap_remove(at))
+        });
+        let mut v = reused.unwrap_or_default();
+        if v.len() < len {
+            v.resize(len, 0.0);
+        }
+        Buf { v, len }
+    }
+
+    impl Drop for Buf {
+        fn drop(&mut self) {
+            let v = std::mem::take(&mut self.v);
+            if v.is_empty() {
+                return;
+            }
+            // `try_with`: during thread teardown the list may be gone already; the buffer is then just freed.
+            let _ = FREE.try_with(|f| {
+                if let Ok(mut f) = f.try_borrow_mut() {
+                    if f.len() < KEEP {
+                        f.push(v);
+                    }
+                }
+            });
+        }
+    }
+
+    impl std::ops::Deref for Buf {
+        type Target = [f32];
+        fn deref(&self) -> &[f32] {
+            &self.v[..self.len]
+        }
+    }
+
+    impl std::ops::DerefMut for Buf {
+        fn deref_mut(&mut self) -> &mut [f32] {
+            &mut self.v[..self.len]
+        }
+    }
+}
+
 /// The low-rank part of a fused call: `scaling · B (A x)`.
 pub(crate) struct LoraPart<'a> {
     pub a: &'a Tensor,
@@ -275,10 +342,31 @@ impl<'a> Mat<'a> {
 /// The returned slice aliases the tensor's storage; the tensor must outlive it and must not be written meanwhile
 /// except through this borrow by its only user.
 pub(crate) unsafe fn borrow(t: &Tensor) -> Option<Mat<'_>> {
+    let n = usize::try_from(t.size().iter().product::<i64>()).ok()?;
+    borrow_n(t, n)
+}
+
+/// The values of a contiguous f32 CPU tensor without autograd, for writing.
+///
+/// # Safety
+/// Nothing else may read or write the tensor's storage while the slice lives (e.g. a tensor just created by the
+/// caller, with no other handle or view).
+pub(crate) unsafe fn borrow_f32_mut(t: &mut Tensor) -> Option<&mut [f32]> {
+    let n = match borrow(t)? {
+        Mat::F32(v) => v.len(),
+        Mat::Bf16(_) => return None,
+    };
+    Some(std::slice::from_raw_parts_mut(t.data_ptr() as *mut f32, n))
+}
+
+/// [`borrow`] for a tensor known to hold `n` values (saves asking libtorch for its shape again).
+///
+/// # Safety
+/// As for [`borrow`], and `n` must be the tensor's number of elements.
+unsafe fn borrow_n(t: &Tensor, n: usize) -> Option<Mat<'_>> {
     if t.device() != Device::Cpu || !t.is_contiguous() || t.requires_grad() {
         return None;
     }
-    let n = t.numel();
     let ptr = t.data_ptr();
     if n == 0 || ptr.is_null() {
         return None;
@@ -295,13 +383,9 @@ pub(crate) unsafe fn borrow(t: &Tensor) -> Option<Mat<'_>> {
 /// # Safety
 /// As for [`borrow`].
 unsafe fn borrow_mat(t: &Tensor) -> Option<(Mat<'_>, usize, usize)> {
-    if t.dim() != 2 {
-        return None;
-    }
-    let size = t.size();
-    let (rows, cols) = (usize::try_from(size[0]).ok()?, usize::try_from(size[1]).ok()?);
-    let m = borrow(t)?;
-    (m.len() == rows.checked_mul(cols)?).then_some((m, rows, cols))
+    let [rows, cols] = t.size()[..] else { return None };
+    let (rows, cols) = (usize::try_from(rows).ok()?, usize::try_from(cols).ok()?);
+    Some((borrow_n(t, rows.checked_mul(cols)?)?, rows, cols))
 }
 
 /// `x Wᵀ + bias (+ scaling · (x Aᵀ) Bᵀ)` for a small `x` `[..., in]`, or `Ok(None)` when the kernels do not
@@ -348,7 +432,7 @@ struct HalfA {
     /// 0 unclaimed, 1 being computed, 2 ready, 3 the computing thread panicked.
     state: AtomicU8,
     /// `[activation rows, rows.len()]`; written only by the claiming thread, read only once `state` is 2.
-    buf: std::cell::UnsafeCell<Vec<f32>>,
+    buf: std::cell::UnsafeCell<pool::Buf>,
 }
 
 // SAFETY: `buf` is written only by the one thread whose compare-exchange moved `state` from 0 to 1, and read only
@@ -358,7 +442,7 @@ unsafe impl Sync for HalfA {}
 impl HalfA {
     fn new(rows: std::ops::Range<usize>, m: usize) -> Self {
         let len = rows.len() * m;
-        HalfA { rows, state: AtomicU8::new(0), buf: std::cell::UnsafeCell::new(vec![0f32; len]) }
+        HalfA { rows, state: AtomicU8::new(0), buf: std::cell::UnsafeCell::new(pool::take(len)) }
     }
 
     /// Computes this half of `A x` unless another thread has claimed it.
@@ -385,7 +469,7 @@ impl HalfA {
             match self.state.load(Ordering::Acquire) {
                 2 => {
                     // SAFETY: the claiming thread finished writing before its release store of 2.
-                    return Some(unsafe { (*self.buf.get()).as_slice() });
+                    return Some(unsafe { &*self.buf.get() });
                 }
                 3 => return None,
                 _ => std::hint::spin_loop(),
@@ -458,15 +542,21 @@ struct Out {
 unsafe impl Sync for Out {}
 
 impl Out {
-    /// Writes `vals` (`[m, rows.len()]`) into output rows `rows`.
+    /// Writes `vals` (`[m, rows.len()]`) into output rows `rows`, or adds them to what is there when `add`.
     ///
     /// # Safety
     /// No other thread may touch output rows `rows` meanwhile, and `rows.end ≤ n_out`.
-    unsafe fn put(&self, rows: std::ops::Range<usize>, vals: &[f32]) {
+    unsafe fn put(&self, rows: std::ops::Range<usize>, vals: &[f32], add: bool) {
         let len = rows.len();
         for (row, src) in vals.chunks_exact(len).take(self.m).enumerate() {
-            let dst = self.ptr.add(row * self.n_out + rows.start);
-            std::ptr::copy_nonoverlapping(src.as_ptr(), dst, len);
+            let dst = std::slice::from_raw_parts_mut(self.ptr.add(row * self.n_out + rows.start), len);
+            if add {
+                for (d, v) in dst.iter_mut().zip(src) {
+                    *d += v;
+                }
+            } else {
+                dst.copy_from_slice(src);
+            }
         }
     }
 
@@ -519,17 +609,68 @@ pub(crate) fn linear_rows(lins: &[Linear<'_>], rows: &[&[f32]], ys: &mut [&mut [
         input.split();
     }
 
-    // Each thread first computes one half of every LoRA's `A x` (and the other half too when the other thread
-    // has not claimed it yet), then takes chunks of output rows until none are left: for each, the rows of W,
-    // plus B's rows times the scaled `A x`, plus the bias.
+    // Each thread takes chunks of output rows until none are left and computes the rows of W (plus the bias)
+    // for them. Only then come the LoRAs: one half of every `A x` (the other half too when the other thread has
+    // not claimed it yet), and B's rows times the scaled `A x` added to the rows this thread computed. A and B
+    // are short matrices that a stream of their own would mostly wait for; they are prefetched first, so they
+    // arrive alongside W's stream and are read from the cache afterwards.
     let work = |front: bool| -> bool {
         let own = usize::from(!front);
+        for p in &prepared {
+            if let Some((a, b, r, _, halves)) = &p.lora {
+                let nominal = if front { 0..p.n_out / 2 } else { p.n_out / 2..p.n_out };
+                simd::prefetch(*a, halves[own].rows.start * w_in..halves[own].rows.end * w_in);
+                simd::prefetch(*b, nominal.start * r..nominal.end * r);
+            }
+        }
+        // (projection, its output rows) of every piece this thread computed.
+        let mut pieces: Vec<(usize, std::ops::Range<usize>)> = Vec::new();
+        let mut tmp = Vec::new();
+        while let Some(range) = chunks.claim(front) {
+            let mut start = 0;
+            for (k, (p, out)) in prepared.iter().zip(&outs).enumerate() {
+                let (lo, hi) = (range.start.max(start), range.end.min(start + p.n_out));
+                let first = start;
+                start += p.n_out;
+                if lo >= hi {
+                    continue;
+                }
+                let local = lo - first..hi - first;
+                let len = local.len();
+                // SAFETY: this thread claimed these output rows; no other thread touches them.
+                let dst: &mut [f32] = if m == 1 {
+                    unsafe { out.slice(local.clone()) }
+                } else {
+                    tmp.clear();
+                    tmp.resize(m * len, 0.0);
+                    &mut tmp
+                };
+                simd::matvec(p.w, w_in, local.clone(), &input, dst, false);
+                if let Some(bias) = &p.bias {
+                    for row in dst.chunks_exact_mut(len) {
+                        for (v, b) in row.iter_mut().zip(&bias[local.clone()]) {
+                            *v += b;
+                        }
+                    }
+                }
+                if m > 1 {
+                    // SAFETY: as above.
+                    unsafe { out.put(local.clone(), &tmp, false) };
+                }
+                if p.lora.is_some() {
+                    pieces.push((k, local));
+                }
+            }
+        }
+        if prepared.iter().all(|p| p.lora.is_none()) {
+            return true;
+        }
         for p in &prepared {
             if let Some((a, _, _, _, halves)) = &p.lora {
                 halves[own].claim(*a, w_in, &input);
             }
         }
-        let mut low_rank: Vec<Option<Vec<f32>>> = Vec::with_capacity(prepared.len());
+        let mut low_rank: Vec<Option<pool::Buf>> = Vec::with_capacity(prepared.len());
         for p in &prepared {
             let Some((a, _, r, scaling, halves)) = &p.lora else {
                 low_rank.push(None);
@@ -538,7 +679,7 @@ pub(crate) fn linear_rows(lins: &[Linear<'_>], rows: &[&[f32]], ys: &mut [&mut [
             halves[1 - own].claim(*a, w_in, &input);
             let (Some(lo), Some(hi)) = (halves[0].wait(), halves[1].wait()) else { return false };
             let (cut, r) = (halves[0].rows.len(), *r);
-            let mut xa = vec![0f32; m * r];
+            let mut xa = pool::take(m * r);
             for (row, dst) in xa.chunks_exact_mut(r).enumerate() {
                 dst[..cut].copy_from_slice(&lo[row * cut..(row + 1) * cut]);
                 dst[cut..].copy_from_slice(&hi[row * (r - cut)..(row + 1) * (r - cut)]);
@@ -551,56 +692,22 @@ pub(crate) fn linear_rows(lins: &[Linear<'_>], rows: &[&[f32]], ys: &mut [&mut [
         let lr_rows: Vec<Option<Vec<&[f32]>>> = prepared
             .iter()
             .zip(&low_rank)
-            .map(|(p, xa)| match (&p.lora, xa) {
-                (Some((_, _, r, _, _)), Some(xa)) => Some(xa.chunks_exact(*r).collect()),
-                _ => None,
-            })
+            .map(|(p, xa)| Some(xa.as_ref()?.chunks_exact(p.lora.as_ref()?.2).collect()))
             .collect();
-        let lr_inputs: Vec<Option<simd::Rows<'_>>> = lr_rows
-            .iter()
-            .zip(&prepared)
-            .map(|(rows, p)| {
-                let rows = simd::Rows::new(rows.as_deref()?);
-                if let Some((_, Mat::Bf16(_), _, _, _)) = &p.lora {
-                    rows.split();
-                }
-                Some(rows)
-            })
-            .collect();
-        let mut tmp = Vec::new();
-        while let Some(range) = chunks.claim(front) {
-            let mut start = 0;
-            for ((p, out), xa) in prepared.iter().zip(&outs).zip(&lr_inputs) {
-                let (lo, hi) = (range.start.max(start), range.end.min(start + p.n_out));
-                start += p.n_out;
-                if lo >= hi {
-                    continue;
-                }
-                let local = lo - (start - p.n_out)..hi - (start - p.n_out);
-                let len = local.len();
-                // SAFETY: this thread claimed these output rows; no other thread touches them.
-                let dst: &mut [f32] = if m == 1 {
-                    unsafe { out.slice(local.clone()) }
-                } else {
-                    tmp.clear();
-                    tmp.resize(m * len, 0.0);
-                    &mut tmp
-                };
-                simd::matvec(p.w, w_in, local.clone(), &input, dst, false);
-                if let (Some((_, b, r, _, _)), Some(xa)) = (&p.lora, xa) {
-                    simd::matvec(*b, *r, local.clone(), xa, dst, true);
-                }
-                if let Some(bias) = &p.bias {
-                    for row in dst.chunks_exact_mut(len) {
-                        for (v, b) in row.iter_mut().zip(&bias[local.clone()]) {
-                            *v += b;
-                        }
-                    }
-                }
-                if m > 1 {
-                    // SAFETY: as above.
-                    unsafe { out.put(local, &tmp) };
-                }
+        let lr_inputs: Vec<Option<simd::Rows<'_>>> =
+            lr_rows.iter().map(|rows| Some(simd::Rows::new(rows.as_deref()?))).collect();
+        for (k, local) in pieces {
+            let (p, out) = (&prepared[k], &outs[k]);
+            let (Some((_, b, r, _, _)), Some(xa_rows)) = (&p.lora, &lr_inputs[k]) else { continue };
+            if m == 1 {
+                // SAFETY: this thread computed these output rows; no other thread touches them.
+                simd::matvec(*b, *r, local.clone(), &xa_rows, unsafe { out.slice(local) }, true);
+            } else {
+                tmp.clear();
+                tmp.resize(m * local.len(), 0.0);
+                simd::matvec(*b, *r, local.clone(), &xa_rows, &mut tmp, false);
+                // SAFETY: as above.
+                unsafe { out.put(local, &tmp, true) };
             }
         }
         true
@@ -720,7 +827,7 @@ mod simd {
     /// projections of a call, both threads, both halves of `A x`).
     pub struct Rows<'a> {
         pub xs: &'a [&'a [f32]],
-        split: std::sync::OnceLock<Vec<Vec<f32>>>,
+        split: std::sync::OnceLock<super::pool::Buf>,
     }
 
     impl<'a> Rows<'a> {
@@ -728,22 +835,22 @@ mod simd {
             Rows { xs, split: std::sync::OnceLock::new() }
         }
 
-        /// The rows in bf16 column order (the columns past the last whole 16-column block as they are).
-        pub fn split(&self) -> &[Vec<f32>] {
+        /// The rows (`[rows, n_in]`, flat) in bf16 column order (the columns past the last whole 16-column block
+        /// as they are).
+        pub fn split(&self) -> &[f32] {
             self.split.get_or_init(|| {
-                self.xs
-                    .iter()
-                    .map(|x| {
-                        let mut p = x.to_vec();
-                        for (dst, src) in p.chunks_exact_mut(16).zip(x.chunks_exact(16)) {
-                            for j in 0..8 {
-                                dst[j] = src[2 * j];
-                                dst[8 + j] = src[2 * j + 1];
-                            }
+                let n = self.xs.first().map_or(0, |x| x.len());
+                let mut p = super::pool::take(n * self.xs.len());
+                for (row, x) in p.chunks_exact_mut(n.max(1)).zip(self.xs) {
+                    row.copy_from_slice(x);
+                    for (dst, src) in row.chunks_exact_mut(16).zip(x.chunks_exact(16)) {
+                        for j in 0..8 {
+                            dst[j] = src[2 * j];
+                            dst[8 + j] = src[2 * j + 1];
                         }
-                        p
-                    })
-                    .collect()
+                    }
+                }
+                p
             })
         }
     }
@@ -780,6 +887,24 @@ mod simd {
             return;
         }
         scalar(w, n_in, len, xs, y, add)
+    }
+
+    /// Asks for values `range` of `m` to be brought into the cache (a hint; nothing is read).
+    pub fn prefetch(m: Mat<'_>, range: std::ops::Range<usize>) {
+        #[cfg(target_arch = "x86_64")]
+        {
+            let (ptr, size) = match m {
+                Mat::F32(v) => (v.as_ptr() as *const i8, 4),
+                Mat::Bf16(v) => (v.as_ptr() as *const i8, 2),
+            };
+            let end = range.end.min(m.len()) * size;
+            for at in (range.start * size..end).step_by(64) {
+                // SAFETY: `at` lies inside `m`; a prefetch reads nothing and cannot fault.
+                unsafe { std::arch::x86_64::_mm_prefetch::<{ std::arch::x86_64::_MM_HINT_T1 }>(ptr.add(at)) };
+            }
+        }
+        #[cfg(not(target_arch = "x86_64"))]
+        let _ = (m, range);
     }
 
     /// `Σ a[i] b[i]` over `a.len()` values (`b` at least as long).
@@ -1030,7 +1155,7 @@ mod simd {
             n_in: usize,
             n_out: usize,
             xs: &[&[f32]],
-            split: &[Vec<f32>],
+            split: &[f32],
             y: &mut [f32],
             add: bool,
         ) {
@@ -1056,7 +1181,7 @@ mod simd {
                     }
                     super::Mat::Bf16(w) if n_in.is_multiple_of(16) => {
                         let wp = w.as_ptr();
-                        let sp = split[m].as_ptr();
+                        let sp = split[m * n_in..(m + 1) * n_in].as_ptr();
                         for o in (0..full).step_by(8) {
                             prefetch_block(wp.add(o * n_in) as *const i8, 16 * n_in);
                             let mut acc = [_mm256_setzero_ps(); 8];
@@ -1181,20 +1306,21 @@ mod simd {
             s
         }
 
-        /// [`matvec_f32`] for bf16 weights; `split` holds the rows of `xs` in [`row_bf16`]'s column order.
+        /// [`matvec_f32`] for bf16 weights; `split` holds the rows of `xs` (`[rows, n_in]`, flat) in
+        /// [`row_bf16`]'s column order.
         #[target_feature(enable = "avx2,fma")]
         pub unsafe fn matvec_bf16(
             w: &[u16],
             n_in: usize,
             n_out: usize,
             xs: &[&[f32]],
-            split: &[Vec<f32>],
+            split: &[f32],
             y: &mut [f32],
             add: bool,
         ) {
             for o in 0..n_out {
                 let row = &w[o * n_in..(o + 1) * n_in];
-                for (m, (x, xp)) in xs.iter().zip(split).enumerate() {
+                for (m, (x, xp)) in xs.iter().zip(split.chunks_exact(n_in)).enumerate() {
                     store(y, m * n_out + o, row_bf16(row, x, xp), add);
                 }
             }
@@ -1443,4 +1569,25 @@ mod tests {
         let grad = randn(&[1, n_in], 9).set_requires_grad(true);
         assert!(small_linear(&grad, &w, None, None).unwrap().is_none(), "autograd goes to libtorch");
     }
+}
+
+/// zz temp
+pub fn zz_calls(lin: &crate::lora::LoraLinear, with_lora: bool, reps: usize) -> f64 {
+    let n_in = lin.weight.size()[1] as usize;
+    let x = vec![0.01f32; n_in];
+    let rows = [x.as_slice()];
+    let mut y = vec![0f32; lin.weight.size()[0] as usize];
+    let t = std::time::Instant::now();
+    for _ in 0..reps {
+        let l = Linear {
+            weight: &lin.weight,
+            bias: None,
+            lora: match &lin.lora {
+                Some(l) if with_lora => Some(LoraPart { a: &l.a, b: &l.b, scaling: l.scaling }),
+                _ => None,
+            },
+        };
+        linear_rows(&[l], &rows, &mut [&mut y]).unwrap();
+    }
+    t.elapsed().as_secs_f64() / reps as f64 * 1e6
 }

@@ -177,10 +177,13 @@ impl Llama {
                 rms_norm(&x, norm, c.rms_norm_eps, h, &mut normed);
                 let head = self.lm_head.as_ref().unwrap_or(&self.embed);
                 let xs: Vec<&[f32]> = normed.chunks_exact(h).collect();
-                let mut y = vec![0f32; rows * vocab];
+                // The logits are written straight into the tensor handed back.
+                let mut l = Tensor::f_empty([b, vocab as i64], (Kind::Float, Device::Cpu))?;
                 let lin = kernels::Linear { weight: head, bias: None, lora: None };
-                let l = if kernels::linear_rows(&[lin], &xs, &mut [&mut y])? {
-                    Tensor::from_slice(&y).f_view([b, vocab as i64])?
+                // SAFETY: `l` was just created here and has no other handle or view.
+                let y = unsafe { kernels::borrow_f32_mut(&mut l) }.ok_or_else(|| bad_tensor("logits"))?;
+                let l = if kernels::linear_rows(&[lin], &xs, &mut [y])? {
+                    l
                 } else {
                     let n = Tensor::from_slice(&normed).f_view([b, h as i64])?.f_to_kind(kind)?;
                     self.lm_head(&n)?
@@ -310,7 +313,7 @@ impl Heads<'_> {
         let (hd, s) = (self.hd, self.s);
         let scale = 1.0 / (hd as f32).sqrt();
         let rep = self.nh / self.nkv;
-        let mut scores = vec![0f32; s];
+        let mut scores = kernels::pool::take(s);
         for (p, dst) in pairs.zip(out.chunks_exact_mut(hd)) {
             let (r, head) = (p / self.nh, p % self.nh);
             let valid = self.step.valid.as_ref().map(|v| &v[r]);
