@@ -200,7 +200,8 @@ mod helper {
         if let Some(t) = h.thread.get() {
             t.unpark();
         }
-        a();
+        // `b` may borrow from this frame: even if `a` panics, wait for the helper before unwinding past it.
+        let a_result = std::panic::catch_unwind(std::panic::AssertUnwindSafe(a));
         let mut spins = 0u32;
         while h.done.load(Ordering::Acquire) != seq {
             spins += 1;
@@ -209,6 +210,9 @@ mod helper {
             } else {
                 std::thread::yield_now();
             }
+        }
+        if let Err(panic) = a_result {
+            std::panic::resume_unwind(panic);
         }
         !h.failed.load(Ordering::Relaxed)
     }
@@ -425,53 +429,57 @@ pub(crate) fn small_linear(
     Ok(Some(if kind == Kind::Float { out } else { out.f_to_kind(kind)? }))
 }
 
-/// One half of a LoRA's low-rank input `A x` (rows `rows` of A, for every activation row), computed once by
-/// whichever of the two threads of a split product claims it first.
-struct HalfA {
-    rows: std::ops::Range<usize>,
-    /// 0 unclaimed, 1 being computed, 2 ready, 3 the computing thread panicked.
+/// The scaled low-rank inputs `scaling · A x` of a [`linear_rows`] call's LoRAs. The front thread computes them
+/// before it takes its first chunk of W (the back thread meanwhile streams W from the other end, so the short A
+/// matrices cost their bytes and no waiting); both threads read them when they add B's rows.
+struct LowRank {
+    /// 0 pending, 1 ready, 2 the computing thread failed.
     state: AtomicU8,
-    /// `[activation rows, rows.len()]`; written only by the claiming thread, read only once `state` is 2.
-    buf: std::cell::UnsafeCell<pool::Buf>,
+    /// Per projection, `[activation rows, r]` (`None` without LoRA); written only by the front thread, before
+    /// its release store of 1, and read only after an acquire load has seen it.
+    bufs: std::cell::UnsafeCell<Vec<Option<pool::Buf>>>,
 }
 
-// SAFETY: `buf` is written only by the one thread whose compare-exchange moved `state` from 0 to 1, and read only
-// after an acquire load has seen the release store of 2 that follows the write.
-unsafe impl Sync for HalfA {}
+// SAFETY: see `bufs`.
+unsafe impl Sync for LowRank {}
 
-impl HalfA {
-    fn new(rows: std::ops::Range<usize>, m: usize) -> Self {
-        let len = rows.len() * m;
-        HalfA { rows, state: AtomicU8::new(0), buf: std::cell::UnsafeCell::new(pool::take(len)) }
+impl LowRank {
+    fn new() -> Self {
+        LowRank { state: AtomicU8::new(0), bufs: std::cell::UnsafeCell::new(Vec::new()) }
     }
 
-    /// Computes this half of `A x` unless another thread has claimed it.
-    fn claim(&self, a: Mat<'_>, n_in: usize, xs: &simd::Rows<'_>) {
-        if self.state.compare_exchange(0, 1, Ordering::AcqRel, Ordering::Acquire).is_err() {
-            return;
-        }
-        // Marks the half ready, or failed if the product panics, so that a waiting thread never spins forever.
+    /// Computes every projection's `scaling · A x` (the front thread, once).
+    fn compute(&self, prepared: &[Prepared<'_>], w_in: usize, xs: &simd::Rows<'_>) {
+        // Marks the inputs ready, or failed if a product panics, so that a waiting thread never spins forever.
         struct Done<'a>(&'a AtomicU8);
         impl Drop for Done<'_> {
             fn drop(&mut self) {
-                self.0.store(if std::thread::panicking() { 3 } else { 2 }, Ordering::Release);
+                self.0.store(if std::thread::panicking() { 2 } else { 1 }, Ordering::Release);
             }
         }
         let _done = Done(&self.state);
-        // SAFETY: this thread won the claim, so it is the only one touching `buf` until it stores 2.
-        let buf = unsafe { &mut *self.buf.get() };
-        simd::matvec(a, n_in, self.rows.clone(), xs, buf, false);
+        let m = xs.xs.len();
+        // SAFETY: only this (front) thread writes `bufs`, and nobody reads it before the store of 1.
+        let bufs = unsafe { &mut *self.bufs.get() };
+        for p in prepared {
+            bufs.push(p.lora.as_ref().map(|&(a, _, r, scaling)| {
+                let mut xa = pool::take(m * r);
+                simd::matvec(a, w_in, 0..r, xs, &mut xa, false);
+                for v in xa.iter_mut() {
+                    *v *= scaling;
+                }
+                xa
+            }));
+        }
     }
 
-    /// This half of `A x` once it is ready, or `None` if the thread computing it panicked.
-    fn wait(&self) -> Option<&[f32]> {
+    /// The inputs once they are ready, or `None` if computing them failed.
+    fn wait(&self) -> Option<&[Option<pool::Buf>]> {
         loop {
             match self.state.load(Ordering::Acquire) {
-                2 => {
-                    // SAFETY: the claiming thread finished writing before its release store of 2.
-                    return Some(unsafe { &*self.buf.get() });
-                }
-                3 => return None,
+                // SAFETY: the front thread finished writing before its release store of 1.
+                1 => return Some(unsafe { &*self.bufs.get() }),
+                2 => return None,
                 _ => std::hint::spin_loop(),
             }
         }
@@ -489,8 +497,8 @@ pub(crate) struct Linear<'a> {
 struct Prepared<'a> {
     w: Mat<'a>,
     n_out: usize,
-    /// `B`, r, scaling and the two halves of `A x`.
-    lora: Option<(Mat<'a>, Mat<'a>, usize, f32, [HalfA; 2])>,
+    /// `A`, `B`, r and scaling.
+    lora: Option<(Mat<'a>, Mat<'a>, usize, f32)>,
     bias: Option<Vec<f32>>,
 }
 
@@ -591,7 +599,7 @@ pub(crate) fn linear_rows(lins: &[Linear<'_>], rows: &[&[f32]], ys: &mut [&mut [
     let mut prepared = Vec::with_capacity(lins.len());
     for (lin, y) in lins.iter().zip(ys.iter()) {
         // SAFETY: every borrowed tensor lives until the end of this function and nothing writes to it meanwhile.
-        match unsafe { prepare(lin, w_in, m) }? {
+        match unsafe { prepare(lin, w_in) }? {
             Some(p) if y.len() == m * p.n_out => prepared.push(p),
             _ => return Ok(false),
         }
@@ -609,19 +617,21 @@ pub(crate) fn linear_rows(lins: &[Linear<'_>], rows: &[&[f32]], ys: &mut [&mut [
         input.split();
     }
 
-    // Each thread takes chunks of output rows until none are left and computes the rows of W (plus the bias)
-    // for them. Only then come the LoRAs: one half of every `A x` (the other half too when the other thread has
-    // not claimed it yet), and B's rows times the scaled `A x` added to the rows this thread computed. A and B
-    // are short matrices that a stream of their own would mostly wait for; they are prefetched first, so they
-    // arrive alongside W's stream and are read from the cache afterwards.
+    // The front thread first computes every LoRA's `scaling · A x` ([`LowRank`]). Then each thread takes chunks
+    // of output rows until none are left and computes the rows of W (plus the bias) for them; last it adds B's
+    // rows times the low-rank input to the rows it computed. B is prefetched at the start, so it arrives
+    // alongside W's stream and is read from the cache.
+    let low_rank = LowRank::new();
+    let any_lora = prepared.iter().any(|p| p.lora.is_some());
     let work = |front: bool| -> bool {
-        let own = usize::from(!front);
         for p in &prepared {
-            if let Some((a, b, r, _, halves)) = &p.lora {
+            if let Some((_, b, r, _)) = &p.lora {
                 let nominal = if front { 0..p.n_out / 2 } else { p.n_out / 2..p.n_out };
-                simd::prefetch(*a, halves[own].rows.start * w_in..halves[own].rows.end * w_in);
                 simd::prefetch(*b, nominal.start * r..nominal.end * r);
             }
+        }
+        if front && any_lora {
+            low_rank.compute(&prepared, w_in, &input);
         }
         // (projection, its output rows) of every piece this thread computed.
         let mut pieces: Vec<(usize, std::ops::Range<usize>)> = Vec::new();
@@ -658,47 +668,23 @@ pub(crate) fn linear_rows(lins: &[Linear<'_>], rows: &[&[f32]], ys: &mut [&mut [
                     unsafe { out.put(local.clone(), &tmp, false) };
                 }
                 if p.lora.is_some() {
-                    pieces.push((k, local));
+                    // The chunks of one thread are adjacent: extend the last piece when this one continues it.
+                    match pieces.iter_mut().find(|(pk, r)| *pk == k && (r.end == local.start || r.start == local.end)) {
+                        Some((_, r)) => *r = r.start.min(local.start)..r.end.max(local.end),
+                        None => pieces.push((k, local)),
+                    }
                 }
             }
         }
-        if prepared.iter().all(|p| p.lora.is_none()) {
+        if pieces.is_empty() {
             return true;
         }
-        for p in &prepared {
-            if let Some((a, _, _, _, halves)) = &p.lora {
-                halves[own].claim(*a, w_in, &input);
-            }
-        }
-        let mut low_rank: Vec<Option<pool::Buf>> = Vec::with_capacity(prepared.len());
-        for p in &prepared {
-            let Some((a, _, r, scaling, halves)) = &p.lora else {
-                low_rank.push(None);
-                continue;
-            };
-            halves[1 - own].claim(*a, w_in, &input);
-            let (Some(lo), Some(hi)) = (halves[0].wait(), halves[1].wait()) else { return false };
-            let (cut, r) = (halves[0].rows.len(), *r);
-            let mut xa = pool::take(m * r);
-            for (row, dst) in xa.chunks_exact_mut(r).enumerate() {
-                dst[..cut].copy_from_slice(&lo[row * cut..(row + 1) * cut]);
-                dst[cut..].copy_from_slice(&hi[row * (r - cut)..(row + 1) * (r - cut)]);
-                for v in dst.iter_mut() {
-                    *v *= scaling;
-                }
-            }
-            low_rank.push(Some(xa));
-        }
-        let lr_rows: Vec<Option<Vec<&[f32]>>> = prepared
-            .iter()
-            .zip(&low_rank)
-            .map(|(p, xa)| Some(xa.as_ref()?.chunks_exact(p.lora.as_ref()?.2).collect()))
-            .collect();
-        let lr_inputs: Vec<Option<simd::Rows<'_>>> =
-            lr_rows.iter().map(|rows| Some(simd::Rows::new(rows.as_deref()?))).collect();
+        let Some(low) = low_rank.wait() else { return false };
         for (k, local) in pieces {
             let (p, out) = (&prepared[k], &outs[k]);
-            let (Some((_, b, r, _, _)), Some(xa_rows)) = (&p.lora, &lr_inputs[k]) else { continue };
+            let (Some((_, b, r, _)), Some(Some(xa))) = (&p.lora, low.get(k)) else { continue };
+            let xa_rows: Vec<&[f32]> = xa.chunks_exact(*r).collect();
+            let xa_rows = simd::Rows::new(&xa_rows);
             if m == 1 {
                 // SAFETY: this thread computed these output rows; no other thread touches them.
                 simd::matvec(*b, *r, local.clone(), &xa_rows, unsafe { out.slice(local) }, true);
@@ -725,12 +711,12 @@ pub(crate) fn linear_rows(lins: &[Linear<'_>], rows: &[&[f32]], ys: &mut [&mut [
     Ok(true)
 }
 
-/// Borrows one projection for [`linear_rows`] (`w_in` inputs, `m` activation rows), or `None` when the kernels do
+/// Borrows one projection for [`linear_rows`] (`w_in` inputs), or `None` when the kernels do
 /// not take it.
 ///
 /// # Safety
 /// The returned slices alias the tensors' storage: they must outlive it and not be written meanwhile.
-unsafe fn prepare<'a>(lin: &Linear<'a>, w_in: usize, m: usize) -> Result<Option<Prepared<'a>>> {
+unsafe fn prepare<'a>(lin: &Linear<'a>, w_in: usize) -> Result<Option<Prepared<'a>>> {
     let kind = lin.weight.kind();
     let Some((w, n_out, in_)) = borrow_mat(lin.weight) else { return Ok(None) };
     if in_ != w_in {
@@ -747,8 +733,7 @@ unsafe fn prepare<'a>(lin: &Linear<'a>, w_in: usize, m: usize) -> Result<Option<
             if a_in != w_in || b_out != n_out || b_r != r {
                 return Ok(None);
             }
-            let cut = r / 2;
-            Some((a, b, r, l.scaling as f32, [HalfA::new(0..cut, m), HalfA::new(cut..r, m)]))
+            Some((a, b, r, l.scaling as f32))
         }
         None => None,
     };
@@ -1569,25 +1554,4 @@ mod tests {
         let grad = randn(&[1, n_in], 9).set_requires_grad(true);
         assert!(small_linear(&grad, &w, None, None).unwrap().is_none(), "autograd goes to libtorch");
     }
-}
-
-/// zz temp
-pub fn zz_calls(lin: &crate::lora::LoraLinear, with_lora: bool, reps: usize) -> f64 {
-    let n_in = lin.weight.size()[1] as usize;
-    let x = vec![0.01f32; n_in];
-    let rows = [x.as_slice()];
-    let mut y = vec![0f32; lin.weight.size()[0] as usize];
-    let t = std::time::Instant::now();
-    for _ in 0..reps {
-        let l = Linear {
-            weight: &lin.weight,
-            bias: None,
-            lora: match &lin.lora {
-                Some(l) if with_lora => Some(LoraPart { a: &l.a, b: &l.b, scaling: l.scaling }),
-                _ => None,
-            },
-        };
-        linear_rows(&[l], &rows, &mut [&mut y]).unwrap();
-    }
-    t.elapsed().as_secs_f64() / reps as f64 * 1e6
 }
