@@ -220,7 +220,7 @@ mod helper {
 
 pub(crate) mod pool {
     //! Reusable `f32` buffers, one free list per thread. A decode step asks for a few hundred short-lived
-    //! buffers (inputs in bf16 column order, halves of `A x`, attention scores, the logits); taking them from
+    //! buffers (inputs in bf16 column order, the low-rank inputs `A x`, attention scores); taking them from
     //! here instead of the allocator keeps glibc's bins (and its consolidation of freed chunks) out of the step.
     use std::cell::RefCell;
 
@@ -605,6 +605,9 @@ pub(crate) fn linear_rows(lins: &[Linear<'_>], rows: &[&[f32]], ys: &mut [&mut [
         }
     }
     let total: usize = prepared.iter().map(|p| p.n_out).sum();
+    if u32::try_from(total).is_err() {
+        return Ok(false); // `Chunks` counts rows in 32 bits
+    }
     let threads = threads_for(total * w_in);
     let elem = if matches!(prepared[0].w, Mat::F32(_)) { 4 } else { 2 };
     let min = (CHUNK_MIN_BYTES / (w_in * elem).max(1)).next_multiple_of(8).max(8);
