@@ -318,6 +318,14 @@ impl<'a> Mat<'a> {
         }
     }
 
+    /// Bytes one value takes in memory.
+    pub(crate) fn value_bytes(&self) -> usize {
+        match self {
+            Mat::F32(_) => 4,
+            Mat::Bf16(_) => 2,
+        }
+    }
+
     /// Values `range` as a shorter borrow.
     pub(crate) fn slice(&self, range: std::ops::Range<usize>) -> Mat<'a> {
         match *self {
@@ -568,13 +576,26 @@ impl Out {
         }
     }
 
-    /// Output rows `rows` as one slice, possible when there is one activation row.
+    /// Lets `f` fill output rows `rows` (`[m, rows.len()]`), or add to them when `add`: in place when there is
+    /// one activation row, through `tmp` otherwise. `f` gets the rows and whether to add to what they hold.
     ///
     /// # Safety
-    /// As for [`Out::put`], and `m` must be 1.
-    #[allow(clippy::mut_from_ref)] // the caller's claim on `rows` is what makes this borrow exclusive
-    unsafe fn slice(&self, rows: std::ops::Range<usize>) -> &mut [f32] {
-        std::slice::from_raw_parts_mut(self.ptr.add(rows.start), rows.len())
+    /// As for [`Out::put`].
+    unsafe fn write(
+        &self,
+        rows: std::ops::Range<usize>,
+        add: bool,
+        tmp: &mut Vec<f32>,
+        f: impl FnOnce(&mut [f32], bool),
+    ) {
+        if self.m == 1 {
+            f(std::slice::from_raw_parts_mut(self.ptr.add(rows.start), rows.len()), add);
+        } else {
+            tmp.clear();
+            tmp.resize(self.m * rows.len(), 0.0);
+            f(tmp, false);
+            self.put(rows, tmp, add);
+        }
     }
 }
 
@@ -609,15 +630,12 @@ pub(crate) fn linear_rows(lins: &[Linear<'_>], rows: &[&[f32]], ys: &mut [&mut [
         return Ok(false); // `Chunks` counts rows in 32 bits
     }
     let threads = threads_for(total * w_in);
-    let elem = if matches!(prepared[0].w, Mat::F32(_)) { 4 } else { 2 };
-    let min = (CHUNK_MIN_BYTES / (w_in * elem).max(1)).next_multiple_of(8).max(8);
+    let min = (CHUNK_MIN_BYTES / (w_in * prepared[0].w.value_bytes()).max(1)).next_multiple_of(8).max(8);
     let chunks = Chunks::new(total, min);
     let outs: Vec<Out> = ys.iter_mut().map(|y| Out { ptr: y.as_mut_ptr(), n_out: y.len() / m, m }).collect();
     let input = simd::Rows::new(rows);
     if matches!(prepared[0].w, Mat::Bf16(_)) {
-        // Made here, before the threads start: two threads initialising it at once would queue one behind the
-        // other on the lock.
-        input.split();
+        input.split(); // before the threads start (see `Rows`)
     }
 
     // The front thread first computes every LoRA's `scaling · A x` ([`LowRank`]). Then each thread takes chunks
@@ -649,27 +667,19 @@ pub(crate) fn linear_rows(lins: &[Linear<'_>], rows: &[&[f32]], ys: &mut [&mut [
                     continue;
                 }
                 let local = lo - first..hi - first;
-                let len = local.len();
                 // SAFETY: this thread claimed these output rows; no other thread touches them.
-                let dst: &mut [f32] = if m == 1 {
-                    unsafe { out.slice(local.clone()) }
-                } else {
-                    tmp.clear();
-                    tmp.resize(m * len, 0.0);
-                    &mut tmp
-                };
-                simd::matvec(p.w, w_in, local.clone(), &input, dst, false);
-                if let Some(bias) = &p.bias {
-                    for row in dst.chunks_exact_mut(len) {
-                        for (v, b) in row.iter_mut().zip(&bias[local.clone()]) {
-                            *v += b;
+                unsafe {
+                    out.write(local.clone(), false, &mut tmp, |dst, _| {
+                        simd::matvec(p.w, w_in, local.clone(), &input, dst, false);
+                        if let Some(bias) = &p.bias {
+                            for row in dst.chunks_exact_mut(local.len()) {
+                                for (v, b) in row.iter_mut().zip(&bias[local.clone()]) {
+                                    *v += b;
+                                }
+                            }
                         }
-                    }
-                }
-                if m > 1 {
-                    // SAFETY: as above.
-                    unsafe { out.put(local.clone(), &tmp, false) };
-                }
+                    })
+                };
                 if p.lora.is_some() {
                     // The chunks of one thread are adjacent: extend the last piece when this one continues it.
                     match pieces.iter_mut().find(|(pk, r)| *pk == k && (r.end == local.start || r.start == local.end)) {
@@ -688,16 +698,10 @@ pub(crate) fn linear_rows(lins: &[Linear<'_>], rows: &[&[f32]], ys: &mut [&mut [
             let (Some((_, b, r, _)), Some(Some(xa))) = (&p.lora, low.get(k)) else { continue };
             let xa_rows: Vec<&[f32]> = xa.chunks_exact(*r).collect();
             let xa_rows = simd::Rows::new(&xa_rows);
-            if m == 1 {
-                // SAFETY: this thread computed these output rows; no other thread touches them.
-                simd::matvec(*b, *r, local.clone(), &xa_rows, unsafe { out.slice(local) }, true);
-            } else {
-                tmp.clear();
-                tmp.resize(m * local.len(), 0.0);
-                simd::matvec(*b, *r, local.clone(), &xa_rows, &mut tmp, false);
-                // SAFETY: as above.
-                unsafe { out.put(local, &tmp, true) };
-            }
+            // SAFETY: this thread computed these output rows; no other thread touches them.
+            unsafe {
+                out.write(local.clone(), true, &mut tmp, |dst, add| simd::matvec(*b, *r, local, &xa_rows, dst, add))
+            };
         }
         true
     };
@@ -811,8 +815,9 @@ mod simd {
     }
 
     /// Activation rows for [`matvec`], with their bf16 column order (each 16-column block split into its even and
-    /// odd columns, see `x86::row_bf16`) made on first use and shared by every bf16 product over these rows (all
-    /// projections of a call, both threads, both halves of `A x`).
+    /// odd columns, see `x86::row_bf16`) made once and shared by every bf16 product over these rows (all
+    /// projections of a call, both threads, `A x`). Whoever shares a `Rows` between threads should call
+    /// [`Rows::split`] first: two threads making it at once queue on its lock.
     pub struct Rows<'a> {
         pub xs: &'a [&'a [f32]],
         split: std::sync::OnceLock<super::pool::Buf>,
@@ -881,10 +886,11 @@ mod simd {
     pub fn prefetch(m: Mat<'_>, range: std::ops::Range<usize>) {
         #[cfg(target_arch = "x86_64")]
         {
-            let (ptr, size) = match m {
-                Mat::F32(v) => (v.as_ptr() as *const i8, 4),
-                Mat::Bf16(v) => (v.as_ptr() as *const i8, 2),
+            let ptr = match m {
+                Mat::F32(v) => v.as_ptr() as *const i8,
+                Mat::Bf16(v) => v.as_ptr() as *const i8,
             };
+            let size = m.value_bytes();
             let end = range.end.min(m.len()) * size;
             for at in (range.start * size..end).step_by(64) {
                 // SAFETY: `at` lies inside `m`; a prefetch reads nothing and cannot fault.

@@ -156,11 +156,8 @@ impl Llama {
         for (r, &id) in ids.iter().enumerate() {
             embed.read_into(id as usize * h, &mut x[r * h..(r + 1) * h]);
         }
-        let (nh, nkv) = match self.blocks.first() {
-            Some(bl) => (bl.attn.num_heads as usize, bl.attn.num_kv_heads as usize),
-            None => (0, 0),
-        };
-        let mut scratch = Scratch::new(rows, h, nh * c.head_dim, nkv * c.head_dim, c.intermediate_size);
+        let (q_width, kv_width) = (c.num_heads * c.head_dim, c.num_kv_heads * c.head_dim);
+        let mut scratch = Scratch::new(rows, h, q_width, kv_width, c.intermediate_size);
         for block in &self.blocks {
             self.fused_block(block, &mut x, cache, &step, &mut scratch)?;
         }
@@ -206,14 +203,11 @@ impl Llama {
         let c = &self.config;
         let (h, hd) = (c.hidden_size, c.head_dim);
         let a = &block.attn;
-        let (nh, nkv) = (a.num_heads as usize, a.num_kv_heads as usize);
+        let (nh, nkv) = (c.num_heads, c.num_kv_heads);
         let l = block.index;
         let rows = step.rows;
         let mask = step.opts.mask;
         let on = |m: Module| mask.is_active(l, m);
-        if sc.q.len() != rows * nh * hd || sc.k.len() != rows * nkv * hd {
-            return Err(ModelError::InvalidArgument(format!("block {l}: head counts differ from block 0")));
-        }
 
         // SAFETY: the norm weights live as long as `self`.
         let in_norm = unsafe { borrow(&block.input_norm) }.ok_or_else(|| bad_tensor("input_layernorm"))?;
@@ -385,8 +379,9 @@ fn project(lins: &[(&LoraLinear, bool)], x: &[f32], n_in: usize, ys: &mut [&mut 
     if kernels::linear_rows(&parts, &rows, ys)? {
         return Ok(());
     }
+    let x32 = Tensor::from_slice(x).f_view([rows.len() as i64, n_in as i64])?;
     for (&(lin, on), y) in lins.iter().zip(ys.iter_mut()) {
-        let xt = Tensor::from_slice(x).f_view([rows.len() as i64, n_in as i64])?.f_to_kind(lin.weight.kind())?;
+        let xt = x32.f_to_kind(lin.weight.kind())?;
         let out = lin.forward(&xt, on, false)?.f_to_kind(Kind::Float)?.f_contiguous()?;
         let v: Vec<f32> = Vec::try_from(out.f_view([-1])?)?;
         if v.len() != y.len() {
