@@ -576,26 +576,13 @@ impl Out {
         }
     }
 
-    /// Lets `f` fill output rows `rows` (`[m, rows.len()]`), or add to them when `add`: in place when there is
-    /// one activation row, through `tmp` otherwise. `f` gets the rows and whether to add to what they hold.
+    /// Output rows `rows` as one slice, possible when there is one activation row.
     ///
     /// # Safety
-    /// As for [`Out::put`].
-    unsafe fn write(
-        &self,
-        rows: std::ops::Range<usize>,
-        add: bool,
-        tmp: &mut Vec<f32>,
-        f: impl FnOnce(&mut [f32], bool),
-    ) {
-        if self.m == 1 {
-            f(std::slice::from_raw_parts_mut(self.ptr.add(rows.start), rows.len()), add);
-        } else {
-            tmp.clear();
-            tmp.resize(self.m * rows.len(), 0.0);
-            f(tmp, false);
-            self.put(rows, tmp, add);
-        }
+    /// As for [`Out::put`], and `m` must be 1.
+    #[allow(clippy::mut_from_ref)] // the caller's claim on `rows` is what makes this borrow exclusive
+    unsafe fn slice(&self, rows: std::ops::Range<usize>) -> &mut [f32] {
+        std::slice::from_raw_parts_mut(self.ptr.add(rows.start), rows.len())
     }
 }
 
@@ -667,19 +654,27 @@ pub(crate) fn linear_rows(lins: &[Linear<'_>], rows: &[&[f32]], ys: &mut [&mut [
                     continue;
                 }
                 let local = lo - first..hi - first;
+                let len = local.len();
                 // SAFETY: this thread claimed these output rows; no other thread touches them.
-                unsafe {
-                    out.write(local.clone(), false, &mut tmp, |dst, _| {
-                        simd::matvec(p.w, w_in, local.clone(), &input, dst, false);
-                        if let Some(bias) = &p.bias {
-                            for row in dst.chunks_exact_mut(local.len()) {
-                                for (v, b) in row.iter_mut().zip(&bias[local.clone()]) {
-                                    *v += b;
-                                }
-                            }
-                        }
-                    })
+                let dst: &mut [f32] = if m == 1 {
+                    unsafe { out.slice(local.clone()) }
+                } else {
+                    tmp.clear();
+                    tmp.resize(m * len, 0.0);
+                    &mut tmp
                 };
+                simd::matvec(p.w, w_in, local.clone(), &input, dst, false);
+                if let Some(bias) = &p.bias {
+                    for row in dst.chunks_exact_mut(len) {
+                        for (v, b) in row.iter_mut().zip(&bias[local.clone()]) {
+                            *v += b;
+                        }
+                    }
+                }
+                if m > 1 {
+                    // SAFETY: as above.
+                    unsafe { out.put(local.clone(), &tmp, false) };
+                }
                 if p.lora.is_some() {
                     // The chunks of one thread are adjacent: extend the last piece when this one continues it.
                     match pieces.iter_mut().find(|(pk, r)| *pk == k && (r.end == local.start || r.start == local.end)) {
@@ -698,10 +693,16 @@ pub(crate) fn linear_rows(lins: &[Linear<'_>], rows: &[&[f32]], ys: &mut [&mut [
             let (Some((_, b, r, _)), Some(Some(xa))) = (&p.lora, low.get(k)) else { continue };
             let xa_rows: Vec<&[f32]> = xa.chunks_exact(*r).collect();
             let xa_rows = simd::Rows::new(&xa_rows);
-            // SAFETY: this thread computed these output rows; no other thread touches them.
-            unsafe {
-                out.write(local.clone(), true, &mut tmp, |dst, add| simd::matvec(*b, *r, local, &xa_rows, dst, add))
-            };
+            if m == 1 {
+                // SAFETY: this thread computed these output rows; no other thread touches them.
+                simd::matvec(*b, *r, local.clone(), &xa_rows, unsafe { out.slice(local) }, true);
+            } else {
+                tmp.clear();
+                tmp.resize(m * local.len(), 0.0);
+                simd::matvec(*b, *r, local.clone(), &xa_rows, &mut tmp, false);
+                // SAFETY: as above.
+                unsafe { out.put(local, &tmp, true) };
+            }
         }
         true
     };
