@@ -1,5 +1,5 @@
 //! The `lora-boundary` command line: one binary, subcommands with consistent flags and `--format json` output.
-use std::io::{BufRead, Write};
+use std::io::Write;
 use std::path::{Path, PathBuf};
 use std::time::Instant;
 
@@ -7,7 +7,7 @@ use clap::{Args, Parser, Subcommand, ValueEnum};
 use serde::Serialize;
 
 use crate::error::{Error, Result};
-use crate::loading::{load_model, parse_device, parse_kind, DEFAULT_MODEL};
+use crate::loading::{load_model, parse_device, resolve_kind, resolve_model, DEFAULT_MODEL};
 use crate::scoring::{score_masks, search_boundary, EvalSettings, SearchSetup};
 use crate::tasks::{Sample, Task};
 use lora_model::{generate, load_adapter, prune_adapter, GenerationConfig, LayerMask, Placement, Sampling};
@@ -45,9 +45,77 @@ pub struct ModelArgs {
     /// `cpu`, `cuda`, `cuda:N` or `auto`.
     #[arg(long, default_value = "cpu")]
     pub device: String,
-    /// `f32`, `bf16` or `f16`.
-    #[arg(long, default_value = "f32")]
+    /// `auto` (the checkpoint's own dtype; GGUF dequantizes to f32), `f32`, `bf16` or `f16`.
+    #[arg(long, default_value = "auto")]
     pub dtype: String,
+}
+
+/// `N ≥ 1`.
+fn positive(s: &str) -> std::result::Result<usize, String> {
+    match s.parse::<usize>() {
+        Ok(n) if n >= 1 => Ok(n),
+        Ok(_) => Err("must be at least 1".into()),
+        Err(e) => Err(e.to_string()),
+    }
+}
+
+/// A finite number `> 0`.
+fn positive_f64(s: &str) -> std::result::Result<f64, String> {
+    match s.parse::<f64>() {
+        Ok(x) if x.is_finite() && x > 0.0 => Ok(x),
+        Ok(_) => Err("must be a finite number above 0".into()),
+        Err(e) => Err(e.to_string()),
+    }
+}
+
+/// A probability in `(0, 1]`.
+fn probability(s: &str) -> std::result::Result<f64, String> {
+    match s.parse::<f64>() {
+        Ok(x) if x > 0.0 && x <= 1.0 => Ok(x),
+        Ok(_) => Err("must lie in (0, 1]".into()),
+        Err(e) => Err(e.to_string()),
+    }
+}
+
+/// A dropout rate in `[0, 1)`.
+fn dropout_rate(s: &str) -> std::result::Result<f64, String> {
+    match s.parse::<f64>() {
+        Ok(x) if (0.0..1.0).contains(&x) => Ok(x),
+        Ok(_) => Err("must lie in [0, 1)".into()),
+        Err(e) => Err(e.to_string()),
+    }
+}
+
+/// A block index below [`lora_model::mask::MAX_BLOCKS`].
+fn block_index(s: &str) -> std::result::Result<usize, String> {
+    match s.parse::<usize>() {
+        Ok(n) if n < lora_model::mask::MAX_BLOCKS => Ok(n),
+        Ok(_) => Err(format!("must be below {}", lora_model::mask::MAX_BLOCKS)),
+        Err(e) => Err(e.to_string()),
+    }
+}
+
+/// A byte size: a plain number of bytes or one with a unit (`200KB`, `5GB`, `2GiB`).
+fn byte_size(s: &str) -> std::result::Result<u64, String> {
+    let t = s.trim();
+    let split = t.find(|c: char| !(c.is_ascii_digit() || c == '.')).unwrap_or(t.len());
+    let (num, unit) = t.split_at(split);
+    let x: f64 = num.parse().map_err(|_| format!("`{s}` is not a size (e.g. 5GB, 200KB)"))?;
+    let mult: f64 = match unit.trim().to_ascii_uppercase().as_str() {
+        "" | "B" => 1.0,
+        "KB" => 1e3,
+        "MB" => 1e6,
+        "GB" => 1e9,
+        "KIB" => 1024.0,
+        "MIB" => 1024.0 * 1024.0,
+        "GIB" => 1024.0 * 1024.0 * 1024.0,
+        u => return Err(format!("unknown size unit `{u}` (B, KB, MB, GB, KiB, MiB, GiB)")),
+    };
+    let bytes = x * mult;
+    if !(1.0..1e18).contains(&bytes) {
+        return Err(format!("`{s}`: the size must be at least 1 byte"));
+    }
+    Ok(bytes as u64)
 }
 
 /// Which LoRA blocks are active.
@@ -57,7 +125,7 @@ pub struct MaskArgs {
     #[arg(long, conflicts_with = "keep_through")]
     pub mask: Option<String>,
     /// Keep LoRA on blocks `0..=B` only (the paper's pruning).
-    #[arg(long)]
+    #[arg(long, value_parser = block_index)]
     pub keep_through: Option<usize>,
 }
 
@@ -108,7 +176,7 @@ pub struct ProbeArgs {
     #[arg(long)]
     pub chat: bool,
     /// Answer tokens probed.
-    #[arg(long, default_value_t = 4)]
+    #[arg(long, default_value_t = 4, value_parser = positive)]
     pub k: usize,
     /// Masks (repeatable); default `all` and `none` with an adapter.
     #[arg(long = "mask")]
@@ -123,7 +191,7 @@ pub struct ProbeArgs {
     #[arg(long)]
     pub plot: Option<PathBuf>,
     /// Samples per forward pass.
-    #[arg(long, default_value_t = 8)]
+    #[arg(long, default_value_t = 8, value_parser = positive)]
     pub batch_size: usize,
     /// Bootstrap seed.
     #[arg(long, default_value_t = 0)]
@@ -144,8 +212,8 @@ pub struct RunArgs {
     /// `cpu`, `cuda`, `auto`.
     #[arg(long, default_value = "cpu")]
     pub device: String,
-    /// `f32`, `bf16`, `f16`.
-    #[arg(long, default_value = "f32")]
+    /// `auto` (the checkpoint's own dtype), `f32`, `bf16`, `f16`.
+    #[arg(long, default_value = "auto")]
     pub dtype: String,
     /// Output format.
     #[arg(long, value_enum, default_value = "text")]
@@ -165,7 +233,7 @@ pub struct DataArgs {
     #[arg(long, default_value_t = 0)]
     pub offset: usize,
     /// Use the first N samples only (after `--offset`).
-    #[arg(long)]
+    #[arg(long, value_parser = positive)]
     pub limit: Option<usize>,
     /// Wrap prompts in the model's chat template.
     #[arg(long)]
@@ -207,6 +275,9 @@ pub struct MergeArgs {
     /// Output HF model directory (must not exist).
     #[arg(long)]
     pub out: PathBuf,
+    /// Largest safetensors shard (`5GB` as transformers; e.g. `200KB`, `2GiB`).
+    #[arg(long, default_value = "5GB", value_parser = byte_size)]
+    pub max_shard_size: u64,
 }
 
 /// `score` flags.
@@ -239,10 +310,10 @@ pub struct EvalArgs {
     #[arg(long)]
     pub metric: Option<String>,
     /// New-token budget.
-    #[arg(long, default_value_t = 64)]
+    #[arg(long, default_value_t = 64, value_parser = positive)]
     pub max_new_tokens: usize,
     /// Generation batch size.
-    #[arg(long, default_value_t = 8)]
+    #[arg(long, default_value_t = 8, value_parser = positive)]
     pub batch_size: usize,
     /// Bootstrap seed.
     #[arg(long, default_value_t = 0)]
@@ -275,10 +346,10 @@ pub struct SearchArgs {
     #[arg(long, default_value_t = 0)]
     pub seed: u64,
     /// New-token budget for generation scoring.
-    #[arg(long, default_value_t = 64)]
+    #[arg(long, default_value_t = 64, value_parser = positive)]
     pub max_new_tokens: usize,
     /// Batch size.
-    #[arg(long, default_value_t = 8)]
+    #[arg(long, default_value_t = 8, value_parser = positive)]
     pub batch_size: usize,
     /// Output format.
     #[arg(long, value_enum, default_value = "text")]
@@ -298,37 +369,37 @@ pub struct TrainArgs {
     #[arg(long)]
     pub out: PathBuf,
     /// LoRA rank.
-    #[arg(long, default_value_t = 8)]
+    #[arg(long, default_value_t = 8, value_parser = positive)]
     pub r: usize,
     /// LoRA alpha.
-    #[arg(long, default_value_t = 16.0)]
+    #[arg(long, default_value_t = 16.0, value_parser = positive_f64)]
     pub alpha: f64,
     /// Target modules, comma-separated, or `all-linear`.
     #[arg(long, default_value = "all-linear")]
     pub targets: String,
     /// LoRA dropout.
-    #[arg(long, default_value_t = 0.0)]
+    #[arg(long, default_value_t = 0.0, value_parser = dropout_rate)]
     pub dropout: f64,
     /// Epochs.
-    #[arg(long, default_value_t = 1)]
+    #[arg(long, default_value_t = 1, value_parser = positive)]
     pub epochs: usize,
     /// Peak learning rate.
-    #[arg(long, default_value_t = 2e-4)]
+    #[arg(long, default_value_t = 2e-4, value_parser = positive_f64)]
     pub lr: f64,
     /// Micro-batch size.
-    #[arg(long, default_value_t = 4)]
+    #[arg(long, default_value_t = 4, value_parser = positive)]
     pub batch_size: usize,
     /// Gradient accumulation steps.
-    #[arg(long, default_value_t = 1)]
+    #[arg(long, default_value_t = 1, value_parser = positive)]
     pub grad_accum: usize,
     /// Maximum tokens per sample.
-    #[arg(long, default_value_t = 512)]
+    #[arg(long, default_value_t = 512, value_parser = positive)]
     pub max_len: usize,
     /// Seed.
     #[arg(long, default_value_t = 0)]
     pub seed: u64,
     /// Save a checkpoint every N steps.
-    #[arg(long)]
+    #[arg(long, value_parser = positive)]
     pub save_every: Option<usize>,
     /// Resume from a checkpoint directory.
     #[arg(long)]
@@ -363,17 +434,17 @@ pub struct GenerateArgs {
     #[arg(long)]
     pub chat: bool,
     /// Maximum new tokens.
-    #[arg(long, default_value_t = 64)]
+    #[arg(long, default_value_t = 64, value_parser = positive)]
     pub max_new_tokens: usize,
     /// Greedy decoding (the default unless `--temperature` is given).
     #[arg(long, conflicts_with = "temperature")]
     pub greedy: bool,
-    /// Sampling temperature.
-    #[arg(long)]
+    /// Sampling temperature (> 0); without it decoding is greedy.
+    #[arg(long, value_parser = positive_f64)]
     pub temperature: Option<f64>,
-    /// Nucleus sampling threshold.
-    #[arg(long, default_value_t = 1.0)]
-    pub top_p: f64,
+    /// Nucleus sampling threshold in (0, 1] (needs `--temperature`; default 1.0 = off).
+    #[arg(long, value_parser = probability, requires = "temperature")]
+    pub top_p: Option<f64>,
     /// Sampling seed.
     #[arg(long, default_value_t = 0)]
     pub seed: u64,
@@ -381,7 +452,7 @@ pub struct GenerateArgs {
     #[arg(long = "stop")]
     pub stop: Vec<String>,
     /// Prompts per batch.
-    #[arg(long, default_value_t = 8)]
+    #[arg(long, default_value_t = 8, value_parser = positive)]
     pub batch_size: usize,
     /// Output format.
     #[arg(long, value_enum, default_value = "text")]
@@ -405,26 +476,34 @@ pub struct PruneArgs {
     pub format: Format,
 }
 
-/// Reads a JSONL file into rows, naming the line of any bad row.
-pub fn read_jsonl<T: serde::de::DeserializeOwned>(path: &Path) -> Result<Vec<T>> {
-    let file = std::fs::File::open(path).map_err(|source| Error::Io { path: path.to_path_buf(), source })?;
+pub use crate::tasks::read_text;
+
+/// Reads a JSONL file into rows with their 1-based line numbers, naming the line of any bad row.
+pub fn read_jsonl_lines<T: serde::de::DeserializeOwned>(path: &Path) -> Result<Vec<(usize, T)>> {
+    let text = read_text(path)?;
     let mut rows = Vec::new();
-    for (i, line) in std::io::BufReader::new(file).lines().enumerate() {
-        let line = line.map_err(|source| Error::Io { path: path.to_path_buf(), source })?;
+    for (i, line) in text.lines().enumerate() {
         if line.trim().is_empty() {
             continue;
         }
-        rows.push(serde_json::from_str(&line).map_err(|e| Error::Data {
+        let row = serde_json::from_str(line).map_err(|e| Error::Data {
             path: path.to_path_buf(),
             line: i + 1,
             message: e.to_string(),
-        })?);
+        })?;
+        rows.push((i + 1, row));
     }
     Ok(rows)
 }
 
+/// Reads a JSONL file into rows, naming the line of any bad row.
+pub fn read_jsonl<T: serde::de::DeserializeOwned>(path: &Path) -> Result<Vec<T>> {
+    Ok(read_jsonl_lines(path)?.into_iter().map(|(_, r)| r).collect())
+}
+
 fn placement(args: &ModelArgs) -> Result<Placement> {
-    Ok(Placement { device: parse_device(&args.device)?, kind: parse_kind(&args.dtype)? })
+    let model = resolve_model(&args.model);
+    Ok(Placement { device: parse_device(&args.device)?, kind: resolve_kind(&args.dtype, &model)? })
 }
 
 fn print_json<T: Serialize>(value: &T) -> Result<()> {
@@ -457,23 +536,28 @@ fn run_generate(a: &GenerateArgs) -> Result<()> {
     struct Row {
         prompt: String,
     }
-    let prompts: Vec<String> = match (&a.prompt, &a.input) {
-        (Some(p), None) => vec![p.clone()],
-        (None, Some(path)) => read_jsonl::<Row>(path)?.into_iter().map(|r| r.prompt).collect(),
+    // (what the prompt is called in errors, the prompt)
+    let prompts: Vec<(String, String)> = match (&a.prompt, &a.input) {
+        (Some(p), None) => vec![("--prompt".to_string(), p.clone())],
+        (None, Some(path)) => {
+            let rows = read_jsonl_lines::<Row>(path)?;
+            if rows.is_empty() {
+                return Err(Error::Data { path: path.clone(), line: 0, message: "no prompts in the file".into() });
+            }
+            rows.into_iter().map(|(line, r)| (format!("{} line {line}", path.display()), r.prompt)).collect()
+        }
         _ => return Err(Error::Usage("give --prompt TEXT or --input FILE.jsonl".into())),
     };
-    if a.batch_size == 0 {
-        return Err(Error::Usage("--batch-size must be at least 1".into()));
-    }
     let mask = a.mask.mask()?;
     let t0 = Instant::now();
     let (mut model, tokenizer) = load_model(&a.model.model, placement(&a.model)?)?;
+    mask.validate(model.num_layers())?;
     if let Some(dir) = &a.model.adapter {
         load_adapter(&mut model, dir)?;
     }
     let load_s = t0.elapsed().as_secs_f64();
     let sampling = match a.temperature {
-        Some(t) if !a.greedy => Sampling::Sample { temperature: t, top_p: a.top_p, seed: a.seed },
+        Some(t) if !a.greedy => Sampling::Sample { temperature: t, top_p: a.top_p.unwrap_or(1.0), seed: a.seed },
         _ => Sampling::Greedy,
     };
     let cfg = GenerationConfig {
@@ -482,8 +566,13 @@ fn run_generate(a: &GenerateArgs) -> Result<()> {
         eos_token_ids: tokenizer.eos_token_ids().to_vec(),
         stop_strings: a.stop.clone(),
     };
-    let ids: Vec<Vec<i64>> =
-        prompts.iter().map(|p| tokenizer.encode_prompt(p, a.chat)).collect::<std::result::Result<_, _>>()?;
+    let mut ids: Vec<Vec<i64>> = Vec::with_capacity(prompts.len());
+    for (what, p) in &prompts {
+        let row = tokenizer.encode_prompt(p, a.chat)?;
+        // Checked per row before any compute: the error names the row, its token count and the limit.
+        lora_model::generate::check_context(&model, what, row.len(), a.max_new_tokens)?;
+        ids.push(row);
+    }
     let mut rows = Vec::with_capacity(ids.len());
     let (mut prefill_tok, mut prefill_s, mut decode_tok, mut decode_s) = (0.0, 0.0, 0.0, 0.0);
     let bar = crate::progress::begin("generate", Some(ids.len() as u64), "prompts");
@@ -545,17 +634,33 @@ fn load_with_adapter(
 }
 
 fn run_merge(a: &MergeArgs) -> Result<()> {
-    let (mut model, tokenizer, _) = load_with_adapter(&a.model, true)?;
+    if a.out.exists() {
+        return Err(Error::Usage(format!("{}: output path exists; choose a new path", a.out.display())));
+    }
     let mask = a.mask.mask()?;
+    let (mut model, tokenizer, info) = load_with_adapter(&a.model, true)?;
+    mask.validate(model.num_layers())?;
+    if let Some(info) = &info {
+        if !info.modules.iter().any(|&(l, m, _, _)| mask.is_active(l, m)) {
+            return Err(Error::Usage(format!(
+                "mask `{mask}` merges no LoRA module of {} (LoRA on blocks {}); the output would be the base model",
+                info.path.display(),
+                LayerMask::from_layers(info.layers())
+            )));
+        }
+    }
     lora_model::adapter::merge(&mut model, &mask)?;
-    lora_model::save_hf_model(&model, Some(&tokenizer), &a.out)?;
+    let source = resolve_model(&a.model.model);
+    let opts =
+        lora_model::ExportOptions { max_shard_bytes: a.max_shard_size, source_dir: source.is_dir().then_some(source) };
+    lora_model::save_hf_model(&model, Some(&tokenizer), &a.out, &opts)?;
     println!("wrote {} (LoRA merged under mask {mask})", a.out.display());
     Ok(())
 }
 
 fn run_score(a: &ScoreArgs) -> Result<()> {
-    let group = lora_metrics::MetricGroup::from_name(&a.metric).map_err(|e| Error::Usage(e.to_string()))?;
-    let report = lora_metrics::score_jsonl(group, &a.input).map_err(|e| Error::Usage(e.to_string()))?;
+    let group = lora_metrics::MetricGroup::from_name(&a.metric).map_err(Error::from)?;
+    let report = lora_metrics::score_jsonl(group, &a.input).map_err(Error::from)?;
     match a.format {
         Format::Json => print_json(&report),
         Format::Text => {
@@ -572,7 +677,7 @@ fn run_score(a: &ScoreArgs) -> Result<()> {
 
 fn metric_for(task: Task, name: &Option<String>) -> Result<lora_metrics::Metric> {
     match name {
-        Some(n) => lora_metrics::Metric::from_name(n).map_err(|e| Error::Usage(e.to_string())),
+        Some(n) => lora_metrics::Metric::from_name(n).map_err(Error::from),
         None => Ok(task.primary_metric()),
     }
 }
@@ -604,6 +709,9 @@ fn run_eval(a: &EvalArgs) -> Result<()> {
     } else {
         a.masks.iter().map(|m| m.parse()).collect::<std::result::Result<_, _>>()?
     };
+    for m in &masks {
+        m.validate(model.num_layers())?;
+    }
     let settings =
         EvalSettings { max_new_tokens: a.max_new_tokens, chat: a.data.chat, batch_size: a.batch_size, seed: a.seed };
     let distinct = crate::scoring::distinct_masks(&masks);
@@ -675,6 +783,8 @@ fn run_search(a: &SearchArgs) -> Result<()> {
 }
 
 fn run_train(a: &TrainArgs) -> Result<()> {
+    // Before loading anything: an output path the run would clobber is refused now, not after training.
+    lora_model::train::check_out_dir(&a.out, a.resume.as_deref())?;
     let (_, samples) = a.data.load()?;
     let device = parse_device(&a.device)?;
     let kind = if matches!(device, lora_model::tch::Device::Cuda(_)) {
@@ -693,7 +803,7 @@ fn run_train(a: &TrainArgs) -> Result<()> {
         lora_alpha: a.alpha,
         lora_dropout: a.dropout,
         target_modules: Some(targets),
-        base_model_name_or_path: Some(a.model.display().to_string()),
+        base_model_name_or_path: Some(resolve_model(&a.model).display().to_string()),
         ..Default::default()
     };
     let cfg = lora_model::TrainConfig {
@@ -751,7 +861,7 @@ fn run_probe(a: &ProbeArgs) -> Result<()> {
         "free" => lora_probe::ProbeMode::Free,
         m => return Err(Error::Usage(format!("unknown probe mode `{m}` (teacher, free)"))),
     };
-    let mut opts = lora_probe::ProbeOptions::new(&a.model.model, &a.data);
+    let mut opts = lora_probe::ProbeOptions::new(resolve_model(&a.model.model), &a.data);
     opts.adapter = a.model.adapter.clone();
     opts.masks = a.masks.clone();
     opts.plot = a.plot.clone();
@@ -771,10 +881,10 @@ fn run_probe(a: &ProbeArgs) -> Result<()> {
         })
         .collect::<Result<_>>()?;
     let bar = crate::progress::begin("probe", None, "");
-    let result = lora_probe::run_probe_command(&opts).map_err(|e| Error::Usage(format!("probe: {e}")))?;
+    let result = lora_probe::run_probe_command(&opts).map_err(Error::from)?;
     drop(bar);
     match a.format.as_str() {
-        "json" => print_json(&result.to_json(a.per_sample).map_err(|e| Error::Usage(e.to_string()))?),
+        "json" => print_json(&result.to_json(a.per_sample).map_err(Error::from)?),
         "csv" => {
             print!("{}", result.to_csv());
             Ok(())
@@ -798,7 +908,8 @@ fn run_run(a: &RunArgs) -> Result<()> {
         line: e.span().map_or(0, |s| text[..s.start.min(text.len())].lines().count()),
         message: e.message().to_string(),
     })?;
-    let place = Placement { device: parse_device(&a.device)?, kind: parse_kind(&a.dtype)? };
+    let place =
+        Placement { device: parse_device(&a.device)?, kind: resolve_kind(&a.dtype, &resolve_model(&cfg.model))? };
     let quiet = a.format == Format::Json;
     let report = crate::pipeline::run_pipeline(&cfg, place, |line| {
         if !quiet {

@@ -7,6 +7,15 @@ pub enum Error {
     /// From the model crate (loading, adapters, forward, generation).
     #[error(transparent)]
     Model(#[from] lora_model::ModelError),
+    /// From the probe (data rows, masks, the model underneath).
+    #[error(transparent)]
+    Probe(#[from] lora_probe::ProbeError),
+    /// From boundary detection and search (settings, curves, scorers).
+    #[error(transparent)]
+    Search(#[from] lora_search::SearchError),
+    /// From the metrics (unknown names, unusable predictions or references).
+    #[error(transparent)]
+    Metrics(#[from] lora_metrics::MetricsError),
     /// A file could not be read or written.
     #[error("{path}: {source}")]
     Io {
@@ -37,13 +46,30 @@ pub enum Error {
 /// Result alias of the facade.
 pub type Result<T, E = Error> = std::result::Result<T, E>;
 
+/// Exit code of a model-crate error: 2 for what the user asked or supplied (arguments, limits), 1 otherwise.
+fn model_exit_code(e: &lora_model::ModelError) -> i32 {
+    use lora_model::ModelError as M;
+    match e {
+        M::InvalidArgument(_) | M::Limit(_) => 2,
+        _ => 1,
+    }
+}
+
 impl Error {
-    /// The process exit code the CLI uses: 2 for usage and input errors, 1 otherwise.
+    /// The process exit code the CLI uses (docs/cli.md): 2 for bad usage and bad input data (the message names the
+    /// file and line, flag or value), 1 for everything else (model, adapter, libtorch, I/O).
     pub fn exit_code(&self) -> i32 {
+        use lora_probe::ProbeError as P;
+        use lora_search::SearchError as S;
         match self {
-            Error::Usage(_) | Error::Data { .. } => 2,
-            Error::Model(lora_model::ModelError::InvalidArgument(_)) => 2,
-            _ => 1,
+            Error::Usage(_) | Error::Data { .. } | Error::Metrics(_) => 2,
+            Error::Model(e) => model_exit_code(e),
+            Error::Probe(P::Model(e)) => model_exit_code(e),
+            Error::Probe(P::Row { .. } | P::Mask { .. } | P::InvalidArgument(_)) => 2,
+            Error::Probe(_) => 1,
+            Error::Search(S::Scorer { .. } | S::NonFiniteScore { .. } | S::ScoreCount { .. }) => 1,
+            Error::Search(_) => 2,
+            Error::Io { .. } | Error::Json(_) => 1,
         }
     }
 }

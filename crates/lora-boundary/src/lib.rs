@@ -27,8 +27,9 @@ pub mod scoring;
 pub mod tasks;
 
 pub use error::{Error, Result};
-pub use loading::{load_model, parse_device, parse_kind, DEFAULT_MODEL};
+pub use loading::{load_model, parse_device, parse_kind, resolve_kind, resolve_model, DEFAULT_MODEL};
 pub use lora_metrics as metrics;
+pub use lora_model::tch;
 pub use lora_model::{
     self as model, generate, load_adapter, prune_adapter, AdapterInfo, ChatMessage, ForwardOptions, Generation,
     GenerationConfig, LayerMask, Llama, Logits, LoraConfig, ModelConfig, Module, Placement, Sampling, Tokenizer,

@@ -226,16 +226,16 @@ pub fn probe_curves(
         samples.iter().map(|s| lora_probe::Sample { prompt: s.prompt.clone(), answer: s.answer.clone() }).collect();
     let probe_cfg =
         ProbeConfig { k: cfg.k, chat: cfg.chat, batch_size: cfg.batch_size, seed: cfg.seed, ..Default::default() };
-    Probe::new(probe_cfg).run(model, tokenizer, &probe_samples, masks).map_err(|e| Error::Usage(format!("probe: {e}")))
+    Probe::new(probe_cfg).run(model, tokenizer, &probe_samples, masks).map_err(Error::from)
 }
 
 /// The curve rules applied to one probe curve (`gt_prob` with its CI).
 pub fn detect_boundaries(curve: &lora_probe::MaskCurve) -> Result<Vec<Detected>> {
     let c = Curve::with_ci(curve.gt_prob.clone(), curve.gt_prob_ci_low.clone(), curve.gt_prob_ci_high.clone())
-        .map_err(|e| Error::Usage(e.to_string()))?;
+        .map_err(Error::from)?;
     [Detection::SteepestRise { half_window: 1 }, Detection::Threshold { tau: 0.5 }, Detection::Knee]
         .into_iter()
-        .map(|d| detect(&c, d).map_err(|e| Error::Usage(e.to_string())))
+        .map(|d| detect(&c, d).map_err(Error::from))
         .collect()
 }
 
@@ -291,22 +291,59 @@ fn load_split(task: Task, path: &Path, offset: usize, n: usize, shuffle_seed: Op
     Ok(part)
 }
 
+impl PipelineConfig {
+    /// Checks the numeric settings before any work: counts and budgets at least 1, rates finite and positive.
+    pub fn validate(&self) -> Result<()> {
+        let at_least_one = |key: &str, v: usize| {
+            if v == 0 {
+                Err(Error::Usage(format!("config key `{key}` must be at least 1 (got 0)")))
+            } else {
+                Ok(())
+            }
+        };
+        at_least_one("k", self.k)?;
+        at_least_one("batch_size", self.batch_size)?;
+        at_least_one("max_new_tokens", self.max_new_tokens)?;
+        if let Some(t) = &self.train {
+            at_least_one("train.r", t.r)?;
+            at_least_one("train.epochs", t.epochs)?;
+            at_least_one("train.batch_size", t.batch_size)?;
+            at_least_one("train.grad_accum", t.grad_accum)?;
+            at_least_one("train.max_len", t.max_len)?;
+            for (key, v) in [("train.alpha", t.alpha), ("train.lr", t.lr)] {
+                if !(v.is_finite() && v > 0.0) {
+                    return Err(Error::Usage(format!("config key `{key}` must be a finite number above 0 (got {v})")));
+                }
+            }
+        }
+        Ok(())
+    }
+}
+
 /// Runs the whole pipeline and writes `report.json`, `report.md`, `probe.svg` and `pruned-adapter/` into
 /// `cfg.out`. `log` receives one line per step.
 pub fn run_pipeline(cfg: &PipelineConfig, place: Placement, mut log: impl FnMut(&str)) -> Result<PipelineReport> {
+    cfg.validate()?;
     let task: Task = cfg.task.parse()?;
     let metrics: Vec<Metric> = match &cfg.metric {
-        Some(m) => vec![Metric::from_name(m).map_err(|e| Error::Usage(e.to_string()))?],
+        Some(m) => vec![Metric::from_name(m).map_err(Error::from)?],
         None => {
             let mut v = vec![task.primary_metric()];
             v.extend(task.metrics().into_iter().filter(|m| *m != task.primary_metric()));
             v
         }
     };
-    if cfg.out.join("report.json").exists() || cfg.out.join("pruned-adapter").exists() {
-        return Err(Error::Usage(format!("{}: holds a previous run; choose a new --out", cfg.out.display())));
+    if cfg.out.exists() {
+        let empty_dir = std::fs::read_dir(&cfg.out).map(|mut d| d.next().is_none()).unwrap_or(false);
+        if !empty_dir {
+            return Err(Error::Usage(format!(
+                "{}: exists and is not an empty directory (a previous run?); choose a new `out`",
+                cfg.out.display()
+            )));
+        }
     }
-    std::fs::create_dir_all(&cfg.out).map_err(|source| Error::Io { path: cfg.out.clone(), source })?;
+    // The out directory is created only when the first artifact is ready (below): a run that fails early leaves
+    // nothing behind.
     let mut timings = Vec::new();
     let t = std::time::Instant::now();
     let trained = match &cfg.train {
@@ -409,12 +446,19 @@ pub fn run_pipeline(cfg: &PipelineConfig, place: Placement, mut log: impl FnMut(
         Vec::new()
     };
 
+    // Every artifact is written into a partial directory beside `out`, renamed into place when all are there:
+    // `out` appears whole or not at all (an empty `out` made by the user is replaced).
+    if cfg.out.is_dir() {
+        std::fs::remove_dir(&cfg.out).map_err(|source| Error::Io { path: cfg.out.clone(), source })?;
+    }
+    let partial = lora_model::atomic::PartialDir::create(&cfg.out)?;
+    let dir = partial.path().to_path_buf();
     let pruned = cfg.out.join("pruned-adapter");
-    prune_adapter(&cfg.adapter, &LayerMask::keep_through(report.boundary), &pruned)?;
+    prune_adapter(&cfg.adapter, &LayerMask::keep_through(report.boundary), &dir.join("pruned-adapter"))?;
     let out = PipelineReport {
         config: cfg.clone(),
         num_layers: l,
-        probe: probe.to_json(false).map_err(|e| Error::Usage(e.to_string()))?,
+        probe: probe.to_json(false).map_err(Error::from)?,
         detections,
         manual_boundary,
         search: report,
@@ -426,10 +470,11 @@ pub fn run_pipeline(cfg: &PipelineConfig, place: Placement, mut log: impl FnMut(
         timings,
     };
     let marks = boundary_marks(&out);
-    probe.plot_svg_marked(cfg.out.join("probe.svg"), &marks).map_err(|e| Error::Usage(format!("plot: {e}")))?;
-    write_plots(&out, &metrics[0], marks)?;
-    write_text(&cfg.out.join("report.json"), &serde_json::to_string_pretty(&out)?)?;
-    write_text(&cfg.out.join("report.md"), &markdown(&out))?;
+    probe.plot_svg_marked(dir.join("probe.svg"), &marks).map_err(Error::from)?;
+    write_plots(&out, &metrics[0], marks, &dir)?;
+    write_text(&dir.join("report.json"), &serde_json::to_string_pretty(&out)?)?;
+    write_text(&dir.join("report.md"), &markdown_in(&out, &dir))?;
+    partial.commit()?;
     Ok(out)
 }
 
@@ -535,7 +580,7 @@ fn boundary_marks(r: &PipelineReport) -> Vec<(String, usize)> {
 
 /// `search.svg` (validation scores of the searched boundaries), `proxy.svg` (proxy-first's ranking) and
 /// `sweep.svg` (test-set score vs boundary), as far as the report has the data.
-fn write_plots(r: &PipelineReport, metric: &Metric, marks: Vec<(String, usize)>) -> Result<()> {
+fn write_plots(r: &PipelineReport, metric: &Metric, marks: Vec<(String, usize)>, dir: &Path) -> Result<()> {
     let l = r.num_layers;
     let full_val = r.search.reference.score;
     let points: Vec<BoundaryPoint> = r
@@ -558,7 +603,7 @@ fn write_plots(r: &PipelineReport, metric: &Metric, marks: Vec<(String, usize)>)
             references: vec![("full LoRA".into(), full_val)],
             marks: marks.clone(),
         }
-        .write(&r.config.out.join("search.svg"))?;
+        .write(&dir.join("search.svg"))?;
     }
     if !r.search.proxy_ranking.is_empty() {
         BoundaryPlot {
@@ -574,7 +619,7 @@ fn write_plots(r: &PipelineReport, metric: &Metric, marks: Vec<(String, usize)>)
             references: Vec::new(),
             marks: marks.clone(),
         }
-        .write(&r.config.out.join("proxy.svg"))?;
+        .write(&dir.join("proxy.svg"))?;
     }
     if let Some(full) = r.evaluation.iter().find(|e| e.label == "full") {
         if !r.sweep.is_empty() {
@@ -599,20 +644,23 @@ fn write_plots(r: &PipelineReport, metric: &Metric, marks: Vec<(String, usize)>)
                 references: refs,
                 marks,
             }
-            .write(&r.config.out.join("sweep.svg"))?;
+            .write(&dir.join("sweep.svg"))?;
         }
     }
     Ok(())
 }
 
 pub(crate) fn write_text(path: &Path, text: &str) -> Result<()> {
-    let tmp = path.with_extension("tmp");
-    std::fs::write(&tmp, text).map_err(|source| Error::Io { path: tmp.clone(), source })?;
-    std::fs::rename(&tmp, path).map_err(|source| Error::Io { path: path.to_path_buf(), source })
+    Ok(lora_model::atomic::write_file(path, text.as_bytes())?)
 }
 
 /// The report's Markdown summary: boundary, the full-vs-pruned table, the probe curve.
 pub fn markdown(r: &PipelineReport) -> String {
+    markdown_in(r, &r.config.out)
+}
+
+/// [`markdown`] for a report whose plots lie in `dir`.
+fn markdown_in(r: &PipelineReport, dir: &Path) -> String {
     let mut s = String::new();
     s.push_str(&format!("# LoRA boundary report: {}\n\n", r.config.task));
     s.push_str(&format!(
@@ -666,10 +714,10 @@ pub fn markdown(r: &PipelineReport) -> String {
         }
     }
     s.push_str("\n## Probe curves (answer-token probability by layer)\n\n![probe curves](probe.svg)\n");
-    if r.config.out.join("search.svg").exists() {
+    if dir.join("search.svg").exists() {
         s.push_str("\n![validation score vs boundary](search.svg)\n");
     }
-    if r.config.out.join("proxy.svg").exists() {
+    if dir.join("proxy.svg").exists() {
         s.push_str("\n![validation proxy vs boundary](proxy.svg)\n");
     }
     s

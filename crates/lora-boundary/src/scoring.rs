@@ -23,11 +23,14 @@ pub fn generate_answers(
     let cfg =
         GenerationConfig { max_new_tokens, eos_token_ids: tokenizer.eos_token_ids().to_vec(), ..Default::default() };
     let mut out = Vec::with_capacity(samples.len());
-    for chunk in samples.chunks(batch_size.max(1)) {
-        let ids = chunk
-            .iter()
-            .map(|s| tokenizer.encode_prompt(&s.prompt, chat))
-            .collect::<std::result::Result<Vec<_>, _>>()?;
+    for (c, chunk) in samples.chunks(batch_size.max(1)).enumerate() {
+        let mut ids = Vec::with_capacity(chunk.len());
+        for (j, s) in chunk.iter().enumerate() {
+            let p = tokenizer.encode_prompt(&s.prompt, chat)?;
+            let what = format!("sample {} (0-based, after --offset)", c * batch_size.max(1) + j);
+            lora_model::generate::check_context(model, &what, p.len(), max_new_tokens)?;
+            ids.push(p);
+        }
         let (gens, _) = generate(model, Some(tokenizer), &ids, &cfg, mask)?;
         out.extend(gens.into_iter().map(|g| g.text.trim().to_string()));
         crate::progress::advance(chunk.len() as u64);
@@ -38,7 +41,7 @@ pub fn generate_answers(
 /// Per-item metric scores of predictions against the samples' references.
 pub fn item_scores(metric: Metric, predictions: &[String], samples: &[&Sample]) -> Result<Vec<f64>> {
     let refs: Vec<Vec<String>> = samples.iter().map(|s| s.references.clone()).collect();
-    lora_metrics::item_scores(metric, predictions, &refs).map_err(|e| Error::Usage(format!("metric: {e}")))
+    lora_metrics::item_scores(metric, predictions, &refs).map_err(Error::from)
 }
 
 /// Generation settings shared by evaluation runs.
@@ -117,7 +120,7 @@ pub fn score_masks(
             .map(|m| {
                 lora_metrics::corpus_score(*m, &predictions, &references)
                     .map(|s| (m.name().to_string(), s))
-                    .map_err(|e| Error::Usage(e.to_string()))
+                    .map_err(Error::from)
             })
             .collect::<Result<_>>()?;
         let items = item_scores(primary, &predictions, &refs)?;
@@ -125,7 +128,7 @@ pub fn score_masks(
             Some(first) => Some(
                 lora_metrics::paired_bootstrap(&items, &first.items, 1000, settings.seed)
                     .map(|b| [b.ci_low, b.ci_high])
-                    .map_err(|e| Error::Usage(e.to_string()))?,
+                    .map_err(Error::from)?,
             ),
             None => None,
         };
@@ -143,6 +146,7 @@ struct ForcedBatch {
 }
 
 fn forced_batches(
+    model: &Llama,
     tokenizer: &Tokenizer,
     samples: &[&Sample],
     chat: bool,
@@ -157,6 +161,7 @@ fn forced_batches(
             if a.is_empty() {
                 return Err(Error::Usage(format!("sample with prompt {:?} has an empty answer", s.prompt)));
             }
+            lora_model::generate::check_context(model, "a validation sample (prompt + answer)", p.len() + a.len(), 0)?;
             rows.push((p, a));
         }
         let max_len = rows.iter().map(|(p, a)| p.len() + a.len()).max().unwrap_or(0);
@@ -205,7 +210,7 @@ pub fn answer_logprobs(
 ) -> Result<Vec<f64>> {
     let _guard = lora_model::tch::no_grad_guard();
     let mut out = Vec::with_capacity(samples.len());
-    for batch in forced_batches(tokenizer, samples, chat, batch_size)? {
+    for batch in forced_batches(model, tokenizer, samples, chat, batch_size)? {
         let opts = ForwardOptions { logits: Logits::Skip, hidden_states: true, ..ForwardOptions::new(mask) };
         let fwd = model.forward(&batch.input, Some(&batch.attention), &opts)?;
         let last = fwd.hidden_states.last().ok_or_else(|| Error::Usage("model returned no hidden states".into()))?;
@@ -237,7 +242,7 @@ pub fn answer_logprobs_sweep(
     let mut out = vec![Vec::with_capacity(samples.len()); boundaries.len()];
     let none = LayerMask::none();
     let all = LayerMask::all();
-    for batch in forced_batches(tokenizer, samples, chat, batch_size)? {
+    for batch in forced_batches(model, tokenizer, samples, chat, batch_size)? {
         let opts = ForwardOptions { logits: Logits::Skip, hidden_states: true, ..ForwardOptions::new(&all) };
         let full = model.forward(&batch.input, Some(&batch.attention), &opts)?;
         for (&b, dst) in boundaries.iter().zip(out.iter_mut()) {
@@ -406,7 +411,7 @@ pub(crate) fn search_boundary(
     let mut search = BoundarySearch::new(model.num_layers()).strategy(strategy).seed(setup.seed);
     let mut proxy = ProxyScorer::new(model, tokenizer, samples, setup.chat, setup.batch_size);
     if let Some(r) = setup.range {
-        let (lo, hi) = lora_search::parse_range(r).map_err(|e| Error::Usage(format!("range: {e}")))?;
+        let (lo, hi) = lora_search::parse_range(r).map_err(Error::from)?;
         search = search.range(lo, hi);
         proxy = proxy.with_range(lo, hi);
     }

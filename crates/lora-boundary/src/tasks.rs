@@ -76,7 +76,10 @@ impl Task {
 
     /// Loads the task's file.
     pub fn load(self, path: &Path) -> Result<Vec<Sample>> {
-        let text = std::fs::read_to_string(path).map_err(|source| Error::Io { path: path.to_path_buf(), source })?;
+        let text = read_text(path)?;
+        if text.trim().is_empty() {
+            return Err(Error::Data { path: path.to_path_buf(), line: 0, message: "the file holds no samples".into() });
+        }
         let bad = |line: usize, message: String| Error::Data { path: path.to_path_buf(), line, message };
         let samples = match self {
             Task::E2e => load_e2e(&text, &bad)?,
@@ -188,6 +191,14 @@ fn strip_calculator(answer: &str) -> String {
     }
     out.push_str(rest);
     out
+}
+
+/// Reads a UTF-8 text data file, naming the line of an invalid byte.
+pub fn read_text(path: &Path) -> Result<String> {
+    lora_model::textfile::read_text(path).map_err(|e| match e {
+        lora_model::textfile::TextFileError::Io(source) => Error::Io { path: path.to_path_buf(), source },
+        e => Error::Data { path: path.to_path_buf(), line: e.line().unwrap_or(0), message: e.to_string() },
+    })
 }
 
 fn jsonl_rows<T: serde::de::DeserializeOwned>(

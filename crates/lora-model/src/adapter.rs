@@ -539,8 +539,11 @@ pub fn load_adapter(model: &mut Llama, dir: impl AsRef<Path>) -> Result<AdapterI
                 format!("{PREFIX}{bare}")
             }
         };
-        let a = weights.load(&key("A"), Some(&[r as i64, inp as i64]))?;
-        let b = weights.load(&key("B"), Some(&[out as i64, r as i64]))?;
+        let (ka, kb) = (key("A"), key("B"));
+        let a = weights.load(&ka, Some(&[r as i64, inp as i64]))?;
+        crate::weights::check_finite(&a, &ka, &st_path)?;
+        let b = weights.load(&kb, Some(&[out as i64, r as i64]))?;
+        crate::weights::check_finite(&b, &kb, &st_path)?;
         plan.push((l, m, r, lora_scaling(alpha, r, cfg.use_rslora), a, b));
     }
     if plan.is_empty() {
@@ -577,13 +580,127 @@ pub fn load_adapter(model: &mut Llama, dir: impl AsRef<Path>) -> Result<AdapterI
     Ok(AdapterInfo { path: dir.to_path_buf(), config: cfg, modules, params_per_layer })
 }
 
+/// A module's LoRA tensors from an adapter file: (name, tensor) of A and of B.
+type LoraPair = ((String, Tensor), (String, Tensor));
+
+/// The LoRA modules of an adapter file, by (block, projection).
+type AdapterTensors = BTreeMap<(usize, Module), LoraPair>;
+
+/// The module paths (`model.layers.N.self_attn.q_proj`) of an adapter file's tensors, each with its A and B,
+/// checked: every name is a LoRA A/B weight of a decoder-block projection, both halves are present, ranks agree,
+/// and every value is finite.
+fn adapter_tensors(
+    weights: &SafetensorsWeights,
+    file: &Path,
+    err: &dyn Fn(String) -> ModelError,
+) -> Result<AdapterTensors> {
+    type Halves = [Option<(String, Tensor)>; 2];
+    let mut halves: BTreeMap<(usize, Module), Halves> = BTreeMap::new();
+    for name in weights.names() {
+        let (module, which) = split_key(&name).ok_or_else(|| {
+            err(format!("tensor `{name}` is not a LoRA A/B weight (embedding LoRA, DoRA magnitudes and extra modules are not supported)"))
+        })?;
+        let key = parse_module_path(module).ok_or_else(|| {
+            err(format!("tensor `{name}` is not on a decoder-block projection (model.layers.N.self_attn|mlp.*_proj)"))
+        })?;
+        let t = weights.load(&name, None)?;
+        crate::weights::check_finite(&t, &name, file)?;
+        if t.dim() != 2 {
+            return Err(err(format!("tensor `{name}` has shape {:?}; LoRA weights are 2-D", t.size())));
+        }
+        let slot = &mut halves.entry(key).or_default()[usize::from(which == 'B')];
+        *slot = Some((name, t));
+    }
+    let mut out = BTreeMap::new();
+    for ((l, m), [a, b]) in halves {
+        let path = m.hf_path(l);
+        let (Some((an, a)), Some((bn, b))) = (a, b) else {
+            return Err(err(format!("module `{path}` lacks one of lora_A / lora_B")));
+        };
+        if a.size()[0] != b.size()[1] {
+            return Err(err(format!(
+                "module `{path}`: lora_A has rank {} but lora_B has rank {}",
+                a.size()[0],
+                b.size()[1]
+            )));
+        }
+        out.insert((l, m), ((an, a), (bn, b)));
+    }
+    Ok(out)
+}
+
+/// `model.layers.N.self_attn.q_proj` → (N, Q).
+fn parse_module_path(path: &str) -> Option<(usize, Module)> {
+    let rest = path.strip_prefix("model.layers.")?;
+    let (n, rest) = rest.split_once('.')?;
+    let (parent, leaf) = rest.split_once('.')?;
+    let m = Module::from_name(leaf).filter(|m| m.hf_name() == leaf && m.hf_parent() == parent)?;
+    Some((n.parse().ok()?, m))
+}
+
+/// Checks that an adapter's config and its tensors describe the same modules with the same ranks, as every
+/// loader requires: the config targets each module that has weights (with the rank `rank_pattern` gives it),
+/// and every module the config targets in a block that exists has weights. Blocks are checked up to the highest
+/// block that has weights, and every block `layers_to_transform` names.
+fn check_config_matches_tensors(
+    cfg: &LoraConfig,
+    cfg_path: &Path,
+    present: &AdapterTensors,
+    err: &dyn Fn(String) -> ModelError,
+) -> Result<()> {
+    let matcher = cfg.matcher(cfg_path)?;
+    let mut blocks: BTreeSet<usize> = present.keys().map(|k| k.0).collect();
+    if let Some(max) = blocks.last().copied() {
+        blocks.extend(0..=max);
+    }
+    match &cfg.layers_to_transform {
+        Some(LayerList::One(l)) => {
+            blocks.insert(*l);
+        }
+        Some(LayerList::Many(v)) => blocks.extend(v.iter().copied()),
+        None => {}
+    }
+    for &l in &blocks {
+        for m in Module::ALL {
+            let path = m.hf_path(l);
+            match (matcher.targets(&path), present.get(&(l, m))) {
+                (true, None) => {
+                    return Err(err(format!(
+                        "the config targets `{path}` but adapter_model.safetensors has no weights for it"
+                    )))
+                }
+                (false, Some(_)) => {
+                    return Err(err(format!(
+                        "adapter_model.safetensors has weights for `{path}`, which the config does not target"
+                    )))
+                }
+                (true, Some(((_, a), _))) => {
+                    let (r, _) = matcher.rank_alpha(&path, cfg);
+                    if a.size()[0] != r as i64 {
+                        return Err(err(format!(
+                            "`{path}` has rank {} in the file but {r} by the config (r / rank_pattern)",
+                            a.size()[0]
+                        )));
+                    }
+                }
+                (false, None) => {}
+            }
+        }
+    }
+    Ok(())
+}
+
 /// Writes a PEFT adapter directory that holds only the LoRA of blocks kept by `mask`.
 ///
-/// The config is the original with `layers_to_transform` set to the kept blocks, so PEFT (and any server that
-/// loads PEFT adapters) reproduces our masked model. The directory appears whole or not at all.
+/// The input is checked first as a loader would check it (config and tensors agree, ranks, finite values), and
+/// `mask` may not name blocks past the adapter's last LoRA block. The written config selects exactly the kept
+/// modules in a form PEFT accepts: a list of `target_modules` keeps its list and gets `layers_to_transform`;
+/// `"all-linear"` becomes the list of projection names it covered plus `layers_to_transform`; any other regex
+/// becomes the explicit list of kept module paths (PEFT refuses `layers_to_transform` with a string target). The
+/// directory appears whole or not at all.
 pub fn prune_adapter(src_dir: &Path, mask: &LayerMask, out_dir: &Path) -> Result<Vec<usize>> {
     let err = |message: String| ModelError::Adapter { path: src_dir.to_path_buf(), message };
-    if mask.to_string().contains('@') {
+    if mask.has_module_filter() {
         return Err(err("pruning by module is not expressible in PEFT's config; use a block mask".into()));
     }
     if out_dir.exists() {
@@ -593,57 +710,90 @@ pub fn prune_adapter(src_dir: &Path, mask: &LayerMask, out_dir: &Path) -> Result
         )));
     }
     let cfg_path = src_dir.join("adapter_config.json");
+    if !cfg_path.exists() {
+        return Err(err("no adapter_config.json".into()));
+    }
     let text = std::fs::read_to_string(&cfg_path).map_err(|e| ModelError::io(&cfg_path, e))?;
     let mut cfg_json: serde_json::Value =
         serde_json::from_str(&text).map_err(|source| ModelError::Json { path: cfg_path.clone(), source })?;
     let cfg: LoraConfig = serde_json::from_value(cfg_json.clone())
         .map_err(|source| ModelError::Json { path: cfg_path.clone(), source })?;
     cfg.check_supported(&cfg_path)?;
-    if matches!(cfg.target_modules, Some(ModuleSelector::Regex(ref r)) if !r.eq_ignore_ascii_case("all-linear")) {
-        return Err(err(
-            "`target_modules` is a regex, and PEFT ignores `layers_to_transform` for regex targets; cannot prune in PEFT's format"
-                .into(),
-        ));
+    let st_path = src_dir.join("adapter_model.safetensors");
+    if !st_path.exists() {
+        return Err(err("no adapter_model.safetensors".into()));
     }
-    let weights = SafetensorsWeights::open_file(src_dir.join("adapter_model.safetensors"))?;
-    let idx_re = Regex::new(r"\.layers\.(\d+)\.").map_err(|e| ModelError::InvalidArgument(e.to_string()))?;
-    let mut kept_layers = BTreeSet::new();
-    let mut tensors: Vec<(String, Tensor)> = Vec::new();
-    for name in weights.names() {
-        let layer = idx_re
-            .captures(&name)
-            .and_then(|c| c.get(1))
-            .and_then(|m| m.as_str().parse::<usize>().ok())
-            .ok_or_else(|| err(format!("tensor `{name}` has no block index")))?;
-        if mask.layer_active(layer) {
-            kept_layers.insert(layer);
-            tensors.push((name.clone(), weights.load(&name, None)?));
-        }
+    let weights = SafetensorsWeights::open_file(&st_path)?;
+    let present = adapter_tensors(&weights, &st_path, &err)?;
+    check_config_matches_tensors(&cfg, &cfg_path, &present, &err)?;
+    let last = present.keys().map(|k| k.0).max().ok_or_else(|| err("the adapter has no LoRA weights".into()))?;
+    if let Some(b) = mask.max_block().filter(|&b| b > last) {
+        return Err(ModelError::InvalidArgument(format!(
+            "mask `{mask}` names block {b}, but this adapter's LoRA ends at block {last}"
+        )));
     }
-    if tensors.is_empty() {
+    let kept_modules: Vec<(usize, Module)> = present.keys().copied().filter(|&(l, _)| mask.layer_active(l)).collect();
+    if kept_modules.is_empty() {
         return Err(err(format!("mask `{mask}` keeps no LoRA block of this adapter")));
     }
-    let kept: Vec<usize> = kept_layers.into_iter().collect();
-    if let Some(obj) = cfg_json.as_object_mut() {
-        obj.insert("layers_to_transform".into(), serde_json::json!(kept));
+    let kept: Vec<usize> = kept_modules.iter().map(|k| k.0).collect::<BTreeSet<_>>().into_iter().collect();
+
+    // The pruned config, in a form PEFT accepts for this kind of `target_modules`.
+    let obj = cfg_json.as_object_mut().ok_or_else(|| err("adapter_config.json is not a JSON object".into()))?;
+    match &cfg.target_modules {
+        Some(ModuleSelector::Regex(r)) if !r.eq_ignore_ascii_case("all-linear") => {
+            let paths: Vec<String> = kept_modules.iter().map(|&(l, m)| m.hf_path(l)).collect();
+            obj.insert("target_modules".into(), serde_json::json!(paths));
+            obj.insert("layers_to_transform".into(), serde_json::Value::Null);
+            obj.insert("layers_pattern".into(), serde_json::Value::Null);
+        }
+        Some(ModuleSelector::Regex(_)) => {
+            let names: BTreeSet<Module> = kept_modules.iter().map(|k| k.1).collect();
+            let names: Vec<&str> = names.iter().map(|m| m.hf_name()).collect();
+            obj.insert("target_modules".into(), serde_json::json!(names));
+            obj.insert("layers_to_transform".into(), serde_json::json!(kept));
+        }
+        _ => {
+            obj.insert("layers_to_transform".into(), serde_json::json!(kept));
+        }
     }
-    let parent = out_dir.parent().filter(|p| !p.as_os_str().is_empty()).unwrap_or(Path::new("."));
-    std::fs::create_dir_all(parent).map_err(|e| ModelError::io(parent, e))?;
-    let tmp_dir = crate::weights::tmp_path(out_dir);
-    std::fs::create_dir_all(&tmp_dir).map_err(|e| ModelError::io(&tmp_dir, e))?;
-    let result = (|| {
-        let body = serde_json::to_string_pretty(&cfg_json)
-            .map_err(|source| ModelError::Json { path: out_dir.join("adapter_config.json"), source })?;
-        write_atomic(&tmp_dir.join("adapter_config.json"), body.as_bytes())?;
-        let mut meta = std::collections::HashMap::new();
-        meta.insert("format".to_string(), "pt".to_string());
-        save_safetensors(&tmp_dir.join("adapter_model.safetensors"), &tensors, Some(meta))?;
-        std::fs::rename(&tmp_dir, out_dir).map_err(|e| ModelError::io(out_dir, e))
-    })();
-    if result.is_err() {
-        let _ = std::fs::remove_dir_all(&tmp_dir);
+    // rank/alpha pattern keys that match no kept module are dropped (PEFT warns about each); a key that matches no
+    // kept module never decides any kept module's rank or alpha, so this changes nothing that is computed.
+    let kept_paths: Vec<String> = kept_modules.iter().map(|&(l, m)| m.hf_path(l)).collect();
+    for field in ["rank_pattern", "alpha_pattern"] {
+        if let Some(serde_json::Value::Object(map)) = obj.get_mut(field) {
+            let mut keep = serde_json::Map::new();
+            for (k, v) in std::mem::take(map) {
+                let re = Regex::new(&format!(r"^(?:.*\.)?(?:{k})$"))
+                    .map_err(|e| err(format!("`{field}` key `{k}`: {e}")))?;
+                if kept_paths.iter().any(|p| re.is_match(p)) {
+                    keep.insert(k, v);
+                }
+            }
+            *map = keep;
+        }
     }
-    result.map(|_| kept)
+    // Self-check: the written config must select exactly the kept modules, or we write nothing.
+    let pruned_cfg: LoraConfig = serde_json::from_value(cfg_json.clone())
+        .map_err(|source| ModelError::Json { path: out_dir.join("adapter_config.json"), source })?;
+    let kept_present: BTreeMap<_, _> = present.into_iter().filter(|(k, _)| mask.layer_active(k.0)).collect();
+    check_config_matches_tensors(&pruned_cfg, &out_dir.join("adapter_config.json"), &kept_present, &|m| {
+        ModelError::Adapter {
+            path: out_dir.to_path_buf(),
+            message: format!("pruned config would not reproduce the mask: {m}"),
+        }
+    })?;
+    let tensors: Vec<(String, Tensor)> = kept_present.into_values().flat_map(|(a, b)| [a, b]).collect();
+
+    let partial = crate::atomic::PartialDir::create(out_dir)?;
+    let body = serde_json::to_string_pretty(&cfg_json)
+        .map_err(|source| ModelError::Json { path: out_dir.join("adapter_config.json"), source })?;
+    write_atomic(&partial.path().join("adapter_config.json"), body.as_bytes())?;
+    let mut meta = std::collections::HashMap::new();
+    meta.insert("format".to_string(), "pt".to_string());
+    save_safetensors(&partial.path().join("adapter_model.safetensors"), &tensors, Some(meta))?;
+    partial.commit()?;
+    Ok(kept)
 }
 
 /// Merges the LoRA of modules active under `mask` into the base weights (in place).

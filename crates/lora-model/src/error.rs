@@ -100,6 +100,21 @@ pub enum ModelError {
         /// What is wrong.
         message: String,
     },
+    /// A weight holds NaN or infinite values.
+    #[error("{file}: tensor `{name}`{} holds {count} non-finite value(s) (NaN or inf)", layer.map_or(String::new(), |l| format!(" (block {l})")))]
+    NonFinite {
+        /// The tensor name.
+        name: String,
+        /// The decoder block it belongs to, when it belongs to one.
+        layer: Option<usize>,
+        /// The file holding it.
+        file: PathBuf,
+        /// How many values are NaN or infinite.
+        count: u64,
+    },
+    /// A request would exceed a limit of the model or the machine (context length, memory).
+    #[error("{0}")]
+    Limit(String),
     /// A caller passed an argument outside what the operation accepts.
     #[error("invalid argument: {0}")]
     InvalidArgument(String),

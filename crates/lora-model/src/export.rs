@@ -1,6 +1,6 @@
 //! Writing a model as an HF directory (`config.json`, `model.safetensors`, tokenizer files), e.g. after merging
 //! LoRA into the weights.
-use std::path::Path;
+use std::path::{Path, PathBuf};
 
 use serde_json::json;
 
@@ -8,7 +8,8 @@ use crate::config::{Architecture, ModelConfig, RopeScaling};
 use crate::error::{ModelError, Result};
 use crate::model::Llama;
 use crate::tokenizer::Tokenizer;
-use crate::weights::{save_safetensors, tmp_path, write_atomic};
+use crate::weights::{save_safetensors, write_atomic};
+use tch::Tensor;
 
 /// The HF `config.json` of a resolved config (transformers 4 layout, which transformers 5 also reads).
 pub fn hf_config_json(c: &ModelConfig, kind: tch::Kind) -> serde_json::Value {
@@ -67,34 +68,129 @@ pub fn hf_config_json(c: &ModelConfig, kind: tch::Kind) -> serde_json::Value {
     v
 }
 
-/// Writes `model` (with whatever LoRA has been merged into it) and `tokenizer` as an HF model directory.
+/// Largest shard [`save_hf_model`] writes by default: 5 GB, as transformers' `save_pretrained`.
+pub const DEFAULT_MAX_SHARD_BYTES: u64 = 5_000_000_000;
+
+/// Files copied verbatim from the source model directory when it has them (tokenizer, chat template,
+/// generation defaults), so the written directory tokenizes and generates exactly as the source does.
+const COPIED_FILES: &[&str] = &[
+    "tokenizer.json",
+    "tokenizer_config.json",
+    "special_tokens_map.json",
+    "tokenizer.model",
+    "chat_template.jinja",
+    "chat_template.json",
+    "generation_config.json",
+];
+
+/// How [`save_hf_model`] writes a directory.
+#[derive(Debug, Clone, PartialEq)]
+pub struct ExportOptions {
+    /// Largest safetensors shard in bytes (a tensor larger than this gets a shard of its own). More than one
+    /// shard adds `model.safetensors.index.json`, as transformers writes it.
+    pub max_shard_bytes: u64,
+    /// The HF directory the model was loaded from, whose tokenizer and generation files are copied verbatim;
+    /// `None` (e.g. a GGUF source) writes them from the in-memory tokenizer and config.
+    pub source_dir: Option<PathBuf>,
+}
+
+impl Default for ExportOptions {
+    fn default() -> Self {
+        ExportOptions { max_shard_bytes: DEFAULT_MAX_SHARD_BYTES, source_dir: None }
+    }
+}
+
+/// `generation_config.json` from the model's special tokens (when the source has none to copy).
+fn generation_config_json(c: &ModelConfig) -> serde_json::Value {
+    let eos = if c.eos_token_ids.len() == 1 { json!(c.eos_token_ids[0]) } else { json!(c.eos_token_ids) };
+    let mut v = json!({"bos_token_id": c.bos_token_id, "eos_token_id": eos, "_from_model_config": true});
+    if let (Some(obj), Some(pad)) = (v.as_object_mut(), c.pad_token_id) {
+        obj.insert("pad_token_id".into(), json!(pad));
+    }
+    v
+}
+
+/// Splits tensors into shards of at most `max` bytes each, in order.
+fn plan_shards(tensors: &[(String, Tensor)], max: u64) -> Vec<std::ops::Range<usize>> {
+    let mut shards = Vec::new();
+    let (mut start, mut bytes) = (0usize, 0u64);
+    for (i, (_, t)) in tensors.iter().enumerate() {
+        let size = (t.numel() * t.kind().elt_size_in_bytes()) as u64;
+        if i > start && bytes + size > max {
+            shards.push(start..i);
+            start = i;
+            bytes = 0;
+        }
+        bytes += size;
+    }
+    if start < tensors.len() {
+        shards.push(start..tensors.len());
+    }
+    shards
+}
+
+/// Writes `model` (with whatever LoRA has been merged into it) and `tokenizer` as an HF model directory that
+/// transformers' `from_pretrained` loads: `config.json` (the weights' dtype as `torch_dtype`), safetensors in
+/// shards of at most `opts.max_shard_bytes` with `model.safetensors.index.json` when there are several,
+/// `generation_config.json` and the tokenizer files.
 ///
 /// The directory appears whole or not at all; an existing `out_dir` is refused.
-pub fn save_hf_model(model: &Llama, tokenizer: Option<&Tokenizer>, out_dir: &Path) -> Result<()> {
-    if out_dir.exists() {
-        return Err(ModelError::InvalidArgument(format!(
-            "{}: output directory exists; choose a new path",
-            out_dir.display()
-        )));
+pub fn save_hf_model(model: &Llama, tokenizer: Option<&Tokenizer>, out_dir: &Path, opts: &ExportOptions) -> Result<()> {
+    if opts.max_shard_bytes == 0 {
+        return Err(ModelError::InvalidArgument("max shard size must be positive".into()));
     }
-    let parent = out_dir.parent().filter(|p| !p.as_os_str().is_empty()).unwrap_or(Path::new("."));
-    std::fs::create_dir_all(parent).map_err(|e| ModelError::io(parent, e))?;
-    let tmp = tmp_path(out_dir);
-    std::fs::create_dir_all(&tmp).map_err(|e| ModelError::io(&tmp, e))?;
-    let result = (|| {
-        let json_err = |source| ModelError::Json { path: out_dir.join("config.json"), source };
-        let cfg = serde_json::to_string_pretty(&hf_config_json(model.config(), model.kind())).map_err(json_err)?;
-        write_atomic(&tmp.join("config.json"), cfg.as_bytes())?;
-        let mut meta = std::collections::HashMap::new();
-        meta.insert("format".to_string(), "pt".to_string());
-        save_safetensors(&tmp.join("model.safetensors"), &model.named_weights(), Some(meta))?;
-        if let Some(tk) = tokenizer {
-            tk.save_dir(&tmp)?;
+    let partial = crate::atomic::PartialDir::create(out_dir)?;
+    let tmp = partial.path();
+    let json_err = |file: &str| {
+        let path = out_dir.join(file);
+        move |source| ModelError::Json { path, source }
+    };
+    let cfg =
+        serde_json::to_string_pretty(&hf_config_json(model.config(), model.kind())).map_err(json_err("config.json"))?;
+    write_atomic(&tmp.join("config.json"), cfg.as_bytes())?;
+
+    let tensors = model.named_weights();
+    let shards = plan_shards(&tensors, opts.max_shard_bytes);
+    let n = shards.len();
+    let mut meta = std::collections::HashMap::new();
+    meta.insert("format".to_string(), "pt".to_string());
+    if n == 1 {
+        save_safetensors(&tmp.join("model.safetensors"), &tensors, Some(meta))?;
+    } else {
+        let mut weight_map = serde_json::Map::new();
+        let mut total = 0u64;
+        for (i, range) in shards.into_iter().enumerate() {
+            let file = format!("model-{:05}-of-{n:05}.safetensors", i + 1);
+            for (name, t) in &tensors[range.clone()] {
+                weight_map.insert(name.clone(), json!(file));
+                total += (t.numel() * t.kind().elt_size_in_bytes()) as u64;
+            }
+            save_safetensors(&tmp.join(&file), &tensors[range], Some(meta.clone()))?;
         }
-        std::fs::rename(&tmp, out_dir).map_err(|e| ModelError::io(out_dir, e))
-    })();
-    if result.is_err() {
-        let _ = std::fs::remove_dir_all(&tmp);
+        let index = json!({"metadata": {"total_size": total}, "weight_map": weight_map});
+        let body = serde_json::to_string_pretty(&index).map_err(json_err("model.safetensors.index.json"))?;
+        write_atomic(&tmp.join("model.safetensors.index.json"), body.as_bytes())?;
     }
-    result
+
+    let mut copied = Vec::new();
+    if let Some(src) = &opts.source_dir {
+        for f in COPIED_FILES {
+            let from = src.join(f);
+            if from.is_file() {
+                std::fs::copy(&from, tmp.join(f)).map_err(|e| ModelError::io(&from, e))?;
+                copied.push(*f);
+            }
+        }
+    }
+    if !copied.contains(&"tokenizer.json") {
+        if let Some(tk) = tokenizer {
+            tk.save_dir(tmp)?;
+        }
+    }
+    if !copied.contains(&"generation_config.json") {
+        let body = serde_json::to_string_pretty(&generation_config_json(model.config()))
+            .map_err(json_err("generation_config.json"))?;
+        write_atomic(&tmp.join("generation_config.json"), body.as_bytes())?;
+    }
+    partial.commit()
 }

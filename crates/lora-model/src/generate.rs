@@ -74,6 +74,67 @@ pub struct GenerationTiming {
     pub decode_s: f64,
 }
 
+/// Bytes of memory the machine can still give this process, where the OS says (Linux `MemAvailable`).
+pub fn available_memory() -> Option<u64> {
+    let text = std::fs::read_to_string("/proc/meminfo").ok()?;
+    let line = text.lines().find(|l| l.starts_with("MemAvailable:"))?;
+    let kb: u64 = line.split_whitespace().nth(1)?.parse().ok()?;
+    kb.checked_mul(1024)
+}
+
+/// An upper estimate of the memory one [`generate`] call allocates beyond the loaded weights, in bytes: the KV
+/// cache (`2 · blocks · rows · kv heads · head_dim · (prompt + new tokens)` values of the weights' kind) plus the
+/// prefill's largest transients (one block's activations, its attention mask and scores taken as materialised
+/// `rows · heads · T · T` f32 matrices, and the last position's logits).
+pub fn generation_memory_bytes(model: &Llama, rows: usize, prompt_len: usize, max_new_tokens: usize) -> u128 {
+    let c = model.config();
+    let (b, t) = (rows as u128, prompt_len as u128);
+    let cap = t + max_new_tokens as u128;
+    let elt = model.kind().elt_size_in_bytes() as u128;
+    let kv = 2 * c.num_layers as u128 * b * c.num_kv_heads as u128 * c.head_dim as u128 * cap * elt;
+    let width = (c.hidden_size + c.num_heads * c.head_dim + 2 * c.num_kv_heads * c.head_dim) as u128
+        + 3 * c.intermediate_size as u128;
+    let activations = 4 * b * t * width * 2;
+    let attention = 4 * b * (c.num_heads as u128 + 1) * t * t;
+    let logits = 4 * b * c.vocab_size as u128;
+    kv + activations + attention + logits
+}
+
+/// Refuses, before any compute, a prompt that with `max_new_tokens` would run past the model's context
+/// (`max_position_embeddings`). `what` names the prompt in the error (e.g. `prompts.jsonl line 3`).
+pub fn check_context(model: &Llama, what: &str, prompt_tokens: usize, max_new_tokens: usize) -> Result<()> {
+    let ctx = model.config().max_position_embeddings;
+    let total = prompt_tokens.saturating_add(max_new_tokens);
+    if total > ctx {
+        return Err(ModelError::Limit(format!(
+            "{what}: {prompt_tokens} prompt tokens + {max_new_tokens} new tokens = {total}, past the model's context \
+             of {ctx} tokens (max_position_embeddings)"
+        )));
+    }
+    Ok(())
+}
+
+/// Refuses a batch whose [`generation_memory_bytes`] estimate exceeds what the machine has available (CPU).
+pub fn check_generation_memory(model: &Llama, rows: usize, prompt_len: usize, max_new_tokens: usize) -> Result<()> {
+    if model.device() != tch::Device::Cpu {
+        return Ok(());
+    }
+    let need = generation_memory_bytes(model, rows, prompt_len, max_new_tokens);
+    if let Some(free) = available_memory() {
+        if need > free as u128 {
+            let gib = |x: u128| x as f64 / (1u64 << 30) as f64;
+            return Err(ModelError::Limit(format!(
+                "a batch of {rows} prompts of up to {prompt_len} tokens with {max_new_tokens} new tokens needs about \
+                 {:.1} GiB (KV cache and prefill activations) but {:.1} GiB are available; use a smaller batch or \
+                 shorter prompts",
+                gib(need),
+                gib(free as u128)
+            )));
+        }
+    }
+    Ok(())
+}
+
 /// Samples from `logits` (one row) with temperature and top-p.
 fn sample_row(logits: &[f32], temperature: f64, top_p: f64, rng: &mut Rng) -> i64 {
     let max = logits.iter().copied().fold(f32::NEG_INFINITY, f32::max);
@@ -137,6 +198,10 @@ pub fn generate(
     }
     let b = prompts.len();
     let max_len = prompts.iter().map(Vec::len).max().unwrap_or(0);
+    for (i, p) in prompts.iter().enumerate() {
+        check_context(model, &format!("prompt {i} of the batch"), p.len(), config.max_new_tokens)?;
+    }
+    check_generation_memory(model, b, max_len, config.max_new_tokens)?;
     let pad = model.config().pad_token_id.or_else(|| config.eos_token_ids.first().copied()).unwrap_or(0);
     let mut ids = Vec::with_capacity(b * max_len);
     let mut att = Vec::with_capacity(b * max_len);
@@ -171,6 +236,12 @@ pub fn generate(
     let _threads = (model.device() == tch::Device::Cpu).then(crate::kernels::decode_scope);
     for step in 0..config.max_new_tokens {
         let Some(l) = logits.take() else { break };
+        // A NaN or infinite logit (overflow in f16, a broken weight) would make arg-max return garbage silently.
+        if !l.f_sum(Kind::Double)?.f_double_value(&[])?.is_finite() {
+            return Err(ModelError::Limit(format!(
+                "step {step}: the model produced non-finite logits (NaN or inf); try --dtype f32 or bf16"
+            )));
+        }
         let next: Vec<i64> = match config.sampling {
             Sampling::Greedy => Vec::<i64>::try_from(l.f_argmax(-1, false)?.f_to_device(tch::Device::Cpu)?)?,
             Sampling::Sample { temperature, top_p, .. } => {

@@ -348,6 +348,69 @@ impl<'a> Mat<'a> {
     }
 }
 
+/// f32 → bf16 bits, rounding to nearest even (as libtorch converts).
+#[inline]
+pub(crate) fn to_bf16(v: f32) -> u16 {
+    if v.is_nan() {
+        return 0x7FC0;
+    }
+    let bits = v.to_bits();
+    let round = 0x7FFF + ((bits >> 16) & 1);
+    (bits.wrapping_add(round) >> 16) as u16
+}
+
+/// Mutably borrowed f32 or bf16 values of a contiguous CPU tensor.
+pub(crate) enum MatMut<'a> {
+    F32(&'a mut [f32]),
+    /// bf16 as raw bits.
+    Bf16(&'a mut [u16]),
+}
+
+impl MatMut<'_> {
+    /// Writes `src` at element offset `at` (rounded to nearest-even bf16 for a bf16 tensor), or returns `false`
+    /// (writing nothing) when it does not fit.
+    pub(crate) fn write(&mut self, at: usize, src: &[f32]) -> bool {
+        let Some(end) = at.checked_add(src.len()) else { return false };
+        match self {
+            MatMut::F32(d) => match d.get_mut(at..end) {
+                Some(dst) => dst.copy_from_slice(src),
+                None => return false,
+            },
+            MatMut::Bf16(d) => match d.get_mut(at..end) {
+                Some(dst) => {
+                    for (o, &v) in dst.iter_mut().zip(src) {
+                        *o = to_bf16(v);
+                    }
+                }
+                None => return false,
+            },
+        }
+        true
+    }
+}
+
+/// Mutably borrows a contiguous CPU tensor of kind f32 or bf16 without autograd, or `None` if it is not one.
+///
+/// # Safety
+/// The slice aliases the tensor's storage, which libtorch may share between several `Tensor` handles (views,
+/// shallow clones). The `&mut Tensor` makes this handle exclusive in Rust; the caller must also guarantee that
+/// no other handle to the same storage is read or written, by any thread, while the slice lives.
+pub(crate) unsafe fn borrow_mut(t: &mut Tensor) -> Option<MatMut<'_>> {
+    let n = usize::try_from(t.size().iter().product::<i64>()).ok()?;
+    if t.device() != Device::Cpu || !t.is_contiguous() || t.requires_grad() || n == 0 {
+        return None;
+    }
+    let ptr = t.data_ptr();
+    if ptr.is_null() {
+        return None;
+    }
+    match t.kind() {
+        Kind::Float => Some(MatMut::F32(std::slice::from_raw_parts_mut(ptr as *mut f32, n))),
+        Kind::BFloat16 => Some(MatMut::Bf16(std::slice::from_raw_parts_mut(ptr as *mut u16, n))),
+        _ => None,
+    }
+}
+
 /// Borrows a contiguous CPU tensor of kind f32 or bf16 without autograd (any shape), or `None` if it is not one.
 ///
 /// # Safety

@@ -11,6 +11,7 @@
 #![warn(missing_docs)]
 
 pub mod adapter;
+pub mod atomic;
 pub mod config;
 pub mod error;
 pub mod export;
@@ -23,6 +24,7 @@ pub mod lora;
 pub mod mask;
 pub mod model;
 mod rng;
+pub mod textfile;
 pub mod tokenizer;
 pub mod train;
 pub mod weights;
@@ -30,7 +32,7 @@ pub mod weights;
 pub use adapter::{load_adapter, prune_adapter, AdapterInfo, LoraConfig};
 pub use config::{Architecture, ModelConfig};
 pub use error::{ModelError, Result};
-pub use export::save_hf_model;
+pub use export::{save_hf_model, ExportOptions};
 pub use generate::{generate, Generation, GenerationConfig, GenerationTiming, Sampling};
 pub use lora::{LoraLinear, LoraWeights};
 pub use mask::{LayerMask, Module};

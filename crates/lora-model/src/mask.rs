@@ -75,6 +75,10 @@ impl Module {
     }
 }
 
+/// Block indices a mask may name: far above any real model's depth, and a bound on what parsing a mask can
+/// allocate (`0-18446744073709551615` is refused, not expanded).
+pub const MAX_BLOCKS: usize = 1 << 16;
+
 /// Which blocks are on.
 #[derive(Debug, Clone, PartialEq, Eq)]
 enum Layers {
@@ -120,8 +124,24 @@ impl LayerMask {
     }
 
     /// LoRA on blocks `0..=boundary`, off above: the paper's pruning.
+    ///
+    /// `boundary` is capped at [`MAX_BLOCKS`] (so the mask stays small); [`LayerMask::validate`] refuses a mask
+    /// that names blocks past the model either way.
     pub fn keep_through(boundary: usize) -> Self {
-        LayerMask::from_layers(0..=boundary)
+        LayerMask::from_layers(0..=boundary.min(MAX_BLOCKS))
+    }
+
+    /// The highest block the mask names explicitly (`None` for `all`, and for `none`).
+    pub fn max_block(&self) -> Option<usize> {
+        match &self.layers {
+            Layers::All => None,
+            Layers::Set(s) => s.last().copied(),
+        }
+    }
+
+    /// Whether the mask restricts LoRA to some projections (`@attn`, `@q_proj,v_proj`).
+    pub fn has_module_filter(&self) -> bool {
+        self.modules.is_some()
     }
 
     /// LoRA on exactly the given blocks.
@@ -215,12 +235,24 @@ impl FromStr for LayerMask {
             _ => {
                 if let Some(b) = layer_part.strip_prefix("keep-through:") {
                     let b = b.trim().parse::<usize>().map_err(|_| bad(format!("`{b}` is not a block index")))?;
+                    if b >= MAX_BLOCKS {
+                        return Err(bad(format!("block {b} is past the largest supported index {}", MAX_BLOCKS - 1)));
+                    }
                     LayerMask::keep_through(b)
                 } else {
                     let mut set = BTreeSet::new();
                     for part in layer_part.split(',').map(str::trim) {
-                        let parse =
-                            |s: &str| s.trim().parse::<usize>().map_err(|_| bad(format!("`{s}` is not a block index")));
+                        let parse = |s: &str| {
+                            let b =
+                                s.trim().parse::<usize>().map_err(|_| bad(format!("`{s}` is not a block index")))?;
+                            if b >= MAX_BLOCKS {
+                                return Err(bad(format!(
+                                    "block {b} is past the largest supported index {}",
+                                    MAX_BLOCKS - 1
+                                )));
+                            }
+                            Ok(b)
+                        };
                         match part.split_once('-') {
                             Some((lo, hi)) => {
                                 let (lo, hi) = (parse(lo)?, parse(hi)?);
@@ -285,7 +317,7 @@ mod tests {
 
     #[test]
     fn bad_specs_are_errors() {
-        for spec in ["5-2", "x", "0-", "1@foo", "keep-through:a"] {
+        for spec in ["5-2", "x", "0-", "1@foo", "keep-through:a", "0-18446744073709551615", "keep-through:65536"] {
             assert!(spec.parse::<LayerMask>().is_err(), "{spec}");
         }
         assert!(LayerMask::keep_through(30).validate(30).is_err());

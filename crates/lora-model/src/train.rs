@@ -539,6 +539,7 @@ impl Trainer {
     pub fn save_checkpoint(&self, dir: &Path, state: &TrainerState) -> Result<()> {
         let parent = dir.parent().filter(|p| !p.as_os_str().is_empty()).unwrap_or(Path::new("."));
         std::fs::create_dir_all(parent).map_err(|e| ModelError::io(parent, e))?;
+        crate::atomic::clean_stale(parent);
         let tmp = tmp_path(dir);
         let _ = std::fs::remove_dir_all(&tmp);
         let result = (|| {
@@ -641,6 +642,35 @@ pub fn train(
     train_encoded(model, &encoded, pad, lora, cfg, out_dir, progress)
 }
 
+/// Refuses, before any training, an output path the run would clobber or could not write: an existing file, a
+/// directory that already holds an adapter, or any other non-empty directory (except one whose only contents
+/// are this run's own checkpoints when resuming from one of them).
+pub fn check_out_dir(out_dir: &Path, resume: Option<&Path>) -> Result<()> {
+    let bad = |why: &str| Err(ModelError::InvalidArgument(format!("{}: {why}; choose a new path", out_dir.display())));
+    if !out_dir.exists() {
+        return Ok(());
+    }
+    if !out_dir.is_dir() {
+        return bad("exists and is not a directory");
+    }
+    if out_dir.join("adapter_config.json").exists() {
+        return bad("already holds an adapter (adapter_config.json); it would be overwritten");
+    }
+    let entries: Vec<String> = std::fs::read_dir(out_dir)
+        .map_err(|e| ModelError::io(out_dir, e))?
+        .flatten()
+        .map(|e| e.file_name().to_string_lossy().into_owned())
+        .collect();
+    let own = |n: &String| {
+        n.starts_with("checkpoint-") || n == "trainer_state.json" || n.starts_with(crate::atomic::PARTIAL_PREFIX)
+    };
+    let resuming_here = resume.is_some_and(|r| r.parent().is_some_and(|p| p == out_dir));
+    if entries.is_empty() || (resuming_here && entries.iter().all(own)) {
+        return Ok(());
+    }
+    bad(&format!("is a non-empty directory ({} entries)", entries.len()))
+}
+
 /// Trains fresh LoRA on tokenized samples and writes the final adapter (PEFT format, plus `trainer_state.json`)
 /// into `out_dir`, and `out_dir/checkpoint-{step}/` every `save_every` steps.
 ///
@@ -657,6 +687,7 @@ pub fn train_encoded(
     mut progress: impl FnMut(&TrainProgress),
 ) -> Result<TrainSummary> {
     cfg.validate()?;
+    check_out_dir(out_dir, cfg.resume_from.as_deref())?;
     let kept: Vec<EncodedSample> = samples.iter().filter(|s| s.label_tokens() > 0).cloned().collect();
     let dropped = samples.len() - kept.len();
     if kept.is_empty() {

@@ -194,6 +194,7 @@ impl WeightSource for SafetensorsWeights {
 /// Loads a tensor from a source and places it (device, kind).
 pub(crate) fn load_placed(src: &dyn WeightSource, name: &str, shape: &[i64], place: Placement) -> Result<Tensor> {
     let t = src.load(name, Some(shape))?;
+    check_finite(&t, name, src.origin())?;
     Ok(t.f_to_device(place.device)?.f_to_kind(place.kind)?.f_contiguous()?)
 }
 
@@ -248,23 +249,88 @@ pub fn save_safetensors(
         t.f_copy_data_u8(&mut data, numel)?;
         views.push((name.clone(), View { dtype, shape, data }));
     }
+    if let Some(parent) = path.parent().filter(|p| !p.as_os_str().is_empty()) {
+        crate::atomic::clean_stale(parent);
+    }
     let tmp = tmp_path(path);
     let refs: Vec<(String, &View)> = views.iter().map(|(n, v)| (n.clone(), v)).collect();
-    safetensors::serialize_to_file(refs, metadata, &tmp)
-        .map_err(|e| ModelError::Safetensors { path: path.to_path_buf(), message: e.to_string() })?;
+    if let Err(e) = safetensors::serialize_to_file(refs, metadata, &tmp) {
+        let _ = std::fs::remove_file(&tmp);
+        return Err(ModelError::Safetensors { path: path.to_path_buf(), message: e.to_string() });
+    }
     std::fs::rename(&tmp, path).map_err(|e| ModelError::io(path, e))
 }
 
-/// A sibling temporary path for atomic writes.
+/// The floating-point kind a checkpoint stores its weights in, as transformers' `dtype="auto"` picks it: an HF
+/// directory's `config.json` `dtype` (or `torch_dtype`), else the dtype of its first floating-point tensor; a
+/// GGUF file dequantizes to `Float` (f32), as transformers' GGUF loader does.
+pub fn checkpoint_kind(path: &Path) -> Result<Kind> {
+    if !path.is_dir() {
+        return Ok(Kind::Float);
+    }
+    let from_name = |s: &str| match s {
+        "float32" | "float" => Some(Kind::Float),
+        "bfloat16" => Some(Kind::BFloat16),
+        "float16" | "half" => Some(Kind::Half),
+        _ => None,
+    };
+    let cfg_path = path.join("config.json");
+    if let Ok(text) = std::fs::read_to_string(&cfg_path) {
+        let v: serde_json::Value =
+            serde_json::from_str(&text).map_err(|source| ModelError::Json { path: cfg_path.clone(), source })?;
+        let named = v.get("dtype").or_else(|| v.get("torch_dtype")).and_then(|d| d.as_str());
+        if let Some(kind) = named.and_then(from_name) {
+            return Ok(kind);
+        }
+    }
+    let weights = SafetensorsWeights::open_dir(path)?;
+    for name in weights.names() {
+        if let Some((_, info)) = weights.info(&name) {
+            match info.dtype {
+                Dtype::F32 | Dtype::F64 => return Ok(Kind::Float),
+                Dtype::BF16 => return Ok(Kind::BFloat16),
+                Dtype::F16 => return Ok(Kind::Half),
+                _ => {}
+            }
+        }
+    }
+    Ok(Kind::Float)
+}
+
+/// A sibling temporary path for atomic writes (see [`crate::atomic`]).
 pub(crate) fn tmp_path(path: &Path) -> PathBuf {
-    let mut name = path.file_name().map(|n| n.to_os_string()).unwrap_or_default();
-    name.push(format!(".{}.tmp", std::process::id()));
-    path.with_file_name(name)
+    crate::atomic::partial_path(path)
 }
 
 /// Writes a text file atomically.
 pub(crate) fn write_atomic(path: &Path, contents: &[u8]) -> Result<()> {
-    let tmp = tmp_path(path);
-    std::fs::write(&tmp, contents).map_err(|e| ModelError::io(&tmp, e))?;
-    std::fs::rename(&tmp, path).map_err(|e| ModelError::io(path, e))
+    crate::atomic::write_file(path, contents)
+}
+
+/// Refuses a floating-point tensor holding NaN or ±inf, naming the tensor, its block and the file.
+///
+/// One vectorised pass per tensor: the f64 sum of the values is finite exactly when every value is (a NaN or an
+/// infinity propagates; f64 cannot overflow on sums of f32/bf16/f16 values of any realistic tensor), and it
+/// allocates nothing tensor-sized. Only a failing tensor is scanned again to count its bad values. Integer
+/// tensors pass unchecked.
+pub fn check_finite(t: &Tensor, name: &str, file: &Path) -> Result<()> {
+    if !t.is_floating_point() || t.numel() == 0 {
+        return Ok(());
+    }
+    if t.f_sum(Kind::Double)?.f_double_value(&[])?.is_finite() {
+        return Ok(());
+    }
+    let bad = t.f_isfinite()?.f_logical_not()?.f_sum(Kind::Int64)?.f_int64_value(&[])?;
+    Err(ModelError::NonFinite { name: name.into(), layer: layer_of(name), file: file.to_path_buf(), count: bad as u64 })
+}
+
+/// The decoder block a tensor name belongs to (`...layers.N...` or GGUF's `blk.N.`).
+pub fn layer_of(name: &str) -> Option<usize> {
+    let mut parts = name.split('.');
+    while let Some(p) = parts.next() {
+        if p == "layers" || p == "blk" {
+            return parts.next().and_then(|n| n.parse().ok());
+        }
+    }
+    None
 }

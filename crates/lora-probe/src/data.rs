@@ -35,7 +35,10 @@ pub(crate) fn memory_origin() -> PathBuf {
 /// Errors name the file and the 1-based line of a malformed row.
 pub fn read_jsonl(path: impl AsRef<Path>) -> Result<Vec<Sample>> {
     let path = path.as_ref();
-    let text = std::fs::read_to_string(path).map_err(|e| ProbeError::io(path, e))?;
+    let text = lora_model::textfile::read_text(path).map_err(|e| match e {
+        lora_model::textfile::TextFileError::Io(e) => ProbeError::io(path, e),
+        e => ProbeError::Row { file: path.to_path_buf(), row: e.line().unwrap_or(0), message: e.to_string() },
+    })?;
     let mut out = Vec::new();
     for (i, line) in text.lines().enumerate() {
         if line.trim().is_empty() {

@@ -132,6 +132,12 @@ impl Probe {
         if masks.is_empty() {
             return Err(ProbeError::InvalidArgument("no masks to probe".into()));
         }
+        let longest = samples.iter().map(|s| s.prompt_ids.len() + s.answer_ids.len()).max().unwrap_or(0);
+        lora_model::generate::check_generation_memory(model, cfg.batch_size.min(samples.len()), longest, 0)?;
+        for (spec, m) in masks {
+            m.validate(model.num_layers())
+                .map_err(|e| ProbeError::Mask { spec: spec.clone(), message: e.to_string() })?;
+        }
         if samples.is_empty() {
             return Err(ProbeError::InvalidArgument("no samples to probe".into()));
         }
@@ -146,6 +152,14 @@ impl Probe {
             }
             if let Some(bad) = s.prompt_ids.iter().chain(&s.answer_ids).find(|&&t| t < 0 || t >= vocab) {
                 return Err(row_err(format!("token id {bad} outside the vocabulary (0..{vocab})")));
+            }
+            let ctx = model.config().max_position_embeddings;
+            let (np, na) = (s.prompt_ids.len(), s.answer_ids.len());
+            if np + na > ctx {
+                return Err(row_err(format!(
+                    "{np} prompt + {na} answer tokens = {}, past the model's context of {ctx} tokens",
+                    np + na
+                )));
             }
         }
         let num_layers = model.num_layers();

@@ -266,17 +266,7 @@ pub fn difference(a: &MaskCurve, b: &MaskCurve, resamples: usize, seed: u64) -> 
 
 /// Writes `contents` to `path` through a temporary file in the same directory and a rename.
 pub(crate) fn write_atomic(path: &Path, contents: &[u8]) -> Result<()> {
-    let name =
-        path.file_name().ok_or_else(|| ProbeError::InvalidArgument(format!("{}: not a file path", path.display())))?;
-    let mut tmp_name = std::ffi::OsString::from(".");
-    tmp_name.push(name);
-    tmp_name.push(format!(".tmp{}", std::process::id()));
-    let tmp = path.with_file_name(tmp_name);
-    std::fs::write(&tmp, contents).map_err(|e| ProbeError::io(&tmp, e))?;
-    std::fs::rename(&tmp, path).map_err(|e| {
-        let _ = std::fs::remove_file(&tmp);
-        ProbeError::io(path, e)
-    })
+    Ok(lora_model::atomic::write_file(path, contents)?)
 }
 
 fn array_json(a: &Array3<f32>, n: &[usize]) -> serde_json::Value {

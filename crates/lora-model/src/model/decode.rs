@@ -17,20 +17,11 @@ use tch::{Device, Kind, Tensor};
 
 use super::{Block, ForwardOptions, ForwardOutput, KvCache, Llama, Logits};
 use crate::error::{ModelError, Result};
+#[cfg(test)]
+use crate::kernels::to_bf16;
 use crate::kernels::{self, borrow, LoraPart, Mat, MAX_ROWS};
 use crate::lora::LoraLinear;
 use crate::mask::Module;
-
-/// f32 → bf16 bits, rounding to nearest even (as libtorch converts).
-#[inline]
-fn to_bf16(v: f32) -> u16 {
-    if v.is_nan() {
-        return 0x7FC0;
-    }
-    let bits = v.to_bits();
-    let round = 0x7FFF + ((bits >> 16) & 1);
-    (bits.wrapping_add(round) >> 16) as u16
-}
 
 /// `x · rsqrt(mean(x²) + eps) · w` for each row of `x` (`[rows, h]`) into `out`.
 fn rms_norm(x: &[f32], w: Mat<'_>, eps: f64, h: usize, out: &mut [f32]) {
@@ -230,28 +221,37 @@ impl Llama {
 
         // Append this position's keys and values to the cache, then attend over positions 0..=past.
         let cap = cache.capacity as usize;
-        let keys = &cache.keys[l];
-        let values = &cache.values[l];
+        let (keys, values) = (&mut cache.keys[l], &mut cache.values[l]);
         let shape_ok = |t: &Tensor| t.size() == [rows as i64, nkv as i64, cap as i64, hd as i64];
         if !shape_ok(keys) || !shape_ok(values) || keys.kind() != self.place.kind || values.kind() != keys.kind() {
             return Err(ModelError::InvalidArgument(format!("block {l}: KV cache does not fit the model")));
         }
-        // SAFETY: the cache tensors are contiguous CPU tensors of this kind with `rows·nkv·cap·hd` elements
-        // (checked just above, and `borrow` checks contiguity); this step is the only user of the cache meanwhile
-        // (`&mut KvCache`), so writing through the pointers races with nothing.
-        let (Some(kr), Some(vr)) = (unsafe { borrow(keys) }, unsafe { borrow(values) }) else {
-            return Err(ModelError::InvalidArgument(format!("block {l}: KV cache is not a contiguous CPU tensor")));
-        };
-        for r in 0..rows {
-            for g in 0..nkv {
-                let at = ((r * nkv + g) * cap + step.past) * hd;
-                let src = (r * nkv + g) * hd;
-                unsafe {
-                    write_row(kr, at, &sc.k[src..src + hd]);
-                    write_row(vr, at, &sc.v[src..src + hd]);
+        {
+            // SAFETY: aliasing: `keys` and `values` are distinct tensors (separate per-block allocations made by
+            // `new_cache`) reached through `&mut KvCache`, so no other Rust code holds them; the cache never hands
+            // out views of its storage that outlive a call, so no other libtorch handle reads or writes it while
+            // these slices live. Threads: the helper thread only runs inside `kernels::join` calls, none of which
+            // is in flight here. `borrow_mut` checks contiguity, device and kind; lengths are checked by `write`.
+            let (Some(mut kw), Some(mut vw)) =
+                (unsafe { kernels::borrow_mut(keys) }, unsafe { kernels::borrow_mut(values) })
+            else {
+                return Err(ModelError::InvalidArgument(format!("block {l}: KV cache is not a contiguous CPU tensor")));
+            };
+            for r in 0..rows {
+                for g in 0..nkv {
+                    let at = ((r * nkv + g) * cap + step.past) * hd;
+                    let src = (r * nkv + g) * hd;
+                    if !kw.write(at, &sc.k[src..src + hd]) || !vw.write(at, &sc.v[src..src + hd]) {
+                        return Err(ModelError::InvalidArgument(format!("block {l}: KV cache write out of bounds")));
+                    }
                 }
             }
         }
+        // SAFETY: the mutable borrows above have ended; from here to the end of this block's attention the cache
+        // is only read (by this thread and the helper inside `join`), and `&mut KvCache` keeps every other user out.
+        let (Some(kr), Some(vr)) = (unsafe { borrow(keys) }, unsafe { borrow(values) }) else {
+            return Err(ModelError::InvalidArgument(format!("block {l}: KV cache is not a contiguous CPU tensor")));
+        };
         // The (row, head) pairs are shared out between this thread and the kernels' helper.
         let heads = Heads { q: &sc.q, keys: kr, values: vr, nh, nkv, hd, cap, s: step.past + 1, step };
         let pairs = rows * nh;
@@ -334,28 +334,6 @@ impl Heads<'_> {
                 if w > 0.0 {
                     kernels::axpy(dst, w / sum, self.values.slice(base + j * hd..base + (j + 1) * hd));
                 }
-            }
-        }
-    }
-}
-
-/// Writes `src` into `dst` at element offset `at` (rounded to bf16 for a bf16 tensor).
-///
-/// # Safety
-/// `dst` must be the only live reference to its storage that anyone reads or writes meanwhile, and
-/// `at + src.len() ≤ dst.len()`.
-unsafe fn write_row(dst: Mat<'_>, at: usize, src: &[f32]) {
-    match dst {
-        Mat::F32(d) => {
-            assert!(at + src.len() <= d.len(), "KV cache write out of bounds");
-            let p = (d.as_ptr() as *mut f32).add(at);
-            std::ptr::copy_nonoverlapping(src.as_ptr(), p, src.len());
-        }
-        Mat::Bf16(d) => {
-            assert!(at + src.len() <= d.len(), "KV cache write out of bounds");
-            let p = (d.as_ptr() as *mut u16).add(at);
-            for (i, &v) in src.iter().enumerate() {
-                *p.add(i) = to_bf16(v);
             }
         }
     }

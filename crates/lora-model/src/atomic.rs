@@ -1,0 +1,183 @@
+//! Crash-safe outputs: every file or directory the tool writes is first built under a recognisable temporary
+//! name beside its target, then renamed into place, so a reader sees it whole or not at all.
+//!
+//! The temporary name is `.lora-boundary-partial.<pid>.<target name>.tmp`. A process killed mid-write (SIGKILL,
+//! power loss) leaves that entry behind; the next write into the same directory removes every such entry whose
+//! process is gone ([`clean_stale`]), so garbage never accumulates. Entries of live processes are left alone.
+//!
+//! ```
+//! # fn main() -> lora_model::Result<()> {
+//! let dir = tempfile::tempdir().unwrap();
+//! let target = dir.path().join("report.json");
+//! lora_model::atomic::write_file(&target, b"{}")?;
+//! assert_eq!(std::fs::read(&target).unwrap(), b"{}");
+//! // A directory output: build it under its partial name, then commit.
+//! let out = lora_model::atomic::PartialDir::create(&dir.path().join("adapter"))?;
+//! std::fs::write(out.path().join("a.txt"), "x").unwrap();
+//! out.commit()?;
+//! assert!(dir.path().join("adapter/a.txt").exists());
+//! # Ok(()) }
+//! ```
+use std::path::{Path, PathBuf};
+
+use crate::error::{ModelError, Result};
+
+/// Prefix of every temporary entry the tool creates.
+pub const PARTIAL_PREFIX: &str = ".lora-boundary-partial.";
+
+/// The temporary sibling of `target` that this process writes before renaming.
+pub fn partial_path(target: &Path) -> PathBuf {
+    let name = target.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default();
+    target.with_file_name(format!("{PARTIAL_PREFIX}{}.{name}.tmp", std::process::id()))
+}
+
+/// The directory `target` lives in (`.` for a bare file name).
+fn parent_of(target: &Path) -> &Path {
+    target.parent().filter(|p| !p.as_os_str().is_empty()).unwrap_or(Path::new("."))
+}
+
+/// Whether process `pid` still runs. Where this cannot be known, it is assumed to run (nothing is removed).
+fn process_alive(pid: u32) -> bool {
+    if pid == std::process::id() {
+        return true;
+    }
+    if cfg!(target_os = "linux") {
+        Path::new("/proc").join(pid.to_string()).exists()
+    } else {
+        true
+    }
+}
+
+/// Removes the temporary entries in `dir` left by processes that no longer run; returns what it removed.
+///
+/// Failures to list or remove are ignored: cleaning is a courtesy, never a reason to fail a write.
+pub fn clean_stale(dir: &Path) -> Vec<PathBuf> {
+    let mut removed = Vec::new();
+    let Ok(entries) = std::fs::read_dir(dir) else { return removed };
+    for entry in entries.flatten() {
+        let name = entry.file_name();
+        let Some(rest) = name.to_str().and_then(|n| n.strip_prefix(PARTIAL_PREFIX)) else { continue };
+        let Some(pid) = rest.split('.').next().and_then(|p| p.parse::<u32>().ok()) else { continue };
+        if process_alive(pid) {
+            continue;
+        }
+        let path = entry.path();
+        let gone = match entry.file_type() {
+            Ok(t) if t.is_dir() => std::fs::remove_dir_all(&path).is_ok(),
+            Ok(_) => std::fs::remove_file(&path).is_ok(),
+            Err(_) => false,
+        };
+        if gone {
+            tracing::info!("removed {} (left by a process that no longer runs)", path.display());
+            removed.push(path);
+        }
+    }
+    removed
+}
+
+/// Writes a file atomically: the bytes go to [`partial_path`], which is then renamed to `path`.
+pub fn write_file(path: &Path, contents: &[u8]) -> Result<()> {
+    let parent = parent_of(path);
+    clean_stale(parent);
+    let tmp = partial_path(path);
+    if let Err(e) = std::fs::write(&tmp, contents) {
+        let _ = std::fs::remove_file(&tmp);
+        return Err(ModelError::io(path, e));
+    }
+    std::fs::rename(&tmp, path).map_err(|e| {
+        let _ = std::fs::remove_file(&tmp);
+        ModelError::io(path, e)
+    })
+}
+
+/// A directory output under construction: created under its partial name, renamed into place by
+/// [`PartialDir::commit`], removed if dropped without committing (an error on the way out).
+#[derive(Debug)]
+pub struct PartialDir {
+    tmp: PathBuf,
+    target: PathBuf,
+    committed: bool,
+}
+
+impl PartialDir {
+    /// Starts writing directory `target`, which must not exist yet (an existing path is refused).
+    pub fn create(target: &Path) -> Result<Self> {
+        if target.exists() {
+            return Err(ModelError::InvalidArgument(format!(
+                "{}: output path exists; choose a new path",
+                target.display()
+            )));
+        }
+        let parent = parent_of(target);
+        std::fs::create_dir_all(parent).map_err(|e| ModelError::io(parent, e))?;
+        clean_stale(parent);
+        let tmp = partial_path(target);
+        let _ = std::fs::remove_dir_all(&tmp);
+        std::fs::create_dir(&tmp).map_err(|e| ModelError::io(&tmp, e))?;
+        Ok(PartialDir { tmp, target: target.to_path_buf(), committed: false })
+    }
+
+    /// Where to write the directory's files meanwhile.
+    pub fn path(&self) -> &Path {
+        &self.tmp
+    }
+
+    /// Renames the finished directory into place.
+    pub fn commit(mut self) -> Result<()> {
+        if self.target.exists() {
+            return Err(ModelError::InvalidArgument(format!(
+                "{}: output path appeared while it was being written; choose a new path",
+                self.target.display()
+            )));
+        }
+        std::fs::rename(&self.tmp, &self.target).map_err(|e| ModelError::io(&self.target, e))?;
+        self.committed = true;
+        Ok(())
+    }
+}
+
+impl Drop for PartialDir {
+    fn drop(&mut self) {
+        if !self.committed {
+            let _ = std::fs::remove_dir_all(&self.tmp);
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn stale_entries_of_dead_processes_are_removed_and_live_ones_kept() {
+        let dir = tempfile::tempdir().unwrap();
+        // 4294967295 is above Linux's pid_max (at most 2^22), so no process has it.
+        let dead = dir.path().join(format!("{PARTIAL_PREFIX}4294967295.merged.tmp"));
+        std::fs::create_dir_all(dead.join("sub")).unwrap();
+        std::fs::write(dead.join("sub/model.safetensors"), b"partial").unwrap();
+        let dead_file = dir.path().join(format!("{PARTIAL_PREFIX}4294967295.report.json.tmp"));
+        std::fs::write(&dead_file, b"{").unwrap();
+        let live = partial_path(&dir.path().join("other"));
+        std::fs::create_dir(&live).unwrap();
+        let unrelated = dir.path().join("keep.tmp");
+        std::fs::write(&unrelated, b"x").unwrap();
+        let removed = clean_stale(dir.path());
+        if cfg!(target_os = "linux") {
+            assert_eq!(removed.len(), 2, "{removed:?}");
+            assert!(!dead.exists() && !dead_file.exists());
+        }
+        assert!(live.exists() && unrelated.exists());
+    }
+
+    #[test]
+    fn a_dropped_partial_dir_leaves_nothing() {
+        let dir = tempfile::tempdir().unwrap();
+        let target = dir.path().join("out");
+        {
+            let p = PartialDir::create(&target).unwrap();
+            std::fs::write(p.path().join("f"), b"x").unwrap();
+        }
+        assert_eq!(std::fs::read_dir(dir.path()).unwrap().count(), 0);
+        assert!(PartialDir::create(dir.path()).is_err(), "an existing path is refused");
+    }
+}

@@ -1,0 +1,56 @@
+//! Reading text data files (JSONL, CSV, JSON) as UTF-8, with the line of any invalid byte named.
+use std::path::Path;
+
+/// Why a text file could not be read.
+#[derive(Debug, thiserror::Error)]
+pub enum TextFileError {
+    /// The file could not be opened or read.
+    #[error("{0}")]
+    Io(#[from] std::io::Error),
+    /// The bytes are not UTF-8.
+    #[error("invalid UTF-8 at byte {byte} of the line (data files must be UTF-8)")]
+    Utf8 {
+        /// 1-based line number.
+        line: usize,
+        /// 1-based byte offset of the first invalid byte within that line.
+        byte: usize,
+    },
+}
+
+impl TextFileError {
+    /// The 1-based line an encoding error is on (`None` for I/O errors).
+    pub fn line(&self) -> Option<usize> {
+        match self {
+            TextFileError::Utf8 { line, .. } => Some(*line),
+            TextFileError::Io(_) => None,
+        }
+    }
+}
+
+/// Reads `path` as UTF-8 text (a leading byte-order mark is dropped).
+///
+/// ```
+/// let dir = tempfile::tempdir().unwrap();
+/// let p = dir.path().join("bad.jsonl");
+/// std::fs::write(&p, b"{\"prompt\": \"ok\"}\n{\"prompt\": \"\xff\"}\n").unwrap();
+/// let err = lora_model::textfile::read_text(&p).unwrap_err();
+/// assert_eq!(err.line(), Some(2));
+/// ```
+pub fn read_text(path: &Path) -> Result<String, TextFileError> {
+    let bytes = std::fs::read(path)?;
+    match String::from_utf8(bytes) {
+        Ok(mut s) => {
+            if s.starts_with('\u{feff}') {
+                s.drain(..'\u{feff}'.len_utf8());
+            }
+            Ok(s)
+        }
+        Err(e) => {
+            let bytes = e.as_bytes();
+            let at = e.utf8_error().valid_up_to();
+            let line = 1 + bytes[..at].iter().filter(|&&b| b == b'\n').count();
+            let line_start = bytes[..at].iter().rposition(|&b| b == b'\n').map_or(0, |p| p + 1);
+            Err(TextFileError::Utf8 { line, byte: at - line_start + 1 })
+        }
+    }
+}
