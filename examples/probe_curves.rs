@@ -14,12 +14,8 @@ fn main() -> anyhow::Result<()> {
     let (mut model, tokenizer) = load_model(DEFAULT_MODEL, Placement::default())?;
     load_adapter(&mut model, &adapter)?;
     let l = model.num_layers();
-    let samples: Vec<Sample> = Task::E2e
-        .load(Path::new("data/e2e_nlg/testset_w_refs.csv"))?
-        .into_iter()
-        .take(16)
-        .map(|s| Sample { prompt: s.prompt, answer: s.answer })
-        .collect();
+    let samples: Vec<Sample> =
+        Task::E2e.load(Path::new("data/e2e_nlg/testset_w_refs.csv"))?.into_iter().take(16).collect();
     let masks = [
         LayerMask::all(),
         LayerMask::none(),

@@ -16,6 +16,9 @@ pub enum Error {
     /// From the metrics (unknown names, unusable predictions or references).
     #[error(transparent)]
     Metrics(#[from] lora_metrics::MetricsError),
+    /// From the shared helpers (crash-safe writes, data files, the bootstrap).
+    #[error(transparent)]
+    Common(#[from] lora_common::CommonError),
     /// A file could not be read or written.
     #[error("{path}: {source}")]
     Io {
@@ -51,7 +54,17 @@ fn model_exit_code(e: &lora_model::ModelError) -> i32 {
     use lora_model::ModelError as M;
     match e {
         M::InvalidArgument(_) | M::Limit(_) => 2,
+        M::Common(c) => common_exit_code(c),
         _ => 1,
+    }
+}
+
+/// Exit code of a shared-helper error: 2 for bad rows, existing outputs and unusable scores, 1 for I/O.
+fn common_exit_code(e: &lora_common::CommonError) -> i32 {
+    if e.is_input_error() {
+        2
+    } else {
+        1
     }
 }
 
@@ -64,6 +77,7 @@ impl Error {
         match self {
             Error::Usage(_) | Error::Data { .. } | Error::Metrics(_) => 2,
             Error::Model(e) => model_exit_code(e),
+            Error::Common(e) | Error::Probe(P::Common(e)) => common_exit_code(e),
             Error::Probe(P::Model(e)) => model_exit_code(e),
             Error::Probe(P::Row { .. } | P::Mask { .. } | P::InvalidArgument(_)) => 2,
             Error::Probe(_) => 1,

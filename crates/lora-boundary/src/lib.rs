@@ -18,12 +18,14 @@
 #![warn(missing_docs)]
 
 pub mod cli;
+pub mod commands;
 mod error;
 mod loading;
 pub mod pipeline;
 pub mod plot;
 pub mod progress;
 pub mod scoring;
+pub mod settings;
 pub mod tasks;
 
 pub use error::{Error, Result};

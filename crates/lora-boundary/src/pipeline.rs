@@ -16,7 +16,9 @@ use crate::loading::load_model;
 use crate::plot::{BoundaryPlot, BoundaryPoint};
 use crate::progress;
 use crate::scoring::{score_masks, search_boundary, EvalSettings, SearchSetup};
+use crate::settings::BoundaryRange;
 use crate::tasks::{Sample, Task};
+use lora_search::Strategy;
 
 fn default_k() -> usize {
     4
@@ -27,8 +29,8 @@ fn default_max_new_tokens() -> usize {
 fn default_batch() -> usize {
     8
 }
-fn default_strategy() -> String {
-    "proxy-first".into()
+fn default_strategy() -> Strategy {
+    Strategy::ProxyFirst
 }
 
 /// Configuration of a pipeline run (the TOML file of `lora-boundary run`).
@@ -40,7 +42,7 @@ pub struct PipelineConfig {
     /// PEFT adapter directory (the full-LoRA fine-tune).
     pub adapter: PathBuf,
     /// `e2e`, `hotpotqa`, `gsm8k`, `scitldr` or `jsonl`.
-    pub task: String,
+    pub task: Task,
     /// Validation data file (probe + search).
     pub validation: PathBuf,
     /// Test data file (evaluation).
@@ -63,14 +65,14 @@ pub struct PipelineConfig {
     #[serde(default = "default_k")]
     pub k: usize,
     /// Metric for search and evaluation (default: the task's).
-    #[serde(default)]
-    pub metric: Option<String>,
+    #[serde(default, with = "crate::settings::as_string::option")]
+    pub metric: Option<Metric>,
     /// Search strategy.
-    #[serde(default = "default_strategy")]
-    pub strategy: String,
+    #[serde(default = "default_strategy", with = "crate::settings::as_string")]
+    pub strategy: Strategy,
     /// Candidate boundaries `LO-HI` for the search (default: every block).
-    #[serde(default)]
-    pub range: Option<String>,
+    #[serde(default, with = "crate::settings::as_string::option")]
+    pub range: Option<BoundaryRange>,
     /// Score candidates by the teacher-forced log-probability proxy instead of generation.
     #[serde(default)]
     pub proxy_only: bool,
@@ -185,6 +187,37 @@ pub struct EvalResult {
     pub boundary: Option<usize>,
 }
 
+/// What the run's fine-tune did (when it trained the adapter).
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct TrainingRun {
+    /// Optimiser steps.
+    pub steps: usize,
+    /// Samples trained on.
+    pub samples: usize,
+    /// Samples dropped (no answer token left after truncation).
+    pub dropped_samples: usize,
+    /// Loss of the last step.
+    pub final_loss: f64,
+    /// Wall time of the fine-tune, seconds.
+    pub wall_s: f64,
+    /// LoRA rank.
+    pub r: usize,
+    /// LoRA alpha.
+    pub alpha: f64,
+    /// Peak learning rate.
+    pub lr: f64,
+    /// Epochs.
+    pub epochs: usize,
+    /// Micro-batch size.
+    pub batch_size: usize,
+    /// Gradient accumulation steps.
+    pub grad_accum: usize,
+    /// Maximum tokens per sample.
+    pub max_len: usize,
+    /// Seed.
+    pub seed: u64,
+}
+
 /// What a pipeline run found.
 #[derive(Debug, Serialize)]
 pub struct PipelineReport {
@@ -192,8 +225,8 @@ pub struct PipelineReport {
     pub config: PipelineConfig,
     /// Decoder blocks.
     pub num_layers: usize,
-    /// Probe result (full LoRA and base).
-    pub probe: serde_json::Value,
+    /// Probe result (full LoRA, base and the half-drop ablations).
+    pub probe: lora_probe::ProbeResult,
     /// Curve-based detections on the full-LoRA curve.
     pub detections: Vec<Detected>,
     /// The manual boundary (steepest rise when clear, else threshold).
@@ -207,7 +240,7 @@ pub struct PipelineReport {
     /// Decode speeds (empty without `speed_tokens`).
     pub speed: Vec<SpeedResult>,
     /// Training summary when the run trained the adapter.
-    pub trained: Option<serde_json::Value>,
+    pub trained: Option<TrainingRun>,
     /// The exported pruned adapter.
     pub pruned_adapter: PathBuf,
     /// Wall time per step, seconds.
@@ -222,8 +255,7 @@ pub fn probe_curves(
     masks: &[LayerMask],
     cfg: &PipelineConfig,
 ) -> Result<ProbeResult> {
-    let probe_samples: Vec<lora_probe::Sample> =
-        samples.iter().map(|s| lora_probe::Sample { prompt: s.prompt.clone(), answer: s.answer.clone() }).collect();
+    let probe_samples: Vec<lora_probe::Sample> = samples.to_vec();
     let probe_cfg =
         ProbeConfig { k: cfg.k, chat: cfg.chat, batch_size: cfg.batch_size, seed: cfg.seed, ..Default::default() };
     Probe::new(probe_cfg).run(model, tokenizer, &probe_samples, masks).map_err(Error::from)
@@ -324,9 +356,9 @@ impl PipelineConfig {
 /// `cfg.out`. `log` receives one line per step.
 pub fn run_pipeline(cfg: &PipelineConfig, place: Placement, mut log: impl FnMut(&str)) -> Result<PipelineReport> {
     cfg.validate()?;
-    let task: Task = cfg.task.parse()?;
-    let metrics: Vec<Metric> = match &cfg.metric {
-        Some(m) => vec![Metric::from_name(m).map_err(Error::from)?],
+    let task = cfg.task;
+    let metrics: Vec<Metric> = match cfg.metric {
+        Some(m) => vec![m],
         None => {
             let mut v = vec![task.primary_metric()];
             v.extend(task.metrics().into_iter().filter(|m| *m != task.primary_metric()));
@@ -350,7 +382,7 @@ pub fn run_pipeline(cfg: &PipelineConfig, place: Placement, mut log: impl FnMut(
         Some(tr) if !cfg.adapter.join("adapter_config.json").exists() => {
             log(&format!("training the adapter into {} ...", cfg.adapter.display()));
             let summary = train_adapter(cfg, tr, task, place)?;
-            log(&format!("trained {} steps (final loss {})", summary["steps"], summary["final_loss"]));
+            log(&format!("trained {} steps (final loss {})", summary.steps, summary.final_loss));
             timings.push(("train".to_string(), t.elapsed().as_secs_f64()));
             Some(summary)
         }
@@ -393,9 +425,9 @@ pub fn run_pipeline(cfg: &PipelineConfig, place: Placement, mut log: impl FnMut(
     let t = std::time::Instant::now();
     let _bar = progress::begin("search", None, "samples scored");
     let setup = SearchSetup {
-        strategy: &cfg.strategy,
+        strategy: cfg.strategy,
         seed: cfg.seed,
-        range: cfg.range.as_deref(),
+        range: cfg.range,
         params_per_layer: Some(&info.params_per_layer),
         metric: (!cfg.proxy_only).then_some(metrics[0]),
         max_new_tokens: cfg.max_new_tokens,
@@ -458,7 +490,7 @@ pub fn run_pipeline(cfg: &PipelineConfig, place: Placement, mut log: impl FnMut(
     let out = PipelineReport {
         config: cfg.clone(),
         num_layers: l,
-        probe: probe.to_json(false).map_err(Error::from)?,
+        probe,
         detections,
         manual_boundary,
         search: report,
@@ -470,7 +502,7 @@ pub fn run_pipeline(cfg: &PipelineConfig, place: Placement, mut log: impl FnMut(
         timings,
     };
     let marks = boundary_marks(&out);
-    probe.plot_svg_marked(dir.join("probe.svg"), &marks).map_err(Error::from)?;
+    out.probe.plot_svg_marked(dir.join("probe.svg"), &marks).map_err(Error::from)?;
     write_plots(&out, &metrics[0], marks, &dir)?;
     write_text(&dir.join("report.json"), &serde_json::to_string_pretty(&out)?)?;
     write_text(&dir.join("report.md"), &markdown_in(&out, &dir))?;
@@ -479,55 +511,54 @@ pub fn run_pipeline(cfg: &PipelineConfig, place: Placement, mut log: impl FnMut(
 }
 
 /// Trains the adapter the config names from its `[train]` table.
-fn train_adapter(cfg: &PipelineConfig, t: &TrainSection, task: Task, place: Placement) -> Result<serde_json::Value> {
-    let (mut model, tokenizer) = load_model(&cfg.model, place)?;
+fn train_adapter(cfg: &PipelineConfig, t: &TrainSection, task: Task, place: Placement) -> Result<TrainingRun> {
     let all = load_ordered(task, &t.data, cfg.shuffle_seed)?;
     let take = if t.samples == 0 { usize::MAX } else { t.samples };
-    let samples: Vec<lora_model::TrainSample> = all
-        .into_iter()
-        .skip(t.offset)
-        .take(take)
-        .map(|s| lora_model::TrainSample { prompt: s.prompt, answer: s.answer })
-        .collect();
+    let samples: Vec<Sample> = all.into_iter().skip(t.offset).take(take).collect();
     if samples.is_empty() {
         return Err(Error::Usage(format!("{}: no training samples after skipping {}", t.data.display(), t.offset)));
     }
-    let lora = lora_model::LoraConfig {
+    let ft = lora_model::train::FineTune {
         r: t.r,
-        lora_alpha: t.alpha,
-        target_modules: Some(lora_model::adapter::ModuleSelector::Regex("all-linear".into())),
-        base_model_name_or_path: Some(cfg.model.display().to_string()),
-        ..Default::default()
-    };
-    let tc = lora_model::TrainConfig {
-        learning_rate: t.lr,
-        epochs: t.epochs,
-        batch_size: t.batch_size,
-        grad_accum: t.grad_accum,
-        max_len: t.max_len,
-        seed: t.seed,
-        chat: cfg.chat,
-        save_bf16: t.bf16,
-        ..Default::default()
+        alpha: t.alpha,
+        dropout: 0.0,
+        targets: lora_model::adapter::ModuleSelector::parse_targets("all-linear"),
+        train: lora_model::TrainConfig {
+            learning_rate: t.lr,
+            epochs: t.epochs,
+            batch_size: t.batch_size,
+            grad_accum: t.grad_accum,
+            max_len: t.max_len,
+            seed: t.seed,
+            chat: cfg.chat,
+            save_bf16: t.bf16,
+            ..Default::default()
+        },
     };
     let started = std::time::Instant::now();
     let mut bar: Option<progress::Step> = None;
-    let summary = lora_model::train(&mut model, &tokenizer, &samples, &lora, &tc, &cfg.adapter, |p| {
+    let summary = lora_model::train::fine_tune(&cfg.model, place, &samples, &ft, &cfg.adapter, |p| {
         if bar.is_none() {
             bar = Some(progress::begin("train", Some(p.total_steps as u64), "steps"));
         }
         progress::advance(1);
     })?;
     drop(bar);
-    Ok(serde_json::json!({
-        "steps": summary.steps,
-        "samples": summary.samples,
-        "dropped_samples": summary.dropped_samples,
-        "final_loss": summary.final_loss,
-        "wall_s": started.elapsed().as_secs_f64(),
-        "r": t.r, "alpha": t.alpha, "lr": t.lr, "epochs": t.epochs, "batch_size": t.batch_size,
-        "grad_accum": t.grad_accum, "max_len": t.max_len, "seed": t.seed,
-    }))
+    Ok(TrainingRun {
+        steps: summary.steps,
+        samples: summary.samples,
+        dropped_samples: summary.dropped_samples,
+        final_loss: summary.final_loss,
+        wall_s: started.elapsed().as_secs_f64(),
+        r: t.r,
+        alpha: t.alpha,
+        lr: t.lr,
+        epochs: t.epochs,
+        batch_size: t.batch_size,
+        grad_accum: t.grad_accum,
+        max_len: t.max_len,
+        seed: t.seed,
+    })
 }
 
 /// Batch-1 greedy decode speed of base, full LoRA, LoRA pruned at `boundary` (unmerged) and merged full LoRA,

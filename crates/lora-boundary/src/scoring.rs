@@ -3,8 +3,7 @@
 use std::collections::HashMap;
 
 use lora_metrics::Metric;
-use lora_model::tch::{Kind, Tensor};
-use lora_model::{generate, ForwardOptions, GenerationConfig, LayerMask, Llama, Logits, Tokenizer};
+use lora_model::{generate, GenerationConfig, LayerMask, Llama, Tokenizer};
 use lora_search::{BoundarySearch, Scorer, SearchError, SearchReport, Strategy};
 
 use crate::error::{Error, Result};
@@ -137,95 +136,9 @@ pub fn score_masks(
     Ok(out)
 }
 
-/// One batch of teacher-forced rows: `[B, T]` ids and attention mask (left padding), and each row's answer ids.
-struct ForcedBatch {
-    input: Tensor,
-    attention: Tensor,
-    answers: Vec<Vec<i64>>,
-    max_len: usize,
-}
+pub use lora_probe::scoring::answer_logprobs;
 
-fn forced_batches(
-    model: &Llama,
-    tokenizer: &Tokenizer,
-    samples: &[&Sample],
-    chat: bool,
-    batch_size: usize,
-) -> Result<Vec<ForcedBatch>> {
-    let mut out = Vec::new();
-    for chunk in samples.chunks(batch_size.max(1)) {
-        let mut rows = Vec::with_capacity(chunk.len());
-        for s in chunk {
-            let p = tokenizer.encode_prompt(&s.prompt, chat)?;
-            let a = tokenizer.encode(&s.answer, false)?;
-            if a.is_empty() {
-                return Err(Error::Usage(format!("sample with prompt {:?} has an empty answer", s.prompt)));
-            }
-            lora_model::generate::check_context(model, "a validation sample (prompt + answer)", p.len() + a.len(), 0)?;
-            rows.push((p, a));
-        }
-        let max_len = rows.iter().map(|(p, a)| p.len() + a.len()).max().unwrap_or(0);
-        let pad = tokenizer.pad_token_id().unwrap_or(0);
-        let (mut ids, mut att) = (Vec::new(), Vec::new());
-        for (p, a) in &rows {
-            let n = p.len() + a.len();
-            ids.extend(std::iter::repeat_n(pad, max_len - n).chain(p.iter().copied()).chain(a.iter().copied()));
-            att.extend(std::iter::repeat_n(0i64, max_len - n).chain(std::iter::repeat_n(1i64, n)));
-        }
-        let b = rows.len() as i64;
-        out.push(ForcedBatch {
-            input: Tensor::from_slice(&ids).view([b, max_len as i64]),
-            attention: Tensor::from_slice(&att).view([b, max_len as i64]),
-            answers: rows.into_iter().map(|(_, a)| a).collect(),
-            max_len,
-        });
-    }
-    Ok(out)
-}
-
-/// Mean answer-token log-probability of each row of `batch`, read from the last hidden state `last` (pre-norm).
-fn row_logprobs(model: &Llama, batch: &ForcedBatch, last: &Tensor, out: &mut Vec<f64>) -> Result<()> {
-    let err = lora_model::ModelError::from;
-    for (r, a) in batch.answers.iter().enumerate() {
-        // Answer token j sits at position max_len - |a| + j and is predicted from the position before it.
-        let start = (batch.max_len - a.len() - 1) as i64;
-        let h = last.f_select(0, r as i64).and_then(|h| h.f_narrow(0, start, a.len() as i64)).map_err(err)?;
-        let logits = model.lm_head(&model.final_norm(&h)?)?;
-        let logp = logits.f_log_softmax(-1, Kind::Float).map_err(err)?;
-        let target = Tensor::from_slice(a).unsqueeze(1).to_device(logp.device());
-        let gt = logp.f_gather(1, &target, false).map_err(err)?;
-        out.push(gt.f_mean(Kind::Double).map_err(err)?.double_value(&[]));
-    }
-    Ok(())
-}
-
-/// Mean log-probability of each sample's answer tokens (teacher-forced) under `mask`.
-pub fn answer_logprobs(
-    model: &Llama,
-    tokenizer: &Tokenizer,
-    samples: &[&Sample],
-    mask: &LayerMask,
-    chat: bool,
-    batch_size: usize,
-) -> Result<Vec<f64>> {
-    let _guard = lora_model::tch::no_grad_guard();
-    let mut out = Vec::with_capacity(samples.len());
-    for batch in forced_batches(model, tokenizer, samples, chat, batch_size)? {
-        let opts = ForwardOptions { logits: Logits::Skip, hidden_states: true, ..ForwardOptions::new(mask) };
-        let fwd = model.forward(&batch.input, Some(&batch.attention), &opts)?;
-        let last = fwd.hidden_states.last().ok_or_else(|| Error::Usage("model returned no hidden states".into()))?;
-        row_logprobs(model, &batch, last, &mut out)?;
-    }
-    Ok(out)
-}
-
-/// [`answer_logprobs`] under `keep_through(b)` for every `b` in `boundaries` at once: `result[i][j]` is boundary
-/// `boundaries[i]`, sample `j`.
-///
-/// One full-LoRA pass keeps every block's output; boundary `b` then only runs blocks `b+1..L` without LoRA from
-/// the state after block `b` ([`Llama::forward_from`]), since below that the two masks agree. Over all `L`
-/// boundaries this costs about `L / 2 + 1` forward passes instead of `L`; over the top half of the blocks, about
-/// `L / 8 + 1` instead of `L / 2`.
+/// [`lora_probe::scoring::answer_logprobs_sweep`], advancing the progress bar per batch.
 pub fn answer_logprobs_sweep(
     model: &Llama,
     tokenizer: &Tokenizer,
@@ -234,32 +147,9 @@ pub fn answer_logprobs_sweep(
     chat: bool,
     batch_size: usize,
 ) -> Result<Vec<Vec<f64>>> {
-    let _guard = lora_model::tch::no_grad_guard();
-    let l = model.num_layers();
-    if let Some(&b) = boundaries.iter().find(|&&b| b >= l) {
-        return Err(Error::Usage(format!("boundary {b} is past the last block ({l} blocks)")));
-    }
-    let mut out = vec![Vec::with_capacity(samples.len()); boundaries.len()];
-    let none = LayerMask::none();
-    let all = LayerMask::all();
-    for batch in forced_batches(model, tokenizer, samples, chat, batch_size)? {
-        let opts = ForwardOptions { logits: Logits::Skip, hidden_states: true, ..ForwardOptions::new(&all) };
-        let full = model.forward(&batch.input, Some(&batch.attention), &opts)?;
-        for (&b, dst) in boundaries.iter().zip(out.iter_mut()) {
-            let states = &full.hidden_states;
-            let from = states.get(b + 1).ok_or_else(|| Error::Usage("model returned too few hidden states".into()))?;
-            let last = if b + 1 == l {
-                from.shallow_clone()
-            } else {
-                let opts = ForwardOptions { logits: Logits::Skip, hidden_states: true, ..ForwardOptions::new(&none) };
-                let tail = model.forward_from(from, b + 1, Some(&batch.attention), &opts)?;
-                tail.hidden_states.last().map(Tensor::shallow_clone).ok_or_else(|| Error::Usage("no state".into()))?
-            };
-            row_logprobs(model, &batch, &last, dst)?;
-        }
-        crate::progress::advance(batch.answers.len() as u64);
-    }
-    Ok(out)
+    Ok(lora_probe::scoring::answer_logprobs_sweep(model, tokenizer, samples, boundaries, chat, batch_size, |n| {
+        crate::progress::advance(n as u64)
+    })?)
 }
 
 /// Scores keep-through(b) by generating and applying a task metric per sample.
@@ -380,11 +270,11 @@ impl Scorer for ProxyScorer<'_> {
 
 /// How the validation-set boundary search runs (shared by the CLI's `search` and `lora-boundary run`).
 pub(crate) struct SearchSetup<'a> {
-    /// Strategy name (`proxy-first`, `exhaustive`, `coarse-to-fine`, `halving`).
-    pub strategy: &'a str,
+    /// The search strategy.
+    pub strategy: Strategy,
     pub seed: u64,
-    /// Candidate boundaries `LO-HI` (default: all blocks).
-    pub range: Option<&'a str>,
+    /// Candidate boundaries (default: all blocks).
+    pub range: Option<crate::settings::BoundaryRange>,
     /// LoRA parameters per block, for the "LoRA kept" figures and the cost model.
     pub params_per_layer: Option<&'a [u64]>,
     /// The metric that decides, or `None` to rank by the teacher-forced proxy alone.
@@ -403,15 +293,14 @@ pub(crate) fn search_boundary(
     samples: &[Sample],
     setup: &SearchSetup<'_>,
 ) -> Result<SearchReport> {
-    let usage = |e: SearchError| Error::Usage(format!("search: {e}"));
-    let mut strategy: Strategy = setup.strategy.parse().map_err(usage)?;
+    let mut strategy = setup.strategy;
     if setup.metric.is_none() && strategy == Strategy::ProxyFirst {
         strategy = Strategy::Exhaustive;
     }
     let mut search = BoundarySearch::new(model.num_layers()).strategy(strategy).seed(setup.seed);
     let mut proxy = ProxyScorer::new(model, tokenizer, samples, setup.chat, setup.batch_size);
     if let Some(r) = setup.range {
-        let (lo, hi) = lora_search::parse_range(r).map_err(Error::from)?;
+        let (lo, hi) = (r.lo, r.hi);
         search = search.range(lo, hi);
         proxy = proxy.with_range(lo, hi);
     }
@@ -419,7 +308,7 @@ pub(crate) fn search_boundary(
         search = search.param_counts(p.iter().map(|&p| p as f64).collect());
     }
     let Some(metric) = setup.metric else {
-        return search.run(&mut proxy, samples.len()).map_err(usage);
+        return search.run(&mut proxy, samples.len()).map_err(Error::from);
     };
     let search = search.epsilon(lora_search::DEFAULT_EPSILON * metric.max_score());
     let mut real = GenerationScorer {
@@ -436,5 +325,5 @@ pub(crate) fn search_boundary(
     } else {
         search.run(&mut real, samples.len())
     }
-    .map_err(usage)
+    .map_err(Error::from)
 }

@@ -8,18 +8,8 @@ use serde::{Deserialize, Serialize};
 use crate::error::{Error, Result};
 use lora_metrics::Metric;
 
-/// One example: the prompt the model sees, the answer it is trained / probed on, and every reference the metric
-/// accepts.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
-pub struct Sample {
-    /// The user prompt (before any chat template).
-    pub prompt: String,
-    /// The target answer (the first reference).
-    pub answer: String,
-    /// All references (at least the answer).
-    #[serde(default)]
-    pub references: Vec<String>,
-}
+/// One example (prompt, answer, references): the workspace's one sample type.
+pub use lora_common::Sample;
 
 /// The supported tasks.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
@@ -47,6 +37,18 @@ impl FromStr for Task {
             "scitldr" => Task::Scitldr,
             "jsonl" => Task::Jsonl,
             _ => return Err(Error::Usage(format!("unknown task `{s}` (e2e, hotpotqa, gsm8k, scitldr, jsonl)"))),
+        })
+    }
+}
+
+impl std::fmt::Display for Task {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            Task::E2e => "e2e",
+            Task::Hotpotqa => "hotpotqa",
+            Task::Gsm8k => "gsm8k",
+            Task::Scitldr => "scitldr",
+            Task::Jsonl => "jsonl",
         })
     }
 }

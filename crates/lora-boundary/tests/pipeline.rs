@@ -73,12 +73,7 @@ fn pipeline_runs_end_to_end_on_the_tiny_model() {
 
     // Fine-tune "full LoRA" with the project's trainer.
     let (mut model, tokenizer) = load_model(&model_dir, Placement::default()).unwrap();
-    let samples: Vec<_> = lora_boundary::tasks::Task::Jsonl
-        .load(&train_f)
-        .unwrap()
-        .into_iter()
-        .map(|s| lora_boundary::model::TrainSample { prompt: s.prompt, answer: s.answer })
-        .collect();
+    let samples: Vec<_> = lora_boundary::tasks::Task::Jsonl.load(&train_f).unwrap().into_iter().collect();
     let lora = lora_boundary::LoraConfig { r: 4, lora_alpha: 8.0, ..Default::default() };
     let cfg = lora_boundary::model::TrainConfig { epochs: 2, batch_size: 4, learning_rate: 5e-3, ..Default::default() };
     let adapter = tmp.path().join("adapter");
@@ -89,7 +84,7 @@ fn pipeline_runs_end_to_end_on_the_tiny_model() {
     let cfg = PipelineConfig {
         model: model_dir.clone(),
         adapter: adapter.clone(),
-        task: "jsonl".into(),
+        task: lora_boundary::tasks::Task::Jsonl,
         validation: val_f.clone(),
         test: test_f.clone(),
         validation_samples: 8,
@@ -98,8 +93,8 @@ fn pipeline_runs_end_to_end_on_the_tiny_model() {
         test_offset: 0,
         chat: true,
         k: 2,
-        metric: Some("rougeL".into()),
-        strategy: "exhaustive".into(),
+        metric: Some(lora_boundary::metrics::Metric::RougeL),
+        strategy: lora_boundary::search::Strategy::Exhaustive,
         range: None,
         proxy_only: false,
         max_new_tokens: 4,
@@ -145,10 +140,10 @@ fn pipeline_runs_end_to_end_on_the_tiny_model() {
     let info = load_adapter(&mut m2, &report.pruned_adapter).unwrap();
     assert_eq!(info.layers().into_iter().collect::<Vec<_>>(), (0..=report.search.boundary).collect::<Vec<_>>());
     // Probe curves have L + 1 points for full, base and the two half-drop ablations (the paper's Fig. 2).
-    let curves = report.probe["curves"].as_array().unwrap();
-    let names: Vec<&str> = curves.iter().map(|c| c["mask"].as_str().unwrap()).collect();
+    let curves = &report.probe.curves;
+    let names: Vec<&str> = curves.iter().map(|c| c.mask.as_str()).collect();
     assert_eq!(names, ["all", "none", "2-3", "0-1"]);
-    assert_eq!(curves[0]["gt_prob"].as_array().unwrap().len(), 5);
+    assert_eq!(curves[0].gt_prob.len(), 5);
     // A second run into the same directory is refused instead of mixing results.
     assert!(run_pipeline(&cfg, Placement::default(), |_| {}).is_err());
 
@@ -252,7 +247,7 @@ fn pipeline_runs_end_to_end_on_the_tiny_model() {
     };
     let r2 = run_pipeline(&cfg2, Placement::default(), |_| {}).unwrap();
     let trained = r2.trained.expect("the run trained the adapter");
-    assert_eq!(trained["steps"], 2);
+    assert_eq!(trained.steps, 2);
     assert!(trained_dir.join("adapter_config.json").exists());
-    assert_eq!(r2.probe["curves"].as_array().unwrap().len(), 2, "no ablation curves when switched off");
+    assert_eq!(r2.probe.curves.len(), 2, "no ablation curves when switched off");
 }

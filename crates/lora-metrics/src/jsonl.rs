@@ -50,9 +50,9 @@ pub fn parse_pairs_jsonl(text: &str, label: &str) -> Result<Pairs> {
 /// Reads a pairs JSON Lines file.
 pub fn read_pairs_jsonl(path: &Path) -> Result<Pairs> {
     let label = path.display().to_string();
-    let text = std::fs::read_to_string(path).map_err(|e| MetricsError::Jsonl {
+    let text = lora_common::text::read_text(path).map_err(|e| MetricsError::Jsonl {
         path: label.clone(),
-        line: 0,
+        line: e.line().unwrap_or(0),
         message: e.to_string(),
     })?;
     parse_pairs_jsonl(&text, &label)

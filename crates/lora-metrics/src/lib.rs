@@ -150,6 +150,22 @@ impl Metric {
     }
 }
 
+impl std::str::FromStr for MetricGroup {
+    type Err = MetricsError;
+
+    fn from_str(s: &str) -> Result<MetricGroup> {
+        MetricGroup::from_name(s)
+    }
+}
+
+impl std::str::FromStr for Metric {
+    type Err = MetricsError;
+
+    fn from_str(s: &str) -> Result<Metric> {
+        Metric::from_name(s)
+    }
+}
+
 impl std::fmt::Display for Metric {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.write_str(self.name())

@@ -118,6 +118,9 @@ pub enum ModelError {
     /// A caller passed an argument outside what the operation accepts.
     #[error("invalid argument: {0}")]
     InvalidArgument(String),
+    /// A shared helper failed (a crash-safe write, reading a data file).
+    #[error(transparent)]
+    Common(#[from] lora_common::CommonError),
     /// libtorch reported an error.
     #[error("libtorch: {0}")]
     Torch(#[from] tch::TchError),

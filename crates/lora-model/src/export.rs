@@ -192,5 +192,5 @@ pub fn save_hf_model(model: &Llama, tokenizer: Option<&Tokenizer>, out_dir: &Pat
             .map_err(json_err("generation_config.json"))?;
         write_atomic(&tmp.join("generation_config.json"), body.as_bytes())?;
     }
-    partial.commit()
+    Ok(partial.commit()?)
 }

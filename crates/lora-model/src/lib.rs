@@ -11,7 +11,8 @@
 #![warn(missing_docs)]
 
 pub mod adapter;
-pub mod atomic;
+/// Crash-safe outputs (from `lora-common`).
+pub use lora_common::atomic;
 pub mod config;
 pub mod error;
 pub mod export;
@@ -20,11 +21,13 @@ pub mod gguf;
 mod gguf_weights;
 pub mod kernels;
 pub use gguf_weights::{gguf_tokenizer_for, GgufWeights};
+pub mod loading;
 pub mod lora;
 pub mod mask;
 pub mod model;
 mod rng;
-pub mod textfile;
+/// UTF-8 text and JSONL reading (from `lora-common`).
+pub use lora_common::text as textfile;
 pub mod tokenizer;
 pub mod train;
 pub mod weights;
@@ -34,6 +37,7 @@ pub use config::{Architecture, ModelConfig};
 pub use error::{ModelError, Result};
 pub use export::{save_hf_model, ExportOptions};
 pub use generate::{generate, Generation, GenerationConfig, GenerationTiming, Sampling};
+pub use loading::{load_model, load_tokenizer, resolve_model, DeviceSpec, DtypeSpec, DEFAULT_MODEL};
 pub use lora::{LoraLinear, LoraWeights};
 pub use mask::{LayerMask, Module};
 pub use model::{ForwardOptions, ForwardOutput, KvCache, Llama, Logits};

@@ -16,6 +16,7 @@
 //!   reseeds libtorch's global generator (`tch::manual_seed`).
 mod data;
 mod optim;
+mod setup;
 
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
@@ -29,6 +30,7 @@ pub use data::{
     IGNORE_INDEX,
 };
 pub use optim::{clip_grad_norm, lr_factor, AdamW, Schedule};
+pub use setup::{fine_tune, training_kind, FineTune};
 
 use crate::adapter::{lora_scaling, targeted_modules, AdapterInfo, LoraConfig, ModuleSelector};
 use crate::error::{ModelError, Result};

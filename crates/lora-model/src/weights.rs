@@ -304,7 +304,7 @@ pub(crate) fn tmp_path(path: &Path) -> PathBuf {
 
 /// Writes a text file atomically.
 pub(crate) fn write_atomic(path: &Path, contents: &[u8]) -> Result<()> {
-    crate::atomic::write_file(path, contents)
+    Ok(crate::atomic::write_file(path, contents)?)
 }
 
 /// Refuses a floating-point tensor holding NaN or ±inf, naming the tensor, its block and the file.

@@ -151,7 +151,7 @@ fn word_tokenizer() -> Tokenizer {
 #[test]
 fn encoding_labels_answer_tokens_only() {
     let tok = word_tokenizer();
-    let s = TrainSample { prompt: "what is sky".into(), answer: "blue colour".into() };
+    let s = TrainSample::new("what is sky", "blue colour");
     let e = encode_sample(&tok, &s, false, 0).unwrap();
     assert_eq!(e.input_ids, vec![10, 11, 22, 13, 21, 2]);
     assert_eq!(e.labels, vec![IGNORE_INDEX, IGNORE_INDEX, IGNORE_INDEX, 13, 21, 2]);
@@ -306,7 +306,7 @@ fn train_from_text_samples() {
         .iter()
         .map(|s| {
             let (q, a) = s.split_once(' ').unwrap();
-            TrainSample { prompt: format!("what colour is a {q}"), answer: a.into() }
+            TrainSample::new(format!("what colour is a {q}"), a)
         })
         .collect();
     let out = tempfile::tempdir().unwrap();

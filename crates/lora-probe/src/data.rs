@@ -6,15 +6,9 @@ use serde::{Deserialize, Serialize};
 
 use crate::error::{ProbeError, Result};
 
-/// One text sample: a prompt and its reference answer.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
-pub struct Sample {
-    /// The prompt (templated with the chat template when probing with `chat`).
-    pub prompt: String,
-    /// The reference answer (needed in teacher-forced mode; ignored in free-running mode).
-    #[serde(default)]
-    pub answer: String,
-}
+/// One text sample (the prompt, and the reference answer needed in teacher-forced mode): the workspace's one
+/// sample type.
+pub use lora_common::Sample;
 
 /// One pre-tokenized sample: prompt ids (templated, with special tokens) and answer ids (without).
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]

@@ -9,6 +9,9 @@ pub enum ProbeError {
     /// The model, adapter or tokenizer failed.
     #[error(transparent)]
     Model(#[from] lora_model::ModelError),
+    /// A shared helper failed (a crash-safe write, reading a data file).
+    #[error(transparent)]
+    Common(#[from] lora_common::CommonError),
     /// libtorch reported an error.
     #[error("libtorch: {0}")]
     Torch(#[from] lora_model::tch::TchError),

@@ -12,7 +12,7 @@
 //!
 //! - [`Probe`] ([`Probe::run`] on text, [`Probe::run_tokenized`] on token ids) → [`ProbeResult`] (JSON, CSV, SVG).
 //! - [`LogitLens`]: the projection of gathered positions of every hidden state.
-//! - [`run_probe_command`]: the `lora-boundary probe` subcommand from parsed [`ProbeOptions`].
+//! - [`scoring`]: teacher-forced answer log-probabilities and the one left-padded prompt+answer batching.
 //!
 //! ```no_run
 //! use lora_model::{load_adapter, LayerMask, Llama, Placement};
@@ -27,18 +27,17 @@
 //! ```
 #![warn(missing_docs)]
 
-pub mod cli;
 pub mod data;
 pub mod error;
 pub mod lens;
 pub mod plot;
 pub mod probe;
 pub mod result;
+pub mod scoring;
 
-pub use cli::{load_tokenizer, parse_masks, run_probe_command, ProbeOptions};
 pub use data::{read_jsonl, tokenize_samples, Sample, TokenizedSample};
 pub use error::{ProbeError, Result};
 pub use lens::{LensStats, LogitLens};
 pub use plot::PlotMetric;
-pub use probe::{Probe, ProbeConfig, ProbeMode};
+pub use probe::{parse_masks, Probe, ProbeConfig, ProbeMode};
 pub use result::{difference, DifferenceCurve, MaskCurve, PerSample, ProbeResult};

@@ -2,7 +2,6 @@
 use std::fmt;
 use std::str::FromStr;
 
-use lora_model::tch::{Kind, Tensor};
 use lora_model::{generate, ForwardOptions, GenerationConfig, LayerMask, Llama, Logits, Tokenizer};
 use ndarray::Array3;
 use serde::{Deserialize, Serialize};
@@ -231,24 +230,16 @@ impl Probe {
                     ids
                 })
                 .collect();
-            let t_max = inputs.iter().map(Vec::len).max().unwrap_or(0); // ok: batch is non-empty
-            let mut ids = Vec::with_capacity(batch.len() * t_max);
-            let mut attn = Vec::with_capacity(batch.len() * t_max);
+            let (input_ids, attention, t_max) = crate::scoring::left_padded(&inputs, 0, model.device())?;
             let (mut rows, mut cols, mut tgts) = (Vec::new(), Vec::new(), Vec::new());
             for (r, (input, (s, t))) in inputs.iter().zip(batch.iter().zip(&targets)).enumerate() {
                 let pad = t_max - input.len();
-                ids.extend(std::iter::repeat_n(0i64, pad).chain(input.iter().copied()));
-                attn.extend(std::iter::repeat_n(0i64, pad).chain(std::iter::repeat_n(1i64, input.len())));
                 for (j, &tok) in t.iter().enumerate() {
                     rows.push(r as i64);
                     cols.push((pad + s.prompt_ids.len() - 1 + j) as i64);
                     tgts.push(tok);
                 }
             }
-            let shape = [batch.len() as i64, t_max as i64];
-            let dev = model.device();
-            let input_ids = Tensor::from_slice(&ids).f_view(shape)?.f_to_device(dev)?;
-            let attention = Tensor::from_slice(&attn).f_view(shape)?.f_to_kind(Kind::Int64)?.f_to_device(dev)?;
             let fwd = model.forward(
                 &input_ids,
                 Some(&attention),
@@ -274,4 +265,17 @@ impl Probe {
         }
         Ok(out)
     }
+}
+
+/// Parses mask specifications, keeping each spec as its curve's label.
+pub fn parse_masks(specs: &[String]) -> Result<Vec<(String, LayerMask)>> {
+    specs
+        .iter()
+        .map(|s| {
+            let m: LayerMask = s
+                .parse()
+                .map_err(|e: lora_model::ModelError| ProbeError::Mask { spec: s.clone(), message: e.to_string() })?;
+            Ok((s.clone(), m))
+        })
+        .collect()
 }

@@ -105,24 +105,6 @@ pub struct ProbeResult {
     pub differences: Vec<DifferenceCurve>,
 }
 
-/// splitmix64: a small, seeded generator for the bootstrap.
-struct SplitMix(u64);
-
-impl SplitMix {
-    fn next_u64(&mut self) -> u64 {
-        self.0 = self.0.wrapping_add(0x9E37_79B9_7F4A_7C15);
-        let mut z = self.0;
-        z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
-        z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
-        z ^ (z >> 31)
-    }
-
-    /// Uniform in `0..n` (`n > 0`), by multiply-shift.
-    fn below(&mut self, n: usize) -> usize {
-        ((u128::from(self.next_u64()) * n as u128) >> 64) as usize
-    }
-}
-
 /// Linear-interpolated quantile of sorted values.
 fn quantile(sorted: &[f64], q: f64) -> f64 {
     if sorted.is_empty() {
@@ -151,14 +133,14 @@ fn pooled_with_ci(sums: &[Vec<f64>], counts: &[f64], points: usize, resamples: u
     if resamples == 0 || sums.is_empty() {
         return [mean.clone(), mean.clone(), mean];
     }
-    let mut rng = SplitMix(seed);
+    let mut rng = lora_common::rng::SplitMix64::new(seed);
     let mut draws: Vec<Vec<f64>> = vec![Vec::with_capacity(resamples); points];
     let mut acc = vec![0.0; points];
     for _ in 0..resamples {
         acc.iter_mut().for_each(|a| *a = 0.0);
         let mut den = 0.0;
         for _ in 0..sums.len() {
-            let s = rng.below(sums.len());
+            let s = rng.below_fast(sums.len());
             den += counts[s];
             for (a, v) in acc.iter_mut().zip(&sums[s]) {
                 *a += v;

@@ -1,21 +1,21 @@
-//! The text path (tokenizer, chat template, JSONL, CLI function) on SmolLM2-135M-Instruct when
+//! The text path (tokenizer, chat template, JSONL, what `lora-boundary probe` does) on SmolLM2-135M-Instruct when
 //! `models/SmolLM2-135M-Instruct.Q4_1.gguf` is present (skipped otherwise: the file is not committed).
 use std::path::PathBuf;
 
-use lora_probe::{load_tokenizer, run_probe_command, Probe, ProbeConfig, ProbeMode, ProbeOptions, TokenizedSample};
+use lora_probe::{parse_masks, read_jsonl, tokenize_samples, Probe, ProbeConfig, ProbeMode, TokenizedSample};
 
 fn gguf() -> Option<PathBuf> {
     let p = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../../models/SmolLM2-135M-Instruct.Q4_1.gguf");
     if p.exists() {
         Some(p)
     } else {
-        eprintln!("skipping: {} not found", p.display());
+        eprintln!("skipped: {} not found (run scripts/setup.sh)", p.display());
         None
     }
 }
 
 #[test]
-fn text_samples_through_the_cli_function() {
+fn text_samples_through_the_probe_command_path() {
     let Some(model) = gguf() else { return };
     let dir = tempfile::tempdir().expect("tempdir");
     let data = dir.path().join("data.jsonl");
@@ -25,17 +25,20 @@ fn text_samples_through_the_cli_function() {
          {\"prompt\": \"What is 2 + 3?\", \"answer\": \"5\"}\n",
     )
     .expect("write data");
-    let mut opts = ProbeOptions::new(&model, &data);
-    opts.masks = vec!["none".into()];
-    opts.config = ProbeConfig { k: 4, chat: true, bootstrap_resamples: 100, ..Default::default() };
-    opts.plot = Some(dir.path().join("probe.svg"));
-    let result = run_probe_command(&opts).expect("probe command");
+    // What `lora-boundary probe --chat --mask none --plot probe.svg` does, step by step.
+    let config = ProbeConfig { k: 4, chat: true, bootstrap_resamples: 100, ..Default::default() };
+    let masks = parse_masks(&["none".to_string()]).expect("masks");
+    let samples = read_jsonl(&data).expect("data");
+    let tok = lora_model::load_tokenizer(&model).expect("tokenizer");
+    let tokenized = tokenize_samples(&tok, &samples, true, true, Some(&data)).expect("tokenize");
+    let m = lora_model::Llama::load(&model, lora_model::Placement::default()).expect("model");
+    let result = Probe::new(config).run_labelled(&m, &tokenized, &masks).expect("probe");
+    result.plot_svg(dir.path().join("probe.svg")).expect("plot");
     assert_eq!(result.num_layers, 30);
     let c = &result.curves[0];
     assert_eq!(c.gt_prob.len(), 31);
     assert!(c.gt_prob.iter().all(|p| (0.0..=1.0).contains(p)));
     // Answers are tokenized on their own, without special tokens, and appended as they are.
-    let tok = load_tokenizer(&model, None).expect("tokenizer");
     let first = tok.encode("The capital of France is Paris.", false).expect("encode");
     assert_eq!(c.per_sample.answer_ids[0], first[..4].to_vec());
     assert_eq!(c.per_sample.positions, vec![4, tok.encode("5", false).expect("encode").len().min(4)]);
@@ -49,7 +52,6 @@ fn text_samples_through_the_cli_function() {
         prompt_ids: tok.encode_prompt("What is the capital of France?", true).expect("prompt"),
         answer_ids: first,
     }];
-    let m = lora_model::Llama::load(&model, lora_model::Placement::default()).expect("model");
     let again = Probe::new(ProbeConfig { mode: ProbeMode::Teacher, ..Default::default() })
         .run_tokenized(&m, &tokenized, &[lora_model::LayerMask::none()])
         .expect("probe");

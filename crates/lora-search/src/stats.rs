@@ -1,7 +1,5 @@
 //! Small statistics helpers: means and the paired bootstrap.
 
-use crate::rng::Rng;
-
 /// Arithmetic mean; 0 for an empty slice.
 pub fn mean(xs: &[f64]) -> f64 {
     if xs.is_empty() {
@@ -20,38 +18,12 @@ pub fn variance(xs: &[f64]) -> Option<f64> {
     Some(xs.iter().map(|x| (x - m) * (x - m)).sum::<f64>() / (xs.len() - 1) as f64)
 }
 
-/// Paired-bootstrap percentile 95% CI of `mean(a_i - b_i)`.
-///
-/// Draws `resamples` resamples of the `n` paired differences with replacement, takes each
-/// resample's mean, and returns the 2.5th and 97.5th percentiles (nearest-rank). With one
-/// pair, or zero resamples, the CI collapses to the observed difference. Empty input gives
-/// `[0, 0]`. Fully determined by `seed`.
+/// Paired-bootstrap percentile 95% CI of `mean(a_i - b_i)`: the workspace's one paired bootstrap
+/// ([`lora_common::bootstrap::paired_ci`]), so a search report's CIs and an evaluation table's CIs of the same
+/// scores are the same numbers. Empty input gives `[0, 0]`; one pair, or zero resamples, collapse the CI to the
+/// observed difference. Fully determined by `seed`.
 pub fn paired_bootstrap_ci(a: &[f64], b: &[f64], resamples: usize, seed: u64) -> [f64; 2] {
-    let n = a.len().min(b.len());
-    if n == 0 {
-        return [0.0, 0.0];
-    }
-    let d: Vec<f64> = a.iter().zip(b).map(|(x, y)| x - y).collect();
-    let observed = mean(&d);
-    if n == 1 || resamples == 0 {
-        return [observed, observed];
-    }
-    let mut rng = Rng::new(seed);
-    let mut means: Vec<f64> = (0..resamples)
-        .map(|_| {
-            let mut s = 0.0;
-            for _ in 0..n {
-                s += d[rng.below(n)];
-            }
-            s / n as f64
-        })
-        .collect();
-    means.sort_by(f64::total_cmp);
-    let pick = |q: f64| {
-        let idx = ((q * resamples as f64).ceil() as usize).clamp(1, resamples) - 1;
-        means[idx]
-    };
-    [pick(0.025), pick(0.975)]
+    lora_common::bootstrap::paired_ci(a, b, resamples, seed)
 }
 
 #[cfg(test)]

@@ -1,6 +1,5 @@
 //! Training data: `{"prompt", "answer"}` JSONL, tokenization with answer-only labels, padded batches and HF's
 //! causal-LM loss.
-use std::io::BufRead;
 use std::path::Path;
 
 use serde::{Deserialize, Serialize};
@@ -12,33 +11,14 @@ use crate::tokenizer::Tokenizer;
 /// Label value the loss ignores (PyTorch's and HF's `ignore_index`).
 pub const IGNORE_INDEX: i64 = -100;
 
-/// One training example: a prompt and the answer the model should learn to produce after it.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
-pub struct TrainSample {
-    /// The user prompt (rendered with the chat template when training in chat mode).
-    pub prompt: String,
-    /// The target answer; only its tokens (and the EOS after it) carry loss.
-    pub answer: String,
-}
+/// One training example: the prompt (rendered with the chat template when training in chat mode) and the answer
+/// the model should learn to produce after it (only its tokens, and the EOS after it, carry loss). The workspace's
+/// one sample type.
+pub type TrainSample = lora_common::Sample;
 
 /// Reads `{"prompt": …, "answer": …}` objects, one per line (blank lines are skipped; other keys are ignored).
 pub fn read_jsonl(path: &Path) -> Result<Vec<TrainSample>> {
-    let file = std::fs::File::open(path).map_err(|e| ModelError::io(path, e))?;
-    let mut out = Vec::new();
-    for (i, line) in std::io::BufReader::new(file).lines().enumerate() {
-        let line = line.map_err(|e| ModelError::io(path, e))?;
-        if line.trim().is_empty() {
-            continue;
-        }
-        let s: TrainSample = serde_json::from_str(&line).map_err(|e| {
-            ModelError::InvalidArgument(format!(
-                "{}: line {}: expected {{\"prompt\": string, \"answer\": string}}: {e}",
-                path.display(),
-                i + 1
-            ))
-        })?;
-        out.push(s);
-    }
+    let out: Vec<TrainSample> = lora_common::text::read_jsonl_lines(path)?.into_iter().map(|(_, s)| s).collect();
     if out.is_empty() {
         return Err(ModelError::InvalidArgument(format!("{}: no training samples", path.display())));
     }

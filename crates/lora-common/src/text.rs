@@ -1,5 +1,7 @@
-//! Reading text data files (JSONL, CSV, JSON) as UTF-8, with the line of any invalid byte named.
+//! Reading text data files (JSONL, CSV, JSON) as UTF-8, naming the line of an invalid byte or a bad row.
 use std::path::Path;
+
+use crate::error::CommonError;
 
 /// Why a text file could not be read.
 #[derive(Debug, thiserror::Error)]
@@ -33,7 +35,7 @@ impl TextFileError {
 /// let dir = tempfile::tempdir().unwrap();
 /// let p = dir.path().join("bad.jsonl");
 /// std::fs::write(&p, b"{\"prompt\": \"ok\"}\n{\"prompt\": \"\xff\"}\n").unwrap();
-/// let err = lora_model::textfile::read_text(&p).unwrap_err();
+/// let err = lora_common::text::read_text(&p).unwrap_err();
 /// assert_eq!(err.line(), Some(2));
 /// ```
 pub fn read_text(path: &Path) -> Result<String, TextFileError> {
@@ -53,4 +55,41 @@ pub fn read_text(path: &Path) -> Result<String, TextFileError> {
             Err(TextFileError::Utf8 { line, byte: at - line_start + 1 })
         }
     }
+}
+
+/// Reads a JSONL file into rows with their 1-based line numbers (blank lines skipped), as
+/// [`CommonError::Row`] naming the line of the first row that is not valid UTF-8 or not a `T`.
+///
+/// ```
+/// #[derive(Debug, serde::Deserialize)]
+/// struct Row { prompt: String }
+/// let dir = tempfile::tempdir().unwrap();
+/// let p = dir.path().join("p.jsonl");
+/// std::fs::write(&p, "{\"prompt\": \"a\"}\n\n{\"prompt\": 3}\n").unwrap();
+/// let err = lora_common::text::read_jsonl_lines::<Row>(&p).unwrap_err();
+/// assert!(err.to_string().contains("p.jsonl:3"), "{err}");
+/// ```
+pub fn read_jsonl_lines<T: serde::de::DeserializeOwned>(path: &Path) -> Result<Vec<(usize, T)>, CommonError> {
+    let text = read_text_file(path)?;
+    let mut rows = Vec::new();
+    for (i, line) in text.lines().enumerate() {
+        if line.trim().is_empty() {
+            continue;
+        }
+        let row = serde_json::from_str(line).map_err(|e| CommonError::Row {
+            path: path.to_path_buf(),
+            line: i + 1,
+            message: e.to_string(),
+        })?;
+        rows.push((i + 1, row));
+    }
+    Ok(rows)
+}
+
+/// [`read_text`] with its errors as [`CommonError`] (I/O, or a [`CommonError::Row`] naming the line).
+pub fn read_text_file(path: &Path) -> Result<String, CommonError> {
+    read_text(path).map_err(|e| match e {
+        TextFileError::Io(source) => CommonError::Io { path: path.to_path_buf(), source },
+        e => CommonError::Row { path: path.to_path_buf(), line: e.line().unwrap_or(0), message: e.to_string() },
+    })
 }

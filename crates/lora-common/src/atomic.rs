@@ -6,13 +6,13 @@
 //! process is gone ([`clean_stale`]), so garbage never accumulates. Entries of live processes are left alone.
 //!
 //! ```
-//! # fn main() -> lora_model::Result<()> {
+//! # fn main() -> lora_common::Result<()> {
 //! let dir = tempfile::tempdir().unwrap();
 //! let target = dir.path().join("report.json");
-//! lora_model::atomic::write_file(&target, b"{}")?;
+//! lora_common::atomic::write_file(&target, b"{}")?;
 //! assert_eq!(std::fs::read(&target).unwrap(), b"{}");
 //! // A directory output: build it under its partial name, then commit.
-//! let out = lora_model::atomic::PartialDir::create(&dir.path().join("adapter"))?;
+//! let out = lora_common::atomic::PartialDir::create(&dir.path().join("adapter"))?;
 //! std::fs::write(out.path().join("a.txt"), "x").unwrap();
 //! out.commit()?;
 //! assert!(dir.path().join("adapter/a.txt").exists());
@@ -20,7 +20,7 @@
 //! ```
 use std::path::{Path, PathBuf};
 
-use crate::error::{ModelError, Result};
+use crate::error::{CommonError, Result};
 
 /// Prefix of every temporary entry the tool creates.
 pub const PARTIAL_PREFIX: &str = ".lora-boundary-partial.";
@@ -82,11 +82,11 @@ pub fn write_file(path: &Path, contents: &[u8]) -> Result<()> {
     let tmp = partial_path(path);
     if let Err(e) = std::fs::write(&tmp, contents) {
         let _ = std::fs::remove_file(&tmp);
-        return Err(ModelError::io(path, e));
+        return Err(CommonError::Io { path: path.to_path_buf(), source: e });
     }
     std::fs::rename(&tmp, path).map_err(|e| {
         let _ = std::fs::remove_file(&tmp);
-        ModelError::io(path, e)
+        CommonError::Io { path: path.to_path_buf(), source: e }
     })
 }
 
@@ -103,17 +103,14 @@ impl PartialDir {
     /// Starts writing directory `target`, which must not exist yet (an existing path is refused).
     pub fn create(target: &Path) -> Result<Self> {
         if target.exists() {
-            return Err(ModelError::InvalidArgument(format!(
-                "{}: output path exists; choose a new path",
-                target.display()
-            )));
+            return Err(CommonError::Exists { path: target.to_path_buf() });
         }
         let parent = parent_of(target);
-        std::fs::create_dir_all(parent).map_err(|e| ModelError::io(parent, e))?;
+        std::fs::create_dir_all(parent).map_err(|e| CommonError::Io { path: parent.to_path_buf(), source: e })?;
         clean_stale(parent);
         let tmp = partial_path(target);
         let _ = std::fs::remove_dir_all(&tmp);
-        std::fs::create_dir(&tmp).map_err(|e| ModelError::io(&tmp, e))?;
+        std::fs::create_dir(&tmp).map_err(|e| CommonError::Io { path: tmp.clone(), source: e })?;
         Ok(PartialDir { tmp, target: target.to_path_buf(), committed: false })
     }
 
@@ -125,12 +122,10 @@ impl PartialDir {
     /// Renames the finished directory into place.
     pub fn commit(mut self) -> Result<()> {
         if self.target.exists() {
-            return Err(ModelError::InvalidArgument(format!(
-                "{}: output path appeared while it was being written; choose a new path",
-                self.target.display()
-            )));
+            return Err(CommonError::Exists { path: self.target.clone() });
         }
-        std::fs::rename(&self.tmp, &self.target).map_err(|e| ModelError::io(&self.target, e))?;
+        std::fs::rename(&self.tmp, &self.target)
+            .map_err(|e| CommonError::Io { path: self.target.clone(), source: e })?;
         self.committed = true;
         Ok(())
     }

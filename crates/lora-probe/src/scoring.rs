@@ -1,0 +1,157 @@
+//! Teacher-forced answer scoring and the one left-padded prompt+answer batching that the probe and the search's
+//! log-probability proxy share.
+use lora_common::Sample;
+use lora_model::tch::{Kind, Tensor};
+use lora_model::{ForwardOptions, LayerMask, Llama, Logits, Tokenizer};
+
+use crate::error::{ProbeError, Result};
+
+/// Left-pads rows of token ids to one `[B, T]` batch: the ids (pad id `pad`) and the attention mask (0 on pads),
+/// placed on `device`. Returns them with `T`.
+///
+/// ```
+/// use lora_probe::scoring::left_padded;
+/// let (ids, att, t) = left_padded(&[vec![5, 6, 7], vec![8]], 0, lora_model::tch::Device::Cpu).unwrap();
+/// assert_eq!(t, 3);
+/// assert_eq!(Vec::<i64>::try_from(ids.view([-1])).unwrap(), [5, 6, 7, 0, 0, 8]);
+/// assert_eq!(Vec::<i64>::try_from(att.view([-1])).unwrap(), [1, 1, 1, 0, 0, 1]);
+/// ```
+pub fn left_padded(rows: &[Vec<i64>], pad: i64, device: lora_model::tch::Device) -> Result<(Tensor, Tensor, usize)> {
+    let t = rows.iter().map(Vec::len).max().unwrap_or(0);
+    let (mut ids, mut att) = (Vec::with_capacity(rows.len() * t), Vec::with_capacity(rows.len() * t));
+    for r in rows {
+        let n_pad = t - r.len();
+        ids.extend(std::iter::repeat_n(pad, n_pad).chain(r.iter().copied()));
+        att.extend(std::iter::repeat_n(0i64, n_pad).chain(std::iter::repeat_n(1i64, r.len())));
+    }
+    let shape = [rows.len() as i64, t as i64];
+    let ids = Tensor::from_slice(&ids).f_view(shape)?.f_to_device(device)?;
+    let att = Tensor::from_slice(&att).f_view(shape)?.f_to_device(device)?;
+    Ok((ids, att, t))
+}
+
+/// One batch of teacher-forced rows: `[B, T]` ids and attention mask (left padding), and each row's answer ids.
+pub(crate) struct ForcedBatch {
+    input: Tensor,
+    attention: Tensor,
+    answers: Vec<Vec<i64>>,
+    max_len: usize,
+}
+
+pub(crate) fn forced_batches(
+    model: &Llama,
+    tokenizer: &Tokenizer,
+    samples: &[&Sample],
+    chat: bool,
+    batch_size: usize,
+) -> Result<Vec<ForcedBatch>> {
+    let mut out = Vec::new();
+    for chunk in samples.chunks(batch_size.max(1)) {
+        let mut rows = Vec::with_capacity(chunk.len());
+        for s in chunk {
+            let p = tokenizer.encode_prompt(&s.prompt, chat)?;
+            let a = tokenizer.encode(&s.answer, false)?;
+            if a.is_empty() {
+                return Err(ProbeError::InvalidArgument(format!(
+                    "sample with prompt {:?} has an empty answer",
+                    s.prompt
+                )));
+            }
+            lora_model::generate::check_context(model, "a validation sample (prompt + answer)", p.len() + a.len(), 0)?;
+            rows.push((p, a));
+        }
+        let pad = tokenizer.pad_token_id().unwrap_or(0);
+        let joined: Vec<Vec<i64>> = rows.iter().map(|(p, a)| p.iter().chain(a).copied().collect()).collect();
+        let (input, attention, max_len) = left_padded(&joined, pad, model.device())?;
+        out.push(ForcedBatch { input, attention, answers: rows.into_iter().map(|(_, a)| a).collect(), max_len });
+    }
+    Ok(out)
+}
+
+/// Mean answer-token log-probability of each row of `batch`, read from the last hidden state `last` (pre-norm).
+fn row_logprobs(model: &Llama, batch: &ForcedBatch, last: &Tensor, out: &mut Vec<f64>) -> Result<()> {
+    let err = lora_model::ModelError::from;
+    for (r, a) in batch.answers.iter().enumerate() {
+        // Answer token j sits at position max_len - |a| + j and is predicted from the position before it.
+        let start = (batch.max_len - a.len() - 1) as i64;
+        let h = last.f_select(0, r as i64).and_then(|h| h.f_narrow(0, start, a.len() as i64)).map_err(err)?;
+        let logits = model.lm_head(&model.final_norm(&h)?)?;
+        let logp = logits.f_log_softmax(-1, Kind::Float).map_err(err)?;
+        let target = Tensor::from_slice(a).unsqueeze(1).to_device(logp.device());
+        let gt = logp.f_gather(1, &target, false).map_err(err)?;
+        out.push(gt.f_mean(Kind::Double).map_err(err)?.double_value(&[]));
+    }
+    Ok(())
+}
+
+/// Mean log-probability of each sample's answer tokens (teacher-forced) under `mask`.
+pub fn answer_logprobs(
+    model: &Llama,
+    tokenizer: &Tokenizer,
+    samples: &[&Sample],
+    mask: &LayerMask,
+    chat: bool,
+    batch_size: usize,
+) -> Result<Vec<f64>> {
+    let _guard = lora_model::tch::no_grad_guard();
+    let mut out = Vec::with_capacity(samples.len());
+    for batch in forced_batches(model, tokenizer, samples, chat, batch_size)? {
+        let opts = ForwardOptions { logits: Logits::Skip, hidden_states: true, ..ForwardOptions::new(mask) };
+        let fwd = model.forward(&batch.input, Some(&batch.attention), &opts)?;
+        let last = fwd
+            .hidden_states
+            .last()
+            .ok_or_else(|| ProbeError::InvalidArgument("model returned no hidden states".into()))?;
+        row_logprobs(model, &batch, last, &mut out)?;
+    }
+    Ok(out)
+}
+
+/// [`answer_logprobs`] under `keep_through(b)` for every `b` in `boundaries` at once: `result[i][j]` is boundary
+/// `boundaries[i]`, sample `j`.
+///
+/// One full-LoRA pass keeps every block's output; boundary `b` then only runs blocks `b+1..L` without LoRA from
+/// the state after block `b` ([`Llama::forward_from`]), since below that the two masks agree. Over all `L`
+/// boundaries this costs about `L / 2 + 1` forward passes instead of `L`; over the top half of the blocks, about
+/// `L / 8 + 1` instead of `L / 2`. `on_batch` hears the number of samples after each batch (progress).
+pub fn answer_logprobs_sweep(
+    model: &Llama,
+    tokenizer: &Tokenizer,
+    samples: &[&Sample],
+    boundaries: &[usize],
+    chat: bool,
+    batch_size: usize,
+    mut on_batch: impl FnMut(usize),
+) -> Result<Vec<Vec<f64>>> {
+    let _guard = lora_model::tch::no_grad_guard();
+    let l = model.num_layers();
+    if let Some(&b) = boundaries.iter().find(|&&b| b >= l) {
+        return Err(ProbeError::InvalidArgument(format!("boundary {b} is past the last block ({l} blocks)")));
+    }
+    let mut out = vec![Vec::with_capacity(samples.len()); boundaries.len()];
+    let none = LayerMask::none();
+    let all = LayerMask::all();
+    for batch in forced_batches(model, tokenizer, samples, chat, batch_size)? {
+        let opts = ForwardOptions { logits: Logits::Skip, hidden_states: true, ..ForwardOptions::new(&all) };
+        let full = model.forward(&batch.input, Some(&batch.attention), &opts)?;
+        for (&b, dst) in boundaries.iter().zip(out.iter_mut()) {
+            let states = &full.hidden_states;
+            let from = states
+                .get(b + 1)
+                .ok_or_else(|| ProbeError::InvalidArgument("model returned too few hidden states".into()))?;
+            let last = if b + 1 == l {
+                from.shallow_clone()
+            } else {
+                let opts = ForwardOptions { logits: Logits::Skip, hidden_states: true, ..ForwardOptions::new(&none) };
+                let tail = model.forward_from(from, b + 1, Some(&batch.attention), &opts)?;
+                tail.hidden_states
+                    .last()
+                    .map(Tensor::shallow_clone)
+                    .ok_or_else(|| ProbeError::InvalidArgument("no state".into()))?
+            };
+            row_logprobs(model, &batch, &last, dst)?;
+        }
+        on_batch(batch.answers.len());
+    }
+    Ok(out)
+}
