@@ -3,7 +3,8 @@
 
 use lora_metrics::{bleu, chrf, corpus_score, item_scores, porter, rouge, score_report, Metric, MetricGroup};
 use serde_json::Value;
-use std::path::PathBuf;
+
+mod common;
 
 const TOL: f64 = 1e-9;
 
@@ -14,8 +15,7 @@ struct Fixture {
 }
 
 fn load(name: &str) -> Fixture {
-    let path = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures").join(name);
-    let text = std::fs::read_to_string(&path).unwrap_or_else(|e| panic!("{}: {e}", path.display()));
+    let text = common::read(&common::fixtures().join(name));
     let v: Value = serde_json::from_str(&text).unwrap();
     let preds = serde_json::from_value(v["predictions"].clone()).unwrap_or_default();
     let refs = serde_json::from_value(v["references"].clone()).unwrap_or_default();

@@ -1,39 +1,45 @@
 //! The 10k SciTLDR benchmark pairs give the same corpus scores as the Python references
-//! (`scripts/fixtures/metrics/time_reference.py` records them). Skipped when `../shared/data` is
-//! absent.
+//! (`scripts/fixtures/metrics/time_reference.py` records them). The pairs come from the committed
+//! SciTLDR-A copy in `data/scitldr/` (see its `SOURCE.md`), so the test runs in every clone; a
+//! missing or malformed file fails it.
+
+mod common;
 
 use lora_metrics::{corpus_score, item_scores, score_report, Metric, MetricGroup};
 use serde_json::Value;
-use std::path::PathBuf;
 
-fn pairs() -> Option<(Vec<String>, Vec<Vec<String>>)> {
-    let dir = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../../../shared/data/scitldr");
+/// Every abstract sentence of test, dev, then train (file order) as a prediction, its row's TLDR
+/// targets as the references: the first 10,000 pairs, as `time_reference.py` takes them (all 4,859
+/// test and 4,489 dev sentences, then 652 from train).
+fn pairs() -> (Vec<String>, Vec<Vec<String>>) {
+    let dir = common::workspace_root().join("data/scitldr");
     let (mut preds, mut refs) = (Vec::new(), Vec::new());
     for split in ["test", "dev", "train"] {
-        let text = std::fs::read_to_string(dir.join(format!("{split}.jsonl"))).ok()?;
-        for line in text.lines().filter(|l| !l.trim().is_empty()) {
-            let v: Value = serde_json::from_str(line).ok()?;
-            let targets: Vec<String> = serde_json::from_value(v["target"].clone()).ok()?;
-            for s in v["source"].as_array()? {
+        let path = dir.join(format!("{split}.jsonl"));
+        let text = common::read(&path);
+        for (i, line) in text.lines().enumerate().filter(|(_, l)| !l.trim().is_empty()) {
+            let at = || format!("{}:{}", path.display(), i + 1);
+            let v: Value = serde_json::from_str(line).unwrap_or_else(|e| panic!("{}: {e}", at()));
+            let targets: Vec<String> =
+                serde_json::from_value(v["target"].clone()).unwrap_or_else(|e| panic!("{}: target: {e}", at()));
+            let sources = v["source"].as_array().unwrap_or_else(|| panic!("{}: no `source` array", at()));
+            for s in sources {
                 if preds.len() == 10_000 {
-                    return Some((preds, refs));
+                    return (preds, refs);
                 }
-                preds.push(s.as_str()?.to_string());
+                preds.push(s.as_str().unwrap_or_else(|| panic!("{}: non-string source sentence", at())).to_string());
                 refs.push(targets.clone());
             }
         }
     }
-    Some((preds, refs))
+    panic!("{} gives only {} pairs, 10000 expected", dir.display(), preds.len());
 }
 
 #[test]
 fn scitldr10k_matches_python() {
-    let Some((preds, refs)) = pairs() else {
-        eprintln!("../shared/data/scitldr missing: skipped");
-        return;
-    };
-    let path = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/scitldr10k_expected.json");
-    let want: Value = serde_json::from_str(&std::fs::read_to_string(path).unwrap()).unwrap();
+    let (preds, refs) = pairs();
+    let path = common::fixtures().join("scitldr10k_expected.json");
+    let want: Value = serde_json::from_str(&common::read(&path)).unwrap();
     let s = &want["scores"];
     let rep = score_report(MetricGroup::Rouge, &preds, &refs).unwrap();
     for key in ["rouge1", "rouge2", "rougeL", "rougeLsum"] {

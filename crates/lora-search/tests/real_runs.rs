@@ -1,7 +1,8 @@
 //! The strategies replayed on real runs: per-sample proxy and metric scores of every boundary of a fine-tuned
 //! SmolLM2-135M (fixtures written by `cargo run --release --example search_fixture`, see
 //! `tests/fixtures/search/`). Exhaustive search on the replayed scores is the reference.
-use std::path::PathBuf;
+
+mod common;
 
 use lora_search::{BoundarySearch, FnScorer, SearchError, SearchReport, Strategy};
 
@@ -13,8 +14,7 @@ struct Run {
 }
 
 fn load(name: &str) -> Run {
-    let path = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../../tests/fixtures/search").join(name);
-    let text = std::fs::read_to_string(&path).unwrap_or_else(|e| panic!("{}: {e}", path.display()));
+    let text = common::read(&common::fixtures().join(name));
     let j: serde_json::Value = serde_json::from_str(&text).unwrap();
     let matrix = |key: &str| -> Vec<Vec<f64>> { serde_json::from_value(j[key].clone()).unwrap() };
     let run = Run {

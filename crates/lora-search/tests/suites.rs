@@ -179,7 +179,7 @@ fn bootstrap_tie_rule_prefers_smaller_boundary() {
 /// --nocapture`; `SEEDS` and `FIRST_SEED` override the defaults 1000 and 0). The figures in
 /// docs/search.md come from this test.
 #[test]
-#[ignore]
+#[ignore = "slow: run in release with --ignored --nocapture"]
 fn agreement_rates_over_many_seeds() {
     let env = |k: &str, d: u64| std::env::var(k).ok().and_then(|v| v.parse().ok()).unwrap_or(d);
     let (first, seeds) = (env("FIRST_SEED", 0), env("SEEDS", 1000));
