@@ -22,7 +22,9 @@ pub mod kernels;
 pub use gguf_weights::{gguf_tokenizer_for, GgufWeights};
 pub mod lora;
 pub mod mask;
-pub mod model;
+pub mod models;
+/// The decoders under the path the crate had before: the same module as [`models`].
+pub use models as model;
 mod rng;
 pub mod textfile;
 pub mod tokenizer;
