@@ -24,7 +24,9 @@ pub use gguf_weights::{gguf_tokenizer_for, GgufWeights};
 pub mod loading;
 pub mod lora;
 pub mod mask;
-pub mod model;
+pub mod models;
+/// The decoders under the path the crate had before: the same module as [`models`].
+pub use models as model;
 mod rng;
 /// UTF-8 text and JSONL reading (from `lora-common`).
 pub use lora_common::text as textfile;

@@ -15,10 +15,9 @@
 //! path up to the order of summation.
 use tch::{Device, Kind, Tensor};
 
-use super::{Block, ForwardOptions, ForwardOutput, KvCache, Llama, Logits};
+use super::llama::Block;
+use super::{ForwardOptions, ForwardOutput, KvCache, Llama, Logits};
 use crate::error::{ModelError, Result};
-#[cfg(test)]
-use crate::kernels::to_bf16;
 use crate::kernels::{self, borrow, LoraPart, Mat, MAX_ROWS};
 use crate::lora::LoraLinear;
 use crate::mask::Module;
@@ -117,7 +116,10 @@ impl Llama {
         if ids.iter().any(|&i| i < 0 || i as usize >= vocab) {
             return Ok(None);
         }
-        // SAFETY: the embedding lives as long as `self` and is not written during the step.
+        // SAFETY: the embedding lives as long as `self`, which outlives the step. Aliasing: the model's weights are
+        // written only through `&mut Llama` (merging, training), which this `&self` excludes, and the crate hands
+        // out shallow clones of them (`named_weights`) only for reading. Threads: the slice is read only, here
+        // and by the kernels' helper inside calls that return before the step does.
         let Some(embed) = (unsafe { borrow(&self.embed) }) else { return Ok(None) };
         if embed.len() != vocab * h {
             return Ok(None);
@@ -125,14 +127,14 @@ impl Llama {
         let rows = b as usize;
         let past = cache.len as usize;
         let pos: Vec<i64> = Vec::try_from(cache.next_pos.f_to_kind(Kind::Int64)?.f_contiguous()?)?;
-        if self.inv_freq_host.len() != c.head_dim / 2 {
+        if self.rope.inv_freq_host().len() != c.head_dim / 2 {
             return Ok(None);
         }
         let (mut cos, mut sin) = (Vec::with_capacity(rows), Vec::with_capacity(rows));
         for &p in &pos {
-            let angles: Vec<f32> = self.inv_freq_host.iter().map(|f| p as f32 * f).collect();
-            cos.push(angles.iter().map(|a| a.cos()).collect());
-            sin.push(angles.iter().map(|a| a.sin()).collect());
+            let (c, s) = self.rope.host_tables(p);
+            cos.push(c);
+            sin.push(s);
         }
         let valid = if cache.padded {
             let m = cache.key_mask.f_narrow(1, 0, s)?.f_to_kind(Kind::Uint8)?.f_contiguous()?;
@@ -159,8 +161,8 @@ impl Llama {
         let logits = match opts.logits {
             Logits::Skip => None,
             Logits::All | Logits::Last => {
-                // SAFETY: the norm weight lives as long as `self`.
-                let norm = unsafe { borrow(&self.norm) }.ok_or_else(|| bad_tensor("model.norm.weight"))?;
+                // SAFETY: as for the embedding above: a weight of `&self`, only read while the slice lives.
+                let norm = unsafe { borrow(&self.norm.weight) }.ok_or_else(|| bad_tensor("model.norm.weight"))?;
                 let mut normed = vec![0f32; rows * h];
                 rms_norm(&x, norm, c.rms_norm_eps, h, &mut normed);
                 let head = self.lm_head.as_ref().unwrap_or(&self.embed);
@@ -168,7 +170,9 @@ impl Llama {
                 // The logits are written straight into the tensor handed back.
                 let mut l = Tensor::f_empty([b, vocab as i64], (Kind::Float, Device::Cpu))?;
                 let lin = kernels::Linear { weight: head, bias: None, lora: None };
-                // SAFETY: `l` was just created here and has no other handle or view.
+                // SAFETY: aliasing: `l` was just created here and has no other handle or view, and it is not used
+                // otherwise until `y` (moved into `linear_rows`) is gone. Threads: only `linear_rows` writes `y`, on
+                // this thread and the helper, and it returns before `l` is used again.
                 let y = unsafe { kernels::borrow_f32_mut(&mut l) }.ok_or_else(|| bad_tensor("logits"))?;
                 let l = if kernels::linear_rows(&[lin], &xs, &mut [y])? {
                     l
@@ -200,9 +204,11 @@ impl Llama {
         let mask = step.opts.mask;
         let on = |m: Module| mask.is_active(l, m);
 
-        // SAFETY: the norm weights live as long as `self`.
-        let in_norm = unsafe { borrow(&block.input_norm) }.ok_or_else(|| bad_tensor("input_layernorm"))?;
-        let post_norm = unsafe { borrow(&block.post_norm) }.ok_or_else(|| bad_tensor("post_attention_layernorm"))?;
+        // SAFETY: the norm weights live as long as `self`; as for the embedding in `fused_decode`, they are only
+        // read while the slices live (`&self` excludes every writer; the helper thread only reads).
+        let in_norm = unsafe { borrow(&block.input_norm.weight) }.ok_or_else(|| bad_tensor("input_layernorm"))?;
+        let post_norm =
+            unsafe { borrow(&block.post_norm.weight) }.ok_or_else(|| bad_tensor("post_attention_layernorm"))?;
         rms_norm(x, in_norm, c.rms_norm_eps, h, &mut sc.n);
         project(
             &[(&a.q, on(Module::Q)), (&a.k, on(Module::K)), (&a.v, on(Module::V))],
@@ -376,23 +382,4 @@ fn project(lins: &[(&LoraLinear, bool)], x: &[f32], n_in: usize, ys: &mut [&mut 
 
 fn bad_tensor(what: &str) -> ModelError {
     ModelError::InvalidArgument(format!("{what}: not a contiguous f32/bf16 CPU tensor"))
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn bf16_rounding_matches_libtorch() {
-        // Exact halfway cases (ties to even, down and up), just above halfway, and ordinary values.
-        let bits = [0x3F80_8000u32, 0x3F81_8000, 0x3F80_8001, 0xBF80_7FFF, 0x0000_0001, 0x7F7F_FFFF];
-        let mut vals: Vec<f32> = bits.iter().map(|&b| f32::from_bits(b)).collect();
-        vals.extend([0.0f32, 1.0, -1.0, std::f32::consts::PI, -std::f32::consts::E, 1e-30, 65504.0]);
-        let t = Tensor::from_slice(&vals).to_kind(Kind::BFloat16);
-        // SAFETY: `t` outlives the borrow.
-        let Some(Mat::Bf16(bits)) = (unsafe { borrow(&t) }) else { panic!("bf16 tensor") };
-        for (v, &want) in vals.iter().zip(bits) {
-            assert_eq!(to_bf16(*v), want, "{v}");
-        }
-    }
 }

@@ -1,0 +1,444 @@
+//! The fused projections: `x Wᵀ + bias (+ scaling · (x Aᵀ) Bᵀ)` for a few activation rows, one weight stream for
+//! all of them, several projections of one input (q, k and v) in one call, split over two threads inside a
+//! [`decode_scope`](super::decode_scope).
+use std::sync::atomic::{AtomicU8, Ordering};
+
+use tch::{Device, Kind, Tensor};
+
+use super::borrow::{borrow_mat, Mat};
+use super::runtime::{helper, pool, threads_for};
+use super::schedule::{Chunks, Out, CHUNK_MIN_BYTES};
+use super::{enabled, simd, MAX_ROWS};
+use crate::error::Result;
+
+/// The low-rank part of a fused call: `scaling · B (A x)`.
+pub(crate) struct LoraPart<'a> {
+    pub a: &'a Tensor,
+    pub b: &'a Tensor,
+    pub scaling: f64,
+}
+
+/// `x Wᵀ + bias (+ scaling · (x Aᵀ) Bᵀ)` for a small `x` `[..., in]`, or `Ok(None)` when the kernels do not
+/// apply and the caller should use libtorch.
+pub(crate) fn small_linear(
+    x: &Tensor,
+    weight: &Tensor,
+    bias: Option<&Tensor>,
+    lora: Option<LoraPart<'_>>,
+) -> Result<Option<Tensor>> {
+    if !enabled() || x.device() != Device::Cpu || x.requires_grad() {
+        return Ok(None);
+    }
+    let kind = weight.kind();
+    if x.kind() != kind || !matches!(kind, Kind::Float | Kind::BFloat16) {
+        return Ok(None);
+    }
+    let xs = x.size();
+    let Some(&n_in) = xs.last() else { return Ok(None) };
+    let m = if n_in > 0 { x.numel() as i64 / n_in } else { 0 };
+    if m == 0 || m > MAX_ROWS {
+        return Ok(None);
+    }
+    let xf = x.f_to_kind(Kind::Float)?.f_contiguous()?;
+    let xv = Vec::<f32>::try_from(xf.f_view([-1])?)?;
+    let rows: Vec<&[f32]> = xv.chunks_exact(n_in as usize).collect();
+    let n_out = weight.size().first().copied().unwrap_or(0).max(0) as usize;
+    let mut y = vec![0f32; rows.len() * n_out];
+    if !linear_rows(&[Linear { weight, bias, lora }], &rows, &mut [&mut y])? {
+        return Ok(None);
+    }
+    let mut shape = xs;
+    if let Some(last) = shape.last_mut() {
+        *last = n_out as i64;
+    }
+    let out = Tensor::from_slice(&y).f_view(shape.as_slice())?;
+    Ok(Some(if kind == Kind::Float { out } else { out.f_to_kind(kind)? }))
+}
+
+/// The scaled low-rank inputs `scaling · A x` of a [`linear_rows`] call's LoRAs. The front thread computes them
+/// before it takes its first chunk of W (the back thread meanwhile streams W from the other end, so the short A
+/// matrices cost their bytes and no waiting); both threads read them when they add B's rows.
+struct LowRank {
+    /// 0 pending, 1 ready, 2 the computing thread failed.
+    state: AtomicU8,
+    /// Per projection, `[activation rows, r]` (`None` without LoRA); written only by the front thread, before
+    /// its release store of 1, and read only after an acquire load has seen it.
+    bufs: std::cell::UnsafeCell<Vec<Option<pool::Buf>>>,
+}
+
+// SAFETY: threads: `bufs` is written by one thread (the front one, in `compute`) before its release store to
+// `state`, and read by either thread only after an acquire load has seen that store. Aliasing: the `&mut` that
+// `compute` makes ends before that store, and `wait` makes its `&` only after it, so they never overlap.
+unsafe impl Sync for LowRank {}
+
+impl LowRank {
+    fn new() -> Self {
+        LowRank { state: AtomicU8::new(0), bufs: std::cell::UnsafeCell::new(Vec::new()) }
+    }
+
+    /// Computes every projection's `scaling · A x` (the front thread, once).
+    fn compute(&self, prepared: &[Prepared<'_>], w_in: usize, xs: &simd::Rows<'_>) {
+        // Marks the inputs ready, or failed if a product panics, so that a waiting thread never spins forever.
+        struct Done<'a>(&'a AtomicU8);
+        impl Drop for Done<'_> {
+            fn drop(&mut self) {
+                self.0.store(if std::thread::panicking() { 2 } else { 1 }, Ordering::Release);
+            }
+        }
+        let _done = Done(&self.state);
+        let m = xs.xs.len();
+        // SAFETY: only this (front) thread writes `bufs`, once per call, and nobody reads it before the store of 1
+        // that `_done` makes after this borrow's last use: this `&mut` is the only reference to it while it lives.
+        let bufs = unsafe { &mut *self.bufs.get() };
+        for p in prepared {
+            bufs.push(p.lora.as_ref().map(|&(a, _, r, scaling)| {
+                let mut xa = pool::take(m * r);
+                simd::matvec(a, w_in, 0..r, xs, &mut xa, false);
+                for v in xa.iter_mut() {
+                    *v *= scaling;
+                }
+                xa
+            }));
+        }
+    }
+
+    /// The inputs once they are ready, or `None` if computing them failed.
+    fn wait(&self) -> Option<&[Option<pool::Buf>]> {
+        loop {
+            match self.state.load(Ordering::Acquire) {
+                // SAFETY: the front thread finished writing (and dropped its `&mut`) before its release store of
+                // 1, which this acquire load saw; from now on `bufs` is only read.
+                1 => return Some(unsafe { &*self.bufs.get() }),
+                2 => return None,
+                _ => std::hint::spin_loop(),
+            }
+        }
+    }
+}
+
+/// One projection of a [`linear_rows`] call: `x Wᵀ + bias (+ scaling · (x Aᵀ) Bᵀ)`.
+pub(crate) struct Linear<'a> {
+    pub weight: &'a Tensor,
+    pub bias: Option<&'a Tensor>,
+    pub lora: Option<LoraPart<'a>>,
+}
+
+/// A [`Linear`] borrowed for the kernels.
+struct Prepared<'a> {
+    w: Mat<'a>,
+    n_out: usize,
+    /// `A`, `B`, r and scaling.
+    lora: Option<(Mat<'a>, Mat<'a>, usize, f32)>,
+    bias: Option<Vec<f32>>,
+}
+
+/// `ys[p] = x Wₚᵀ + biasₚ (+ scalingₚ · (x Aₚᵀ) Bₚᵀ)` for the activation rows `rows` (each `in` long) and every
+/// projection `p` of `lins` (all reading the same input, e.g. q, k and v), into `ys[p]` (`[rows.len(), outₚ]`,
+/// row-major). Inside a [`decode_scope`](super::decode_scope) the output rows of all projections are shared out between this thread
+/// and the helper in chunks ([`Chunks`]), so several projections cost one hand-over instead of one each. Returns
+/// `Ok(false)`, with `ys` untouched, when the kernels do not apply to one of the tensors (then the caller uses
+/// libtorch).
+pub(crate) fn linear_rows(lins: &[Linear<'_>], rows: &[&[f32]], ys: &mut [&mut [f32]]) -> Result<bool> {
+    if !enabled() || rows.is_empty() || rows.len() > MAX_ROWS as usize || lins.len() != ys.len() {
+        return Ok(false);
+    }
+    let m = rows.len();
+    let w_in = rows[0].len();
+    if rows.iter().any(|r| r.len() != w_in) {
+        return Ok(false);
+    }
+    let mut prepared = Vec::with_capacity(lins.len());
+    for (lin, y) in lins.iter().zip(ys.iter()) {
+        // SAFETY: every borrowed tensor is borrowed (`&Tensor`) by `lins` until the end of this function, which
+        // outlives the slices. Aliasing: the model's weights are written only through `&mut` access to their owner
+        // (merging, training), which the caller's shared borrow excludes meanwhile. Threads: the slices are read
+        // only, by this thread and (inside `helper::join`, which returns before this function does) the helper.
+        match unsafe { prepare(lin, w_in) }? {
+            Some(p) if y.len() == m * p.n_out => prepared.push(p),
+            _ => return Ok(false),
+        }
+    }
+    let total: usize = prepared.iter().map(|p| p.n_out).sum();
+    if u32::try_from(total).is_err() {
+        return Ok(false); // `Chunks` counts rows in 32 bits
+    }
+    let threads = threads_for(total * w_in);
+    let min = (CHUNK_MIN_BYTES / (w_in * prepared[0].w.value_bytes()).max(1)).next_multiple_of(8).max(8);
+    let chunks = Chunks::new(total, min);
+    // The one place the output buffers' raw pointers are made: from the `&mut` borrows of `ys`, held by the
+    // `Out`s until this function returns (`ys` is not touched otherwise from here on).
+    let outs: Vec<Out<'_>> = ys.iter_mut().map(|y| Out::new(y, m)).collect();
+    let input = simd::Rows::new(rows);
+    if matches!(prepared[0].w, Mat::Bf16(_)) {
+        input.split(); // before the threads start (see `Rows`)
+    }
+
+    // The front thread first computes every LoRA's `scaling · A x` ([`LowRank`]). Then each thread takes chunks
+    // of output rows until none are left and computes the rows of W (plus the bias) for them; last it adds B's
+    // rows times the low-rank input to the rows it computed. B is prefetched at the start, so it arrives
+    // alongside W's stream and is read from the cache.
+    let low_rank = LowRank::new();
+    let any_lora = prepared.iter().any(|p| p.lora.is_some());
+    let work = |front: bool| -> bool {
+        for p in &prepared {
+            if let Some((_, b, r, _)) = &p.lora {
+                let nominal = if front { 0..p.n_out / 2 } else { p.n_out / 2..p.n_out };
+                simd::prefetch(*b, nominal.start * r..nominal.end * r);
+            }
+        }
+        if front && any_lora {
+            low_rank.compute(&prepared, w_in, &input);
+        }
+        // (projection, its output rows) of every piece this thread computed.
+        let mut pieces: Vec<(usize, std::ops::Range<usize>)> = Vec::new();
+        let mut tmp = Vec::new();
+        while let Some(range) = chunks.claim(front) {
+            let mut start = 0;
+            for (k, (p, out)) in prepared.iter().zip(&outs).enumerate() {
+                let (lo, hi) = (range.start.max(start), range.end.min(start + p.n_out));
+                let first = start;
+                start += p.n_out;
+                if lo >= hi {
+                    continue;
+                }
+                let local = lo - first..hi - first;
+                let len = local.len();
+                // SAFETY: threads: this thread claimed these output rows from `chunks`, so the other thread never
+                // touches them. Aliasing: this is the only slice over them alive (`dst` ends before the next piece),
+                // and `local.end ≤ n_out` of this projection.
+                let dst: &mut [f32] = if m == 1 {
+                    unsafe { out.slice(local.clone()) }
+                } else {
+                    tmp.clear();
+                    tmp.resize(m * len, 0.0);
+                    &mut tmp
+                };
+                simd::matvec(p.w, w_in, local.clone(), &input, dst, false);
+                if let Some(bias) = &p.bias {
+                    for row in dst.chunks_exact_mut(len) {
+                        for (v, b) in row.iter_mut().zip(&bias[local.clone()]) {
+                            *v += b;
+                        }
+                    }
+                }
+                if m > 1 {
+                    // SAFETY: as above; with `m > 1` no slice of `out` is alive (`dst` is `tmp`).
+                    unsafe { out.put(local.clone(), &tmp, false) };
+                }
+                if p.lora.is_some() {
+                    // The chunks of one thread are adjacent: extend the last piece when this one continues it.
+                    match pieces.iter_mut().find(|(pk, r)| *pk == k && (r.end == local.start || r.start == local.end)) {
+                        Some((_, r)) => *r = r.start.min(local.start)..r.end.max(local.end),
+                        None => pieces.push((k, local)),
+                    }
+                }
+            }
+        }
+        if pieces.is_empty() {
+            return true;
+        }
+        let Some(low) = low_rank.wait() else { return false };
+        for (k, local) in pieces {
+            let (p, out) = (&prepared[k], &outs[k]);
+            let (Some((_, b, r, _)), Some(Some(xa))) = (&p.lora, low.get(k)) else { continue };
+            let xa_rows: Vec<&[f32]> = xa.chunks_exact(*r).collect();
+            let xa_rows = simd::Rows::new(&xa_rows);
+            if m == 1 {
+                // SAFETY: this thread claimed and computed these output rows, so the other thread never touches
+                // them; the slice is the only one over them and ends with this call.
+                simd::matvec(*b, *r, local.clone(), &xa_rows, unsafe { out.slice(local) }, true);
+            } else {
+                tmp.clear();
+                tmp.resize(m * local.len(), 0.0);
+                simd::matvec(*b, *r, local.clone(), &xa_rows, &mut tmp, false);
+                // SAFETY: as above (this thread's own rows; no slice of `out` is alive).
+                unsafe { out.put(local, &tmp, true) };
+            }
+        }
+        true
+    };
+    let ok = if threads <= 1 {
+        work(true)
+    } else {
+        let (mut ok_a, mut ok_b) = (false, false);
+        let joined = helper::join(|| ok_a = work(true), || ok_b = work(false));
+        joined && ok_a && ok_b
+    };
+    if !ok {
+        return Err(crate::error::ModelError::InvalidArgument("decode kernel helper thread failed".into()));
+    }
+    Ok(true)
+}
+
+/// Borrows one projection for [`linear_rows`] (`w_in` inputs), or `None` when the kernels do
+/// not take it.
+///
+/// # Safety
+/// The returned slices alias the tensors' storage: the tensors must outlive them, and nothing may write the
+/// tensors while they live.
+unsafe fn prepare<'a>(lin: &Linear<'a>, w_in: usize) -> Result<Option<Prepared<'a>>> {
+    let kind = lin.weight.kind();
+    let Some((w, n_out, in_)) = borrow_mat(lin.weight) else { return Ok(None) };
+    if in_ != w_in {
+        return Ok(None);
+    }
+    let lora = match &lin.lora {
+        Some(l) => {
+            if l.a.kind() != kind || l.b.kind() != kind {
+                return Ok(None);
+            }
+            let (Some((a, r, a_in)), Some((b, b_out, b_r))) = (borrow_mat(l.a), borrow_mat(l.b)) else {
+                return Ok(None);
+            };
+            if a_in != w_in || b_out != n_out || b_r != r {
+                return Ok(None);
+            }
+            Some((a, b, r, l.scaling as f32))
+        }
+        None => None,
+    };
+    let bias = match lin.bias {
+        Some(b) => {
+            if b.numel() != n_out || b.device() != Device::Cpu {
+                return Ok(None);
+            }
+            let b = b.f_to_kind(Kind::Float)?.f_contiguous()?;
+            Some(Vec::<f32>::try_from(&b)?)
+        }
+        None => None,
+    };
+    Ok(Some(Prepared { w, n_out, lora, bias }))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::kernels::runtime::PARALLEL_MIN;
+    use crate::kernels::{decode_scope, enabled};
+
+    fn randn(shape: &[i64], seed: i64) -> Tensor {
+        tch::manual_seed(seed);
+        Tensor::randn(shape, (Kind::Float, Device::Cpu))
+    }
+
+    fn max_diff(a: &Tensor, b: &Tensor) -> f64 {
+        a.to_kind(Kind::Float).f_sub(&b.to_kind(Kind::Float)).unwrap().abs().max().double_value(&[])
+    }
+
+    /// The fused call equals libtorch's `linear` + the unfused LoRA update, for f32 and bf16, with bias, for one
+    /// and several rows, and declines what it does not handle.
+    #[test]
+    fn fused_linear_matches_libtorch() {
+        let _g = tch::no_grad_guard();
+        if !enabled() {
+            eprintln!("skipped: CPU without AVX2/FMA or kernels switched off");
+            return;
+        }
+        // The second shape is large enough to be split over threads (when libtorch has more than one).
+        // r = 8 and 16 take the narrow kernel for B (bf16: 8 and 16 columns per load).
+        for (n_in, n_out, r) in [(72, 40, 3), (256, 301, 5), (96, 24, 8), (256, 301, 16)] {
+            check_shape(n_in, n_out, r);
+        }
+        // Inside a decode scope the large shape is split between this thread and the helper; same results, and
+        // libtorch's thread count comes back afterwards.
+        let before = tch::get_num_threads();
+        {
+            let _scope = decode_scope();
+            if before > 1 {
+                assert_eq!(tch::get_num_threads(), 1);
+                assert_eq!(threads_for(256 * 301), 2);
+            }
+            check_shape(256, 301, 5);
+            check_shape(256, 301, 16);
+            check_shared_input();
+        }
+        assert_eq!(tch::get_num_threads(), before);
+        assert_eq!(threads_for(256 * 301), 1);
+    }
+
+    /// Several projections of one input in one call (as q, k and v are): each output equals its own libtorch
+    /// product, whichever thread computed which of its rows.
+    fn check_shared_input() {
+        let n_in = 256;
+        let shapes = [(301i64, Some(16i64), true), (77, None, true), (160, Some(8), false)];
+        type Part = (Tensor, Option<Tensor>, Option<(Tensor, Tensor)>);
+        let parts: Vec<Part> = shapes
+            .iter()
+            .enumerate()
+            .map(|(k, &(n_out, r, bias))| {
+                let seed = 20 + 4 * k as i64;
+                let lora = r.map(|r| (randn(&[r, n_in], seed + 1), randn(&[n_out, r], seed + 2)));
+                (randn(&[n_out, n_in], seed), bias.then(|| randn(&[n_out], seed + 3)), lora)
+            })
+            .collect();
+        for rows in [1i64, 3] {
+            let x = randn(&[rows, n_in], 40 + rows);
+            let xv = Vec::<f32>::try_from(x.view([-1])).unwrap();
+            let xs: Vec<&[f32]> = xv.chunks_exact(n_in as usize).collect();
+            let lins: Vec<Linear<'_>> = parts
+                .iter()
+                .map(|(w, b, l)| Linear {
+                    weight: w,
+                    bias: b.as_ref(),
+                    lora: l.as_ref().map(|(a, b)| LoraPart { a, b, scaling: 0.5 }),
+                })
+                .collect();
+            let mut outs: Vec<Vec<f32>> = shapes.iter().map(|s| vec![f32::NAN; (rows * s.0) as usize]).collect();
+            let mut refs: Vec<&mut [f32]> = outs.iter_mut().map(|o| o.as_mut_slice()).collect();
+            assert!(linear_rows(&lins, &xs, &mut refs).unwrap());
+            for ((w, b, l), out) in parts.iter().zip(&outs) {
+                let mut want = x.linear(w, b.as_ref());
+                if let Some((a, bb)) = l {
+                    want += x.linear::<Tensor>(a, None).linear::<Tensor>(bb, None) * 0.5;
+                }
+                let got = Tensor::from_slice(out).view(want.size().as_slice());
+                assert!(max_diff(&got, &want) < 1e-4, "{rows} rows: {}", max_diff(&got, &want));
+            }
+        }
+    }
+
+    fn check_shape(n_in: i64, n_out: i64, r: i64) {
+        let w = randn(&[n_out, n_in], 1);
+        let bias = randn(&[n_out], 2);
+        let a = randn(&[r, n_in], 3);
+        let b = randn(&[n_out, r], 4);
+        let scaling = 0.75;
+        for rows in [1i64, 3, MAX_ROWS] {
+            let x = randn(&[rows, 1, n_in], 5 + rows);
+            let reference = x
+                .linear(&w, Some(&bias))
+                .f_add(&x.linear::<Tensor>(&a, None).linear::<Tensor>(&b, None).f_mul_scalar(scaling).unwrap())
+                .unwrap();
+            let part = LoraPart { a: &a, b: &b, scaling };
+            let got = small_linear(&x, &w, Some(&bias), Some(part)).unwrap().expect("f32 is handled");
+            assert_eq!(got.size(), reference.size());
+            assert!(max_diff(&got, &reference) < 1e-4, "f32, {rows} rows: {}", max_diff(&got, &reference));
+
+            let bf = |t: &Tensor| t.to_kind(Kind::BFloat16);
+            let (xb, wb, ab, bb) = (bf(&x), bf(&w), bf(&a), bf(&b));
+            let exact = xb.to_kind(Kind::Float).linear::<Tensor>(&wb.to_kind(Kind::Float), None).f_add(
+                &xb.to_kind(Kind::Float)
+                    .linear::<Tensor>(&ab.to_kind(Kind::Float), None)
+                    .linear::<Tensor>(&bb.to_kind(Kind::Float), None)
+                    .f_mul_scalar(scaling)
+                    .unwrap(),
+            );
+            let part = LoraPart { a: &ab, b: &bb, scaling };
+            let got = small_linear(&xb, &wb, None, Some(part)).unwrap().expect("bf16 is handled");
+            assert_eq!(got.kind(), Kind::BFloat16);
+            // One bf16 rounding of values of magnitude ~10: within 2^-8 relative.
+            let exact = exact.unwrap();
+            let tol = exact.abs().max().double_value(&[]) / 128.0;
+            assert!(max_diff(&got, &exact) < tol, "bf16, {rows} rows: {}", max_diff(&got, &exact));
+        }
+        if n_out * n_in >= PARALLEL_MIN as i64 {
+            return;
+        }
+        let many = randn(&[MAX_ROWS + 1, n_in], 9);
+        assert!(small_linear(&many, &w, None, None).unwrap().is_none(), "large batches go to libtorch");
+        let half = randn(&[1, n_in], 9).to_kind(Kind::Half);
+        assert!(small_linear(&half, &w.to_kind(Kind::Half), None, None).unwrap().is_none());
+        let grad = randn(&[1, n_in], 9).set_requires_grad(true);
+        assert!(small_linear(&grad, &w, None, None).unwrap().is_none(), "autograd goes to libtorch");
+    }
+}

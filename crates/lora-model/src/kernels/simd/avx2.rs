@@ -1,0 +1,352 @@
+//! The AVX2/FMA loops (x86-64).
+//!
+//! Every function here is compiled with `#[target_feature(enable = "avx2,fma")]`, so calling one is `unsafe`:
+//! the caller must have checked that the CPU has both ([`super::available`]), and must pass slices that hold
+//! every value the documented shapes say (the loops use unchecked pointer loads and stores). Stores go only
+//! through pointers derived from the `&mut` output slice of the same call; inputs are read through pointers
+//! derived from shared slices and are never written.
+use std::arch::x86_64::*;
+
+use crate::kernels::borrow::Mat;
+
+/// How far ahead of the current column (in bytes of the same weight row, running on into the next
+/// rows) the row loops prefetch: 16 cache lines, the best distance measured on the 2-core Zen 1 machine
+/// (sequential streams of both dtypes reach the bandwidth of a plain sum; 8 or 24 lines lose 5-10 %).
+const AHEAD: usize = 1024;
+
+#[target_feature(enable = "avx2,fma")]
+unsafe fn hsum(v: __m256) -> f32 {
+    let s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
+    let s = _mm_hadd_ps(s, s);
+    _mm_cvtss_f32(_mm_hadd_ps(s, s))
+}
+
+#[inline(always)]
+fn store(y: &mut [f32], k: usize, v: f32, add: bool) {
+    if add {
+        y[k] += v;
+    } else {
+        y[k] = v;
+    }
+}
+
+/// `Σ a[i] b[i]` over `a.len()` values; `b` holds at least as many.
+#[target_feature(enable = "avx2,fma")]
+pub unsafe fn dot(a: &[f32], b: Mat<'_>) -> f32 {
+    let n = a.len();
+    let end = n - n % 8;
+    let pa = a.as_ptr();
+    let mut acc = _mm256_setzero_ps();
+    let mut i = 0;
+    while i < end {
+        acc = _mm256_fmadd_ps(_mm256_loadu_ps(pa.add(i)), load8(b, i), acc);
+        i += 8;
+    }
+    hsum(acc) + (end..n).map(|k| a[k] * b.get(k)).sum::<f32>()
+}
+
+/// `y[i] += alpha · x[i]` over `y.len()` values; `x` holds at least as many.
+#[target_feature(enable = "avx2,fma")]
+pub unsafe fn axpy(y: &mut [f32], alpha: f32, x: Mat<'_>) {
+    let n = y.len();
+    let end = n - n % 8;
+    let py = y.as_mut_ptr();
+    let av = _mm256_set1_ps(alpha);
+    let mut i = 0;
+    while i < end {
+        let v = _mm256_fmadd_ps(av, load8(x, i), _mm256_loadu_ps(py.add(i)));
+        _mm256_storeu_ps(py.add(i), v);
+        i += 8;
+    }
+    for (k, v) in y.iter_mut().enumerate().skip(end) {
+        *v += alpha * x.get(k);
+    }
+}
+
+/// `out[i] = (x[i] · scale) · w[i]` (the same two roundings as the scalar loop).
+#[target_feature(enable = "avx2,fma")]
+pub unsafe fn scale_mul(x: &[f32], scale: f32, w: Mat<'_>, out: &mut [f32]) {
+    let n = x.len();
+    let end = n - n % 8;
+    let (px, po) = (x.as_ptr(), out.as_mut_ptr());
+    let sv = _mm256_set1_ps(scale);
+    let mut i = 0;
+    while i < end {
+        _mm256_storeu_ps(po.add(i), _mm256_mul_ps(_mm256_mul_ps(_mm256_loadu_ps(px.add(i)), sv), load8(w, i)));
+        i += 8;
+    }
+    for k in end..n {
+        out[k] = x[k] * scale * w.get(k);
+    }
+}
+
+/// `e^x` for eight values: Cephes' single-precision method (`x = n ln 2 + r`, a degree-6 polynomial in
+/// `r`, times `2^n`), within 2 ulp of `expf` over `[-87, 88]`; inputs are clamped to that range, so very
+/// negative inputs give ≈ 1e-38 instead of 0 (harmless next to the 1 that SiLU adds).
+#[target_feature(enable = "avx2,fma")]
+#[inline]
+unsafe fn exp8(x: __m256) -> __m256 {
+    let x = _mm256_min_ps(_mm256_max_ps(x, _mm256_set1_ps(-87.0)), _mm256_set1_ps(88.0));
+    let n = _mm256_round_ps::<{ _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC }>(_mm256_mul_ps(
+        x,
+        _mm256_set1_ps(std::f32::consts::LOG2_E),
+    ));
+    // r = x - n ln 2, with ln 2 split in two so that n · (high part) is exact.
+    let r = _mm256_fnmadd_ps(n, _mm256_set1_ps(0.693_359_4), x);
+    let r = _mm256_fnmadd_ps(n, _mm256_set1_ps(-2.121_944_4e-4), r);
+    let mut p = _mm256_set1_ps(1.987_569_1e-4);
+    for c in [1.398_199_9e-3, 8.333_452e-3, 4.166_579_6e-2, 0.166_666_65, 0.5] {
+        p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(c));
+    }
+    let p = _mm256_add_ps(_mm256_fmadd_ps(p, _mm256_mul_ps(r, r), r), _mm256_set1_ps(1.0));
+    let pow2 = _mm256_slli_epi32(_mm256_add_epi32(_mm256_cvtps_epi32(n), _mm256_set1_epi32(127)), 23);
+    _mm256_mul_ps(p, _mm256_castsi256_ps(pow2))
+}
+
+/// `gate[i] = gate[i] / (1 + e^-gate[i]) · up[i]`; `up` holds at least `gate.len()` values.
+#[target_feature(enable = "avx2,fma")]
+pub unsafe fn swiglu(gate: &mut [f32], up: &[f32]) {
+    let n = gate.len();
+    let end = n - n % 8;
+    let (pg, pu) = (gate.as_mut_ptr(), up.as_ptr());
+    let one = _mm256_set1_ps(1.0);
+    let mut i = 0;
+    while i < end {
+        let g = _mm256_loadu_ps(pg.add(i));
+        let e = exp8(_mm256_sub_ps(_mm256_setzero_ps(), g));
+        let s = _mm256_div_ps(g, _mm256_add_ps(one, e));
+        _mm256_storeu_ps(pg.add(i), _mm256_mul_ps(s, _mm256_loadu_ps(pu.add(i))));
+        i += 8;
+    }
+    for k in end..n {
+        gate[k] = gate[k] / (1.0 + (-gate[k]).exp()) * up[k];
+    }
+}
+
+/// Widest rows [`matvec_narrow`] takes.
+pub const NARROW_MAX: usize = 64;
+
+/// Eight f32 (or bf16, widened) weights at `w[k..k + 8]`.
+#[target_feature(enable = "avx2,fma")]
+#[inline]
+unsafe fn load8(w: Mat<'_>, k: usize) -> __m256 {
+    match w {
+        Mat::F32(w) => _mm256_loadu_ps(w.as_ptr().add(k)),
+        Mat::Bf16(w) => {
+            let h = _mm_loadu_si128(w.as_ptr().add(k) as *const __m128i);
+            _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_cvtepu16_epi32(h), 16))
+        }
+    }
+}
+
+/// Prefetches the `len` bytes that lie [`AHEAD`] bytes past `block` (the next blocks of a narrow
+/// matrix, whose rows are too short for a per-row prefetch to run ahead of the loads).
+#[inline(always)]
+unsafe fn prefetch_block(block: *const i8, len: usize) {
+    let ahead = block.wrapping_add(AHEAD);
+    for l in (0..len).step_by(64) {
+        _mm_prefetch::<_MM_HINT_T0>(ahead.wrapping_add(l));
+    }
+}
+
+/// The eight dot products in `acc` (one vector of partial sums per weight row) reduced together into
+/// one vector of eight sums (a transposing `hadd` tree), stored to (or added into) `dst[0..8]`.
+#[target_feature(enable = "avx2,fma")]
+#[inline]
+unsafe fn finish8(acc: &[__m256; 8], dst: *mut f32, add: bool) {
+    let s01 = _mm256_hadd_ps(acc[0], acc[1]);
+    let s23 = _mm256_hadd_ps(acc[2], acc[3]);
+    let s45 = _mm256_hadd_ps(acc[4], acc[5]);
+    let s67 = _mm256_hadd_ps(acc[6], acc[7]);
+    let s0123 = _mm256_hadd_ps(s01, s23);
+    let s4567 = _mm256_hadd_ps(s45, s67);
+    // Lane halves: low 128 bits hold rows 0-3 (then 4-7) of columns 0-3, high of columns 4-7.
+    let lo = _mm256_permute2f128_ps(s0123, s4567, 0x20);
+    let hi = _mm256_permute2f128_ps(s0123, s4567, 0x31);
+    let mut sums = _mm256_add_ps(lo, hi);
+    if add {
+        sums = _mm256_add_ps(sums, _mm256_loadu_ps(dst));
+    }
+    _mm256_storeu_ps(dst, sums);
+}
+
+/// Narrow matrices (`n_in` a multiple of 8, at most [`NARROW_MAX`]: LoRA's `B`, `n_in` = r): eight
+/// weight rows at a time, their eight dot products reduced together by [`finish8`] instead of one
+/// horizontal sum per row, which would cost more than the row itself. bf16 rows whose width is a multiple
+/// of 16 take 16 columns per load (even and odd columns, as in [`row_bf16`]; `split` holds the rows in that
+/// order, and is only read then).
+#[target_feature(enable = "avx2,fma")]
+pub unsafe fn matvec_narrow(
+    w: Mat<'_>,
+    n_in: usize,
+    n_out: usize,
+    xs: &[&[f32]],
+    split: &[f32],
+    y: &mut [f32],
+    add: bool,
+) {
+    let full = n_out - n_out % 8;
+    let high = _mm256_set1_epi32(0xFFFF_0000_u32 as i32);
+    for (m, x) in xs.iter().enumerate() {
+        let xp = x.as_ptr();
+        let dst = y.as_mut_ptr().add(m * n_out);
+        match w {
+            Mat::F32(w) => {
+                let wp = w.as_ptr();
+                for o in (0..full).step_by(8) {
+                    prefetch_block(wp.add(o * n_in) as *const i8, 32 * n_in);
+                    let mut acc = [_mm256_setzero_ps(); 8];
+                    for c in (0..n_in).step_by(8) {
+                        let xv = _mm256_loadu_ps(xp.add(c));
+                        for (r, a) in acc.iter_mut().enumerate() {
+                            *a = _mm256_fmadd_ps(_mm256_loadu_ps(wp.add((o + r) * n_in + c)), xv, *a);
+                        }
+                    }
+                    finish8(&acc, dst.add(o), add);
+                }
+            }
+            Mat::Bf16(w) if n_in.is_multiple_of(16) => {
+                let wp = w.as_ptr();
+                let sp = split[m * n_in..(m + 1) * n_in].as_ptr();
+                for o in (0..full).step_by(8) {
+                    prefetch_block(wp.add(o * n_in) as *const i8, 16 * n_in);
+                    let mut acc = [_mm256_setzero_ps(); 8];
+                    for c in (0..n_in).step_by(16) {
+                        let e = _mm256_loadu_ps(sp.add(c));
+                        let d = _mm256_loadu_ps(sp.add(c + 8));
+                        for (r, a) in acc.iter_mut().enumerate() {
+                            let v = _mm256_loadu_si256(wp.add((o + r) * n_in + c) as *const __m256i);
+                            let ev = _mm256_castsi256_ps(_mm256_slli_epi32(v, 16));
+                            let ov = _mm256_castsi256_ps(_mm256_and_si256(v, high));
+                            *a = _mm256_fmadd_ps(ov, d, _mm256_fmadd_ps(ev, e, *a));
+                        }
+                    }
+                    finish8(&acc, dst.add(o), add);
+                }
+            }
+            Mat::Bf16(wb) => {
+                for o in (0..full).step_by(8) {
+                    prefetch_block(wb.as_ptr().add(o * n_in) as *const i8, 16 * n_in);
+                    let mut acc = [_mm256_setzero_ps(); 8];
+                    for c in (0..n_in).step_by(8) {
+                        let xv = _mm256_loadu_ps(xp.add(c));
+                        for (r, a) in acc.iter_mut().enumerate() {
+                            *a = _mm256_fmadd_ps(load8(w, (o + r) * n_in + c), xv, *a);
+                        }
+                    }
+                    finish8(&acc, dst.add(o), add);
+                }
+            }
+        }
+        for r in full..n_out {
+            let mut acc = _mm256_setzero_ps();
+            for c in (0..n_in).step_by(8) {
+                acc = _mm256_fmadd_ps(load8(w, r * n_in + c), _mm256_loadu_ps(xp.add(c)), acc);
+            }
+            store(y, m * n_out + r, hsum(acc), add);
+        }
+    }
+}
+
+/// Dot product of weight row `row` (at `wp`, `n_in` f32) with `x`: 32 columns per step in four
+/// accumulators, prefetching [`AHEAD`] bytes ahead.
+#[target_feature(enable = "avx2,fma")]
+#[inline]
+unsafe fn row_f32(wp: *const f32, n_in: usize, x: &[f32]) -> f32 {
+    let xp = x.as_ptr();
+    let end = n_in - n_in % 32;
+    let mut a = [_mm256_setzero_ps(); 4];
+    let mut i = 0;
+    while i < end {
+        let pf = (wp as *const i8).wrapping_add(i * 4 + AHEAD);
+        _mm_prefetch::<_MM_HINT_T0>(pf);
+        _mm_prefetch::<_MM_HINT_T0>(pf.wrapping_add(64));
+        for (k, acc) in a.iter_mut().enumerate() {
+            *acc = _mm256_fmadd_ps(_mm256_loadu_ps(wp.add(i + 8 * k)), _mm256_loadu_ps(xp.add(i + 8 * k)), *acc);
+        }
+        i += 32;
+    }
+    while i + 8 <= n_in {
+        a[0] = _mm256_fmadd_ps(_mm256_loadu_ps(wp.add(i)), _mm256_loadu_ps(xp.add(i)), a[0]);
+        i += 8;
+    }
+    let mut s = hsum(_mm256_add_ps(_mm256_add_ps(a[0], a[1]), _mm256_add_ps(a[2], a[3])));
+    while i < n_in {
+        s += *wp.add(i) * x[i];
+        i += 1;
+    }
+    s
+}
+
+/// `y[m][o] (+)= W[o] · xs[m]`, one weight row at a time: the rows of a matrix are contiguous, so the
+/// product reads the weights as one sequential stream (the hardware prefetcher's best case, helped by a
+/// software prefetch a fixed distance ahead); further activation rows re-read the weight row from L1.
+#[target_feature(enable = "avx2,fma")]
+pub unsafe fn matvec_f32(w: &[f32], n_in: usize, n_out: usize, xs: &[&[f32]], y: &mut [f32], add: bool) {
+    for o in 0..n_out {
+        let wp = w[o * n_in..(o + 1) * n_in].as_ptr();
+        for (m, x) in xs.iter().enumerate() {
+            store(y, m * n_out + o, row_f32(wp, n_in, x), add);
+        }
+    }
+}
+
+/// Dot product of bf16 weight row `row` (`n_in` long) with an activation row given both as is (`x`) and
+/// with each 16-column block split into its even and odd columns (`xs`): a 32-bit lane holds two bf16
+/// values, so shifting it left by 16 gives the even column as f32 and masking off the low half the odd
+/// one. 32 columns (one cache line) per step in four accumulators, prefetching [`AHEAD`] bytes ahead.
+#[target_feature(enable = "avx2,fma")]
+#[inline]
+unsafe fn row_bf16(row: &[u16], x: &[f32], xs: &[f32]) -> f32 {
+    let n_in = row.len();
+    let wp = row.as_ptr();
+    let xp = xs.as_ptr();
+    let high = _mm256_set1_epi32(0xFFFF_0000_u32 as i32);
+    let even = |v: __m256i| _mm256_castsi256_ps(_mm256_slli_epi32(v, 16));
+    let odd = |v: __m256i| _mm256_castsi256_ps(_mm256_and_si256(v, high));
+    let end = n_in - n_in % 32;
+    let mut a = [_mm256_setzero_ps(); 4];
+    let mut i = 0;
+    while i < end {
+        _mm_prefetch::<_MM_HINT_T0>((wp as *const i8).wrapping_add(i * 2 + AHEAD));
+        let v0 = _mm256_loadu_si256(wp.add(i) as *const __m256i);
+        let v1 = _mm256_loadu_si256(wp.add(i + 16) as *const __m256i);
+        a[0] = _mm256_fmadd_ps(even(v0), _mm256_loadu_ps(xp.add(i)), a[0]);
+        a[1] = _mm256_fmadd_ps(odd(v0), _mm256_loadu_ps(xp.add(i + 8)), a[1]);
+        a[2] = _mm256_fmadd_ps(even(v1), _mm256_loadu_ps(xp.add(i + 16)), a[2]);
+        a[3] = _mm256_fmadd_ps(odd(v1), _mm256_loadu_ps(xp.add(i + 24)), a[3]);
+        i += 32;
+    }
+    if i + 16 <= n_in {
+        let v = _mm256_loadu_si256(wp.add(i) as *const __m256i);
+        a[0] = _mm256_fmadd_ps(even(v), _mm256_loadu_ps(xp.add(i)), a[0]);
+        a[1] = _mm256_fmadd_ps(odd(v), _mm256_loadu_ps(xp.add(i + 8)), a[1]);
+        i += 16;
+    }
+    let mut s = hsum(_mm256_add_ps(_mm256_add_ps(a[0], a[1]), _mm256_add_ps(a[2], a[3])));
+    while i < n_in {
+        s += f32::from_bits(u32::from(row[i]) << 16) * x[i];
+        i += 1;
+    }
+    s
+}
+
+/// [`matvec_f32`] for bf16 weights; `split` holds the rows of `xs` (`[rows, n_in]`, flat) in
+/// [`row_bf16`]'s column order.
+#[target_feature(enable = "avx2,fma")]
+pub unsafe fn matvec_bf16(
+    w: &[u16],
+    n_in: usize,
+    n_out: usize,
+    xs: &[&[f32]],
+    split: &[f32],
+    y: &mut [f32],
+    add: bool,
+) {
+    for o in 0..n_out {
+        let row = &w[o * n_in..(o + 1) * n_in];
+        for (m, (x, xp)) in xs.iter().zip(split.chunks_exact(n_in)).enumerate() {
+            store(y, m * n_out + o, row_bf16(row, x, xp), add);
+        }
+    }
+}

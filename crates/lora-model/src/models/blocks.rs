@@ -1,0 +1,341 @@
+//! Blocks shared by the decoder families, each loaded from its HF-named weights and run on libtorch tensors:
+//! [`RmsNorm`], [`RotaryEmbedding`] (plain, linear and llama3 scaling), grouped-query [`Attention`] over a
+//! [`KvCache`], the SwiGLU [`Mlp`], and [`causal_mask`]. A family's file puts them together in its own order
+//! (e.g. Llama's pre-norm block); its projections are [`LoraLinear`]s, switched per block by the
+//! [`ForwardOptions::mask`].
+use tch::{Device, Kind, Tensor};
+
+use super::ForwardOptions;
+use crate::config::{ModelConfig, RopeScaling};
+use crate::error::{ModelError, Result};
+use crate::lora::LoraLinear;
+use crate::mask::Module;
+use crate::weights::{load_placed, Placement, WeightSource};
+
+/// Where the blocks load their weights from: a source of HF-named tensors, each checked, moved and converted to
+/// the model's [`Placement`] as it is loaded.
+#[derive(Clone, Copy)]
+pub(super) struct Weights<'a> {
+    src: &'a dyn WeightSource,
+    place: Placement,
+}
+
+impl<'a> Weights<'a> {
+    pub(super) fn new(src: &'a dyn WeightSource, place: Placement) -> Self {
+        Weights { src, place }
+    }
+
+    /// The tensor `name`, which must have shape `shape`.
+    pub(super) fn get(&self, name: &str, shape: &[i64]) -> Result<Tensor> {
+        load_placed(self.src, name, shape, self.place)
+    }
+
+    /// The projection `module` of block `layer` (`….weight`, and `….bias` when `bias`), shaped as `cfg` says.
+    pub(super) fn linear(&self, cfg: &ModelConfig, layer: usize, module: Module, bias: bool) -> Result<LoraLinear> {
+        let (out, inp) = cfg
+            .projection_shape(module.hf_name())
+            .ok_or_else(|| ModelError::InvalidArgument(format!("unknown module {module:?}")))?;
+        let path = module.hf_path(layer);
+        let w = self.get(&format!("{path}.weight"), &[out as i64, inp as i64])?;
+        let b = if bias { Some(self.get(&format!("{path}.bias"), &[out as i64])?) } else { None };
+        Ok(LoraLinear::new(w, b))
+    }
+}
+
+/// RMSNorm over the last axis: `x · rsqrt(mean(x²) + eps) · weight`.
+pub(super) struct RmsNorm {
+    /// `[dim]`.
+    pub(super) weight: Tensor,
+    pub(super) eps: f64,
+    dim: i64,
+}
+
+impl RmsNorm {
+    /// Loads the weight `name` (`[dim]`).
+    pub(super) fn load(w: &Weights<'_>, name: &str, dim: usize, eps: f64) -> Result<Self> {
+        let dim = dim as i64;
+        Ok(RmsNorm { weight: w.get(name, &[dim])?, eps, dim })
+    }
+
+    pub(super) fn forward(&self, x: &Tensor) -> Result<Tensor> {
+        Ok(x.f_rms_norm([self.dim], Some(&self.weight), self.eps)?)
+    }
+}
+
+/// Rotary position embeddings in HF's half-split layout: the inverse frequencies, on the model's device and on
+/// the host (for the fused decode step).
+pub(super) struct RotaryEmbedding {
+    inv_freq: Tensor,
+    inv_freq_host: Vec<f32>,
+}
+
+impl RotaryEmbedding {
+    /// The embedding for heads of `head_dim` values, base `theta`, frequencies scaled per `scaling`.
+    pub(super) fn new(head_dim: usize, theta: f64, scaling: &RopeScaling, device: Device) -> Result<Self> {
+        let inv_freq_host = inverse_frequencies(head_dim, theta, scaling);
+        let inv_freq = Tensor::from_slice(&inv_freq_host).f_to_device(device)?;
+        Ok(RotaryEmbedding { inv_freq, inv_freq_host })
+    }
+
+    /// The inverse frequencies on the host (`head_dim / 2` values).
+    pub(super) fn inv_freq_host(&self) -> &[f32] {
+        &self.inv_freq_host
+    }
+
+    /// The cosine and signed sine tables (`[B, 1, T, D]`, in `kind`) for `positions` `[B, T]`, as [`apply_rope`]
+    /// takes them: `cos = [cos, cos]`, `sin = [-sin, sin]`.
+    pub(super) fn tables(&self, positions: &Tensor, kind: Kind) -> Result<(Tensor, Tensor)> {
+        let freqs = positions.f_to_kind(Kind::Float)?.f_unsqueeze(-1)?.f_mul(&self.inv_freq.f_view([1, 1, -1])?)?;
+        let emb = Tensor::f_cat(&[&freqs, &freqs], -1)?;
+        let cos = emb.f_cos()?.f_to_kind(kind)?.f_unsqueeze(1)?;
+        let sin = freqs.f_sin()?;
+        let sin = Tensor::f_cat(&[&sin.f_neg()?, &sin], -1)?.f_to_kind(kind)?.f_unsqueeze(1)?;
+        Ok((cos, sin))
+    }
+
+    /// The `head_dim / 2` cosines and sines of position `pos`, in f32 on the host.
+    pub(super) fn host_tables(&self, pos: i64) -> (Vec<f32>, Vec<f32>) {
+        let angles: Vec<f32> = self.inv_freq_host.iter().map(|f| pos as f32 * f).collect();
+        (angles.iter().map(|a| a.cos()).collect(), angles.iter().map(|a| a.sin()).collect())
+    }
+}
+
+/// Inverse rotary frequencies (f32, `[head_dim / 2]`), scaled as HF does for `linear` and `llama3`.
+fn inverse_frequencies(head_dim: usize, theta: f64, scaling: &RopeScaling) -> Vec<f32> {
+    let d = head_dim;
+    let base = theta;
+    (0..d / 2)
+        .map(|i| {
+            let exponent = (2 * i) as f32 / d as f32;
+            let inv = 1.0f32 / (base as f32).powf(exponent);
+            match *scaling {
+                RopeScaling::Default => inv,
+                RopeScaling::Linear { factor } => inv / factor as f32,
+                RopeScaling::Llama3 { factor, low_freq_factor, high_freq_factor, original_max_position_embeddings } => {
+                    let (factor, lo, hi) = (factor as f32, low_freq_factor as f32, high_freq_factor as f32);
+                    let old = original_max_position_embeddings as f32;
+                    let low_freq_wavelen = old / lo;
+                    let high_freq_wavelen = old / hi;
+                    let wavelen = 2.0 * std::f32::consts::PI / inv;
+                    if wavelen < high_freq_wavelen {
+                        inv
+                    } else if wavelen > low_freq_wavelen {
+                        inv / factor
+                    } else {
+                        let smooth = (old / wavelen - lo) / (hi - lo);
+                        (1.0 - smooth) * inv / factor + smooth * inv
+                    }
+                }
+            }
+        })
+        .collect()
+}
+
+/// RoPE in HF's half-split layout, `x·cos + rotate_half(x)·sin`, as `x·cos + roll(x, D/2)·sin_signed` where
+/// `sin_signed = [-sin₁, sin₂]` is prepared once per forward: three kernels instead of seven.
+fn apply_rope(x: &Tensor, cos: &Tensor, sin_signed: &Tensor, half: i64) -> Result<Tensor> {
+    let rolled = x.f_roll([half], [-1])?;
+    Ok(x.f_mul(cos)?.f_addcmul(&rolled, sin_signed)?)
+}
+
+/// Keys and values of past positions, preallocated for `capacity` positions.
+#[derive(Debug)]
+pub struct KvCache {
+    /// Per block, `[B, kv heads, capacity, head_dim]`.
+    pub(super) keys: Vec<Tensor>,
+    pub(super) values: Vec<Tensor>,
+    /// `[B, capacity]` bool: which cached positions are real tokens (not left padding).
+    pub(super) key_mask: Tensor,
+    /// `[B]` i64: the position id the next token of each row gets.
+    pub(super) next_pos: Tensor,
+    pub(super) len: i64,
+    pub(super) capacity: i64,
+    pub(super) padded: bool,
+}
+
+impl KvCache {
+    /// An empty cache for `layers` blocks, `batch` rows, `kv_heads` heads of `head_dim` values and up to
+    /// `capacity` positions.
+    pub(super) fn new(
+        layers: usize,
+        batch: i64,
+        kv_heads: usize,
+        capacity: i64,
+        head_dim: usize,
+        place: Placement,
+    ) -> Result<Self> {
+        let shape = [batch, kv_heads as i64, capacity, head_dim as i64];
+        let opts = (place.kind, place.device);
+        let mut keys = Vec::with_capacity(layers);
+        let mut values = Vec::with_capacity(layers);
+        for _ in 0..layers {
+            keys.push(Tensor::f_zeros(shape, opts)?);
+            values.push(Tensor::f_zeros(shape, opts)?);
+        }
+        Ok(KvCache {
+            keys,
+            values,
+            key_mask: Tensor::f_ones([batch, capacity], (Kind::Bool, place.device))?,
+            next_pos: Tensor::f_zeros([batch], (Kind::Int64, place.device))?,
+            len: 0,
+            capacity,
+            padded: false,
+        })
+    }
+
+    /// Positions filled so far.
+    pub fn len(&self) -> i64 {
+        self.len
+    }
+
+    /// Whether nothing is cached yet.
+    pub fn is_empty(&self) -> bool {
+        self.len == 0
+    }
+
+    /// Maximum positions.
+    pub fn capacity(&self) -> i64 {
+        self.capacity
+    }
+}
+
+/// Per-call state shared by all blocks.
+pub(super) struct StepCtx<'a> {
+    /// Rotary tables from [`RotaryEmbedding::tables`].
+    pub(super) cos: Tensor,
+    pub(super) sin: Tensor,
+    pub(super) attn_mask: Option<Tensor>,
+    pub(super) is_causal: bool,
+    pub(super) opts: &'a ForwardOptions<'a>,
+}
+
+/// `[B or 1, 1, T, S]` boolean mask: causal over `past` cached + `t` new positions, restricted to valid keys
+/// and to the sliding window; the diagonal always stays open so fully padded rows never produce NaN.
+pub(super) fn causal_mask(
+    past: i64,
+    t: i64,
+    key_valid: Option<&Tensor>,
+    window: Option<i64>,
+    dev: Device,
+) -> Result<Tensor> {
+    let s = past + t;
+    let qpos = Tensor::f_arange_start(past, s, (Kind::Int64, dev))?.f_unsqueeze(1)?;
+    let kpos = Tensor::f_arange(s, (Kind::Int64, dev))?.f_unsqueeze(0)?;
+    let mut allowed = kpos.f_le_tensor(&qpos)?;
+    if let Some(w) = window {
+        allowed = allowed.f_logical_and(&qpos.f_sub(&kpos)?.f_lt(w)?)?;
+    }
+    let diag = kpos.f_eq_tensor(&qpos)?;
+    let mut m = allowed.f_unsqueeze(0)?.f_unsqueeze(0)?;
+    if let Some(k) = key_valid {
+        m = m.f_logical_and(&k.f_unsqueeze(1)?.f_unsqueeze(1)?)?;
+    }
+    Ok(m.f_logical_or(&diag.f_unsqueeze(0)?.f_unsqueeze(0)?)?)
+}
+
+/// Grouped-query self-attention with RoPE: `q_proj`, `k_proj`, `v_proj`, `o_proj`.
+pub(super) struct Attention {
+    pub(super) q: LoraLinear,
+    pub(super) k: LoraLinear,
+    pub(super) v: LoraLinear,
+    pub(super) o: LoraLinear,
+    num_heads: i64,
+    num_kv_heads: i64,
+    head_dim: i64,
+}
+
+impl Attention {
+    /// Loads `model.layers.{layer}.self_attn.{q,k,v,o}_proj` (biases on q/k/v and o as `cfg` says).
+    pub(super) fn load(w: &Weights<'_>, cfg: &ModelConfig, layer: usize) -> Result<Self> {
+        Ok(Attention {
+            q: w.linear(cfg, layer, Module::Q, cfg.qkv_bias)?,
+            k: w.linear(cfg, layer, Module::K, cfg.qkv_bias)?,
+            v: w.linear(cfg, layer, Module::V, cfg.qkv_bias)?,
+            o: w.linear(cfg, layer, Module::O, cfg.o_bias)?,
+            num_heads: cfg.num_heads as i64,
+            num_kv_heads: cfg.num_kv_heads as i64,
+            head_dim: cfg.head_dim as i64,
+        })
+    }
+
+    /// Attention of `x` `[B, T, H]` (block `layer`) over itself and, with a cache, everything cached before it;
+    /// the new keys and values are written into the cache (which the caller then advances).
+    pub(super) fn forward(
+        &self,
+        x: &Tensor,
+        layer: usize,
+        ctx: &StepCtx<'_>,
+        cache: Option<&mut KvCache>,
+    ) -> Result<Tensor> {
+        let (b, t) = (x.size()[0], x.size()[1]);
+        let m = ctx.opts.mask;
+        let train = ctx.opts.train;
+        let q = self.q.forward(x, m.is_active(layer, Module::Q), train)?;
+        let k = self.k.forward(x, m.is_active(layer, Module::K), train)?;
+        let v = self.v.forward(x, m.is_active(layer, Module::V), train)?;
+        let q = q.f_view([b, t, self.num_heads, self.head_dim])?.f_transpose(1, 2)?;
+        let k = k.f_view([b, t, self.num_kv_heads, self.head_dim])?.f_transpose(1, 2)?;
+        let v = v.f_view([b, t, self.num_kv_heads, self.head_dim])?.f_transpose(1, 2)?;
+        let half = self.head_dim / 2;
+        let q = apply_rope(&q, &ctx.cos, &ctx.sin, half)?;
+        let k = apply_rope(&k, &ctx.cos, &ctx.sin, half)?;
+        let (k, v) = match cache {
+            Some(c) => {
+                let start = c.len;
+                let kc = &mut c.keys[layer];
+                kc.f_narrow(2, start, t)?.f_copy_(&k)?;
+                let vc = &mut c.values[layer];
+                vc.f_narrow(2, start, t)?.f_copy_(&v)?;
+                (kc.f_narrow(2, 0, start + t)?, vc.f_narrow(2, 0, start + t)?)
+            }
+            None => (k, v),
+        };
+        let rep = self.num_heads / self.num_kv_heads;
+        let out = if t == 1 && rep > 1 {
+            // One query per head: fold the query heads sharing a KV head into the query axis, so attention runs
+            // per KV head with no repeated keys/values (a [B, 1, 1, S] mask broadcasts over the folded axis).
+            let qg = q.f_reshape([b, self.num_kv_heads, rep, self.head_dim])?;
+            Tensor::f_scaled_dot_product_attention(&qg, &k, &v, ctx.attn_mask.as_ref(), 0.0, false, None, false)?
+                .f_reshape([b, self.num_heads, 1, self.head_dim])?
+        } else {
+            Tensor::f_scaled_dot_product_attention(
+                &q,
+                &k,
+                &v,
+                ctx.attn_mask.as_ref(),
+                0.0,
+                ctx.is_causal,
+                None,
+                rep > 1,
+            )?
+        };
+        let out = out.f_transpose(1, 2)?.f_reshape([b, t, self.num_heads * self.head_dim])?;
+        self.o.forward(&out, m.is_active(layer, Module::O), train)
+    }
+}
+
+/// The SwiGLU MLP: `down(silu(gate(x)) · up(x))`, from `gate_proj`, `up_proj`, `down_proj`.
+pub(super) struct Mlp {
+    pub(super) gate: LoraLinear,
+    pub(super) up: LoraLinear,
+    pub(super) down: LoraLinear,
+}
+
+impl Mlp {
+    /// Loads `model.layers.{layer}.mlp.{gate,up,down}_proj` (biases as `cfg` says).
+    pub(super) fn load(w: &Weights<'_>, cfg: &ModelConfig, layer: usize) -> Result<Self> {
+        Ok(Mlp {
+            gate: w.linear(cfg, layer, Module::Gate, cfg.mlp_bias)?,
+            up: w.linear(cfg, layer, Module::Up, cfg.mlp_bias)?,
+            down: w.linear(cfg, layer, Module::Down, cfg.mlp_bias)?,
+        })
+    }
+
+    pub(super) fn forward(&self, x: &Tensor, layer: usize, opts: &ForwardOptions<'_>) -> Result<Tensor> {
+        let m = opts.mask;
+        let gate = self.gate.forward(x, m.is_active(layer, Module::Gate), opts.train)?;
+        let up = self.up.forward(x, m.is_active(layer, Module::Up), opts.train)?;
+        let h = gate.f_silu()?.f_mul(&up)?;
+        self.down.forward(&h, m.is_active(layer, Module::Down), opts.train)
+    }
+}
