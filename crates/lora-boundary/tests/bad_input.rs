@@ -1,14 +1,14 @@
 //! Bad input at the edges of the command line: every case gets a typed refusal naming what is wrong, with the
 //! exit code docs/cli.md gives (2 = bad usage or input data, 1 = model/adapter/file errors), before any long work,
 //! and leaves no partial output behind. docs/reliability.md lists each class and the test here that proves it.
+mod common;
+
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output};
 
 use lora_boundary::tch::Tensor;
 
-fn fixtures() -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR")).join("../../tests/fixtures")
-}
+use common::fixtures;
 
 /// tiny-llama with a byte-level tokenizer (256 ids = 256 bytes; context 256 tokens).
 fn model() -> PathBuf {
@@ -288,7 +288,7 @@ fn outputs_left_by_a_killed_run_are_cleaned_by_the_next_and_failed_runs_leave_no
 
 #[test]
 fn the_default_model_is_found_from_any_directory() {
-    let root = Path::new(env!("CARGO_MANIFEST_DIR")).join("../..");
+    let root = common::root();
     if !root.join(lora_boundary::DEFAULT_MODEL).exists() {
         eprintln!("skipped: {} is not set up (run scripts/setup.sh)", lora_boundary::DEFAULT_MODEL);
         return;

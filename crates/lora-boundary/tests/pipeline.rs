@@ -1,14 +1,14 @@
 //! The whole pipeline end to end on the tiny fixture model (CPU, seconds): train LoRA, probe, detect, search,
 //! evaluate full vs pruned vs base, export the pruned adapter and the report; then the CLI on the same files.
+mod common;
+
 use std::path::{Path, PathBuf};
 use std::process::Command;
 
 use lora_boundary::pipeline::{run_pipeline, PipelineConfig};
 use lora_boundary::{load_adapter, load_model, LayerMask, Placement};
 
-fn fixtures() -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR")).join("../../tests/fixtures")
-}
+use common::fixtures;
 
 /// GPT-2's byte → printable character map: a 256-token byte-level vocabulary fits the tiny model's 256 ids.
 fn byte_vocab() -> serde_json::Map<String, serde_json::Value> {

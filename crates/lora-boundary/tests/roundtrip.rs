@@ -8,6 +8,8 @@
 //! Each test (1) re-runs the tool and checks that it writes exactly the committed output (so a change in what we
 //! write cannot pass unnoticed: the reference libraries were run on those bytes), then (2) checks the tool's own
 //! logits and tokens against what PEFT/transformers computed from them.
+mod common;
+
 use std::collections::{BTreeMap, HashMap};
 use std::path::{Path, PathBuf};
 use std::process::Command;
@@ -15,9 +17,7 @@ use std::process::Command;
 use lora_boundary::tch::{Kind, Tensor};
 use lora_boundary::{load_adapter, prune_adapter, ForwardOptions, LayerMask, Llama, Placement};
 
-fn fixtures() -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR")).join("../../tests/fixtures")
-}
+use common::fixtures;
 
 fn rt() -> PathBuf {
     fixtures().join("roundtrip")

@@ -1,12 +1,11 @@
 //! A PEFT adapter on SmolLM2 through the CLI against PEFT (fixture `tests/fixtures/adapters/smollm2-r2`, made by
 //! `scripts/fixtures/model/make_adapter_fixtures.py`): full LoRA, keep-through-14, the pruned adapter, and the base
 //! model, greedy token for token.
-use std::path::{Path, PathBuf};
+mod common;
+
 use std::process::Command;
 
-fn root() -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR")).join("../..")
-}
+use common::root;
 
 fn ids(v: &serde_json::Value) -> Vec<i64> {
     v.as_array().unwrap().iter().map(|x| x.as_i64().unwrap()).collect()

@@ -1,15 +1,15 @@
 //! PEFT adapters against PEFT itself (fixtures from `scripts/fixtures/model/make_adapter_fixtures.py`): full,
 //! base, keep-through, dropped ranges and merged logits; unmerge; prune; refusals.
+mod common;
+
 use std::collections::HashMap;
-use std::path::{Path, PathBuf};
+use std::path::Path;
 
 use lora_model::adapter::{merge, unmerge};
 use lora_model::tch::{Kind, Tensor};
 use lora_model::{load_adapter, prune_adapter, ForwardOptions, LayerMask, Llama, Module, Placement};
 
-fn fixtures() -> PathBuf {
-    PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../../tests/fixtures")
-}
+use common::fixtures;
 
 fn load(base: &str, adapter: Option<&Path>) -> Llama {
     let mut m = Llama::load(fixtures().join("models").join(base), Placement::default()).unwrap();

@@ -1,5 +1,7 @@
 //! The decoder against HF transformers on tiny random models (fixtures from
 //! `scripts/fixtures/model/make_model_fixtures.py`): logits, every hidden state, greedy tokens.
+mod common;
+
 use std::collections::HashMap;
 use std::path::PathBuf;
 
@@ -7,7 +9,7 @@ use lora_model::tch::{Kind, Tensor};
 use lora_model::{generate, ForwardOptions, GenerationConfig, LayerMask, Llama, Placement};
 
 fn fixtures() -> PathBuf {
-    PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../../tests/fixtures/models")
+    common::fixtures().join("models")
 }
 
 fn reference(name: &str) -> HashMap<String, Tensor> {

@@ -1,14 +1,12 @@
 //! The fused one-token decode step (`forward_cached` with one new token per row on CPU) against uncached
 //! libtorch forwards of the whole sequence: tiny Llama with an rsLoRA/pattern adapter, Qwen2 with q/k/v bias and
 //! its adapter, llama3 rope scaling; left-padded batches; masks all / keep-through / none; f32 and bf16.
-use std::path::PathBuf;
+mod common;
 
 use lora_model::tch::{Kind, Tensor};
 use lora_model::{kernels, load_adapter, ForwardOptions, LayerMask, Llama, Logits, Placement};
 
-fn fixtures() -> PathBuf {
-    PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../../tests/fixtures")
-}
+use common::fixtures;
 
 fn load(base: &str, adapter: Option<&str>, kind: Kind) -> Llama {
     let place = Placement { kind, ..Placement::default() };

@@ -3,6 +3,8 @@
 //! valid value, never a panic, never an unbounded allocation": inputs include corrupted counts and lengths of up to
 //! 2^64, and a reader that trusted one would abort the test process. Bounded: a few hundred cases per property,
 //! seconds each.
+mod common;
+
 use std::path::{Path, PathBuf};
 
 use lora_model::{
@@ -10,9 +12,7 @@ use lora_model::{
 };
 use proptest::prelude::*;
 
-fn fixtures() -> PathBuf {
-    PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../../tests/fixtures")
-}
+use common::fixtures;
 
 /// A byte-level corruption of a valid file.
 #[derive(Debug, Clone)]
@@ -81,7 +81,7 @@ proptest! {
 
     #[test]
     fn gguf_reader_never_panics(cs in prop::collection::vec(corruption(4096), 1..4)) {
-        let good = std::fs::read(Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/gguf/synthetic.gguf")).unwrap();
+        let good = std::fs::read(common::crate_fixtures().join("gguf/synthetic.gguf")).unwrap();
         let dir = tempfile::tempdir().unwrap();
         let p = write_tmp(dir.path(), "m.gguf", &corrupt(good, &cs));
         if let Ok(w) = GgufWeights::open(&p) {

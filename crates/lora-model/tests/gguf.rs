@@ -3,8 +3,9 @@
 //! Fixtures come from `scripts/fixtures/gguf/make_gguf_fixtures.py`. The SmolLM2 tests need
 //! `models/SmolLM2-135M-Instruct.Q4_1.gguf` (made by `scripts/setup.sh`) and skip with a message
 //! when it is absent (`LORA_SMOLLM2_GGUF` overrides the path).
+mod common;
 
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 
 use lora_model::error::ModelError;
 use lora_model::gguf::{
@@ -15,7 +16,7 @@ use safetensors::SafeTensors;
 use serde_json::Value;
 
 fn fixtures() -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/gguf")
+    common::crate_fixtures().join("gguf")
 }
 
 fn synthetic() -> GgufFile {
@@ -395,7 +396,7 @@ fn smollm2() -> Option<GgufFile> {
     // `LORA_SMOLLM2_GGUF` points elsewhere (e.g. when the crate is built outside the workspace).
     let p = match std::env::var_os("LORA_SMOLLM2_GGUF") {
         Some(p) => PathBuf::from(p),
-        None => Path::new(env!("CARGO_MANIFEST_DIR")).join("../../models/SmolLM2-135M-Instruct.Q4_1.gguf"),
+        None => common::root().join("models/SmolLM2-135M-Instruct.Q4_1.gguf"),
     };
     if !p.exists() {
         eprintln!("skipping: {} not found (run scripts/setup.sh)", p.display());

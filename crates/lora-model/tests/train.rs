@@ -1,8 +1,10 @@
 //! LoRA fine-tuning against torch/PEFT: one and two AdamW steps from the same init and batch
 //! (`tests/fixtures/adapters/train-step`, made by `scripts/fixtures/model/make_adapter_fixtures.py`), plus
 //! end-to-end training, checkpoint reloading and exact resume on the tiny model.
+mod common;
+
 use std::collections::HashMap;
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::str::FromStr;
 
 use lora_model::adapter::{LayerList, ModuleSelector};
@@ -13,9 +15,7 @@ use lora_model::train::{
 };
 use lora_model::{init_lora, load_adapter, ForwardOptions, LayerMask, Llama, LoraConfig, Module, Placement, Tokenizer};
 
-fn fixtures() -> PathBuf {
-    PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../../tests/fixtures")
-}
+use common::fixtures;
 
 fn tiny() -> Llama {
     Llama::load(fixtures().join("models/tiny-llama"), Placement::default()).unwrap()

@@ -1,6 +1,6 @@
 //! The probe against HF transformers + PEFT (tests/fixtures/probe/reference.json, made by
 //! scripts/fixtures/probe/make_probe_fixtures.py): per sample, point and position, within 1e-4 in f32.
-use std::path::PathBuf;
+mod common;
 
 use lora_model::{load_adapter, LayerMask, Llama, Placement};
 use lora_probe::{
@@ -10,9 +10,7 @@ use serde_json::Value;
 
 const TOL: f64 = 1e-4;
 
-fn root() -> PathBuf {
-    PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../..")
-}
+use common::root;
 
 fn reference() -> Value {
     let text = std::fs::read_to_string(root().join("tests/fixtures/probe/reference.json")).expect("reference.json");

@@ -1,17 +1,13 @@
 //! The text path (tokenizer, chat template, JSONL, what `lora-boundary probe` does) on SmolLM2-135M-Instruct when
 //! `models/SmolLM2-135M-Instruct.Q4_1.gguf` is present (skipped otherwise: the file is not committed).
+mod common;
+
 use std::path::PathBuf;
 
 use lora_probe::{parse_masks, read_jsonl, tokenize_samples, Probe, ProbeConfig, ProbeMode, TokenizedSample};
 
 fn gguf() -> Option<PathBuf> {
-    let p = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../../models/SmolLM2-135M-Instruct.Q4_1.gguf");
-    if p.exists() {
-        Some(p)
-    } else {
-        eprintln!("skipped: {} not found (run scripts/setup.sh)", p.display());
-        None
-    }
+    common::smollm2_gguf()
 }
 
 #[test]

@@ -1,0 +1,29 @@
+//! How this crate's tests reach files: one place, so every test finds fixtures the same way.
+#![allow(dead_code)]
+use std::path::PathBuf;
+
+/// The workspace root.
+pub fn root() -> PathBuf {
+    PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../..")
+}
+
+/// The workspace's committed reference fixtures (`tests/fixtures/`).
+pub fn fixtures() -> PathBuf {
+    root().join("tests/fixtures")
+}
+
+/// This crate's own committed fixtures (`<crate>/tests/fixtures/`).
+pub fn crate_fixtures() -> PathBuf {
+    PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures")
+}
+
+/// The embedded SmolLM2 GGUF that `scripts/setup.sh` fetches, or `None` after printing why the caller skips.
+pub fn smollm2_gguf() -> Option<PathBuf> {
+    let p = root().join("models/SmolLM2-135M-Instruct.Q4_1.gguf");
+    if p.exists() {
+        Some(p)
+    } else {
+        eprintln!("skipped: {} not found (run scripts/setup.sh)", p.display());
+        None
+    }
+}
