@@ -1,6 +1,7 @@
 //! Bad input at the edges of the command line: every case gets a typed refusal naming what is wrong, with the
 //! exit code docs/cli.md gives (2 = bad usage or input data, 1 = model/adapter/file errors), before any long work,
 //! and leaves no partial output behind. docs/reliability.md lists each class and the test here that proves it.
+#[path = "../../../tests/support/mod.rs"]
 mod common;
 
 use std::path::{Path, PathBuf};

@@ -1,5 +1,6 @@
 //! The whole pipeline end to end on the tiny fixture model (CPU, seconds): train LoRA, probe, detect, search,
 //! evaluate full vs pruned vs base, export the pruned adapter and the report; then the CLI on the same files.
+#[path = "../../../tests/support/mod.rs"]
 mod common;
 
 use std::path::{Path, PathBuf};

@@ -8,6 +8,7 @@
 //! Each test (1) re-runs the tool and checks that it writes exactly the committed output (so a change in what we
 //! write cannot pass unnoticed: the reference libraries were run on those bytes), then (2) checks the tool's own
 //! logits and tokens against what PEFT/transformers computed from them.
+#[path = "../../../tests/support/mod.rs"]
 mod common;
 
 use std::collections::{BTreeMap, HashMap};

@@ -1,6 +1,7 @@
 //! A PEFT adapter on SmolLM2 through the CLI against PEFT (fixture `tests/fixtures/adapters/smollm2-r2`, made by
 //! `scripts/fixtures/model/make_adapter_fixtures.py`): full LoRA, keep-through-14, the pruned adapter, and the base
 //! model, greedy token for token.
+#[path = "../../../tests/support/mod.rs"]
 mod common;
 
 use std::process::Command;

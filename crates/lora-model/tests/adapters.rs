@@ -1,5 +1,6 @@
 //! PEFT adapters against PEFT itself (fixtures from `scripts/fixtures/model/make_adapter_fixtures.py`): full,
 //! base, keep-through, dropped ranges and merged logits; unmerge; prune; refusals.
+#[path = "../../../tests/support/mod.rs"]
 mod common;
 
 use std::collections::HashMap;

@@ -1,5 +1,6 @@
 //! The decoder against HF transformers on tiny random models (fixtures from
 //! `scripts/fixtures/model/make_model_fixtures.py`): logits, every hidden state, greedy tokens.
+#[path = "../../../tests/support/mod.rs"]
 mod common;
 
 use std::collections::HashMap;

@@ -1,6 +1,7 @@
 //! The fused one-token decode step (`forward_cached` with one new token per row on CPU) against uncached
 //! libtorch forwards of the whole sequence: tiny Llama with an rsLoRA/pattern adapter, Qwen2 with q/k/v bias and
 //! its adapter, llama3 rope scaling; left-padded batches; masks all / keep-through / none; f32 and bf16.
+#[path = "../../../tests/support/mod.rs"]
 mod common;
 
 use lora_model::tch::{Kind, Tensor};

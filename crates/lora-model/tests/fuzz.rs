@@ -3,6 +3,7 @@
 //! valid value, never a panic, never an unbounded allocation": inputs include corrupted counts and lengths of up to
 //! 2^64, and a reader that trusted one would abort the test process. Bounded: a few hundred cases per property,
 //! seconds each.
+#[path = "../../../tests/support/mod.rs"]
 mod common;
 
 use std::path::{Path, PathBuf};

@@ -3,6 +3,7 @@
 //! Fixtures come from `scripts/fixtures/gguf/make_gguf_fixtures.py`. The SmolLM2 tests need
 //! `models/SmolLM2-135M-Instruct.Q4_1.gguf` (made by `scripts/setup.sh`) and skip with a message
 //! when it is absent (`LORA_SMOLLM2_GGUF` overrides the path).
+#[path = "../../../tests/support/mod.rs"]
 mod common;
 
 use std::path::PathBuf;

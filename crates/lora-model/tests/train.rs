@@ -1,6 +1,7 @@
 //! LoRA fine-tuning against torch/PEFT: one and two AdamW steps from the same init and batch
 //! (`tests/fixtures/adapters/train-step`, made by `scripts/fixtures/model/make_adapter_fixtures.py`), plus
 //! end-to-end training, checkpoint reloading and exact resume on the tiny model.
+#[path = "../../../tests/support/mod.rs"]
 mod common;
 
 use std::collections::HashMap;

@@ -1,5 +1,6 @@
 //! The probe against HF transformers + PEFT (tests/fixtures/probe/reference.json, made by
 //! scripts/fixtures/probe/make_probe_fixtures.py): per sample, point and position, within 1e-4 in f32.
+#[path = "../../../tests/support/mod.rs"]
 mod common;
 
 use lora_model::{load_adapter, LayerMask, Llama, Placement};

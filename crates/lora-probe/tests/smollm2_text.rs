@@ -1,5 +1,6 @@
 //! The text path (tokenizer, chat template, JSONL, what `lora-boundary probe` does) on SmolLM2-135M-Instruct when
 //! `models/SmolLM2-135M-Instruct.Q4_1.gguf` is present (skipped otherwise: the file is not committed).
+#[path = "../../../tests/support/mod.rs"]
 mod common;
 
 use std::path::PathBuf;

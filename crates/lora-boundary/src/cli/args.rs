@@ -165,20 +165,7 @@ pub use crate::tasks::read_text;
 
 /// Reads a JSONL file into rows with their 1-based line numbers, naming the line of any bad row.
 pub fn read_jsonl_lines<T: serde::de::DeserializeOwned>(path: &Path) -> Result<Vec<(usize, T)>> {
-    let text = read_text(path)?;
-    let mut rows = Vec::new();
-    for (i, line) in text.lines().enumerate() {
-        if line.trim().is_empty() {
-            continue;
-        }
-        let row = serde_json::from_str(line).map_err(|e| Error::Data {
-            path: path.to_path_buf(),
-            line: i + 1,
-            message: e.to_string(),
-        })?;
-        rows.push((i + 1, row));
-    }
-    Ok(rows)
+    Ok(lora_common::text::read_jsonl_lines(path)?)
 }
 
 /// Reads a JSONL file into rows, naming the line of any bad row.

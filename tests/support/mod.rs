@@ -1,4 +1,6 @@
-//! How this crate's tests reach files: one place, so every test finds fixtures the same way.
+//! How the tests of lora-model, lora-probe and lora-boundary reach files: one file, included by each test as
+//! `#[path = "../../../tests/support/mod.rs"] mod common;`, so every test finds fixtures the same way.
+//! (`env!("CARGO_MANIFEST_DIR")` is the including crate's directory.)
 #![allow(dead_code)]
 use std::path::PathBuf;
 
