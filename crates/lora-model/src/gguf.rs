@@ -686,6 +686,8 @@ impl GgufFile {
             }
         };
         let bytes = self.tensor_bytes(name)?;
+        let start = bytes.as_ptr() as usize - self.mmap.as_ptr() as usize;
+        let mapped = start..start + bytes.len();
         let shape = t.shape().ok_or_else(|| self.err(format!("tensor `{name}`: dimensions do not fit in memory")))?;
         let n = shape.iter().try_fold(1usize, |a, &d| a.checked_mul(d));
         let n = n
@@ -694,11 +696,12 @@ impl GgufFile {
         let mut out = vec![0f32; n];
         if block == 1 {
             decode(bytes, &mut out);
-            return Ok((out, shape));
+        } else {
+            for (y, b) in out.chunks_exact_mut(block).zip(bytes.chunks_exact(size)) {
+                decode(b, y);
+            }
         }
-        for (y, b) in out.chunks_exact_mut(block).zip(bytes.chunks_exact(size)) {
-            decode(b, y);
-        }
+        crate::weights::release_pages(&self.mmap, mapped);
         Ok((out, shape))
     }
 }

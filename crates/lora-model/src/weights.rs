@@ -187,8 +187,30 @@ impl WeightSource for SafetensorsWeights {
                 message: format!("data of `{name}` lies past the end of the file"),
             }
         })?;
-        bytes_to_tensor(bytes, info.dtype, &shape, name, &shard.path)
+        let t = bytes_to_tensor(bytes, info.dtype, &shape, name, &shard.path)?;
+        release_pages(&shard.mmap, shard.header_len + start..shard.header_len + end);
+        Ok(t)
     }
+}
+
+/// Drops the mapped pages of `range` from this process's resident set once their bytes have been copied out, so
+/// that loading a checkpoint costs its weights once (in their tensors), not twice (tensors + mapped file pages,
+/// which count in RSS). The pages stay in the OS page cache; a later read of the range faults them back in.
+pub(crate) fn release_pages(mmap: &Mmap, range: std::ops::Range<usize>) {
+    #[cfg(unix)]
+    {
+        // SAFETY: aliasing: `Mmap::map` maps the file read-only and MAP_SHARED, so MADV_DONTNEED discards no data:
+        // a later access to the range (through a slice some other caller still holds, on any thread) faults the
+        // same file bytes back in from the page cache. No Rust reference can observe a change, as long as the file
+        // itself is not modified while mapped — the assumption every memory-mapped loader (this one included)
+        // already makes. Threads: madvise is a system call on our own mapping; concurrent readers are covered by
+        // the argument above. The range lies inside the mapping (the caller sliced it from the same map).
+        let _ = unsafe {
+            mmap.unchecked_advise_range(memmap2::UncheckedAdvice::DontNeed, range.start, range.end - range.start)
+        };
+    }
+    #[cfg(not(unix))]
+    let _ = (mmap, range);
 }
 
 /// Loads a tensor from a source and places it (device, kind).

@@ -532,3 +532,31 @@ fn smollm2_full_dequantize_is_fast_enough() {
     eprintln!("dequantized {n} values in {secs:.2} s");
     assert!(n > 130_000_000);
 }
+
+/// Rotary scaling declared by GGUF files (`scripts/fixtures/gguf/make_gguf_fixtures.py --only rope` writes them):
+/// Llama 3.x `rope_freqs.weight` divisors become llama3 `rope_scaling`, linear scaling maps directly, and yarn or
+/// divisors no known rule gives are refused by name (never run as plain RoPE).
+#[test]
+fn rope_scaling_from_gguf_metadata_and_rope_freqs() {
+    let expected: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(fixtures().join("rope_expected.json")).unwrap()).unwrap();
+    let cases = expected.as_object().unwrap();
+    assert_eq!(cases.len(), 4);
+    for (file, want) in cases {
+        let f = GgufFile::open(fixtures().join(file)).unwrap();
+        match want.get("error").and_then(|e| e.as_str()) {
+            Some(needle) => {
+                let e = hf_config(&f).unwrap_err().to_string();
+                assert!(e.contains(needle) && e.contains("not implemented"), "{file}: {e}");
+            }
+            None => {
+                let c = hf_config(&f).unwrap();
+                assert_eq!(&c["rope_scaling"], want, "{file}");
+                let raw: lora_model::config::HfConfig = serde_json::from_value(c).unwrap();
+                let cfg = lora_model::ModelConfig::from_hf(&raw, std::path::Path::new(file)).unwrap();
+                let is_llama3 = matches!(cfg.rope_scaling, lora_model::config::RopeScaling::Llama3 { factor, original_max_position_embeddings: 8192, .. } if factor == 8.0);
+                assert_eq!(is_llama3, want["rope_type"] == "llama3", "{file}: {:?}", cfg.rope_scaling);
+            }
+        }
+    }
+}

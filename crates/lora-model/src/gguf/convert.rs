@@ -183,6 +183,10 @@ pub fn hf_config(file: &GgufFile) -> Result<Value> {
     if let Some(head_dim) = head_dim {
         config["head_dim"] = json!(head_dim);
     }
+    let rope_dim = head_dim.unwrap_or(hidden / n_head.max(1));
+    if let Some(scaling) = rope_scaling(file, &key, f64::from(rope_theta), rope_dim)? {
+        config["rope_scaling"] = scaling;
+    }
     for (gguf, hf) in [
         ("tokenizer.ggml.bos_token_id", "bos_token_id"),
         ("tokenizer.ggml.eos_token_id", "eos_token_id"),
@@ -194,6 +198,78 @@ pub fn hf_config(file: &GgufFile) -> Result<Value> {
         }
     }
     Ok(config)
+}
+
+/// The rotary scaling a GGUF file declares, as an HF `rope_scaling` object (`None`: plain RoPE).
+///
+/// `{arch}.rope.scaling.type` `none`/`linear` (with `rope.scaling.factor`) map directly. A `rope_freqs.weight`
+/// tensor (what llama.cpp's converter writes for Llama 3.x: one divisor per rotary frequency) is matched against
+/// the llama3 rule — factor = the largest divisor, low/high frequency factors 1 and 4, original context 8192, as
+/// every Llama 3.1/3.2/3.3 checkpoint uses — and must reproduce every divisor to f32 precision. Anything else
+/// (`yarn`, `longrope`, divisors no known rule gives) is refused by name: running it as plain RoPE would be a
+/// silently wrong model.
+fn rope_scaling(file: &GgufFile, key: &dyn Fn(&str) -> String, theta: f64, rope_dim: u64) -> Result<Option<Value>> {
+    match file.get_str_opt(&key("rope.scaling.type"))? {
+        None | Some("none") => {}
+        Some("linear") => {
+            let factor = file.get_f32(&key("rope.scaling.factor"))?;
+            return Ok(Some(json!({"rope_type": "linear", "factor": short_f64(factor)})));
+        }
+        Some(other) => {
+            return Err(file.err(format!(
+                "rope scaling type `{other}` (`{}`) is not implemented (supported: none, linear, llama3 via \
+                 rope_freqs)",
+                key("rope.scaling.type")
+            )))
+        }
+    }
+    if file.tensor_info("rope_freqs.weight").is_none() {
+        return Ok(None);
+    }
+    let (divisors, _) = file.dequantize("rope_freqs.weight")?;
+    let half = usize::try_from(rope_dim / 2).unwrap_or(0);
+    if divisors.len() != half || half == 0 {
+        return Err(file.err(format!(
+            "`rope_freqs.weight` has {} values, but the rotary dimension {rope_dim} needs {half}",
+            divisors.len()
+        )));
+    }
+    let factor = f64::from(divisors.iter().copied().fold(f32::MIN, f32::max));
+    let (low, high, original) = (1.0, 4.0, 8192usize);
+    let expected = llama3_divisors(theta, rope_dim as usize, factor, low, high, original);
+    let worst = divisors.iter().zip(&expected).map(|(&d, &e)| ((f64::from(d) - e) / e).abs()).fold(0.0, f64::max);
+    if !(factor >= 1.0 && worst < 1e-5) {
+        return Err(file.err(format!(
+            "`rope_freqs.weight` holds per-frequency RoPE divisors that the llama3 rule (factor {factor}, low 1, \
+             high 4, original context 8192) does not reproduce (worst relative difference {worst:.2e}); arbitrary \
+             per-frequency factors are not implemented"
+        )));
+    }
+    Ok(Some(json!({
+        "rope_type": "llama3", "factor": factor, "low_freq_factor": low, "high_freq_factor": high,
+        "original_max_position_embeddings": original,
+    })))
+}
+
+/// The divisor the llama3 rule applies to each rotary frequency (`inv_freq / inv_freq_llama3`), as llama.cpp's
+/// converter writes them into `rope_freqs.weight`.
+pub(crate) fn llama3_divisors(theta: f64, dim: usize, factor: f64, low: f64, high: f64, original: usize) -> Vec<f64> {
+    let original = original as f64;
+    let (low_wavelen, high_wavelen) = (original / low, original / high);
+    (0..dim / 2)
+        .map(|i| {
+            let inv_freq = 1.0 / theta.powf((2 * i) as f64 / dim as f64);
+            let wavelen = 2.0 * std::f64::consts::PI / inv_freq;
+            if wavelen < high_wavelen {
+                1.0
+            } else if wavelen > low_wavelen {
+                factor
+            } else {
+                let smooth = (original / wavelen - low) / (high - low);
+                1.0 / ((1.0 - smooth) / factor + smooth)
+            }
+        })
+        .collect()
 }
 
 /// The `f64` with the shortest decimal form that rounds to `x` as an `f32` (`1e-5`, not
