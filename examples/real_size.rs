@@ -185,6 +185,9 @@ fn report(args: &[String]) -> Result<()> {
     let dtype = arg(args, "--dtype").unwrap_or_else(|| "auto".into());
     let tokens: usize = arg(args, "--tokens").map_or(Ok(4), |t| t.parse())?;
     let kind = lora_boundary::resolve_kind(&dtype, &model)?;
+    // What the process holds before any weight: libtorch's and the binary's mapped code, the allocator.
+    let _warm = Tensor::zeros([1], (Kind::Float, lora_boundary::model::tch::Device::Cpu));
+    let rss_before = peak_rss()?;
     let t0 = Instant::now();
     let (m, tokenizer) = lora_boundary::load_model(&model, Placement { kind, ..Placement::default() })?;
     let load_s = t0.elapsed().as_secs_f64();
@@ -201,8 +204,9 @@ fn report(args: &[String]) -> Result<()> {
     let peak = peak_rss()?;
     let out = serde_json::json!({
         "model": model, "dtype": format!("{kind:?}"), "file_bytes": file_bytes, "weight_bytes": loaded_bytes,
-        "load_s": load_s, "peak_rss_after_load": rss_after_load, "peak_rss": peak,
+        "load_s": load_s, "rss_before_load": rss_before, "peak_rss_after_load": rss_after_load, "peak_rss": peak,
         "peak_rss_over_weight_bytes": peak as f64 / loaded_bytes as f64,
+        "peak_rss_less_baseline_over_weight_bytes": (peak - rss_before) as f64 / loaded_bytes as f64,
         "first_token_s": first_token_s, "generate_s": wall_generate_s,
         "decode_tokens_per_s": timing.decode_tokens_per_s,
     });

@@ -35,6 +35,15 @@ pub trait WeightSource {
     fn load(&self, name: &str, expected: Option<&[i64]>) -> Result<Tensor>;
     /// All tensor names.
     fn names(&self) -> Vec<String>;
+    /// [`WeightSource::load`], converted to floating-point `kind` when given (integer tensors keep theirs). A
+    /// source may convert while copying to avoid a whole-tensor transient in the file's dtype.
+    fn load_as(&self, name: &str, expected: Option<&[i64]>, kind: Option<Kind>) -> Result<Tensor> {
+        let t = self.load(name, expected)?;
+        match kind {
+            Some(k) if t.is_floating_point() && t.kind() != k => Ok(t.f_to_kind(k)?),
+            _ => Ok(t),
+        }
+    }
 }
 
 struct Shard {
@@ -130,9 +139,9 @@ impl SafetensorsWeights {
     }
 }
 
-/// Converts raw little-endian bytes of a safetensors dtype to a CPU tensor of the same kind.
-fn bytes_to_tensor(bytes: &[u8], dtype: Dtype, shape: &[i64], name: &str, path: &Path) -> Result<Tensor> {
-    let kind = match dtype {
+/// The libtorch kind of a safetensors dtype we load.
+fn kind_of(dtype: Dtype, name: &str, path: &Path) -> Result<Kind> {
+    Ok(match dtype {
         Dtype::F32 => Kind::Float,
         Dtype::F16 => Kind::Half,
         Dtype::BF16 => Kind::BFloat16,
@@ -146,8 +155,37 @@ fn bytes_to_tensor(bytes: &[u8], dtype: Dtype, shape: &[i64], name: &str, path: 
                 dtype: format!("{other:?}"),
             })
         }
-    };
-    Ok(Tensor::f_from_data_size(bytes, shape, kind)?)
+    })
+}
+
+/// Bytes copied out of the mapping between two page releases: bounds the mapped pages a load keeps resident
+/// beside the weights to one chunk, whatever the tensor's size.
+const COPY_CHUNK: usize = 32 << 20;
+
+/// Copies a tensor's little-endian bytes (at `range` of `mmap`, stored as `file_kind`) into a new CPU tensor of
+/// `kind` and `shape`, [`COPY_CHUNK`] bytes at a time: each chunk is converted on the way (so a bf16 file loads
+/// as f32 without a whole-tensor bf16 transient) and its mapped pages are released as soon as it is copied
+/// ([`release_pages`]). The transient is one chunk, whatever the tensor.
+fn copy_out(mmap: &Mmap, range: std::ops::Range<usize>, file_kind: Kind, kind: Kind, shape: &[i64]) -> Result<Tensor> {
+    let t = Tensor::f_empty(shape, (kind, Device::Cpu))?;
+    let elt = file_kind.elt_size_in_bytes();
+    let n = range.end - range.start;
+    if t.numel() * elt != n {
+        return Err(ModelError::InvalidArgument(format!("tensor data is {n} bytes, its shape needs another size")));
+    }
+    let flat = t.f_reshape([-1])?;
+    let per_chunk = (COPY_CHUNK / elt).max(1);
+    let mut done = 0usize;
+    while done < t.numel() {
+        let len = per_chunk.min(t.numel() - done);
+        let bytes = range.start + done * elt..range.start + (done + len) * elt;
+        let src = mmap.get(bytes.clone()).ok_or_else(|| ModelError::InvalidArgument("data past the mapping".into()))?;
+        let chunk = Tensor::f_from_data_size(src, &[len as i64], file_kind)?;
+        flat.f_narrow(0, done as i64, len as i64)?.f_copy_(&chunk)?;
+        release_pages(mmap, bytes);
+        done += len;
+    }
+    Ok(t)
 }
 
 impl WeightSource for SafetensorsWeights {
@@ -166,6 +204,10 @@ impl WeightSource for SafetensorsWeights {
     }
 
     fn load(&self, name: &str, expected: Option<&[i64]>) -> Result<Tensor> {
+        self.load_as(name, expected, None)
+    }
+
+    fn load_as(&self, name: &str, expected: Option<&[i64]>, kind: Option<Kind>) -> Result<Tensor> {
         let (shard, info) = self
             .info(name)
             .ok_or_else(|| ModelError::MissingTensor { name: name.into(), file: self.origin.clone() })?;
@@ -181,15 +223,22 @@ impl WeightSource for SafetensorsWeights {
             }
         }
         let (start, end) = info.data_offsets;
-        let bytes = shard.mmap.get(shard.header_len + start..shard.header_len + end).ok_or_else(|| {
-            ModelError::Safetensors {
+        let range = shard.header_len + start..shard.header_len + end;
+        if shard.mmap.get(range.clone()).is_none() {
+            return Err(ModelError::Safetensors {
                 path: shard.path.clone(),
                 message: format!("data of `{name}` lies past the end of the file"),
+            });
+        }
+        let file_kind = kind_of(info.dtype, name, &shard.path)?;
+        let float = matches!(file_kind, Kind::Float | Kind::Half | Kind::BFloat16 | Kind::Double);
+        let kind = if float { kind.unwrap_or(file_kind) } else { file_kind };
+        copy_out(&shard.mmap, range, file_kind, kind, &shape).map_err(|e| match e {
+            ModelError::InvalidArgument(m) => {
+                ModelError::Safetensors { path: shard.path.clone(), message: format!("`{name}`: {m}") }
             }
-        })?;
-        let t = bytes_to_tensor(bytes, info.dtype, &shape, name, &shard.path)?;
-        release_pages(&shard.mmap, shard.header_len + start..shard.header_len + end);
-        Ok(t)
+            e => e,
+        })
     }
 }
 
@@ -215,7 +264,13 @@ pub(crate) fn release_pages(mmap: &Mmap, range: std::ops::Range<usize>) {
 
 /// Loads a tensor from a source and places it (device, kind).
 pub(crate) fn load_placed(src: &dyn WeightSource, name: &str, shape: &[i64], place: Placement) -> Result<Tensor> {
-    let t = src.load(name, Some(shape))?;
+    // On the CPU the source converts while copying (one chunk-sized transient); elsewhere the file's dtype crosses
+    // to the device and is converted there.
+    let t = if place.device == Device::Cpu {
+        src.load_as(name, Some(shape), Some(place.kind))?
+    } else {
+        src.load(name, Some(shape))?
+    };
     check_finite(&t, name, src.origin())?;
     Ok(t.f_to_device(place.device)?.f_to_kind(place.kind)?.f_contiguous()?)
 }
@@ -329,17 +384,30 @@ pub(crate) fn write_atomic(path: &Path, contents: &[u8]) -> Result<()> {
     Ok(crate::atomic::write_file(path, contents)?)
 }
 
+/// Values summed at once by [`check_finite`] (16 Mi values: a 128 MB f64 transient).
+const FINITE_CHUNK: i64 = 1 << 24;
+
 /// Refuses a floating-point tensor holding NaN or ±inf, naming the tensor, its block and the file.
 ///
 /// One vectorised pass per tensor: the f64 sum of the values is finite exactly when every value is (a NaN or an
-/// infinity propagates; f64 cannot overflow on sums of f32/bf16/f16 values of any realistic tensor), and it
-/// allocates nothing tensor-sized. Only a failing tensor is scanned again to count its bad values. Integer
-/// tensors pass unchecked.
+/// infinity propagates; f64 cannot overflow on sums of f32/bf16/f16 values of any realistic tensor). libtorch
+/// widens the input to f64 before summing, so the sum runs over slices of 16 Mi values: the transient
+/// is 128 MB whatever the tensor (a whole 128256 × 4096 embedding would be a 4.2 GB transient). Only a failing
+/// tensor is scanned again to count its bad values. Integer tensors pass unchecked.
 pub fn check_finite(t: &Tensor, name: &str, file: &Path) -> Result<()> {
-    if !t.is_floating_point() || t.numel() == 0 {
+    let n = t.numel() as i64;
+    if !t.is_floating_point() || n == 0 {
         return Ok(());
     }
-    if t.f_sum(Kind::Double)?.f_double_value(&[])?.is_finite() {
+    let flat = t.f_reshape([-1])?;
+    let mut finite = true;
+    let mut at = 0i64;
+    while at < n && finite {
+        let len = FINITE_CHUNK.min(n - at);
+        finite = flat.f_narrow(0, at, len)?.f_sum(Kind::Double)?.f_double_value(&[])?.is_finite();
+        at += len;
+    }
+    if finite {
         return Ok(());
     }
     let bad = t.f_isfinite()?.f_logical_not()?.f_sum(Kind::Int64)?.f_int64_value(&[])?;
