@@ -197,10 +197,7 @@ fn strip_calculator(answer: &str) -> String {
 
 /// Reads a UTF-8 text data file, naming the line of an invalid byte.
 pub fn read_text(path: &Path) -> Result<String> {
-    lora_model::textfile::read_text(path).map_err(|e| match e {
-        lora_model::textfile::TextFileError::Io(source) => Error::Io { path: path.to_path_buf(), source },
-        e => Error::Data { path: path.to_path_buf(), line: e.line().unwrap_or(0), message: e.to_string() },
-    })
+    Ok(lora_common::text::read_text_file(path)?)
 }
 
 fn jsonl_rows<T: serde::de::DeserializeOwned>(

@@ -236,17 +236,28 @@ pub fn generate(
     let _threads = (model.device() == tch::Device::Cpu).then(crate::kernels::decode_scope);
     for step in 0..config.max_new_tokens {
         let Some(l) = logits.take() else { break };
-        // A NaN or infinite logit (overflow in f16, a broken weight) would make arg-max return garbage silently.
-        if !l.f_sum(Kind::Double)?.f_double_value(&[])?.is_finite() {
-            return Err(ModelError::Limit(format!(
+        // A NaN or +inf logit (overflow in f16, a broken weight) would make the choice garbage silently.
+        let non_finite = || {
+            ModelError::Limit(format!(
                 "step {step}: the model produced non-finite logits (NaN or inf); try --dtype f32 or bf16"
-            )));
-        }
+            ))
+        };
         let next: Vec<i64> = match config.sampling {
-            Sampling::Greedy => Vec::<i64>::try_from(l.f_argmax(-1, false)?.f_to_device(tch::Device::Cpu)?)?,
+            Sampling::Greedy => {
+                // arg-max picks a NaN or +inf if there is one, so checking the chosen logits (one per row, not the
+                // whole vocabulary) catches every case, off the decode step's hot path.
+                let idx = l.f_argmax(-1, true)?;
+                if !l.f_gather(-1, &idx, false)?.f_sum(Kind::Double)?.f_double_value(&[])?.is_finite() {
+                    return Err(non_finite());
+                }
+                Vec::<i64>::try_from(idx.f_view([-1])?.f_to_device(tch::Device::Cpu)?)?
+            }
             Sampling::Sample { temperature, top_p, .. } => {
                 let host = l.f_to_device(tch::Device::Cpu)?.f_to_kind(Kind::Float)?.f_contiguous()?;
                 let flat = Vec::<f32>::try_from(host.f_view([-1])?)?;
+                if flat.iter().any(|x| x.is_nan() || *x == f32::INFINITY) {
+                    return Err(non_finite());
+                }
                 flat.chunks(vocab as usize)
                     .zip(rngs.iter_mut())
                     .map(|(row, rng)| sample_row(row, temperature, top_p, rng))

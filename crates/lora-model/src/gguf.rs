@@ -656,6 +656,11 @@ impl GgufFile {
 
     /// The raw stored bytes of a tensor whose type this reader knows.
     pub fn tensor_bytes(&self, name: &str) -> Result<&[u8]> {
+        Ok(&self.mmap[self.tensor_range(name)?]) // ok: tensor_range checks the range lies inside the map
+    }
+
+    /// Where a tensor's stored bytes lie in the file (checked to lie inside it).
+    fn tensor_range(&self, name: &str) -> Result<std::ops::Range<usize>> {
         let t = self.info_or_err(name)?;
         let n_bytes = t
             .n_bytes()
@@ -666,7 +671,7 @@ impl GgufFile {
             .and_then(|s| Some(s..s.checked_add(usize::try_from(n_bytes).ok()?)?))
             .filter(|r| r.end <= self.mmap.len())
             .ok_or_else(|| self.err(format!("tensor `{name}`: data runs past the end of the file")))?;
-        Ok(&self.mmap[range])
+        Ok(range)
     }
 
     /// Decodes a tensor to `f32`, row-major, with its shape in PyTorch order (ggml dims reversed).
@@ -685,9 +690,8 @@ impl GgufFile {
                 )))
             }
         };
-        let bytes = self.tensor_bytes(name)?;
-        let start = bytes.as_ptr() as usize - self.mmap.as_ptr() as usize;
-        let mapped = start..start + bytes.len();
+        let mapped = self.tensor_range(name)?;
+        let bytes = &self.mmap[mapped.clone()]; // ok: tensor_range checks the range lies inside the map
         let shape = t.shape().ok_or_else(|| self.err(format!("tensor `{name}`: dimensions do not fit in memory")))?;
         let n = shape.iter().try_fold(1usize, |a, &d| a.checked_mul(d));
         let n = n

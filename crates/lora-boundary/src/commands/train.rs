@@ -70,8 +70,6 @@ pub struct TrainArgs {
 
 /// `lora-boundary train`.
 pub fn run(a: &TrainArgs) -> Result<()> {
-    // Before loading anything: an output path the run would clobber is refused now, not after training.
-    lora_model::train::check_out_dir(&a.out, a.resume.as_deref())?;
     let (_, samples) = a.data.load()?;
     let device = a.device.resolve()?;
     let ft = lora_model::train::FineTune {
