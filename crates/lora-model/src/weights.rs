@@ -166,28 +166,23 @@ const COPY_CHUNK: usize = 32 << 20;
 /// `kind` and `shape`, [`COPY_CHUNK`] bytes at a time: each chunk is converted on the way (so a bf16 file loads
 /// as f32 without a whole-tensor bf16 transient) and its mapped pages are released as soon as it is copied
 /// ([`release_pages`]). The transient is one chunk, whatever the tensor.
-fn copy_out(
-    mmap: &Mmap,
-    range: std::ops::Range<usize>,
-    file_kind: Kind,
-    kind: Kind,
-    shape: &[i64],
-    bad: impl Fn(String) -> ModelError,
-) -> Result<Tensor> {
-    let data = mmap.get(range.clone()).ok_or_else(|| bad("data lies past the end of the file".into()))?;
+fn copy_out(mmap: &Mmap, range: std::ops::Range<usize>, file_kind: Kind, kind: Kind, shape: &[i64]) -> Result<Tensor> {
     let t = Tensor::f_empty(shape, (kind, Device::Cpu))?;
     let elt = file_kind.elt_size_in_bytes();
-    if t.numel() * elt != data.len() {
-        return Err(bad(format!("data is {} bytes, its shape needs {}", data.len(), t.numel() * elt)));
+    let n = range.end - range.start;
+    if t.numel() * elt != n {
+        return Err(ModelError::InvalidArgument(format!("tensor data is {n} bytes, its shape needs another size")));
     }
     let flat = t.f_reshape([-1])?;
+    let per_chunk = (COPY_CHUNK / elt).max(1);
     let mut done = 0usize;
-    for src in data.chunks((COPY_CHUNK / elt).max(1) * elt) {
-        let len = src.len() / elt;
+    while done < t.numel() {
+        let len = per_chunk.min(t.numel() - done);
+        let bytes = range.start + done * elt..range.start + (done + len) * elt;
+        let src = mmap.get(bytes.clone()).ok_or_else(|| ModelError::InvalidArgument("data past the mapping".into()))?;
         let chunk = Tensor::f_from_data_size(src, &[len as i64], file_kind)?;
         flat.f_narrow(0, done as i64, len as i64)?.f_copy_(&chunk)?;
-        let at = range.start + done * elt;
-        release_pages(mmap, at..at + src.len());
+        release_pages(mmap, bytes);
         done += len;
     }
     Ok(t)
@@ -229,12 +224,20 @@ impl WeightSource for SafetensorsWeights {
         }
         let (start, end) = info.data_offsets;
         let range = shard.header_len + start..shard.header_len + end;
+        if shard.mmap.get(range.clone()).is_none() {
+            return Err(ModelError::Safetensors {
+                path: shard.path.clone(),
+                message: format!("data of `{name}` lies past the end of the file"),
+            });
+        }
         let file_kind = kind_of(info.dtype, name, &shard.path)?;
         let float = matches!(file_kind, Kind::Float | Kind::Half | Kind::BFloat16 | Kind::Double);
         let kind = if float { kind.unwrap_or(file_kind) } else { file_kind };
-        copy_out(&shard.mmap, range, file_kind, kind, &shape, |message| ModelError::Safetensors {
-            path: shard.path.clone(),
-            message: format!("`{name}`: {message}"),
+        copy_out(&shard.mmap, range, file_kind, kind, &shape).map_err(|e| match e {
+            ModelError::InvalidArgument(m) => {
+                ModelError::Safetensors { path: shard.path.clone(), message: format!("`{name}`: {m}") }
+            }
+            e => e,
         })
     }
 }
