@@ -551,7 +551,7 @@ pub fn load_adapter(model: &mut Llama, dir: impl AsRef<Path>) -> Result<AdapterI
             "the adapter matches no module of the base model (refusing to serve the base model silently)".into(),
         ));
     }
-    let (device, kind) = (model.device(), model.kind());
+    let kind = model.kind();
     let mut modules = Vec::with_capacity(plan.len());
     let mut params_per_layer = vec![0u64; n_layers];
     // Detach any previous adapter first so a partial failure cannot mix two adapters.
@@ -565,6 +565,7 @@ pub fn load_adapter(model: &mut Llama, dir: impl AsRef<Path>) -> Result<AdapterI
     }
     for (l, m, r, scaling, a, b) in plan {
         params_per_layer[l] += (a.numel() + b.numel()) as u64;
+        let device = model.device_map().block(l);
         let lw = LoraWeights {
             a: a.f_to_device(device)?.f_to_kind(kind)?,
             b: b.f_to_device(device)?.f_to_kind(kind)?,

@@ -116,7 +116,7 @@ pub fn check_context(model: &Llama, what: &str, prompt_tokens: usize, max_new_to
 
 /// Refuses a batch whose [`generation_memory_bytes`] estimate exceeds what the machine has available (CPU).
 pub fn check_generation_memory(model: &Llama, rows: usize, prompt_len: usize, max_new_tokens: usize) -> Result<()> {
-    if model.device() != tch::Device::Cpu {
+    if !model.device_map().all_cpu() {
         return Ok(());
     }
     let need = generation_memory_bytes(model, rows, prompt_len, max_new_tokens);
@@ -233,7 +233,7 @@ pub fn generate(
     let prefill_s = t0.elapsed().as_secs_f64();
     let t1 = Instant::now();
     let mut produced = 0usize;
-    let _threads = (model.device() == tch::Device::Cpu).then(crate::kernels::decode_scope);
+    let _threads = model.device_map().all_cpu().then(crate::kernels::decode_scope);
     for step in 0..config.max_new_tokens {
         let Some(l) = logits.take() else { break };
         // A NaN or +inf logit (overflow in f16, a broken weight) would make the choice garbage silently.

@@ -14,6 +14,7 @@ pub mod adapter;
 /// Crash-safe outputs (from `lora-common`).
 pub use lora_common::atomic;
 pub mod config;
+pub mod device_map;
 pub mod error;
 pub mod export;
 pub mod generate;
@@ -36,10 +37,11 @@ pub mod weights;
 
 pub use adapter::{load_adapter, prune_adapter, AdapterInfo, LoraConfig};
 pub use config::{Architecture, ModelConfig};
+pub use device_map::DeviceMap;
 pub use error::{ModelError, Result};
 pub use export::{save_hf_model, ExportOptions};
 pub use generate::{generate, Generation, GenerationConfig, GenerationTiming, Sampling};
-pub use loading::{load_model, load_tokenizer, resolve_model, DeviceSpec, DtypeSpec, DEFAULT_MODEL};
+pub use loading::{load_model, load_model_on, load_tokenizer, resolve_model, DeviceSpec, DtypeSpec, DEFAULT_MODEL};
 pub use lora::{LoraLinear, LoraWeights};
 pub use mask::{LayerMask, Module};
 pub use model::{ForwardOptions, ForwardOutput, KvCache, Llama, Logits};

@@ -53,6 +53,15 @@ pub fn load_model(path: impl AsRef<Path>, place: Placement) -> Result<(Llama, To
     Ok((model, tokenizer))
 }
 
+/// [`load_model`] over the devices of `devices` ([`DeviceSpec::devices`]): blocks in order by free memory, as
+/// [`Llama::load_across`] places them.
+pub fn load_model_on(path: impl AsRef<Path>, kind: Kind, devices: &DeviceSpec) -> Result<(Llama, Tokenizer)> {
+    let path = &resolve_model(path.as_ref());
+    let model = Llama::load_across(path, kind, &devices.devices()?)?;
+    let tokenizer = load_tokenizer(path)?;
+    Ok((model, tokenizer))
+}
+
 /// The tokenizer of a model: `tokenizer.json` (+ `tokenizer_config.json`) of an HF directory, or the one a GGUF
 /// file embeds.
 pub fn load_tokenizer(path: &Path) -> Result<Tokenizer> {
@@ -63,32 +72,48 @@ pub fn load_tokenizer(path: &Path) -> Result<Tokenizer> {
     }
 }
 
-/// Where to run: `cpu`, `cuda` (= `cuda:0`), `cuda:N` or `auto` (CUDA when available, else CPU).
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+/// Where to run: `cpu`, `cuda` (= `cuda:0`), `cuda:N`, a comma-separated list such as `cuda:0,cuda:1` or
+/// `cuda:0,cpu` (blocks placed in order over the devices by their free memory, as accelerate's `device_map`),
+/// or `auto` (every CUDA device, then the CPU; just the CPU where there is no CUDA).
+#[derive(Debug, Clone, PartialEq, Eq, Default)]
 pub enum DeviceSpec {
     /// The CPU.
     #[default]
     Cpu,
     /// CUDA device N.
     Cuda(usize),
-    /// CUDA device 0 when available, else the CPU.
+    /// Every CUDA device in order, then the CPU.
     Auto,
+    /// These devices in this order (at least two).
+    List(Vec<DeviceSpec>),
 }
 
 impl FromStr for DeviceSpec {
     type Err = ModelError;
 
     fn from_str(s: &str) -> Result<Self> {
-        match s {
+        let one = |s: &str| match s.trim() {
             "cpu" => Ok(DeviceSpec::Cpu),
-            "auto" => Ok(DeviceSpec::Auto),
             "cuda" => Ok(DeviceSpec::Cuda(0)),
-            _ => {
-                s.strip_prefix("cuda:").and_then(|n| n.parse().ok()).map(DeviceSpec::Cuda).ok_or_else(|| {
-                    ModelError::InvalidArgument(format!("unknown device `{s}` (cpu, cuda, cuda:N, auto)"))
-                })
+            t => t.strip_prefix("cuda:").and_then(|n| n.parse().ok()).map(DeviceSpec::Cuda).ok_or_else(|| {
+                ModelError::InvalidArgument(format!(
+                    "unknown device `{t}` (cpu, cuda, cuda:N, a list such as cuda:0,cpu, or auto)"
+                ))
+            }),
+        };
+        if s == "auto" {
+            return Ok(DeviceSpec::Auto);
+        }
+        if !s.contains(',') {
+            return one(s);
+        }
+        let list = s.split(',').map(one).collect::<Result<Vec<_>>>()?;
+        for (i, d) in list.iter().enumerate() {
+            if list[..i].contains(d) {
+                return Err(ModelError::InvalidArgument(format!("device list `{s}` names {d} twice")));
             }
         }
+        Ok(DeviceSpec::List(list))
     }
 }
 
@@ -98,21 +123,56 @@ impl fmt::Display for DeviceSpec {
             DeviceSpec::Cpu => f.write_str("cpu"),
             DeviceSpec::Cuda(n) => write!(f, "cuda:{n}"),
             DeviceSpec::Auto => f.write_str("auto"),
+            DeviceSpec::List(l) => {
+                let names: Vec<String> = l.iter().map(|d| d.to_string()).collect();
+                f.write_str(&names.join(","))
+            }
         }
     }
 }
 
+/// The error for a CUDA device that is not there.
+fn no_cuda(n: usize) -> ModelError {
+    if tch::Cuda::is_available() {
+        ModelError::InvalidArgument(format!(
+            "cuda:{n} was asked for but this machine has {} CUDA device(s)",
+            tch::Cuda::device_count()
+        ))
+    } else {
+        ModelError::InvalidArgument(
+            "CUDA was asked for but is not available (build with LORA_BOUNDARY_CUDA=1 on a machine with a GPU)".into(),
+        )
+    }
+}
+
 impl DeviceSpec {
-    /// The libtorch device; asking for CUDA where none is available is an error, never a silent CPU run.
-    pub fn resolve(self) -> Result<Device> {
+    /// The one libtorch device to run on (`auto`: CUDA device 0 when available, else the CPU); asking for CUDA
+    /// where none is available is an error, never a silent CPU run. A device list is refused here: commands that
+    /// place a model over several devices use [`DeviceSpec::devices`].
+    pub fn resolve(&self) -> Result<Device> {
         match self {
             DeviceSpec::Cpu => Ok(Device::Cpu),
             DeviceSpec::Auto => Ok(Device::cuda_if_available()),
-            DeviceSpec::Cuda(n) if tch::Cuda::is_available() => Ok(Device::Cuda(n)),
-            DeviceSpec::Cuda(_) => Err(ModelError::InvalidArgument(
-                "CUDA was asked for but is not available (build with LORA_BOUNDARY_CUDA=1 on a machine with a GPU)"
-                    .into(),
-            )),
+            DeviceSpec::Cuda(n) if tch::Cuda::is_available() && (*n as i64) < tch::Cuda::device_count() => {
+                Ok(Device::Cuda(*n))
+            }
+            DeviceSpec::Cuda(n) => Err(no_cuda(*n)),
+            DeviceSpec::List(_) => Err(ModelError::InvalidArgument(format!(
+                "`{self}` places a model over several devices; this runs on one device (cpu, cuda:N or auto)"
+            ))),
+        }
+    }
+
+    /// The devices to place a model over, in order, each checked to exist: `auto` is every CUDA device and then
+    /// the CPU (only the CPU without CUDA).
+    pub fn devices(&self) -> Result<Vec<Device>> {
+        match self {
+            DeviceSpec::Auto => {
+                let n = if tch::Cuda::is_available() { tch::Cuda::device_count().max(0) as usize } else { 0 };
+                Ok((0..n).map(Device::Cuda).chain(std::iter::once(Device::Cpu)).collect())
+            }
+            DeviceSpec::List(l) => l.iter().map(|d| d.resolve()).collect(),
+            d => Ok(vec![d.resolve()?]),
         }
     }
 }
@@ -175,11 +235,24 @@ mod tests {
 
     #[test]
     fn device_and_dtype_specs_parse_and_print() {
-        for s in ["cpu", "auto", "cuda:1"] {
+        for s in ["cpu", "auto", "cuda:1", "cuda:0,cpu", "cuda:0,cuda:1,cpu"] {
             assert_eq!(s.parse::<DeviceSpec>().unwrap().to_string(), s);
         }
         assert_eq!("cuda".parse::<DeviceSpec>().unwrap(), DeviceSpec::Cuda(0));
-        assert!("gpu".parse::<DeviceSpec>().is_err() && "cuda:x".parse::<DeviceSpec>().is_err());
+        assert_eq!(
+            "cuda:0, cpu".parse::<DeviceSpec>().unwrap(),
+            DeviceSpec::List(vec![DeviceSpec::Cuda(0), DeviceSpec::Cpu])
+        );
+        for bad in ["gpu", "cuda:x", "cpu,cpu", "cuda:0,auto", "cpu,"] {
+            assert!(bad.parse::<DeviceSpec>().is_err(), "{bad}");
+        }
+        assert_eq!(DeviceSpec::Cpu.devices().unwrap(), vec![Device::Cpu]);
+        assert!(DeviceSpec::List(vec![DeviceSpec::Cpu, DeviceSpec::Cuda(0)]).resolve().is_err());
+        if !tch::Cuda::is_available() {
+            assert_eq!(DeviceSpec::Auto.devices().unwrap(), vec![Device::Cpu]);
+            let err = "cuda:0,cpu".parse::<DeviceSpec>().unwrap().devices().unwrap_err();
+            assert!(err.to_string().contains("CUDA was asked for"), "{err}");
+        }
         for s in ["auto", "f32", "bf16", "f16"] {
             assert_eq!(s.parse::<DtypeSpec>().unwrap().to_string(), s);
         }

@@ -85,7 +85,7 @@ fn attach_fresh(
             }
         }
     }
-    let (device, kind) = (model.device(), model.kind());
+    let kind = model.kind();
     let mut rng = Rng::new(seed);
     let mut modules = Vec::with_capacity(targets.len());
     let mut params_per_layer = vec![0u64; n_layers];
@@ -101,6 +101,7 @@ fn attach_fresh(
             .config()
             .projection_shape(m.hf_name())
             .ok_or_else(|| ModelError::InvalidArgument(format!("unknown module {m:?}")))?;
+        let device = model.device_map().block(l);
         let bound = 1.0 / (inp as f64).sqrt();
         let a_vals: Vec<f32> = (0..r * inp).map(|_| ((2.0 * rng.next_f64() - 1.0) * bound) as f32).collect();
         let a = Tensor::f_from_slice(&a_vals)?.f_view([r as i64, inp as i64])?.f_to_device(device)?;

@@ -71,16 +71,20 @@ impl<'a> LogitLens<'a> {
             return Ok(stats);
         }
         let _guard = lora_model::tch::no_grad_guard();
-        let dev = self.model.device();
-        let rows_t = Tensor::from_slice(rows).f_to_device(dev)?;
-        let cols_t = Tensor::from_slice(cols).f_to_device(dev)?;
+        // Hidden states live on their block's device; the head on the output device.
+        let dev = self.model.device_map().output();
+        let rows_host = Tensor::from_slice(rows);
+        let cols_host = Tensor::from_slice(cols);
         let vocab = self.model.config().vocab_size as i64;
         let per_chunk = (MAX_LOGIT_ELEMENTS / (n * vocab.max(1))).max(1) as usize;
         let tgt = Tensor::from_slice(targets).f_to_device(dev)?;
         for chunk in hidden.chunks(per_chunk) {
             let gathered = chunk
                 .iter()
-                .map(|h| h.f_index(&[Some(&rows_t), Some(&cols_t)]))
+                .map(|h| {
+                    let (r, c) = (rows_host.f_to_device(h.device())?, cols_host.f_to_device(h.device())?);
+                    h.f_index(&[Some(&r), Some(&c)])?.f_to_device(dev)
+                })
                 .collect::<std::result::Result<Vec<_>, _>>()?;
             let c = chunk.len() as i64;
             let x = Tensor::f_cat(&gathered, 0)?; // [c * n, H]

@@ -6,10 +6,10 @@ use clap::Args;
 use serde::Serialize;
 
 use crate::error::{Error, Result};
-use crate::loading::{load_model, resolve_model, DEFAULT_MODEL};
+use crate::loading::{resolve_model, DEFAULT_MODEL};
 use crate::tasks::{Sample, Task};
 use lora_metrics::Metric;
-use lora_model::{load_adapter, DeviceSpec, DtypeSpec, LayerMask, Placement};
+use lora_model::{load_adapter, load_model_on, DeviceSpec, DtypeSpec, LayerMask};
 
 /// Model, device and dtype flags shared by subcommands that load a model.
 #[derive(Debug, Args)]
@@ -20,7 +20,8 @@ pub struct ModelArgs {
     /// PEFT LoRA adapter directory.
     #[arg(long)]
     pub adapter: Option<PathBuf>,
-    /// `cpu`, `cuda`, `cuda:N` or `auto`.
+    /// `cpu`, `cuda`, `cuda:N`, a list such as `cuda:0,cuda:1` or `cuda:0,cpu` (blocks in order over the
+    /// devices by free memory, norm and LM head with the last block), or `auto` (every CUDA device, then the CPU).
     #[arg(long, default_value = "cpu")]
     pub device: DeviceSpec,
     /// `auto` (the checkpoint's own dtype; GGUF dequantizes to f32), `f32`, `bf16` or `f16`.
@@ -173,9 +174,18 @@ pub fn read_jsonl<T: serde::de::DeserializeOwned>(path: &Path) -> Result<Vec<T>>
     Ok(read_jsonl_lines(path)?.into_iter().map(|(_, r)| r).collect())
 }
 
-/// Where the model of `args` goes: its device and dtype (`auto` read from the checkpoint).
-pub(crate) fn placement(args: &ModelArgs) -> Result<Placement> {
-    Ok(Placement { device: args.device.resolve()?, kind: args.dtype.resolve(&resolve_model(&args.model))? })
+/// The weights' kind for the model of `args` (`auto` read from the checkpoint).
+pub(crate) fn weight_kind(args: &ModelArgs) -> Result<lora_model::tch::Kind> {
+    Ok(args.dtype.resolve(&resolve_model(&args.model))?)
+}
+
+/// Loads the model of `args` and its tokenizer, placed over `--device`.
+pub(crate) fn load_base(args: &ModelArgs) -> Result<(lora_model::Llama, lora_model::Tokenizer)> {
+    let (model, tokenizer) = load_model_on(&args.model, weight_kind(args)?, &args.device)?;
+    if !model.device_map().is_single() {
+        crate::progress::println(&format!("placed: {}", model.device_map()));
+    }
+    Ok((model, tokenizer))
 }
 
 /// Prints one JSON document on stdout.
@@ -190,7 +200,7 @@ pub(crate) fn load_with_adapter(
     args: &ModelArgs,
     required: bool,
 ) -> Result<(lora_model::Llama, lora_model::Tokenizer, Option<lora_model::AdapterInfo>)> {
-    let (mut model, tokenizer) = load_model(&args.model, placement(args)?)?;
+    let (mut model, tokenizer) = load_base(args)?;
     let info = match &args.adapter {
         Some(dir) => Some(load_adapter(&mut model, dir)?),
         None if required => return Err(Error::Usage("--adapter DIR is required".into())),

@@ -11,7 +11,8 @@ use crate::error::Result;
 mod args;
 
 pub(crate) use args::{
-    byte_size, dropout_rate, load_with_adapter, metric_for, placement, positive, positive_f64, print_json, probability,
+    byte_size, dropout_rate, load_base, load_with_adapter, metric_for, positive, positive_f64, print_json, probability,
+    weight_kind,
 };
 pub use args::{read_jsonl, read_jsonl_lines, read_text, DataArgs, MaskArgs, ModelArgs};
 pub use commands::eval::EvalRow;

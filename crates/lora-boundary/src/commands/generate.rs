@@ -10,7 +10,6 @@ use std::time::Instant;
 
 use serde::Serialize;
 
-use crate::loading::load_model;
 use lora_model::{generate, load_adapter, GenerationConfig, Sampling};
 
 /// `generate` flags.
@@ -96,7 +95,7 @@ pub fn run(a: &GenerateArgs) -> Result<()> {
     };
     let mask = a.mask.mask()?;
     let t0 = Instant::now();
-    let (mut model, tokenizer) = load_model(&a.model.model, placement(&a.model)?)?;
+    let (mut model, tokenizer) = load_base(&a.model)?;
     mask.validate(model.num_layers())?;
     if let Some(dir) = &a.model.adapter {
         load_adapter(&mut model, dir)?;

@@ -84,7 +84,7 @@ pub fn run(a: &ProbeArgs) -> Result<()> {
     };
     let require_answer = config.mode == ProbeMode::Teacher;
     let tokenized = lora_probe::data::tokenize_samples(&tokenizer, &samples, a.chat, require_answer, Some(&a.data))?;
-    let mut model = lora_model::Llama::load(&model_path, placement(&a.model)?)?;
+    let mut model = lora_model::Llama::load_across(&model_path, weight_kind(&a.model)?, &a.model.device.devices()?)?;
     if let Some(dir) = &a.model.adapter {
         lora_model::load_adapter(&mut model, dir)?;
     }

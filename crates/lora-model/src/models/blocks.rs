@@ -7,6 +7,7 @@ use tch::{Device, Kind, Tensor};
 
 use super::ForwardOptions;
 use crate::config::{ModelConfig, RopeScaling};
+use crate::device_map::DeviceMap;
 use crate::error::{ModelError, Result};
 use crate::lora::LoraLinear;
 use crate::mask::Module;
@@ -154,10 +155,11 @@ pub struct KvCache {
 }
 
 impl KvCache {
-    /// An empty cache for `layers` blocks, `batch` rows, `kv_heads` heads of `head_dim` values and up to
-    /// `capacity` positions.
+    /// An empty cache for the blocks of `devices` (each block's keys and values on its device), `batch` rows,
+    /// `kv_heads` heads of `head_dim` values and up to `capacity` positions; the key mask and positions live on
+    /// the input device (`place.device`).
     pub(super) fn new(
-        layers: usize,
+        devices: &DeviceMap,
         batch: i64,
         kv_heads: usize,
         capacity: i64,
@@ -165,10 +167,11 @@ impl KvCache {
         place: Placement,
     ) -> Result<Self> {
         let shape = [batch, kv_heads as i64, capacity, head_dim as i64];
-        let opts = (place.kind, place.device);
+        let layers = devices.num_layers();
         let mut keys = Vec::with_capacity(layers);
         let mut values = Vec::with_capacity(layers);
-        for _ in 0..layers {
+        for l in 0..layers {
+            let opts = (place.kind, devices.block(l));
             keys.push(Tensor::f_zeros(shape, opts)?);
             values.push(Tensor::f_zeros(shape, opts)?);
         }
@@ -207,6 +210,19 @@ pub(super) struct StepCtx<'a> {
     pub(super) attn_mask: Option<Tensor>,
     pub(super) is_causal: bool,
     pub(super) opts: &'a ForwardOptions<'a>,
+}
+
+impl<'a> StepCtx<'a> {
+    /// The same context with its tensors on `device` (for the blocks placed there).
+    pub(super) fn to_device(&self, device: Device) -> Result<StepCtx<'a>> {
+        Ok(StepCtx {
+            cos: self.cos.f_to_device(device)?,
+            sin: self.sin.f_to_device(device)?,
+            attn_mask: self.attn_mask.as_ref().map(|m| m.f_to_device(device)).transpose()?,
+            is_causal: self.is_causal,
+            opts: self.opts,
+        })
+    }
 }
 
 /// `[B or 1, 1, T, S]` boolean mask: causal over `past` cached + `t` new positions, restricted to valid keys

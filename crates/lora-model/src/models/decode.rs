@@ -87,7 +87,7 @@ impl Llama {
     ) -> Result<Option<ForwardOutput>> {
         let kind = self.place.kind;
         if !kernels::enabled()
-            || self.place.device != Device::Cpu
+            || !self.devices.all_cpu()
             || opts.train
             || opts.hidden_states
             || !matches!(kind, Kind::Float | Kind::BFloat16)

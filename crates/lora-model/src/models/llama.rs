@@ -8,6 +8,7 @@ use tch::{Device, Kind, Tensor};
 use super::blocks::{causal_mask, Attention, KvCache, Mlp, RmsNorm, RotaryEmbedding, StepCtx, Weights};
 use super::{ForwardOptions, ForwardOutput, Logits};
 use crate::config::ModelConfig;
+use crate::device_map::{DeviceMap, Footprint};
 use crate::error::{ModelError, Result};
 use crate::lora::LoraLinear;
 use crate::mask::Module;
@@ -89,27 +90,61 @@ pub struct Llama {
     pub(super) norm: RmsNorm,
     /// `lm_head.weight`, `[V, H]`; `None` when tied to the embedding.
     pub(super) lm_head: Option<Tensor>,
+    /// A tied head's copy of the embedding on the output device, when that is not the embedding's device.
+    pub(super) tied_head: Option<Tensor>,
     pub(super) rope: RotaryEmbedding,
+    /// The weights' kind, and the input device (the embedding's).
     pub(super) place: Placement,
+    /// The device of every block and of the head.
+    pub(super) devices: DeviceMap,
 }
 
 impl std::fmt::Debug for Llama {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("Llama").field("config", &self.config).field("placement", &self.place).finish_non_exhaustive()
+        f.debug_struct("Llama")
+            .field("config", &self.config)
+            .field("placement", &self.place)
+            .field("devices", &self.devices.to_string())
+            .finish_non_exhaustive()
     }
 }
 
 impl Llama {
-    /// Loads a model from an HF directory (`config.json` + safetensors) or a `.gguf` file.
+    /// Loads a model from an HF directory (`config.json` + safetensors) or a `.gguf` file onto one device. A
+    /// model whose weights and planned KV cache ([`Footprint`]) exceed the device's free memory is refused before
+    /// anything is allocated.
     pub fn load(path: impl AsRef<Path>, place: Placement) -> Result<Self> {
+        Self::load_across(path, place.kind, &[place.device])
+    }
+
+    /// Loads a model with its blocks placed in order over `devices` by the memory each has free
+    /// ([`DeviceMap::plan_free`]): the first device is filled before the next is used, the final norm and LM
+    /// head go with the last block. A model that fits nowhere is refused before anything is allocated, with what
+    /// it needs and what is free.
+    pub fn load_across(path: impl AsRef<Path>, kind: Kind, devices: &[Device]) -> Result<Self> {
+        Self::load_with(path, kind, |config| DeviceMap::plan_free(&Footprint::of(config, kind), devices))
+    }
+
+    /// Loads a model placed as `map` says (e.g. [`DeviceMap::split`]); `map` must have one entry per block.
+    pub fn load_mapped(path: impl AsRef<Path>, kind: Kind, map: DeviceMap) -> Result<Self> {
+        Self::load_with(path, kind, |_| Ok(map))
+    }
+
+    fn load_with(
+        path: impl AsRef<Path>,
+        kind: Kind,
+        plan: impl FnOnce(&ModelConfig) -> Result<DeviceMap>,
+    ) -> Result<Self> {
         let path = path.as_ref();
         if path.is_dir() {
             let config = ModelConfig::from_file(path.join("config.json"))?;
+            let map = plan(&config)?;
             let weights = SafetensorsWeights::open_dir(path)?;
-            Self::from_weights(config, &weights, place)
+            Self::from_weights_mapped(config, &weights, kind, map)
         } else if path.extension().is_some_and(|e| e == "gguf") {
             let (config, weights) = crate::gguf_weights::open(path)?;
-            Self::from_weights(config, weights.as_ref(), place)
+            let map = plan(&config)?;
+            Self::from_weights_mapped(config, weights.as_ref(), kind, map)
         } else if !path.exists() {
             Err(ModelError::io(
                 path,
@@ -123,18 +158,42 @@ impl Llama {
         }
     }
 
-    /// Builds the model from a config and a source of HF-named weights.
+    /// Builds the model on one device from a config and a source of HF-named weights.
     pub fn from_weights(config: ModelConfig, src: &dyn WeightSource, place: Placement) -> Result<Self> {
+        let map = DeviceMap::single(place.device, config.num_layers);
+        Self::from_weights_mapped(config, src, place.kind, map)
+    }
+
+    /// Builds the model from a config and a source of HF-named weights, each part loaded straight onto the device
+    /// `map` gives it.
+    pub fn from_weights_mapped(
+        config: ModelConfig,
+        src: &dyn WeightSource,
+        kind: Kind,
+        map: DeviceMap,
+    ) -> Result<Self> {
         let _guard = tch::no_grad_guard();
         let c = &config;
+        if map.num_layers() != c.num_layers {
+            return Err(ModelError::InvalidArgument(format!(
+                "the device map places {} blocks but the model has {}",
+                map.num_layers(),
+                c.num_layers
+            )));
+        }
         let (h, v) = (c.hidden_size as i64, c.vocab_size as i64);
-        let w = Weights::new(src, place);
-        let embed = w.get("model.embed_tokens.weight", &[v, h])?;
-        let blocks = (0..c.num_layers).map(|i| Block::load(&w, c, i)).collect::<Result<Vec<_>>>()?;
-        let norm = RmsNorm::load(&w, "model.norm.weight", c.hidden_size, c.rms_norm_eps)?;
-        let lm_head = if c.tie_word_embeddings { None } else { Some(w.get("lm_head.weight", &[v, h])?) };
-        let rope = RotaryEmbedding::new(c.head_dim, c.rope_theta, &c.rope_scaling, place.device)?;
-        Ok(Llama { config, embed, blocks, norm, lm_head, rope, place })
+        let on = |device: Device| Weights::new(src, Placement { device, kind });
+        let (input, output) = (map.input(), map.output());
+        let embed = on(input).get("model.embed_tokens.weight", &[v, h])?;
+        let blocks = (0..c.num_layers).map(|i| Block::load(&on(map.block(i)), c, i)).collect::<Result<Vec<_>>>()?;
+        let head = on(output);
+        let norm = RmsNorm::load(&head, "model.norm.weight", c.hidden_size, c.rms_norm_eps)?;
+        let lm_head = if c.tie_word_embeddings { None } else { Some(head.get("lm_head.weight", &[v, h])?) };
+        let tied_head =
+            if c.tie_word_embeddings && map.slot(c.num_layers) != 0 { Some(embed.f_to_device(output)?) } else { None };
+        let rope = RotaryEmbedding::new(c.head_dim, c.rope_theta, &c.rope_scaling, input)?;
+        let place = Placement { device: input, kind };
+        Ok(Llama { config, embed, blocks, norm, lm_head, tied_head, rope, place, devices: map })
     }
 
     /// The resolved configuration.
@@ -147,9 +206,16 @@ impl Llama {
         self.blocks.len()
     }
 
-    /// Device the weights live on.
+    /// The input device: where the embedding lives and token ids, position ids and masks go. On a model split
+    /// over devices ([`Llama::device_map`]) blocks may live elsewhere; logits come out on
+    /// [`DeviceMap::output`].
     pub fn device(&self) -> Device {
         self.place.device
+    }
+
+    /// Where the embedding, each block and the head live.
+    pub fn device_map(&self) -> &DeviceMap {
+        &self.devices
     }
 
     /// Floating-point kind of the weights.
@@ -173,14 +239,16 @@ impl Llama {
             .flat_map(move |l| Module::ALL.into_iter().filter_map(move |m| self.projection(l, m).map(|p| (l, m, p))))
     }
 
-    /// The model's final RMSNorm, applied to any hidden state (the first half of the logit lens).
+    /// The model's final RMSNorm, applied to any hidden state (the first half of the logit lens); the result is
+    /// on the output device.
     pub fn final_norm(&self, hidden: &Tensor) -> Result<Tensor> {
-        self.norm.forward(hidden)
+        self.norm.forward(&hidden.f_to_device(self.devices.output())?)
     }
 
-    /// The LM head (tied or not) applied to normed states, returning f32 logits.
+    /// The LM head (tied or not) applied to normed states, returning f32 logits on the output device.
     pub fn lm_head(&self, normed: &Tensor) -> Result<Tensor> {
-        let w = self.lm_head.as_ref().unwrap_or(&self.embed);
+        let normed = &normed.f_to_device(self.devices.output())?;
+        let w = self.lm_head.as_ref().or(self.tied_head.as_ref()).unwrap_or(&self.embed);
         if let Some(y) = crate::kernels::small_linear(normed, w, None, None)? {
             return Ok(y.f_to_kind(Kind::Float)?);
         }
@@ -190,7 +258,7 @@ impl Llama {
     /// A fresh KV cache for `batch` rows and up to `capacity` positions.
     pub fn new_cache(&self, batch: i64, capacity: i64) -> Result<KvCache> {
         let c = &self.config;
-        KvCache::new(c.num_layers, batch, c.num_kv_heads, capacity, c.head_dim, self.place)
+        KvCache::new(&self.devices, batch, c.num_kv_heads, capacity, c.head_dim, self.place)
     }
 
     /// A full (uncached) forward pass over `input_ids` `[B, T]`.
@@ -356,14 +424,29 @@ impl Llama {
 
         let (mut x, start) = match input {
             Input::Ids(ids) => (Tensor::f_embedding(&self.embed, &ids.f_to_device(dev)?, -1, false, false)?, 0),
-            Input::Hidden(hs, start) => (hs.f_to_device(dev)?.f_to_kind(self.place.kind)?, start),
+            Input::Hidden(hs, start) => (hs.f_to_device(self.devices.block(start))?.f_to_kind(self.place.kind)?, start),
         };
         let mut hidden = Vec::new();
         if opts.hidden_states {
             hidden.push(x.shallow_clone());
         }
+        // The step context on the device of the current segment of blocks (moved once per segment).
+        let mut moved: Option<StepCtx<'_>> = None;
         for block in &self.blocks[start..] {
-            x = block.forward(&x, &ctx, cache.as_deref_mut())?;
+            let bdev = self.devices.block(block.index);
+            if x.device() != bdev {
+                x = x.f_to_device(bdev)?;
+            }
+            let ctx = if bdev == dev {
+                &ctx
+            } else {
+                match moved {
+                    Some(ref m) if m.cos.device() == bdev => {}
+                    _ => moved = Some(ctx.to_device(bdev)?),
+                }
+                moved.as_ref().unwrap_or(&ctx)
+            };
+            x = block.forward(&x, ctx, cache.as_deref_mut())?;
             if opts.hidden_states {
                 hidden.push(x.shallow_clone());
             }
