@@ -4,12 +4,13 @@
 //!
 //! ```text
 //! cargo run --release --example decode_speed -- [--tokens 64] [--rounds 3] [--dtype f32|bf16|both] [--r 16]
-//!     [--compare-libtorch]
+//!     [--compare-libtorch] [--bandwidth-only]
 //! ```
 //! The LoRA adapter is random, rank `r` on all seven projections of every block (what the speed goals were
 //! stated for). The cap is the measured read bandwidth (sum over a 512 MiB tensor with libtorch's threads) divided
 //! by the bytes of weights one decode step streams (every projection, the LM head, LoRA A/B where active).
-//! `--compare-libtorch` adds rows with the fused decode kernels switched off (libtorch's BLAS for every product).
+//! `--compare-libtorch` adds rows with the fused decode kernels switched off (libtorch's BLAS for every product);
+//! `--bandwidth-only` prints the measured read bandwidth and stops.
 use std::path::Path;
 use std::time::Instant;
 
@@ -24,10 +25,19 @@ struct Args {
     dtypes: Vec<Kind>,
     r: usize,
     compare: bool,
+    /// Print the measured read bandwidth and stop.
+    bandwidth_only: bool,
 }
 
 fn parse() -> Result<Args> {
-    let mut a = Args { tokens: 64, rounds: 3, dtypes: vec![Kind::Float, Kind::BFloat16], r: 16, compare: false };
+    let mut a = Args {
+        tokens: 64,
+        rounds: 3,
+        dtypes: vec![Kind::Float, Kind::BFloat16],
+        r: 16,
+        compare: false,
+        bandwidth_only: false,
+    };
     let mut it = std::env::args().skip(1);
     while let Some(flag) = it.next() {
         let mut value = || it.next().with_context(|| format!("{flag} needs a value"));
@@ -44,6 +54,7 @@ fn parse() -> Result<Args> {
                 }
             }
             "--compare-libtorch" => a.compare = true,
+            "--bandwidth-only" => a.bandwidth_only = true,
             other => bail!("unknown flag {other}"),
         }
     }
@@ -102,6 +113,10 @@ fn main() -> Result<()> {
     let args = parse()?;
     let path = Path::new(env!("CARGO_MANIFEST_DIR")).join(DEFAULT_MODEL);
     let bw = bandwidth()?;
+    if args.bandwidth_only {
+        println!("read bandwidth {:.1} GB/s", bw / 1e9);
+        return Ok(());
+    }
     println!(
         "read bandwidth {:.1} GB/s, libtorch threads {}, fused kernels available: {}\n",
         bw / 1e9,

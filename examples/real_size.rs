@@ -195,7 +195,8 @@ fn report(args: &[String]) -> Result<()> {
     let prompt = tokenizer.encode_prompt("The capital of France is", false)?;
     let cfg = GenerationConfig { max_new_tokens: tokens, ..Default::default() };
     let t1 = Instant::now();
-    let (_, timing) = generate(&m, Some(&tokenizer), &[prompt], &cfg, &LayerMask::all())?;
+    let (gens, timing) = generate(&m, Some(&tokenizer), std::slice::from_ref(&prompt), &cfg, &LayerMask::all())?;
+    let first_token = gens.first().and_then(|g| g.token_ids.first().copied());
     let first_token_s = load_s + timing.prefill_s;
     let wall_generate_s = t1.elapsed().as_secs_f64();
     let file_bytes = weight_bytes(&model)?;
@@ -208,7 +209,7 @@ fn report(args: &[String]) -> Result<()> {
         "peak_rss_over_weight_bytes": peak as f64 / loaded_bytes as f64,
         "peak_rss_less_baseline_over_weight_bytes": (peak - rss_before) as f64 / loaded_bytes as f64,
         "first_token_s": first_token_s, "generate_s": wall_generate_s,
-        "decode_tokens_per_s": timing.decode_tokens_per_s,
+        "decode_tokens_per_s": timing.decode_tokens_per_s, "prompt_ids": prompt, "first_token": first_token,
     });
     let mut stdout = std::io::stdout().lock();
     writeln!(stdout, "{out}")?;
