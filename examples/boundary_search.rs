@@ -7,7 +7,7 @@ use std::path::Path;
 use lora_boundary::scoring::{GenerationScorer, ProxyScorer};
 use lora_boundary::search::{BoundarySearch, Strategy};
 use lora_boundary::tasks::Task;
-use lora_boundary::{load_adapter, load_model, Placement, DEFAULT_MODEL};
+use lora_boundary::{load_adapter, load_model, Placement, PromptFormat, DEFAULT_MODEL};
 
 fn main() -> anyhow::Result<()> {
     std::env::set_current_dir(Path::new(env!("CARGO_MANIFEST_DIR")))?;
@@ -15,14 +15,14 @@ fn main() -> anyhow::Result<()> {
     let (mut model, tokenizer) = load_model(DEFAULT_MODEL, Placement::default())?;
     let info = load_adapter(&mut model, &adapter)?;
     let val: Vec<_> = Task::E2e.load(Path::new("data/e2e_nlg/testset_w_refs.csv"))?.into_iter().take(16).collect();
-    let mut proxy = ProxyScorer::new(&model, &tokenizer, &val, true, 8);
+    let mut proxy = ProxyScorer::new(&model, &tokenizer, &val, PromptFormat::chat(), 8);
     let mut real = GenerationScorer {
         model: &model,
         tokenizer: &tokenizer,
         samples: &val,
         metric: Task::E2e.primary_metric(),
         max_new_tokens: 40,
-        chat: true,
+        prompt_format: PromptFormat::chat(),
         batch_size: 8,
     };
     let search = BoundarySearch::new(model.num_layers())

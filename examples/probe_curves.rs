@@ -6,7 +6,7 @@ use std::path::Path;
 
 use lora_boundary::probe::{Probe, ProbeConfig, Sample};
 use lora_boundary::tasks::Task;
-use lora_boundary::{load_adapter, load_model, LayerMask, Placement, DEFAULT_MODEL};
+use lora_boundary::{load_adapter, load_model, LayerMask, Placement, PromptFormat, DEFAULT_MODEL};
 
 fn main() -> anyhow::Result<()> {
     std::env::set_current_dir(Path::new(env!("CARGO_MANIFEST_DIR")))?;
@@ -22,8 +22,8 @@ fn main() -> anyhow::Result<()> {
         LayerMask::from_layers(l / 2..l), // LoRA dropped in the bottom half
         LayerMask::from_layers(0..l / 2), // LoRA dropped in the top half
     ];
-    let result =
-        Probe::new(ProbeConfig { chat: true, ..Default::default() }).run(&model, &tokenizer, &samples, &masks)?;
+    let result = Probe::new(ProbeConfig { prompt_format: PromptFormat::chat(), ..Default::default() })
+        .run(&model, &tokenizer, &samples, &masks)?;
     std::fs::create_dir_all("runs")?;
     result.plot_svg("runs/probe_curves.svg")?;
     result.write_csv("runs/probe_curves.csv")?;

@@ -7,7 +7,7 @@ use std::time::Instant;
 
 use lora_boundary::scoring::{score_masks, EvalSettings};
 use lora_boundary::tasks::Task;
-use lora_boundary::{load_adapter, load_model, LayerMask, Placement, DEFAULT_MODEL};
+use lora_boundary::{load_adapter, load_model, LayerMask, Placement, PromptFormat, DEFAULT_MODEL};
 
 fn main() -> anyhow::Result<()> {
     std::env::set_current_dir(Path::new(env!("CARGO_MANIFEST_DIR")))?;
@@ -20,7 +20,7 @@ fn main() -> anyhow::Result<()> {
         Task::E2e.load(Path::new("data/e2e_nlg/testset_w_refs.csv"))?.into_iter().skip(16).take(24).collect();
     let metric = Task::E2e.primary_metric();
     let masks = [LayerMask::all(), LayerMask::keep_through(b), LayerMask::none()];
-    let settings = EvalSettings { max_new_tokens: 40, chat: true, batch_size: 8, seed: 0 };
+    let settings = EvalSettings { max_new_tokens: 40, prompt_format: PromptFormat::chat(), batch_size: 8, seed: 0 };
     let t = Instant::now();
     let scored = score_masks(&model, &tokenizer, &test, &masks, &[metric], settings)?;
     println!("{:<10} {:>8} {:>24} {:>10}", "mask", metric.name(), "95% CI vs full", "LoRA kept");

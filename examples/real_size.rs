@@ -16,7 +16,7 @@ use std::time::Instant;
 
 use anyhow::{bail, Context, Result};
 use lora_boundary::model::tch::{Kind, Tensor};
-use lora_boundary::{generate, GenerationConfig, LayerMask, Placement};
+use lora_boundary::{generate, GenerationConfig, LayerMask, Placement, PromptFormat};
 
 struct Shape {
     hidden: i64,
@@ -192,7 +192,7 @@ fn report(args: &[String]) -> Result<()> {
     let (m, tokenizer) = lora_boundary::load_model(&model, Placement { kind, ..Placement::default() })?;
     let load_s = t0.elapsed().as_secs_f64();
     let rss_after_load = peak_rss()?;
-    let prompt = tokenizer.encode_prompt("The capital of France is", false)?;
+    let prompt = tokenizer.encode_prompt("The capital of France is", &PromptFormat::raw())?;
     let cfg = GenerationConfig { max_new_tokens: tokens, ..Default::default() };
     let t1 = Instant::now();
     let (gens, timing) = generate(&m, Some(&tokenizer), std::slice::from_ref(&prompt), &cfg, &LayerMask::all())?;

@@ -11,7 +11,7 @@ use anyhow::Context;
 use lora_boundary::scoring::{GenerationScorer, ProxyScorer};
 use lora_boundary::search::Scorer;
 use lora_boundary::tasks::Task;
-use lora_boundary::{load_adapter, load_model, Placement, DEFAULT_MODEL};
+use lora_boundary::{load_adapter, load_model, Placement, PromptFormat, DEFAULT_MODEL};
 
 fn main() -> anyhow::Result<()> {
     std::env::set_current_dir(Path::new(env!("CARGO_MANIFEST_DIR")))?;
@@ -27,7 +27,7 @@ fn main() -> anyhow::Result<()> {
     let samples: Vec<_> = task.load(Path::new(data))?.into_iter().take(n).collect();
     let idx: Vec<usize> = (0..samples.len()).collect();
     let l = model.num_layers();
-    let mut proxy = ProxyScorer::new(&model, &tokenizer, &samples, true, 8);
+    let mut proxy = ProxyScorer::new(&model, &tokenizer, &samples, PromptFormat::chat(), 8);
     let proxy: Vec<Vec<f64>> = (0..l).map(|b| proxy.score(b, &idx)).collect::<Result<_, _>>()?;
     let metric = task.primary_metric();
     let mut real = GenerationScorer {
@@ -36,7 +36,7 @@ fn main() -> anyhow::Result<()> {
         samples: &samples,
         metric,
         max_new_tokens,
-        chat: true,
+        prompt_format: PromptFormat::chat(),
         batch_size: 8,
     };
     let scores: Vec<Vec<f64>> = (0..l).map(|b| real.score(b, &idx)).collect::<Result<_, _>>()?;

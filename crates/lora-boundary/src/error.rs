@@ -49,11 +49,12 @@ pub enum Error {
 /// Result alias of the facade.
 pub type Result<T, E = Error> = std::result::Result<T, E>;
 
-/// Exit code of a model-crate error: 2 for what the user asked or supplied (arguments, limits), 1 otherwise.
+/// Exit code of a model-crate error: 2 for what the user asked or supplied (arguments, limits, a conversation the
+/// chat template refuses), 1 otherwise.
 fn model_exit_code(e: &lora_model::ModelError) -> i32 {
     use lora_model::ModelError as M;
     match e {
-        M::InvalidArgument(_) | M::Limit(_) => 2,
+        M::InvalidArgument(_) | M::Limit(_) | M::TemplateRejected(_) => 2,
         M::Common(c) => common_exit_code(c),
         _ => 1,
     }

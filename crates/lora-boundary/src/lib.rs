@@ -7,9 +7,10 @@
 //! the `lora-boundary` command line.
 //!
 //! ```no_run
-//! use lora_boundary::{load_model, LayerMask, GenerationConfig, generate};
+//! use lora_boundary::{load_model, LayerMask, GenerationConfig, generate, PromptFormat};
 //! let (model, tokenizer) = load_model("models/SmolLM2-135M-Instruct.Q4_1.gguf", Default::default())?;
-//! let prompt = tokenizer.encode_prompt("What is the capital of France?", true)?;
+//! let format = PromptFormat::chat_with_system("Answer in one word.");
+//! let prompt = tokenizer.encode_prompt("What is the capital of France?", &format)?;
 //! let cfg = GenerationConfig { max_new_tokens: 16, eos_token_ids: tokenizer.eos_token_ids().to_vec(), ..Default::default() };
 //! let (out, _timing) = generate(&model, Some(&tokenizer), &[prompt], &cfg, &LayerMask::keep_through(14))?;
 //! println!("{}", out[0].text);
@@ -34,7 +35,8 @@ pub use lora_metrics as metrics;
 pub use lora_model::tch;
 pub use lora_model::{
     self as model, generate, load_adapter, prune_adapter, AdapterInfo, ChatMessage, ForwardOptions, Generation,
-    GenerationConfig, LayerMask, Llama, Logits, LoraConfig, ModelConfig, Module, Placement, Sampling, Tokenizer,
+    GenerationConfig, LayerMask, Llama, Logits, LoraConfig, ModelConfig, Module, Placement, PromptFormat, Sampling,
+    Tokenizer,
 };
 pub use lora_probe as probe;
 pub use lora_search as search;

@@ -7,7 +7,7 @@ use std::path::{Path, PathBuf};
 use serde::{Deserialize, Serialize};
 
 use lora_metrics::Metric;
-use lora_model::{load_adapter, prune_adapter, AdapterInfo, LayerMask, Llama, Placement, Tokenizer};
+use lora_model::{load_adapter, prune_adapter, AdapterInfo, LayerMask, Llama, Placement, PromptFormat, Tokenizer};
 use lora_probe::{Probe, ProbeConfig, ProbeResult};
 use lora_search::{detect, Curve, Detected, Detection, SearchReport};
 
@@ -61,6 +61,9 @@ pub struct PipelineConfig {
     /// Use the chat template.
     #[serde(default)]
     pub chat: bool,
+    /// System message the chat template renders before every prompt (needs `chat = true`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub system: Option<String>,
     /// Answer tokens probed.
     #[serde(default = "default_k")]
     pub k: usize,
@@ -247,7 +250,7 @@ pub struct PipelineReport {
     pub timings: Vec<(String, f64)>,
 }
 
-/// Probes `samples` under each mask with the config's `k`, chat, batch size and seed (the paper's Fig. 1 inputs).
+/// Probes `samples` under each mask with the config's `k`, prompt format, batch size and seed (the paper's Fig. 1 inputs).
 pub fn probe_curves(
     model: &Llama,
     tokenizer: &Tokenizer,
@@ -256,8 +259,13 @@ pub fn probe_curves(
     cfg: &PipelineConfig,
 ) -> Result<ProbeResult> {
     let probe_samples: Vec<lora_probe::Sample> = samples.to_vec();
-    let probe_cfg =
-        ProbeConfig { k: cfg.k, chat: cfg.chat, batch_size: cfg.batch_size, seed: cfg.seed, ..Default::default() };
+    let probe_cfg = ProbeConfig {
+        k: cfg.k,
+        prompt_format: cfg.prompt_format()?,
+        batch_size: cfg.batch_size,
+        seed: cfg.seed,
+        ..Default::default()
+    };
     Probe::new(probe_cfg).run(model, tokenizer, &probe_samples, masks).map_err(Error::from)
 }
 
@@ -281,8 +289,12 @@ pub fn evaluate(
     metrics: &[Metric],
     cfg: &PipelineConfig,
 ) -> Result<Vec<EvalResult>> {
-    let settings =
-        EvalSettings { max_new_tokens: cfg.max_new_tokens, chat: cfg.chat, batch_size: cfg.batch_size, seed: cfg.seed };
+    let settings = EvalSettings {
+        max_new_tokens: cfg.max_new_tokens,
+        prompt_format: cfg.prompt_format()?,
+        batch_size: cfg.batch_size,
+        seed: cfg.seed,
+    };
     let plain: Vec<LayerMask> = masks.iter().map(|(_, m)| m.clone()).collect();
     let scored = score_masks(model, tokenizer, samples, &plain, metrics, settings)?;
     Ok(masks
@@ -324,8 +336,20 @@ fn load_split(task: Task, path: &Path, offset: usize, n: usize, shuffle_seed: Op
 }
 
 impl PipelineConfig {
-    /// Checks the numeric settings before any work: counts and budgets at least 1, rates finite and positive.
+    /// How prompts are rendered: the `chat` and `system` keys as one [`PromptFormat`]; `system` without
+    /// `chat = true` is a usage error.
+    pub fn prompt_format(&self) -> Result<PromptFormat> {
+        PromptFormat::from_flags(self.chat, self.system.clone()).map_err(|_| {
+            Error::Usage(
+                "config key `system` needs `chat = true` (the system message goes through the chat template)".into(),
+            )
+        })
+    }
+
+    /// Checks the settings before any work: counts and budgets at least 1, rates finite and positive, `system`
+    /// only with `chat`.
     pub fn validate(&self) -> Result<()> {
+        self.prompt_format()?;
         let at_least_one = |key: &str, v: usize| {
             if v == 0 {
                 Err(Error::Usage(format!("config key `{key}` must be at least 1 (got 0)")))
@@ -431,7 +455,7 @@ pub fn run_pipeline(cfg: &PipelineConfig, place: Placement, mut log: impl FnMut(
         params_per_layer: Some(&info.params_per_layer),
         metric: (!cfg.proxy_only).then_some(metrics[0]),
         max_new_tokens: cfg.max_new_tokens,
-        chat: cfg.chat,
+        prompt_format: cfg.prompt_format()?,
         batch_size: cfg.batch_size,
     };
     let report = search_boundary(&model, &tokenizer, &val, &setup)?;
@@ -469,7 +493,7 @@ pub fn run_pipeline(cfg: &PipelineConfig, place: Placement, mut log: impl FnMut(
         let t = std::time::Instant::now();
         let _bar = progress::begin("decode speed", None, "tokens");
         let first = test.first().ok_or_else(|| Error::Usage("no test sample for the speed run".into()))?;
-        let prompt = tokenizer.encode_prompt(&first.prompt, cfg.chat)?;
+        let prompt = tokenizer.encode_prompt(&first.prompt, &cfg.prompt_format()?)?;
         let v = decode_speeds(&mut model, &prompt, cfg.speed_tokens, report.boundary)?;
         timings.push(("speed".to_string(), t.elapsed().as_secs_f64()));
         log(&format!("decode speed measured over {} tokens", cfg.speed_tokens));
@@ -531,6 +555,7 @@ fn train_adapter(cfg: &PipelineConfig, t: &TrainSection, task: Task, place: Plac
             max_len: t.max_len,
             seed: t.seed,
             chat: cfg.chat,
+            system: cfg.system.clone(),
             save_bf16: t.bf16,
             ..Default::default()
         },

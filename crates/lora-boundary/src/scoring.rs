@@ -3,7 +3,7 @@
 use std::collections::HashMap;
 
 use lora_metrics::Metric;
-use lora_model::{generate, GenerationConfig, LayerMask, Llama, Tokenizer};
+use lora_model::{generate, GenerationConfig, LayerMask, Llama, PromptFormat, Tokenizer};
 use lora_search::{BoundarySearch, Scorer, SearchError, SearchReport, Strategy};
 
 use crate::error::{Error, Result};
@@ -16,7 +16,7 @@ pub fn generate_answers(
     samples: &[&Sample],
     mask: &LayerMask,
     max_new_tokens: usize,
-    chat: bool,
+    format: &PromptFormat,
     batch_size: usize,
 ) -> Result<Vec<String>> {
     let cfg =
@@ -25,7 +25,7 @@ pub fn generate_answers(
     for (c, chunk) in samples.chunks(batch_size.max(1)).enumerate() {
         let mut ids = Vec::with_capacity(chunk.len());
         for (j, s) in chunk.iter().enumerate() {
-            let p = tokenizer.encode_prompt(&s.prompt, chat)?;
+            let p = tokenizer.encode_prompt(&s.prompt, format)?;
             let what = format!("sample {} (0-based, after --offset)", c * batch_size.max(1) + j);
             lora_model::generate::check_context(model, &what, p.len(), max_new_tokens)?;
             ids.push(p);
@@ -44,12 +44,12 @@ pub fn item_scores(metric: Metric, predictions: &[String], samples: &[&Sample]) 
 }
 
 /// Generation settings shared by evaluation runs.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq)]
 pub struct EvalSettings {
     /// New tokens per answer.
     pub max_new_tokens: usize,
-    /// Use the chat template.
-    pub chat: bool,
+    /// How prompts are rendered (raw, or the chat template with an optional system message).
+    pub prompt_format: PromptFormat,
     /// Generation batch size.
     pub batch_size: usize,
     /// Seed of the paired bootstrap.
@@ -110,7 +110,7 @@ pub fn score_masks(
                 &refs,
                 mask,
                 settings.max_new_tokens,
-                settings.chat,
+                &settings.prompt_format,
                 settings.batch_size,
             )?,
         };
@@ -144,10 +144,10 @@ pub fn answer_logprobs_sweep(
     tokenizer: &Tokenizer,
     samples: &[&Sample],
     boundaries: &[usize],
-    chat: bool,
+    format: &PromptFormat,
     batch_size: usize,
 ) -> Result<Vec<Vec<f64>>> {
-    Ok(lora_probe::scoring::answer_logprobs_sweep(model, tokenizer, samples, boundaries, chat, batch_size, |n| {
+    Ok(lora_probe::scoring::answer_logprobs_sweep(model, tokenizer, samples, boundaries, format, batch_size, |n| {
         crate::progress::advance(n as u64)
     })?)
 }
@@ -164,8 +164,8 @@ pub struct GenerationScorer<'a> {
     pub metric: Metric,
     /// New-token budget.
     pub max_new_tokens: usize,
-    /// Use the chat template.
-    pub chat: bool,
+    /// How prompts are rendered.
+    pub prompt_format: PromptFormat,
     /// Generation batch size.
     pub batch_size: usize,
 }
@@ -195,7 +195,7 @@ impl Scorer for GenerationScorer<'_> {
             &chosen,
             &LayerMask::keep_through(boundary),
             self.max_new_tokens,
-            self.chat,
+            &self.prompt_format,
             self.batch_size,
         )
         .map_err(wrap)?;
@@ -212,23 +212,24 @@ pub struct ProxyScorer<'a> {
     model: &'a Llama,
     tokenizer: &'a Tokenizer,
     samples: &'a [Sample],
-    chat: bool,
+    prompt_format: PromptFormat,
     batch_size: usize,
     candidates: Vec<usize>,
     cache: HashMap<(usize, usize), f64>,
 }
 
 impl<'a> ProxyScorer<'a> {
-    /// A proxy over `samples`, sweeping all boundaries `0..L` on first use of a sample.
+    /// A proxy over `samples` with prompts rendered in `prompt_format`, sweeping all boundaries `0..L` on first use
+    /// of a sample.
     pub fn new(
         model: &'a Llama,
         tokenizer: &'a Tokenizer,
         samples: &'a [Sample],
-        chat: bool,
+        prompt_format: PromptFormat,
         batch_size: usize,
     ) -> Self {
         let candidates = (0..model.num_layers()).collect();
-        ProxyScorer { model, tokenizer, samples, chat, batch_size, candidates, cache: HashMap::new() }
+        ProxyScorer { model, tokenizer, samples, prompt_format, batch_size, candidates, cache: HashMap::new() }
     }
 
     /// Sweep only `lo..=hi` (the search range); other boundaries are computed on request.
@@ -248,8 +249,15 @@ impl Scorer for ProxyScorer<'_> {
             if !sweep.contains(&boundary) {
                 sweep.push(boundary);
             }
-            let scores = answer_logprobs_sweep(self.model, self.tokenizer, &chosen, &sweep, self.chat, self.batch_size)
-                .map_err(|e| SearchError::Scorer { boundary, message: e.to_string() })?;
+            let scores = answer_logprobs_sweep(
+                self.model,
+                self.tokenizer,
+                &chosen,
+                &sweep,
+                &self.prompt_format,
+                self.batch_size,
+            )
+            .map_err(|e| SearchError::Scorer { boundary, message: e.to_string() })?;
             for (b, row) in sweep.iter().zip(scores) {
                 for (&i, v) in missing.iter().zip(row) {
                     self.cache.insert((*b, i), v);
@@ -280,7 +288,7 @@ pub(crate) struct SearchSetup<'a> {
     /// The metric that decides, or `None` to rank by the teacher-forced proxy alone.
     pub metric: Option<Metric>,
     pub max_new_tokens: usize,
-    pub chat: bool,
+    pub prompt_format: PromptFormat,
     pub batch_size: usize,
 }
 
@@ -298,7 +306,7 @@ pub(crate) fn search_boundary(
         strategy = Strategy::Exhaustive;
     }
     let mut search = BoundarySearch::new(model.num_layers()).strategy(strategy).seed(setup.seed);
-    let mut proxy = ProxyScorer::new(model, tokenizer, samples, setup.chat, setup.batch_size);
+    let mut proxy = ProxyScorer::new(model, tokenizer, samples, setup.prompt_format.clone(), setup.batch_size);
     if let Some(r) = setup.range {
         let (lo, hi) = (r.lo, r.hi);
         search = search.range(lo, hi);
@@ -317,7 +325,7 @@ pub(crate) fn search_boundary(
         samples,
         metric,
         max_new_tokens: setup.max_new_tokens,
-        chat: setup.chat,
+        prompt_format: setup.prompt_format.clone(),
         batch_size: setup.batch_size,
     };
     if strategy == Strategy::ProxyFirst {

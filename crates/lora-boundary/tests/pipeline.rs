@@ -93,6 +93,7 @@ fn pipeline_runs_end_to_end_on_the_tiny_model() {
         validation_offset: 0,
         test_offset: 0,
         chat: true,
+        system: None,
         k: 2,
         metric: Some(lora_boundary::metrics::Metric::RougeL),
         strategy: lora_boundary::search::Strategy::Exhaustive,
@@ -211,15 +212,16 @@ fn pipeline_runs_end_to_end_on_the_tiny_model() {
     load_adapter(&mut m3, &adapter).unwrap();
     let val = lora_boundary::tasks::Task::Jsonl.load(&val_f).unwrap();
     let refs: Vec<&lora_boundary::tasks::Sample> = val.iter().collect();
-    let sweep = lora_boundary::scoring::answer_logprobs_sweep(&m3, &tok3, &refs, &[0, 1, 2, 3], true, 3).unwrap();
+    let chat = lora_boundary::PromptFormat::chat();
+    let sweep = lora_boundary::scoring::answer_logprobs_sweep(&m3, &tok3, &refs, &[0, 1, 2, 3], &chat, 3).unwrap();
     for (b, row) in sweep.iter().enumerate() {
         let one =
-            lora_boundary::scoring::answer_logprobs(&m3, &tok3, &refs, &LayerMask::keep_through(b), true, 3).unwrap();
+            lora_boundary::scoring::answer_logprobs(&m3, &tok3, &refs, &LayerMask::keep_through(b), &chat, 3).unwrap();
         for (x, y) in row.iter().zip(&one) {
             assert!((x - y).abs() < 1e-4, "boundary {b}: sweep {x} vs direct {y}");
         }
     }
-    assert!(lora_boundary::scoring::answer_logprobs_sweep(&m3, &tok3, &refs, &[4], true, 3).is_err());
+    assert!(lora_boundary::scoring::answer_logprobs_sweep(&m3, &tok3, &refs, &[4], &chat, 3).is_err());
 
     // A config with a [train] table trains the adapter when it does not exist yet, then runs as before.
     let trained_dir = tmp.path().join("adapter-trained");
@@ -251,4 +253,74 @@ fn pipeline_runs_end_to_end_on_the_tiny_model() {
     assert_eq!(trained.steps, 2);
     assert!(trained_dir.join("adapter_config.json").exists());
     assert_eq!(r2.probe.curves.len(), 2, "no ablation curves when switched off");
+}
+
+/// `--system` reaches the rendered prompt: `generate --chat --system` produces exactly the tokens the library
+/// produces from the conversation (system, user) rendered by hand; `--system` without `--chat` is a usage error,
+/// on the CLI and as a pipeline config key.
+#[test]
+fn system_prompt_reaches_the_prompt_on_the_cli_and_in_the_pipeline_config() {
+    let tmp = tempfile::tempdir().unwrap();
+    let model_dir = tiny_model_dir(tmp.path());
+    let (model, tokenizer) = load_model(&model_dir, Placement::default()).unwrap();
+    let (system, prompt) = ("Answer in one word.", "colour 7?");
+    // The fixture's template renders each message as `<role>content\n`.
+    let by_hand = tokenizer.encode(&format!("<system>{system}\n<user>{prompt}\n<assistant>"), false).unwrap();
+    let format = lora_boundary::PromptFormat::chat_with_system(system);
+    assert_eq!(tokenizer.encode_prompt(prompt, &format).unwrap(), by_hand);
+    let cfg = lora_boundary::GenerationConfig {
+        max_new_tokens: 6,
+        eos_token_ids: tokenizer.eos_token_ids().to_vec(),
+        ..Default::default()
+    };
+    let (expected, _) = lora_boundary::generate(&model, Some(&tokenizer), &[by_hand], &cfg, &LayerMask::all()).unwrap();
+
+    let bin = env!("CARGO_BIN_EXE_lora-boundary");
+    let run = |extra: &[&str]| {
+        Command::new(bin)
+            .args(["generate", "--max-new-tokens", "6", "--format", "json", "--prompt", prompt, "--model"])
+            .arg(&model_dir)
+            .args(extra)
+            .output()
+            .unwrap()
+    };
+    let out = run(&["--chat", "--system", system]);
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let json: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    let ids: Vec<i64> =
+        json["outputs"][0]["token_ids"].as_array().unwrap().iter().map(|v| v.as_i64().unwrap()).collect();
+    assert_eq!(ids, expected[0].token_ids);
+
+    let bad = run(&["--system", system]);
+    assert_eq!(bad.status.code(), Some(2), "clap usage error");
+    assert!(String::from_utf8_lossy(&bad.stderr).contains("--chat"), "{}", String::from_utf8_lossy(&bad.stderr));
+
+    // A template that refuses a system message (Mixtral-8x7B-Instruct-v0.1's) is a usage error naming its reason.
+    let mixtral = common::fixtures().join("chat_templates/templates/mistralai-Mixtral-8x7B-Instruct-v0.1.jinja");
+    let cfg = serde_json::json!({ "chat_template": std::fs::read_to_string(mixtral).unwrap() });
+    std::fs::write(model_dir.join("tokenizer_config.json"), cfg.to_string()).unwrap();
+    let refused = run(&["--chat", "--system", system]);
+    assert_eq!(refused.status.code(), Some(2), "{}", String::from_utf8_lossy(&refused.stderr));
+    let stderr = String::from_utf8_lossy(&refused.stderr);
+    assert!(stderr.contains("rejected the conversation: Conversation roles must alternate"), "{stderr}");
+    assert!(run(&["--chat"]).status.success(), "the same template takes a user turn alone");
+
+    // The pipeline config: `system` without `chat = true` is refused before any work.
+    let config = tmp.path().join("run.toml");
+    std::fs::write(
+        &config,
+        format!(
+            "model = {:?}\nadapter = {:?}\ntask = \"jsonl\"\nvalidation = \"v.jsonl\"\ntest = \"t.jsonl\"\n\
+             validation_samples = 2\ntest_samples = 2\nout = {:?}\nsystem = \"Be brief.\"\n",
+            model_dir,
+            tmp.path().join("no-adapter"),
+            tmp.path().join("out")
+        ),
+    )
+    .unwrap();
+    let bad = Command::new(bin).arg("run").arg(&config).output().unwrap();
+    assert!(!bad.status.success());
+    let stderr = String::from_utf8_lossy(&bad.stderr);
+    assert!(stderr.contains("`system` needs `chat = true`"), "{stderr}");
+    assert!(!tmp.path().join("out").exists());
 }

@@ -92,6 +92,10 @@ pub enum ModelError {
     /// The chat template could not be compiled or rendered.
     #[error("chat template: {0}")]
     Template(String),
+    /// The chat template refused the conversation (its `raise_exception`, e.g. roles that do not alternate or a
+    /// system message the model does not take); the template's own message.
+    #[error("chat template rejected the conversation: {0}")]
+    TemplateRejected(String),
     /// A LoRA adapter is malformed, unsupported, or does not fit the base model.
     #[error("{path}: {message}")]
     Adapter {

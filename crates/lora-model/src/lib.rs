@@ -7,10 +7,12 @@
 //! - [`Llama`]: load an HF model directory or a `.gguf` file; forward with every layer's hidden state.
 //! - [`LoraLinear`], [`LayerMask`]: LoRA beside each projection, switched on per block at run time.
 //! - [`generate()`]: batched KV-cache generation.
-//! - [`Tokenizer`], [`ChatTemplate`]: `tokenizers` + chat templates rendered as transformers renders them.
+//! - [`Tokenizer`], [`ChatTemplate`], [`PromptFormat`]: `tokenizers` + chat templates rendered as transformers
+//!   renders them; how a prompt becomes model input (raw, or chat with an optional system message).
 #![warn(missing_docs)]
 
 pub mod adapter;
+pub mod chat;
 /// Crash-safe outputs (from `lora-common`).
 pub use lora_common::atomic;
 pub mod config;
@@ -45,7 +47,7 @@ pub use loading::{load_model, load_model_on, load_tokenizer, resolve_model, Devi
 pub use lora::{LoraLinear, LoraWeights};
 pub use mask::{LayerMask, Module};
 pub use model::{ForwardOptions, ForwardOutput, KvCache, Llama, Logits};
-pub use tokenizer::{ChatMessage, ChatTemplate, Tokenizer};
+pub use tokenizer::{ChatMessage, ChatTemplate, PromptFormat, Tokenizer};
 pub use train::{init_lora, train, TrainConfig, TrainProgress, TrainSample, Trainer};
 pub use weights::{Placement, SafetensorsWeights, WeightSource};
 

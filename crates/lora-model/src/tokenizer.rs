@@ -1,66 +1,8 @@
-//! Tokenizer (the `tokenizers` crate) and chat template (rendered with `minijinja` as transformers renders it).
+//! Tokenizer (the `tokenizers` crate) with its chat template ([`crate::chat`]).
 use std::path::Path;
 
-use serde::Serialize;
-
+pub use crate::chat::{ChatMessage, ChatTemplate, PromptFormat};
 use crate::error::{ModelError, Result};
-
-/// One chat message.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, serde::Deserialize)]
-pub struct ChatMessage {
-    /// `system`, `user` or `assistant`.
-    pub role: String,
-    /// The text.
-    pub content: String,
-}
-
-impl ChatMessage {
-    /// A `user` message.
-    pub fn user(content: impl Into<String>) -> Self {
-        ChatMessage { role: "user".into(), content: content.into() }
-    }
-}
-
-/// A Jinja chat template, rendered like transformers' `apply_chat_template` (`trim_blocks`, `lstrip_blocks`,
-/// Python string methods, `raise_exception`).
-#[derive(Debug, Clone)]
-pub struct ChatTemplate {
-    source: String,
-    bos_token: String,
-    eos_token: String,
-}
-
-impl ChatTemplate {
-    /// A template with the special-token strings it may reference.
-    pub fn new(source: impl Into<String>, bos_token: impl Into<String>, eos_token: impl Into<String>) -> Self {
-        ChatTemplate { source: source.into(), bos_token: bos_token.into(), eos_token: eos_token.into() }
-    }
-
-    /// The template source.
-    pub fn source(&self) -> &str {
-        &self.source
-    }
-
-    /// Renders `messages`, appending the assistant prompt when `add_generation_prompt`.
-    pub fn render(&self, messages: &[ChatMessage], add_generation_prompt: bool) -> Result<String> {
-        let mut env = minijinja::Environment::new();
-        env.set_trim_blocks(true);
-        env.set_lstrip_blocks(true);
-        env.set_unknown_method_callback(minijinja_contrib::pycompat::unknown_method_callback);
-        env.add_function("raise_exception", |msg: String| -> std::result::Result<String, minijinja::Error> {
-            Err(minijinja::Error::new(minijinja::ErrorKind::InvalidOperation, msg))
-        });
-        env.add_template("chat", &self.source).map_err(|e| ModelError::Template(e.to_string()))?;
-        let tmpl = env.get_template("chat").map_err(|e| ModelError::Template(e.to_string()))?;
-        tmpl.render(minijinja::context! {
-            messages => messages,
-            add_generation_prompt => add_generation_prompt,
-            bos_token => self.bos_token,
-            eos_token => self.eos_token,
-        })
-        .map_err(|e| ModelError::Template(e.to_string()))
-    }
-}
 
 /// A tokenizer with its special tokens and optional chat template.
 #[derive(Clone)]
@@ -128,8 +70,7 @@ impl Tokenizer {
         if template.is_none() && jinja.exists() {
             template = Some(std::fs::read_to_string(&jinja).map_err(|e| ModelError::io(&jinja, e))?);
         }
-        let chat_template =
-            template.map(|t| ChatTemplate::new(t, bos.clone().unwrap_or_default(), eos.clone().unwrap_or_default()));
+        let chat_template = template.map(|t| ChatTemplate::with_special_tokens(t, bos.clone(), eos.clone()));
         let mut eos_ids: Vec<i64> = id_of(&eos).into_iter().collect();
         let gen_cfg = dir.join("generation_config.json");
         if let Ok(text) = std::fs::read_to_string(&gen_cfg) {
@@ -192,22 +133,34 @@ impl Tokenizer {
         self.inner.decode(&ids, skip_special_tokens).map_err(tok_err)
     }
 
-    /// Renders a single user turn with the chat template and the assistant prompt appended.
+    /// Renders `messages` with the chat template and the assistant prompt appended
+    /// (`apply_chat_template(messages, tokenize=False, add_generation_prompt=True)`).
     pub fn apply_chat_template(&self, messages: &[ChatMessage]) -> Result<String> {
+        self.render_chat(messages, true)
+    }
+
+    /// Renders `messages` with the chat template; a model without one is a [`ModelError::Template`].
+    pub fn render_chat(&self, messages: &[ChatMessage], add_generation_prompt: bool) -> Result<String> {
         let t = self
             .chat_template
             .as_ref()
             .ok_or_else(|| ModelError::Template("this model has no chat template".into()))?;
-        t.render(messages, true)
+        t.render(messages, add_generation_prompt)
     }
 
-    /// Prompt ids as transformers builds them: with `chat`, the templated single user turn encoded without
-    /// special tokens (the template carries its own, as `apply_chat_template(tokenize=True)` does); without, the
-    /// raw text with the tokenizer's special tokens (as `tokenizer(prompt)` does).
-    pub fn encode_prompt(&self, prompt: &str, chat: bool) -> Result<Vec<i64>> {
-        if chat {
-            let text = self.apply_chat_template(&[ChatMessage::user(prompt)])?;
-            self.encode(&text, false)
+    /// Ids of `messages` rendered with the chat template, encoded without special tokens (the template carries
+    /// its own), as `apply_chat_template(messages, tokenize=True)` gives them.
+    pub fn encode_chat(&self, messages: &[ChatMessage], add_generation_prompt: bool) -> Result<Vec<i64>> {
+        let text = self.render_chat(messages, add_generation_prompt)?;
+        self.encode(&text, false)
+    }
+
+    /// Prompt ids as transformers builds them for `format`: [`PromptFormat::Chat`] renders the system message
+    /// (if any) and `prompt` as the user turn with the assistant prompt appended ([`Tokenizer::encode_chat`]);
+    /// [`PromptFormat::Raw`] encodes the text with the tokenizer's special tokens (as `tokenizer(prompt)` does).
+    pub fn encode_prompt(&self, prompt: &str, format: &PromptFormat) -> Result<Vec<i64>> {
+        if format.is_chat() {
+            self.encode_chat(&format.messages(prompt), true)
         } else {
             self.encode(prompt, true)
         }

@@ -37,7 +37,7 @@ use crate::error::{ModelError, Result};
 use crate::lora::LoraWeights;
 use crate::mask::{LayerMask, Module};
 use crate::model::{ForwardOptions, Llama, Logits};
-use crate::tokenizer::Tokenizer;
+use crate::tokenizer::{PromptFormat, Tokenizer};
 use crate::weights::{save_safetensors, tmp_path, write_atomic, SafetensorsWeights, WeightSource};
 use optim::Rng;
 
@@ -160,6 +160,9 @@ pub struct TrainConfig {
     pub max_len: usize,
     /// Render prompts with the model's chat template. Default true.
     pub chat: bool,
+    /// System message rendered before each prompt (needs `chat`; see [`TrainConfig::prompt_format`]). Default none.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub system: Option<String>,
     /// Padding side. Default right.
     pub padding: Padding,
     /// Reshuffle the samples every epoch (seeded). Default true.
@@ -193,6 +196,7 @@ impl Default for TrainConfig {
             seed: 0,
             max_len: 512,
             chat: true,
+            system: None,
             padding: Padding::Right,
             shuffle: true,
             save_every: None,
@@ -204,8 +208,15 @@ impl Default for TrainConfig {
 }
 
 impl TrainConfig {
+    /// How prompts are rendered: `chat` and `system` as one [`PromptFormat`] (a system message without `chat` is
+    /// an [`ModelError::InvalidArgument`]).
+    pub fn prompt_format(&self) -> Result<PromptFormat> {
+        PromptFormat::from_flags(self.chat, self.system.clone())
+    }
+
     fn validate(&self) -> Result<()> {
         let bad = |m: String| Err(ModelError::InvalidArgument(m));
+        self.prompt_format()?;
         if self.batch_size == 0 || self.grad_accum == 0 || self.epochs == 0 {
             return bad("batch_size, grad_accum and epochs must be positive".into());
         }
@@ -628,7 +639,7 @@ fn fingerprint(samples: &[EncodedSample]) -> String {
     format!("{h:016x}")
 }
 
-/// Tokenizes `samples` ([`encode_sample`] with `cfg.chat` and `cfg.max_len`) and runs [`train_encoded`]; the pad
+/// Tokenizes `samples` ([`encode_sample`] with [`TrainConfig::prompt_format`] and `cfg.max_len`) and runs [`train_encoded`]; the pad
 /// id is the tokenizer's pad token, else its first EOS, else 0 (pads never reach the loss).
 pub fn train(
     model: &mut Llama,
@@ -639,8 +650,9 @@ pub fn train(
     out_dir: &Path,
     progress: impl FnMut(&TrainProgress),
 ) -> Result<TrainSummary> {
+    let format = cfg.prompt_format()?;
     let encoded =
-        samples.iter().map(|s| encode_sample(tokenizer, s, cfg.chat, cfg.max_len)).collect::<Result<Vec<_>>>()?;
+        samples.iter().map(|s| encode_sample(tokenizer, s, &format, cfg.max_len)).collect::<Result<Vec<_>>>()?;
     let pad = tokenizer.pad_token_id().or_else(|| tokenizer.eos_token_ids().first().copied()).unwrap_or(0);
     train_encoded(model, &encoded, pad, lora, cfg, out_dir, progress)
 }

@@ -13,7 +13,7 @@ use std::sync::{Mutex, MutexGuard, OnceLock};
 use lora_model::tch::{Kind, Tensor};
 use lora_model::{
     generate, gguf_tokenizer_for, ChatMessage, ForwardOptions, GenerationConfig, LayerMask, Llama, Placement,
-    Tokenizer, WeightSource,
+    PromptFormat, Tokenizer, WeightSource,
 };
 
 use common::root;
@@ -113,7 +113,11 @@ fn chat_template_and_token_ids_equal_transformers() {
     for (i, p) in r["prompts"].as_array().unwrap().iter().enumerate() {
         let text = tk.apply_chat_template(&[ChatMessage::user(p.as_str().unwrap())]).unwrap();
         assert_eq!(text, r["chat_texts"][i].as_str().unwrap(), "prompt {i}: rendered template");
-        assert_eq!(tk.encode_prompt(p.as_str().unwrap(), true).unwrap(), ids(&r["prompt_ids"][i]), "prompt {i}");
+        assert_eq!(
+            tk.encode_prompt(p.as_str().unwrap(), &PromptFormat::chat()).unwrap(),
+            ids(&r["prompt_ids"][i]),
+            "prompt {i}"
+        );
     }
     for case in r["tokenize_cases"].as_array().unwrap() {
         let text = case["text"].as_str().unwrap();

@@ -14,7 +14,9 @@ use lora_model::train::{
     causal_lm_loss, encode_sample, train_encoded, Batch, EncodedSample, Padding, Schedule, TrainConfig, TrainProgress,
     TrainSample, Trainer, IGNORE_INDEX,
 };
-use lora_model::{init_lora, load_adapter, ForwardOptions, LayerMask, Llama, LoraConfig, Module, Placement, Tokenizer};
+use lora_model::{
+    init_lora, load_adapter, ForwardOptions, LayerMask, Llama, LoraConfig, Module, Placement, PromptFormat, Tokenizer,
+};
 
 use common::fixtures;
 
@@ -153,14 +155,14 @@ fn word_tokenizer() -> Tokenizer {
 fn encoding_labels_answer_tokens_only() {
     let tok = word_tokenizer();
     let s = TrainSample::new("what is sky", "blue colour");
-    let e = encode_sample(&tok, &s, false, 0).unwrap();
+    let e = encode_sample(&tok, &s, &PromptFormat::raw(), 0).unwrap();
     assert_eq!(e.input_ids, vec![10, 11, 22, 13, 21, 2]);
     assert_eq!(e.labels, vec![IGNORE_INDEX, IGNORE_INDEX, IGNORE_INDEX, 13, 21, 2]);
     assert_eq!(e.label_tokens(), 3);
-    let t = encode_sample(&tok, &s, false, 4).unwrap();
+    let t = encode_sample(&tok, &s, &PromptFormat::raw(), 4).unwrap();
     assert_eq!(t.input_ids, vec![10, 11, 22, 13]);
     assert_eq!(t.labels, vec![IGNORE_INDEX, IGNORE_INDEX, IGNORE_INDEX, 13]);
-    assert!(encode_sample(&tok, &s, true, 0).is_err(), "no chat template: chat mode must fail");
+    assert!(encode_sample(&tok, &s, &PromptFormat::chat(), 0).is_err(), "no chat template: chat mode must fail");
 
     let short = EncodedSample::new(&[1], &[5, 2], 0);
     for (padding, expected) in [(Padding::Right, [1i64, 5, 2, 0, 0, 0]), (Padding::Left, [0, 0, 0, 1, 5, 2])] {

@@ -1,7 +1,7 @@
 //! Probe samples: `{"prompt", "answer"}` JSONL rows, and their tokenized form.
 use std::path::{Path, PathBuf};
 
-use lora_model::Tokenizer;
+use lora_model::{PromptFormat, Tokenizer};
 use serde::{Deserialize, Serialize};
 
 use crate::error::{ProbeError, Result};
@@ -51,15 +51,15 @@ pub fn read_jsonl(path: impl AsRef<Path>) -> Result<Vec<Sample>> {
     Ok(out)
 }
 
-/// Tokenizes samples as fine-tuning data is built: the (templated, when `chat`) prompt via
-/// [`Tokenizer::encode_prompt`], the answer on its own without special tokens, appended as is.
+/// Tokenizes samples as fine-tuning data is built: the prompt in `format` (raw, or chat-templated with an optional
+/// system message) via [`Tokenizer::encode_prompt`], the answer on its own without special tokens, appended as is.
 ///
 /// `origin` names the data file in errors. With `require_answer`, an empty answer (or one that tokenizes to
 /// nothing) is an error naming its row; rows are numbered from 1 in `samples` order.
 pub fn tokenize_samples(
     tokenizer: &Tokenizer,
     samples: &[Sample],
-    chat: bool,
+    format: &PromptFormat,
     require_answer: bool,
     origin: Option<&Path>,
 ) -> Result<Vec<TokenizedSample>> {
@@ -69,7 +69,7 @@ pub fn tokenize_samples(
         .enumerate()
         .map(|(i, s)| {
             let row_err = |message: String| ProbeError::Row { file: file.clone(), row: i + 1, message };
-            let prompt_ids = tokenizer.encode_prompt(&s.prompt, chat)?;
+            let prompt_ids = tokenizer.encode_prompt(&s.prompt, format)?;
             if prompt_ids.is_empty() {
                 return Err(row_err("the prompt has no tokens".into()));
             }

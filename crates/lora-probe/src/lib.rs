@@ -38,6 +38,8 @@ pub mod scoring;
 pub use data::{read_jsonl, tokenize_samples, Sample, TokenizedSample};
 pub use error::{ProbeError, Result};
 pub use lens::{LensStats, LogitLens};
+/// How prompts are rendered (from `lora-model`): raw, or the chat template with an optional system message.
+pub use lora_model::PromptFormat;
 pub use plot::PlotMetric;
 pub use probe::{parse_masks, Probe, ProbeConfig, ProbeMode};
 pub use result::{difference, DifferenceCurve, MaskCurve, PerSample, ProbeResult};

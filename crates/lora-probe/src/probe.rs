@@ -2,7 +2,7 @@
 use std::fmt;
 use std::str::FromStr;
 
-use lora_model::{generate, ForwardOptions, GenerationConfig, LayerMask, Llama, Logits, Tokenizer};
+use lora_model::{generate, ForwardOptions, GenerationConfig, LayerMask, Llama, Logits, PromptFormat, Tokenizer};
 use ndarray::Array3;
 use serde::{Deserialize, Serialize};
 
@@ -52,8 +52,8 @@ pub struct ProbeConfig {
     pub mode: ProbeMode,
     /// Samples per forward pass.
     pub batch_size: usize,
-    /// Apply the tokenizer's chat template to prompts (text samples only).
-    pub chat: bool,
+    /// How prompts are rendered (text samples only): raw, or the chat template with an optional system message.
+    pub prompt_format: PromptFormat,
     /// Bootstrap resamples for the 95% confidence intervals (0 = no intervals: low = high = mean).
     pub bootstrap_resamples: usize,
     /// Seed of the bootstrap.
@@ -62,7 +62,14 @@ pub struct ProbeConfig {
 
 impl Default for ProbeConfig {
     fn default() -> Self {
-        ProbeConfig { k: 4, mode: ProbeMode::Teacher, batch_size: 8, chat: false, bootstrap_resamples: 1000, seed: 0 }
+        ProbeConfig {
+            k: 4,
+            mode: ProbeMode::Teacher,
+            batch_size: 8,
+            prompt_format: PromptFormat::Raw,
+            bootstrap_resamples: 1000,
+            seed: 0,
+        }
     }
 }
 
@@ -97,7 +104,7 @@ impl Probe {
         masks: &[LayerMask],
     ) -> Result<ProbeResult> {
         let require_answer = self.config.mode == ProbeMode::Teacher;
-        let tokenized = tokenize_samples(tokenizer, samples, self.config.chat, require_answer, None)?;
+        let tokenized = tokenize_samples(tokenizer, samples, &self.config.prompt_format, require_answer, None)?;
         self.run_tokenized(model, &tokenized, masks)
     }
 

@@ -2,7 +2,7 @@
 //! log-probability proxy share.
 use lora_common::Sample;
 use lora_model::tch::{Kind, Tensor};
-use lora_model::{ForwardOptions, LayerMask, Llama, Logits, Tokenizer};
+use lora_model::{ForwardOptions, LayerMask, Llama, Logits, PromptFormat, Tokenizer};
 
 use crate::error::{ProbeError, Result};
 
@@ -42,14 +42,14 @@ pub(crate) fn forced_batches(
     model: &Llama,
     tokenizer: &Tokenizer,
     samples: &[&Sample],
-    chat: bool,
+    format: &PromptFormat,
     batch_size: usize,
 ) -> Result<Vec<ForcedBatch>> {
     let mut out = Vec::new();
     for chunk in samples.chunks(batch_size.max(1)) {
         let mut rows = Vec::with_capacity(chunk.len());
         for s in chunk {
-            let p = tokenizer.encode_prompt(&s.prompt, chat)?;
+            let p = tokenizer.encode_prompt(&s.prompt, format)?;
             let a = tokenizer.encode(&s.answer, false)?;
             if a.is_empty() {
                 return Err(ProbeError::InvalidArgument(format!(
@@ -90,12 +90,12 @@ pub fn answer_logprobs(
     tokenizer: &Tokenizer,
     samples: &[&Sample],
     mask: &LayerMask,
-    chat: bool,
+    format: &PromptFormat,
     batch_size: usize,
 ) -> Result<Vec<f64>> {
     let _guard = lora_model::tch::no_grad_guard();
     let mut out = Vec::with_capacity(samples.len());
-    for batch in forced_batches(model, tokenizer, samples, chat, batch_size)? {
+    for batch in forced_batches(model, tokenizer, samples, format, batch_size)? {
         let opts = ForwardOptions { logits: Logits::Skip, hidden_states: true, ..ForwardOptions::new(mask) };
         let fwd = model.forward(&batch.input, Some(&batch.attention), &opts)?;
         let last = fwd
@@ -119,7 +119,7 @@ pub fn answer_logprobs_sweep(
     tokenizer: &Tokenizer,
     samples: &[&Sample],
     boundaries: &[usize],
-    chat: bool,
+    format: &PromptFormat,
     batch_size: usize,
     mut on_batch: impl FnMut(usize),
 ) -> Result<Vec<Vec<f64>>> {
@@ -131,7 +131,7 @@ pub fn answer_logprobs_sweep(
     let mut out = vec![Vec::with_capacity(samples.len()); boundaries.len()];
     let none = LayerMask::none();
     let all = LayerMask::all();
-    for batch in forced_batches(model, tokenizer, samples, chat, batch_size)? {
+    for batch in forced_batches(model, tokenizer, samples, format, batch_size)? {
         let opts = ForwardOptions { logits: Logits::Skip, hidden_states: true, ..ForwardOptions::new(&all) };
         let full = model.forward(&batch.input, Some(&batch.attention), &opts)?;
         for (&b, dst) in boundaries.iter().zip(out.iter_mut()) {

@@ -5,7 +5,9 @@ mod common;
 
 use std::path::PathBuf;
 
-use lora_probe::{parse_masks, read_jsonl, tokenize_samples, Probe, ProbeConfig, ProbeMode, TokenizedSample};
+use lora_probe::{
+    parse_masks, read_jsonl, tokenize_samples, Probe, ProbeConfig, ProbeMode, PromptFormat, TokenizedSample,
+};
 
 fn gguf() -> Option<PathBuf> {
     common::smollm2_gguf()
@@ -23,11 +25,12 @@ fn text_samples_through_the_probe_command_path() {
     )
     .expect("write data");
     // What `lora-boundary probe --chat --mask none --plot probe.svg` does, step by step.
-    let config = ProbeConfig { k: 4, chat: true, bootstrap_resamples: 100, ..Default::default() };
+    let config =
+        ProbeConfig { k: 4, prompt_format: PromptFormat::chat(), bootstrap_resamples: 100, ..Default::default() };
     let masks = parse_masks(&["none".to_string()]).expect("masks");
     let samples = read_jsonl(&data).expect("data");
     let tok = lora_model::load_tokenizer(&model).expect("tokenizer");
-    let tokenized = tokenize_samples(&tok, &samples, true, true, Some(&data)).expect("tokenize");
+    let tokenized = tokenize_samples(&tok, &samples, &PromptFormat::chat(), true, Some(&data)).expect("tokenize");
     let m = lora_model::Llama::load(&model, lora_model::Placement::default()).expect("model");
     let result = Probe::new(config).run_labelled(&m, &tokenized, &masks).expect("probe");
     result.plot_svg(dir.path().join("probe.svg")).expect("plot");
@@ -46,7 +49,7 @@ fn text_samples_through_the_probe_command_path() {
 
     // Same numbers from pre-tokenized samples.
     let tokenized = vec![TokenizedSample {
-        prompt_ids: tok.encode_prompt("What is the capital of France?", true).expect("prompt"),
+        prompt_ids: tok.encode_prompt("What is the capital of France?", &PromptFormat::chat()).expect("prompt"),
         answer_ids: first,
     }];
     let again = Probe::new(ProbeConfig { mode: ProbeMode::Teacher, ..Default::default() })

@@ -9,7 +9,7 @@ use crate::error::{Error, Result};
 use crate::loading::{resolve_model, DEFAULT_MODEL};
 use crate::tasks::{Sample, Task};
 use lora_metrics::Metric;
-use lora_model::{load_adapter, load_model_on, DeviceSpec, DtypeSpec, LayerMask};
+use lora_model::{load_adapter, load_model_on, DeviceSpec, DtypeSpec, LayerMask, PromptFormat};
 
 /// Model, device and dtype flags shared by subcommands that load a model.
 #[derive(Debug, Args)]
@@ -134,9 +134,29 @@ pub struct DataArgs {
     /// Use the first N samples only (after `--offset`).
     #[arg(long, value_parser = positive)]
     pub limit: Option<usize>,
+    /// `--chat` and `--system`.
+    #[command(flatten)]
+    pub prompt: PromptArgs,
+}
+
+/// How prompts are rendered: `--chat` and `--system` (shared by every subcommand that builds prompts).
+#[derive(Debug, Args)]
+pub struct PromptArgs {
     /// Wrap prompts in the model's chat template.
     #[arg(long)]
     pub chat: bool,
+    /// System message the chat template places before every prompt (needs `--chat`).
+    #[arg(long, requires = "chat", value_name = "TEXT")]
+    pub system: Option<String>,
+}
+
+impl PromptArgs {
+    /// The [`PromptFormat`] these flags describe.
+    pub fn format(&self) -> Result<PromptFormat> {
+        PromptFormat::from_flags(self.chat, self.system.clone()).map_err(|_| {
+            Error::Usage("--system needs --chat (the system message goes through the chat template)".into())
+        })
+    }
 }
 
 impl DataArgs {

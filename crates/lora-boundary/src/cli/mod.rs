@@ -14,7 +14,7 @@ pub(crate) use args::{
     byte_size, dropout_rate, load_base, load_with_adapter, metric_for, positive, positive_f64, print_json, probability,
     weight_kind,
 };
-pub use args::{read_jsonl, read_jsonl_lines, read_text, DataArgs, MaskArgs, ModelArgs};
+pub use args::{read_jsonl, read_jsonl_lines, read_text, DataArgs, MaskArgs, ModelArgs, PromptArgs};
 pub use commands::eval::EvalRow;
 pub use commands::{
     eval::EvalArgs, generate::GenerateArgs, merge::MergeArgs, probe::ProbeArgs, prune::PruneArgs, run::RunArgs,

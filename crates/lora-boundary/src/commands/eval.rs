@@ -72,8 +72,12 @@ pub fn run(a: &EvalArgs) -> Result<()> {
     for m in &masks {
         m.validate(model.num_layers())?;
     }
-    let settings =
-        EvalSettings { max_new_tokens: a.max_new_tokens, chat: a.data.chat, batch_size: a.batch_size, seed: a.seed };
+    let settings = EvalSettings {
+        max_new_tokens: a.max_new_tokens,
+        prompt_format: a.data.prompt.format()?,
+        batch_size: a.batch_size,
+        seed: a.seed,
+    };
     let distinct = crate::scoring::distinct_masks(&masks);
     let bar = crate::progress::begin("eval", Some((distinct * samples.len()) as u64), "answers");
     let scored = score_masks(&model, &tokenizer, &samples, &masks, &[metric], settings)?;

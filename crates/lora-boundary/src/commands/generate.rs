@@ -27,9 +27,9 @@ pub struct GenerateArgs {
     /// JSONL with a `prompt` field per line.
     #[arg(long)]
     pub input: Option<PathBuf>,
-    /// Wrap each prompt in the model's chat template.
-    #[arg(long)]
-    pub chat: bool,
+    /// `--chat` and `--system`.
+    #[command(flatten)]
+    pub prompt_format: PromptArgs,
     /// Maximum new tokens.
     #[arg(long, default_value_t = 64, value_parser = positive)]
     pub max_new_tokens: usize,
@@ -94,6 +94,7 @@ pub fn run(a: &GenerateArgs) -> Result<()> {
         _ => return Err(Error::Usage("give --prompt TEXT or --input FILE.jsonl".into())),
     };
     let mask = a.mask.mask()?;
+    let format = a.prompt_format.format()?;
     let t0 = Instant::now();
     let (mut model, tokenizer) = load_base(&a.model)?;
     mask.validate(model.num_layers())?;
@@ -113,7 +114,7 @@ pub fn run(a: &GenerateArgs) -> Result<()> {
     };
     let mut ids: Vec<Vec<i64>> = Vec::with_capacity(prompts.len());
     for (what, p) in &prompts {
-        let row = tokenizer.encode_prompt(p, a.chat)?;
+        let row = tokenizer.encode_prompt(p, &format)?;
         // Checked per row before any compute: the error names the row, its token count and the limit.
         lora_model::generate::check_context(&model, what, row.len(), a.max_new_tokens)?;
         ids.push(row);

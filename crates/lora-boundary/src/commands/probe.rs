@@ -19,9 +19,9 @@ pub struct ProbeArgs {
     /// `{"prompt", "answer"}` JSONL.
     #[arg(long)]
     pub data: PathBuf,
-    /// Wrap prompts in the chat template.
-    #[arg(long)]
-    pub chat: bool,
+    /// `--chat` and `--system`.
+    #[command(flatten)]
+    pub prompt: PromptArgs,
     /// Answer tokens probed.
     #[arg(long, default_value_t = 4, value_parser = positive)]
     pub k: usize,
@@ -71,19 +71,21 @@ pub fn run(a: &ProbeArgs) -> Result<()> {
                 .ok_or_else(|| Error::Usage(format!("--diff `{d}`: expected MASK_A,MASK_B")))
         })
         .collect::<Result<_>>()?;
+    let prompt_format = a.prompt.format()?;
     let samples = lora_probe::data::read_jsonl(&a.data)?;
     let model_path = resolve_model(&a.model.model);
     let tokenizer = lora_model::load_tokenizer(&model_path)?;
     let config = lora_probe::ProbeConfig {
         k: a.k,
         mode: a.mode,
-        chat: a.chat,
+        prompt_format,
         batch_size: a.batch_size,
         seed: a.seed,
         ..Default::default()
     };
     let require_answer = config.mode == ProbeMode::Teacher;
-    let tokenized = lora_probe::data::tokenize_samples(&tokenizer, &samples, a.chat, require_answer, Some(&a.data))?;
+    let tokenized =
+        lora_probe::data::tokenize_samples(&tokenizer, &samples, &config.prompt_format, require_answer, Some(&a.data))?;
     let mut model = lora_model::Llama::load_across(&model_path, weight_kind(&a.model)?, &a.model.device.devices()?)?;
     if let Some(dir) = &a.model.adapter {
         lora_model::load_adapter(&mut model, dir)?;

@@ -59,7 +59,7 @@ pub fn run(a: &SearchArgs) -> Result<()> {
         params_per_layer: info.as_ref().map(|i| i.params_per_layer.as_slice()),
         metric,
         max_new_tokens: a.max_new_tokens,
-        chat: a.data.chat,
+        prompt_format: a.data.prompt.format()?,
         batch_size: a.batch_size,
     };
     let bar = crate::progress::begin("search", None, "samples scored");

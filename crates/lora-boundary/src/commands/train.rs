@@ -70,6 +70,7 @@ pub struct TrainArgs {
 
 /// `lora-boundary train`.
 pub fn run(a: &TrainArgs) -> Result<()> {
+    let format = a.data.prompt.format()?;
     let (_, samples) = a.data.load()?;
     let device = a.device.resolve()?;
     let ft = lora_model::train::FineTune {
@@ -84,7 +85,8 @@ pub fn run(a: &TrainArgs) -> Result<()> {
             grad_accum: a.grad_accum,
             max_len: a.max_len,
             seed: a.seed,
-            chat: a.data.chat,
+            chat: format.is_chat(),
+            system: format.system().map(str::to_string),
             save_every: a.save_every,
             save_bf16: a.bf16_adapter,
             resume_from: a.resume.clone(),

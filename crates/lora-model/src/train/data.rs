@@ -6,7 +6,7 @@ use serde::{Deserialize, Serialize};
 use tch::{Kind, Reduction, Tensor};
 
 use crate::error::{ModelError, Result};
-use crate::tokenizer::Tokenizer;
+use crate::tokenizer::{PromptFormat, Tokenizer};
 
 /// Label value the loss ignores (PyTorch's and HF's `ignore_index`).
 pub const IGNORE_INDEX: i64 = -100;
@@ -68,11 +68,16 @@ impl EncodedSample {
     }
 }
 
-/// Tokenizes one sample: prompt ids ([`Tokenizer::encode_prompt`], templated when `chat`), then the answer
+/// Tokenizes one sample: prompt ids ([`Tokenizer::encode_prompt`] in `format`), then the answer
 /// encoded without special tokens, then the tokenizer's first EOS id (if it has one); see [`EncodedSample::new`]
 /// for truncation.
-pub fn encode_sample(tokenizer: &Tokenizer, sample: &TrainSample, chat: bool, max_len: usize) -> Result<EncodedSample> {
-    let prompt = tokenizer.encode_prompt(&sample.prompt, chat)?;
+pub fn encode_sample(
+    tokenizer: &Tokenizer,
+    sample: &TrainSample,
+    format: &PromptFormat,
+    max_len: usize,
+) -> Result<EncodedSample> {
+    let prompt = tokenizer.encode_prompt(&sample.prompt, format)?;
     let mut answer = tokenizer.encode(&sample.answer, false)?;
     answer.extend(tokenizer.eos_token_ids().first().copied());
     Ok(EncodedSample::new(&prompt, &answer, max_len))
