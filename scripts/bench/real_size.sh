@@ -13,7 +13,7 @@ dtype="${DTYPE:-auto}"
 py="$root/.venv-ref/bin/python"
 [ -x "$py" ] || { echo "real_size.sh: no reference venv at .venv-ref (bash scripts/fixtures/model/setup_venv.sh)" >&2; exit 2; }
 cargo build -q --release --example real_size
-bin="$root/target/release/examples/real_size"
+bin="${CARGO_TARGET_DIR:-$root/target}/release/examples/real_size"
 drop() {
   sync
   if ! { echo 3 > /proc/sys/vm/drop_caches; } 2>/dev/null; then
