@@ -14,6 +14,7 @@ pub mod adapter;
 /// Crash-safe outputs (from `lora-common`).
 pub use lora_common::atomic;
 pub mod config;
+pub mod dtype_support;
 pub mod error;
 pub mod export;
 pub mod generate;

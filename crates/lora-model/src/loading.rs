@@ -48,6 +48,8 @@ pub fn resolve_model(path: &Path) -> PathBuf {
 /// file (tokenizer and chat template rebuilt from its metadata). The path goes through [`resolve_model`].
 pub fn load_model(path: impl AsRef<Path>, place: Placement) -> Result<(Llama, Tokenizer)> {
     let path = &resolve_model(path.as_ref());
+    // A dtype the device cannot run is refused by name before any weight is read (#20).
+    crate::dtype_support::check_placement(place)?;
     let model = Llama::load(path, place)?;
     let tokenizer = load_tokenizer(path)?;
     Ok((model, tokenizer))
