@@ -52,11 +52,16 @@ def main() -> int:
             torch.cuda.synchronize(device)
 
     t0 = time.perf_counter()
-    try:
-        base = AutoModelForCausalLM.from_pretrained(a.model, dtype=dtype)
-    except TypeError:  # transformers < 4.56 spells it torch_dtype
-        base = AutoModelForCausalLM.from_pretrained(a.model, torch_dtype=dtype)
+    # transformers 4.56+ takes `dtype`; earlier releases take only `torch_dtype` (and would keep an unknown `dtype`
+    # as a config field, loading f32).
+    major, minor = (int(x) for x in transformers.__version__.split(".")[:2])
+    key = "dtype" if (major, minor) >= (4, 56) else "torch_dtype"
+    base = AutoModelForCausalLM.from_pretrained(a.model, **{key: dtype})
     base.to(device)
+    loaded = next(base.parameters()).dtype
+    if loaded != dtype:
+        print(f"error: transformers {transformers.__version__} loaded {loaded}, not {dtype}", file=sys.stderr)
+        return 1
     model = PeftModel.from_pretrained(base, a.adapter, adapter_name="full")
     model.load_adapter(a.pruned, adapter_name="pruned")
     model.eval()
