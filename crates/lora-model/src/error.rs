@@ -116,6 +116,17 @@ pub enum ModelError {
         /// How many values are NaN or infinite.
         count: u64,
     },
+    /// The device cannot run the dtype asked for (checked when the model is placed, before any weight is read;
+    /// see [`crate::dtype_support`]).
+    #[error("dtype {dtype} cannot run on {device}: {reason}")]
+    UnsupportedDtype {
+        /// The dtype (`f32`, `bf16`, `f16`, or libtorch's name of another).
+        dtype: String,
+        /// The device (`cpu`, `cuda:N`).
+        device: String,
+        /// Why: libtorch's refusal, or what the decoder needs.
+        reason: String,
+    },
     /// A request would exceed a limit of the model or the machine (context length, memory).
     #[error("{0}")]
     Limit(String),

@@ -17,6 +17,7 @@ pub mod chat;
 pub use lora_common::atomic;
 pub mod config;
 pub mod device_map;
+pub mod dtype_support;
 pub mod error;
 pub mod export;
 pub mod generate;

@@ -181,6 +181,12 @@ impl Llama {
                 c.num_layers
             )));
         }
+        // A dtype a device cannot run is refused by name before any weight is read.
+        for (i, &d) in map.devices().iter().enumerate() {
+            if !map.devices()[..i].contains(&d) {
+                crate::dtype_support::check_dtype(d, kind)?;
+            }
+        }
         let (h, v) = (c.hidden_size as i64, c.vocab_size as i64);
         let on = |device: Device| Weights::new(src, Placement { device, kind });
         let (input, output) = (map.input(), map.output());
