@@ -54,12 +54,20 @@ if [ -z "$tests" ] || [ ! -x "$tests" ]; then
   exit 1
 fi
 
+split_tests="$(cargo test --release -p lora-model --test device_map --no-run --message-format=json \
+  | grep -o '"executable":"[^"]*/device_map-[0-9a-f]*"' | tail -n 1 | sed 's/^"executable":"//; s/"$//')"
+if [ -z "$split_tests" ] || [ ! -x "$split_tests" ]; then
+  echo "gpu-build: the device-map test binary was not found in cargo's output" >&2
+  exit 1
+fi
+
 stage="$bundle.part"
 rm -rf "$stage"
 mkdir -p "$stage/bin"
 cp "$CARGO_TARGET_DIR/release/lora-boundary" "$stage/bin/lora-boundary"
 cp "$CARGO_TARGET_DIR/release/examples/real_size" "$stage/bin/real_size"
 cp "$tests" "$stage/bin/cuda-tests"
+cp "$split_tests" "$stage/bin/device-map-tests"
 for b in "$stage"/bin/*; do
   strip --strip-unneeded "$b"
   if ! readelf -d "$b" | grep -q 'NEEDED.*\[libtorch_cuda\.so\]'; then

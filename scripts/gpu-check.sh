@@ -8,7 +8,7 @@
 #   4. batch-1 decode of base / full LoRA / LoRA 0-15 / merged with lora-boundary (`real_size bench`);
 #   5. the same in PEFT + transformers (scripts/gpu/peft_decode.py with the machine's python; a `skipped:` line
 #      where torch/transformers/peft are missing);
-#   6. PLACEHOLDER: `generate --device cuda:0,cpu` (multi-device placement, not in the CLI yet; tolerated);
+#   6. `generate --device cuda:0,cpu` (multi-device placement by free memory);
 # then a summary. Every phase has its own time limit and the whole stays within GPU_CHECK_BUDGET_S (default 470 s,
 # under 8 minutes); a phase the budget no longer allows is reported as not run.
 #
@@ -142,8 +142,8 @@ peft_decode() {
     --keep-through "$keep" --device "${device%%:*}" --dtype bf16 --tokens "$tokens" --rounds "$rounds"
 }
 
-# 6. PLACEHOLDER (multi-device placement, to come): the CLI does not parse `--device cuda:0,cpu` yet; until it
-# does, its refusal of the flag is reported as a skip, not a failure.
+# 6. `--device cuda:0,cpu` through the CLI: the 8B shape fits on one H200, so the plan keeps every block on cuda:0
+# (the split itself is covered by the device-map tests above); a build that does not parse the flag is a skip.
 multi_device() {
   local out rc
   out="$("$bin/lora-boundary" generate --model "$model" --device cuda:0,cpu --dtype bf16 --prompt "The capital of" \
@@ -173,6 +173,8 @@ phase "libraries" 30 environment || { echo "gpu-check: the bundle cannot run her
 if [ "$failed" = 0 ]; then
   # 1. CUDA tests; --nocapture shows each test's own notes (skip lines show either way).
   phase "CUDA tests" 150 "$bin/cuda-tests" --test-threads=1 --nocapture
+  # Blocks split over cuda:0 + cpu on the tiny fixtures: logits and greedy tokens equal to the CPU.
+  phase "cuda:0+cpu split tests" 60 "$bin/device-map-tests" --test-threads=1 --nocapture
 
   # 2. The 8B-shaped checkpoint.
   phase "make checkpoint" 180 make_model
@@ -186,7 +188,7 @@ if [ "$failed" = 0 ]; then
   phase "decode PEFT" 180 peft_decode
 
   # 6. PLACEHOLDER: multi-device placement (see multi_device above).
-  phase "generate --device cuda:0,cpu (placeholder)" 60 multi_device
+  phase "generate --device cuda:0,cpu" 60 multi_device
 fi
 
 echo

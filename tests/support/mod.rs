@@ -4,9 +4,12 @@
 #![allow(dead_code)]
 use std::path::PathBuf;
 
-/// The workspace root.
+/// The workspace root: `$LORA_BOUNDARY_HOME` when set (test binaries run from `scripts/gpu-build.sh`'s bundle on
+/// another machine), else the workspace this test was compiled in.
 pub fn root() -> PathBuf {
-    PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../..")
+    std::env::var_os("LORA_BOUNDARY_HOME")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../.."))
 }
 
 /// The workspace's committed reference fixtures (`tests/fixtures/`).
