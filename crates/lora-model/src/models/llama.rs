@@ -187,6 +187,7 @@ impl Llama {
                 crate::dtype_support::check_dtype(d, kind)?;
             }
         }
+        src.prefetch(&Self::load_order(c));
         let (h, v) = (c.hidden_size as i64, c.vocab_size as i64);
         let on = |device: Device| Weights::new(src, Placement { device, kind });
         let (input, output) = (map.input(), map.output());
@@ -200,6 +201,23 @@ impl Llama {
         let rope = RotaryEmbedding::new(c.head_dim, c.rope_theta, &c.rope_scaling, input)?;
         let place = Placement { device: input, kind };
         Ok(Llama { config, embed, blocks, norm, lm_head, tied_head, rope, place, devices: map })
+    }
+
+    /// The tensor names [`Llama::from_weights_mapped`] loads, in the order it loads them (the prefetch hint given
+    /// to the weight source; names a checkpoint lacks, e.g. biases, are skipped by the source).
+    fn load_order(c: &ModelConfig) -> Vec<String> {
+        let mut names = vec!["model.embed_tokens.weight".to_string()];
+        for i in 0..c.num_layers {
+            names.push(format!("model.layers.{i}.input_layernorm.weight"));
+            names.push(format!("model.layers.{i}.post_attention_layernorm.weight"));
+            for m in Module::ALL {
+                names.push(format!("{}.weight", m.hf_path(i)));
+                names.push(format!("{}.bias", m.hf_path(i)));
+            }
+        }
+        names.push("model.norm.weight".into());
+        names.push("lm_head.weight".into());
+        names
     }
 
     /// The resolved configuration.
