@@ -195,7 +195,7 @@ fn copy_out(mmap: &Mmap, range: std::ops::Range<usize>, file_kind: Kind, kind: K
         // its own pool only within `copy_`, which returns after they finish. Only an aligned pointer is viewed (a
         // file whose data is not aligned to its element size takes the copying path).
         let mut dst = flat.f_narrow(0, done as i64, len as i64)?;
-        if (src.as_ptr() as usize) % elt == 0 {
+        if (src.as_ptr() as usize).is_multiple_of(elt) {
             let view = unsafe { Tensor::f_from_blob(src.as_ptr(), &[len as i64], &[1], file_kind, Device::Cpu)? };
             dst.f_copy_(&view)?;
             drop(view);

@@ -90,6 +90,12 @@ fn layers_to_transform_and_regex_targets_match_peft() {
     check_adapter("tiny-llama", "tiny-llama-regex");
 }
 
+/// LoRA on Gemma 3's seven projections with rank and alpha patterns and `layers_to_transform`.
+#[test]
+fn gemma3_adapter_with_patterns_matches_peft() {
+    check_adapter("tiny-gemma3", "tiny-gemma3-patterns");
+}
+
 #[test]
 fn qwen2_adapter_matches_peft() {
     check_adapter("tiny-qwen2", "tiny-qwen2-basic");

@@ -10,8 +10,8 @@
 //!
 //! It applies only where it is exact to do so: CPU, f32 or bf16 weights, one new token per row for at most
 //! [`crate::kernels::MAX_ROWS`] rows after a prefill, no autograd, no hidden states requested, no sliding window
-//! in reach, and the kernels enabled (`LORA_BOUNDARY_KERNELS=off` routes everything to libtorch). Activations stay
-//! in f32 between operations (libtorch rounds every bf16 intermediate); in f32 the results equal the libtorch
+//! in reach, a Llama-family model (Gemma 3 runs through libtorch), and the kernels enabled
+//! (`LORA_BOUNDARY_KERNELS=off` routes everything to libtorch). Activations stay in f32 between operations (libtorch rounds every bf16 intermediate); in f32 the results equal the libtorch
 //! path up to the order of summation.
 use tch::{Device, Kind, Tensor};
 
@@ -86,6 +86,11 @@ impl Llama {
         opts: &ForwardOptions<'_>,
     ) -> Result<Option<ForwardOutput>> {
         let kind = self.place.kind;
+        // Gemma 3 (norms after attention and MLP, q/k norms, GELU-tanh, per-layer windows and RoPE bases, its
+        // own score scale) is not implemented here: its steps run through libtorch.
+        if self.config.gemma3.is_some() {
+            return Ok(None);
+        }
         if !kernels::enabled()
             || !self.devices.all_cpu()
             || opts.train
