@@ -6,8 +6,7 @@
 //! - `llama`: the Llama / Mistral / Qwen2 (SmolLM2) decoder, [`Llama`].
 //! - `gemma3`: what the Gemma 3 family of [`Llama`] does differently (`1 + w` norms, norms after attention and
 //!   MLP, q/k norms, sliding-window layers with their own RoPE base, scaled embeddings, logit soft-capping).
-//! - `decode`: [`Llama`]'s fused one-token decode step on CPU (Llama family only; Gemma 3 decodes through
-//!   libtorch).
+//! - `decode`: [`Llama`]'s fused one-token decode step on CPU (both families).
 //!
 //! [`crate::model`] is the same module under the path the crate had before.
 use tch::Tensor;
