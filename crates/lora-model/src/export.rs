@@ -74,7 +74,10 @@ pub fn hf_config_json(c: &ModelConfig, kind: tch::Kind) -> serde_json::Value {
             obj.insert("attention_bias".into(), json!(c.qkv_bias));
             obj.insert("layer_types".into(), json!(g.layer_types));
             obj.insert("sliding_window".into(), json!(g.sliding_window));
-            obj.insert("query_pre_attn_scalar".into(), json!(g.query_pre_attn_scalar));
+            // transformers' Gemma3TextConfig types it `int` and refuses a float.
+            let q = g.query_pre_attn_scalar;
+            let q = if q.fract() == 0.0 && q.abs() < 1e15 { json!(q as i64) } else { json!(q) };
+            obj.insert("query_pre_attn_scalar".into(), q);
             obj.insert("final_logit_softcapping".into(), json!(g.final_logit_softcapping));
             obj.insert("attn_logit_softcapping".into(), serde_json::Value::Null);
             obj.insert(

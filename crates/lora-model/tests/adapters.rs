@@ -108,6 +108,8 @@ fn merged_gemma3_exports_and_reloads() {
     let cfg: serde_json::Value =
         serde_json::from_str(&std::fs::read_to_string(out.join("config.json")).unwrap()).unwrap();
     assert_eq!(cfg["model_type"], "gemma3_text");
+    // transformers types it `int` and refuses 24.0.
+    assert_eq!(cfg["query_pre_attn_scalar"], serde_json::json!(24));
     assert_eq!(cfg["rope_parameters"]["sliding_attention"]["rope_theta"].as_f64(), Some(10000.0));
     let reloaded = Llama::load(&out, Placement::default()).unwrap();
     assert_eq!(reloaded.config(), m.config());
