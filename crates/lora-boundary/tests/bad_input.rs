@@ -312,3 +312,26 @@ fn huge_generation_batches_are_refused_by_the_memory_estimate() {
     let err = lora_boundary::model::generate::check_generation_memory(&m, huge_rows, 250, 6).unwrap_err();
     assert!(err.to_string().contains("GiB are available"), "{err}");
 }
+
+/// `--model gemma3-270m` names the fetched Gemma 3 GGUF from any directory and generates transformers' greedy
+/// tokens; the base model has no chat template, so `--chat` is a typed refusal (exit 1) saying so.
+#[test]
+fn gemma3_shortcut_generates_and_refuses_chat() {
+    let root = common::root();
+    if !root.join(lora_boundary::model::GEMMA3_270M).exists() {
+        eprintln!("skipped: {} not found (run `bash scripts/fetch-gemma3.sh`)", lora_boundary::model::GEMMA3_270M);
+        return;
+    }
+    let reference: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(fixtures().join("gemma3/reference.json")).unwrap()).unwrap();
+    let case = &reference["prompts"][0];
+    let prompt = case["prompt"].as_str().unwrap();
+    let tmp = tempfile::tempdir().unwrap();
+    let args = ["generate", "--model", "gemma3-270m", "--prompt", prompt, "--max-new-tokens", "4", "--format", "json"];
+    let out = run(&args, Some(tmp.path()));
+    expect(&out, 0, &[]);
+    let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(v["outputs"][0]["token_ids"], serde_json::json!(case["greedy_ids"].as_array().unwrap()[..4]));
+    let out = run(&["generate", "--model", "gemma3-270m", "--prompt", prompt, "--chat"], Some(tmp.path()));
+    expect(&out, 1, &["no chat template", "without `--chat`"]);
+}

@@ -1,7 +1,9 @@
-//! Model configuration, mirroring Hugging Face `config.json` for the Llama family.
+//! Model configuration, mirroring Hugging Face `config.json` for the Llama family and Gemma 3.
 //!
 //! [`HfConfig`] is the raw serde view of the file; [`ModelConfig`] is the validated, resolved form the
-//! decoder runs on (architecture, head dimension, rotary settings, biases).
+//! decoder runs on (architecture, head dimension, rotary settings, biases, and for Gemma 3 the per-layer
+//! attention types in [`Gemma3Config`]).
+use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 
 use serde::{Deserialize, Serialize};
@@ -52,7 +54,41 @@ pub struct RopeParameters {
     pub original_max_position_embeddings: Option<usize>,
 }
 
-/// The raw fields of an HF `config.json` that a Llama-family decoder needs. Unknown fields are ignored.
+/// `rope_parameters` as HF writes it: one set of parameters, or (Gemma 3, transformers 5) one set per layer type
+/// (`full_attention`, `sliding_attention`).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(untagged)]
+pub enum RopeParametersField {
+    /// Per layer type, e.g. `{"full_attention": {...}, "sliding_attention": {...}}`.
+    PerLayerType(BTreeMap<String, RopeParameters>),
+    /// One set for every layer.
+    Single(RopeParameters),
+}
+
+impl RopeParametersField {
+    /// The parameters of every layer, when this is a single set (an empty object counts as one).
+    fn single(&self) -> Option<&RopeParameters> {
+        match self {
+            RopeParametersField::Single(p) => Some(p),
+            RopeParametersField::PerLayerType(_) => None,
+        }
+    }
+
+    /// The parameters of layer type `name`, when given per layer type.
+    fn of_type(&self, name: &str) -> Option<&RopeParameters> {
+        match self {
+            RopeParametersField::PerLayerType(m) => m.get(name),
+            RopeParametersField::Single(_) => None,
+        }
+    }
+
+    fn is_per_layer_type(&self) -> bool {
+        matches!(self, RopeParametersField::PerLayerType(m) if !m.is_empty())
+    }
+}
+
+/// The raw fields of an HF `config.json` that a Llama-family or Gemma 3 decoder needs. Unknown fields are
+/// ignored.
 #[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
 pub struct HfConfig {
     /// e.g. `["LlamaForCausalLM"]`.
@@ -86,9 +122,9 @@ pub struct HfConfig {
     /// Rotary scaling (transformers 4 layout).
     #[serde(default)]
     pub rope_scaling: Option<RopeParameters>,
-    /// Rotary parameters (transformers 5 layout).
+    /// Rotary parameters (transformers 5 layout; per layer type for Gemma 3).
     #[serde(default)]
-    pub rope_parameters: Option<RopeParameters>,
+    pub rope_parameters: Option<RopeParametersField>,
     /// Maximum positions.
     #[serde(default)]
     pub max_position_embeddings: Option<usize>,
@@ -116,6 +152,33 @@ pub struct HfConfig {
     /// Padding id.
     #[serde(default)]
     pub pad_token_id: Option<TokenIds>,
+    /// Gemma 3: `sliding_attention` or `full_attention` per block.
+    #[serde(default)]
+    pub layer_types: Option<Vec<String>>,
+    /// Gemma 3 (older configs): every `n`-th block is full attention when `layer_types` is absent.
+    #[serde(default)]
+    pub sliding_window_pattern: Option<usize>,
+    /// Gemma 3: attention scores are scaled by `query_pre_attn_scalar^-0.5`.
+    #[serde(default)]
+    pub query_pre_attn_scalar: Option<f64>,
+    /// Gemma 3: the MLP activation (`gelu_pytorch_tanh`).
+    #[serde(default)]
+    pub hidden_activation: Option<String>,
+    /// Llama family: the MLP activation (`silu`).
+    #[serde(default)]
+    pub hidden_act: Option<String>,
+    /// Gemma 3 (transformers 4 layout): the rotary base of sliding-window layers.
+    #[serde(default)]
+    pub rope_local_base_freq: Option<f64>,
+    /// Gemma: `logits = cap · tanh(logits / cap)` when set.
+    #[serde(default)]
+    pub final_logit_softcapping: Option<f64>,
+    /// Gemma: soft-capping of attention scores (not implemented; refused when set).
+    #[serde(default)]
+    pub attn_logit_softcapping: Option<f64>,
+    /// Gemma 3 embedding models: attention without the causal mask (not implemented; refused when true).
+    #[serde(default)]
+    pub use_bidirectional_attention: Option<bool>,
 }
 
 /// The decoder families implemented.
@@ -128,6 +191,38 @@ pub enum Architecture {
     Mistral,
     /// `Qwen2ForCausalLM` (q/k/v bias).
     Qwen2,
+    /// `Gemma3ForCausalLM` (`model_type` `gemma3_text`): (1+w) RMSNorms before and after attention and MLP, q/k
+    /// norms, GELU-tanh MLP, scaled embeddings, sliding-window and full layers ([`Gemma3Config`]).
+    Gemma3,
+}
+
+/// The attention of one Gemma 3 block, as HF's `layer_types` names it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum LayerType {
+    /// Attends to every earlier position; global RoPE base.
+    FullAttention,
+    /// Attends to the last `sliding_window` positions; local RoPE base.
+    SlidingAttention,
+}
+
+/// What Gemma 3 adds to [`ModelConfig`]. The full-attention layers use [`ModelConfig::rope_theta`] and
+/// [`ModelConfig::rope_scaling`]; [`ModelConfig::sliding_window`] stays `None` (it means a window on every
+/// layer), the window of the sliding layers is here.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Gemma3Config {
+    /// One entry per block.
+    pub layer_types: Vec<LayerType>,
+    /// Window of the sliding layers: query `i` sees key `j` when `i - j < sliding_window`.
+    pub sliding_window: usize,
+    /// Attention scale is `query_pre_attn_scalar^-0.5`.
+    pub query_pre_attn_scalar: f64,
+    /// Rotary base of the sliding layers.
+    pub local_rope_theta: f64,
+    /// Rotary scaling of the sliding layers.
+    pub local_rope_scaling: RopeScaling,
+    /// `logits = cap · tanh(logits / cap)` when set.
+    pub final_logit_softcapping: Option<f64>,
 }
 
 /// How rotary frequencies are scaled.
@@ -197,6 +292,9 @@ pub struct ModelConfig {
     pub eos_token_ids: Vec<i64>,
     /// Padding id.
     pub pad_token_id: Option<i64>,
+    /// Gemma 3's extra settings (`Some` exactly when `architecture` is [`Architecture::Gemma3`]).
+    #[serde(default)]
+    pub gemma3: Option<Gemma3Config>,
 }
 
 impl ModelConfig {
@@ -224,6 +322,7 @@ impl ModelConfig {
             "LlamaForCausalLM" | "llama" => Architecture::Llama,
             "MistralForCausalLM" | "mistral" => Architecture::Mistral,
             "Qwen2ForCausalLM" | "qwen2" => Architecture::Qwen2,
+            "Gemma3ForCausalLM" | "gemma3_text" => Architecture::Gemma3,
             other => return Err(ModelError::UnsupportedArchitecture { path: origin, arch: other.to_string() }),
         };
         let hidden_size = need(raw.hidden_size, "hidden_size")?;
@@ -237,8 +336,11 @@ impl ModelConfig {
                 "num_attention_heads ({num_heads}) must be a positive multiple of num_key_value_heads ({num_kv_heads})"
             )));
         }
+        let gemma = architecture == Architecture::Gemma3;
         let head_dim = match raw.head_dim {
             Some(d) => d,
+            // transformers' Gemma3TextConfig default.
+            None if gemma => 256,
             None if hidden_size % num_heads == 0 => hidden_size / num_heads,
             None => {
                 return Err(cfg_err(format!(
@@ -252,40 +354,28 @@ impl ModelConfig {
         if num_layers == 0 || hidden_size == 0 || vocab_size == 0 || intermediate_size == 0 {
             return Err(cfg_err("sizes must be positive".into()));
         }
-        let rope_params = raw.rope_parameters.as_ref().or(raw.rope_scaling.as_ref());
-        let rope_theta =
-            raw.rope_theta.or_else(|| raw.rope_parameters.as_ref().and_then(|p| p.rope_theta)).unwrap_or(10_000.0);
-        let rope_scaling = match rope_params {
-            None => RopeScaling::Default,
-            Some(p) => match p.rope_type.as_deref().unwrap_or("default") {
-                "default" => RopeScaling::Default,
-                "linear" => RopeScaling::Linear {
-                    factor: p.factor.ok_or_else(|| cfg_err("rope `linear` needs `factor`".into()))?,
-                },
-                "llama3" => {
-                    let get =
-                        |v: Option<f64>, name: &str| v.ok_or_else(|| cfg_err(format!("rope `llama3` needs `{name}`")));
-                    RopeScaling::Llama3 {
-                        factor: get(p.factor, "factor")?,
-                        low_freq_factor: get(p.low_freq_factor, "low_freq_factor")?,
-                        high_freq_factor: get(p.high_freq_factor, "high_freq_factor")?,
-                        original_max_position_embeddings: p
-                            .original_max_position_embeddings
-                            .ok_or_else(|| cfg_err("rope `llama3` needs `original_max_position_embeddings`".into()))?,
-                    }
-                }
-                other => {
-                    return Err(cfg_err(format!(
-                        "unsupported rope type `{other}` (supported: default, linear, llama3)"
-                    )))
-                }
-            },
+        let per_type = raw.rope_parameters.as_ref().is_some_and(RopeParametersField::is_per_layer_type);
+        if per_type && !gemma {
+            return Err(cfg_err(
+                "`rope_parameters` per layer type is only supported for Gemma 3 (`gemma3_text`)".into(),
+            ));
+        }
+        // The (full-attention) rotary parameters: `rope_parameters` (transformers 5; Gemma 3: its
+        // `full_attention` entry), else `rope_scaling` (transformers 4).
+        let rope_params = match raw.rope_parameters.as_ref() {
+            Some(f) if per_type => f.of_type("full_attention").or(raw.rope_scaling.as_ref()),
+            Some(f) => f.single().or(raw.rope_scaling.as_ref()),
+            None => raw.rope_scaling.as_ref(),
         };
+        let default_theta = if gemma { 1_000_000.0 } else { 10_000.0 };
+        let rope_theta = raw.rope_theta.or_else(|| rope_params.and_then(|p| p.rope_theta)).unwrap_or(default_theta);
+        let rope_scaling = rope_scaling_of(rope_params, &cfg_err)?;
         let attention_bias = raw.attention_bias.unwrap_or(false);
         let (qkv_bias, o_bias) = match architecture {
             Architecture::Qwen2 => (true, false),
             _ => (attention_bias, attention_bias),
         };
+        let gemma3 = if gemma { Some(gemma3_config(raw, num_layers, &cfg_err)?) } else { None };
         let sliding_window = match architecture {
             Architecture::Mistral => raw.sliding_window,
             Architecture::Qwen2 if raw.use_sliding_window.unwrap_or(false) => raw.sliding_window,
@@ -304,8 +394,8 @@ impl ModelConfig {
             rms_norm_eps: raw.rms_norm_eps.unwrap_or(1e-6),
             rope_theta,
             rope_scaling,
-            max_position_embeddings: raw.max_position_embeddings.unwrap_or(4096),
-            tie_word_embeddings: raw.tie_word_embeddings.unwrap_or(false),
+            max_position_embeddings: raw.max_position_embeddings.unwrap_or(if gemma { 131_072 } else { 4096 }),
+            tie_word_embeddings: raw.tie_word_embeddings.unwrap_or(gemma),
             qkv_bias,
             o_bias,
             mlp_bias: raw.mlp_bias.unwrap_or(false),
@@ -313,7 +403,14 @@ impl ModelConfig {
             bos_token_id: first(&raw.bos_token_id),
             eos_token_ids: raw.eos_token_id.as_ref().map(TokenIds::to_vec).unwrap_or_default(),
             pad_token_id: first(&raw.pad_token_id),
+            gemma3,
         })
+    }
+
+    /// The attention type of block `layer`: Gemma 3's `layer_types`, else full attention (a Mistral-style
+    /// [`ModelConfig::sliding_window`] applies to every block alike).
+    pub fn layer_type(&self, layer: usize) -> LayerType {
+        self.gemma3.as_ref().and_then(|g| g.layer_types.get(layer).copied()).unwrap_or(LayerType::FullAttention)
     }
 
     /// Output width of each projection, by HF module name (`q_proj`, …, `down_proj`).
@@ -330,6 +427,96 @@ impl ModelConfig {
             _ => return None,
         })
     }
+}
+
+/// The rotary scaling an HF parameter set declares (`None`: plain RoPE).
+fn rope_scaling_of(p: Option<&RopeParameters>, cfg_err: &dyn Fn(String) -> ModelError) -> Result<RopeScaling> {
+    let Some(p) = p else { return Ok(RopeScaling::Default) };
+    Ok(match p.rope_type.as_deref().unwrap_or("default") {
+        "default" => RopeScaling::Default,
+        "linear" => {
+            RopeScaling::Linear { factor: p.factor.ok_or_else(|| cfg_err("rope `linear` needs `factor`".into()))? }
+        }
+        "llama3" => {
+            let get = |v: Option<f64>, name: &str| v.ok_or_else(|| cfg_err(format!("rope `llama3` needs `{name}`")));
+            RopeScaling::Llama3 {
+                factor: get(p.factor, "factor")?,
+                low_freq_factor: get(p.low_freq_factor, "low_freq_factor")?,
+                high_freq_factor: get(p.high_freq_factor, "high_freq_factor")?,
+                original_max_position_embeddings: p
+                    .original_max_position_embeddings
+                    .ok_or_else(|| cfg_err("rope `llama3` needs `original_max_position_embeddings`".into()))?,
+            }
+        }
+        other => return Err(cfg_err(format!("unsupported rope type `{other}` (supported: default, linear, llama3)"))),
+    })
+}
+
+/// Gemma 3's settings, with transformers' `Gemma3TextConfig` defaults for what the file leaves out; what is not
+/// implemented (attention soft-capping, bidirectional attention, another activation) is refused by name.
+fn gemma3_config(raw: &HfConfig, num_layers: usize, cfg_err: &dyn Fn(String) -> ModelError) -> Result<Gemma3Config> {
+    if let Some(cap) = raw.attn_logit_softcapping {
+        return Err(cfg_err(format!("`attn_logit_softcapping` ({cap}) is not implemented for Gemma 3")));
+    }
+    if raw.use_bidirectional_attention == Some(true) {
+        return Err(cfg_err(
+            "`use_bidirectional_attention: true` (Gemma 3 embedding models) is not implemented".into(),
+        ));
+    }
+    let act = raw.hidden_activation.as_deref().or(raw.hidden_act.as_deref()).unwrap_or("gelu_pytorch_tanh");
+    if act != "gelu_pytorch_tanh" {
+        return Err(cfg_err(format!("Gemma 3 activation `{act}` is not implemented (supported: gelu_pytorch_tanh)")));
+    }
+    let layer_types = match &raw.layer_types {
+        Some(types) => {
+            if types.len() != num_layers {
+                return Err(cfg_err(format!(
+                    "`layer_types` has {} entries but there are {num_layers} layers",
+                    types.len()
+                )));
+            }
+            types
+                .iter()
+                .enumerate()
+                .map(|(i, t)| match t.as_str() {
+                    "full_attention" => Ok(LayerType::FullAttention),
+                    "sliding_attention" => Ok(LayerType::SlidingAttention),
+                    other => Err(cfg_err(format!(
+                        "`layer_types[{i}]` is `{other}` (supported: full_attention, sliding_attention)"
+                    ))),
+                })
+                .collect::<Result<Vec<_>>>()?
+        }
+        None => {
+            let pattern = raw.sliding_window_pattern.unwrap_or(6).max(1);
+            (0..num_layers)
+                .map(|i| if (i + 1) % pattern == 0 { LayerType::FullAttention } else { LayerType::SlidingAttention })
+                .collect()
+        }
+    };
+    let sliding = raw.rope_parameters.as_ref().and_then(|f| f.of_type("sliding_attention"));
+    let local_rope_theta = sliding.and_then(|p| p.rope_theta).or(raw.rope_local_base_freq).unwrap_or(10_000.0);
+    let sliding_window = raw.sliding_window.unwrap_or(4096);
+    if sliding_window == 0 {
+        return Err(cfg_err("`sliding_window` must be positive".into()));
+    }
+    let query_pre_attn_scalar = raw.query_pre_attn_scalar.unwrap_or(256.0);
+    if query_pre_attn_scalar.is_nan() || query_pre_attn_scalar <= 0.0 {
+        return Err(cfg_err(format!("`query_pre_attn_scalar` must be positive, got {query_pre_attn_scalar}")));
+    }
+    if let Some(cap) = raw.final_logit_softcapping {
+        if cap.is_nan() || cap <= 0.0 {
+            return Err(cfg_err(format!("`final_logit_softcapping` must be positive, got {cap}")));
+        }
+    }
+    Ok(Gemma3Config {
+        layer_types,
+        sliding_window,
+        query_pre_attn_scalar,
+        local_rope_theta,
+        local_rope_scaling: rope_scaling_of(sliding, cfg_err)?,
+        final_logit_softcapping: raw.final_logit_softcapping,
+    })
 }
 
 #[cfg(test)]
@@ -373,5 +560,50 @@ mod tests {
         assert!(err.to_string().contains("multiple"), "{err}");
         let err = parse(r#"{"model_type":"llama","vocab_size":10,"hidden_size":8,"intermediate_size":16,"num_hidden_layers":2,"num_attention_heads":2,"rope_scaling":{"type":"yarn","factor":2.0}}"#).unwrap_err();
         assert!(err.to_string().contains("yarn"), "{err}");
+    }
+
+    #[test]
+    fn gemma3_text_config_resolves_per_layer_type() {
+        let base = r#""model_type":"gemma3_text","vocab_size":10,"hidden_size":8,"intermediate_size":16,"num_hidden_layers":7,"num_attention_heads":2,"num_key_value_heads":1"#;
+        let v5 = parse(&format!(
+            "{{{base},\"head_dim\":4,\"sliding_window\":3,\"query_pre_attn_scalar\":8,\"rope_parameters\":{{\"full_attention\":{{\"rope_type\":\"linear\",\"factor\":8.0,\"rope_theta\":1000000.0}},\"sliding_attention\":{{\"rope_type\":\"default\",\"rope_theta\":10000.0}}}}}}"
+        ))
+        .unwrap();
+        assert_eq!(v5.architecture, Architecture::Gemma3);
+        assert_eq!((v5.rope_theta, v5.rope_scaling), (1e6, RopeScaling::Linear { factor: 8.0 }));
+        let g = v5.gemma3.as_ref().unwrap();
+        assert_eq!((g.local_rope_theta, g.local_rope_scaling), (1e4, RopeScaling::Default));
+        assert_eq!((g.sliding_window, g.query_pre_attn_scalar), (3, 8.0));
+        assert!(v5.tie_word_embeddings && v5.sliding_window.is_none());
+        // No layer_types: every sixth block is full attention.
+        let full: Vec<usize> = (0..7).filter(|&i| v5.layer_type(i) == LayerType::FullAttention).collect();
+        assert_eq!(full, vec![5]);
+        // transformers 4 layout: rope_theta + rope_local_base_freq; Gemma's defaults for the rest.
+        let v4 = parse(&format!(
+            "{{{base},\"rope_theta\":500000.0,\"rope_local_base_freq\":20000.0,\"sliding_window_pattern\":2}}"
+        ))
+        .unwrap();
+        let g = v4.gemma3.as_ref().unwrap();
+        assert_eq!((v4.rope_theta, g.local_rope_theta, v4.head_dim, g.sliding_window), (5e5, 2e4, 256, 4096));
+        assert_eq!(v4.layer_type(1), LayerType::FullAttention);
+        assert_eq!(v4.layer_type(2), LayerType::SlidingAttention);
+        assert_eq!(v4.layer_type(3), LayerType::FullAttention);
+    }
+
+    #[test]
+    fn gemma3_features_not_implemented_are_refused_by_name() {
+        let base = r#""model_type":"gemma3_text","vocab_size":10,"hidden_size":8,"intermediate_size":16,"num_hidden_layers":2,"num_attention_heads":2"#;
+        for (extra, name) in [
+            (r#""attn_logit_softcapping":50.0"#, "attn_logit_softcapping"),
+            (r#""use_bidirectional_attention":true"#, "use_bidirectional_attention"),
+            (r#""hidden_activation":"gelu""#, "gelu"),
+            (r#""layer_types":["sliding_attention"]"#, "layer_types"),
+            (r#""layer_types":["sliding_attention","chunked_attention"]"#, "chunked_attention"),
+        ] {
+            let err = parse(&format!("{{{base},{extra}}}")).unwrap_err();
+            assert!(err.to_string().contains(name), "{extra}: {err}");
+        }
+        let err = parse(r#"{"model_type":"llama","vocab_size":10,"hidden_size":8,"intermediate_size":16,"num_hidden_layers":2,"num_attention_heads":2,"rope_parameters":{"full_attention":{"rope_theta":1.0}}}"#).unwrap_err();
+        assert!(err.to_string().contains("per layer type"), "{err}");
     }
 }

@@ -33,12 +33,20 @@ pub enum ModelError {
         message: String,
     },
     /// The model architecture is not a Llama-family decoder we implement.
-    #[error("{path}: unsupported architecture `{arch}` (supported: llama, mistral, qwen2)")]
+    #[error("{path}: unsupported architecture `{arch}` (supported: llama, mistral, qwen2, gemma3_text)")]
     UnsupportedArchitecture {
         /// The config file.
         path: PathBuf,
         /// The architecture named there.
         arch: String,
+    },
+    /// A model the project fetches on demand is not there yet.
+    #[error("{path}: not found; fetch it with `{fetch}` (from the repository root)")]
+    ModelNotFetched {
+        /// Where the model was looked for.
+        path: PathBuf,
+        /// The command that fetches it.
+        fetch: String,
     },
     /// A weight the model needs is not in any weight file.
     #[error("{file}: missing tensor `{name}`")]

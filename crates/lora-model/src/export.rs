@@ -17,16 +17,9 @@ pub fn hf_config_json(c: &ModelConfig, kind: tch::Kind) -> serde_json::Value {
         Architecture::Llama => ("LlamaForCausalLM", "llama"),
         Architecture::Mistral => ("MistralForCausalLM", "mistral"),
         Architecture::Qwen2 => ("Qwen2ForCausalLM", "qwen2"),
+        Architecture::Gemma3 => ("Gemma3ForCausalLM", "gemma3_text"),
     };
-    let rope_scaling = match c.rope_scaling {
-        RopeScaling::Default => serde_json::Value::Null,
-        RopeScaling::Linear { factor } => json!({"rope_type": "linear", "factor": factor}),
-        RopeScaling::Llama3 { factor, low_freq_factor, high_freq_factor, original_max_position_embeddings } => {
-            json!({"rope_type": "llama3", "factor": factor, "low_freq_factor": low_freq_factor,
-                    "high_freq_factor": high_freq_factor,
-                    "original_max_position_embeddings": original_max_position_embeddings})
-        }
-    };
+    let rope_scaling = rope_json(&c.rope_scaling);
     let dtype = match kind {
         tch::Kind::BFloat16 => "bfloat16",
         tch::Kind::Half => "float16",
@@ -64,8 +57,52 @@ pub fn hf_config_json(c: &ModelConfig, kind: tch::Kind) -> serde_json::Value {
                 obj.insert("use_sliding_window".into(), json!(true));
             }
         }
+        if let Some(g) = &c.gemma3 {
+            // transformers 5's Gemma 3 layout: rotary parameters per layer type.
+            let with_theta = |scaling: &RopeScaling, theta: f64| {
+                let mut r = rope_json(scaling);
+                if r.is_null() {
+                    r = json!({"rope_type": "default"});
+                }
+                r["rope_theta"] = json!(theta);
+                r
+            };
+            obj.remove("rope_theta");
+            obj.remove("rope_scaling");
+            obj.remove("hidden_act");
+            obj.insert("hidden_activation".into(), json!("gelu_pytorch_tanh"));
+            obj.insert("attention_bias".into(), json!(c.qkv_bias));
+            obj.insert("layer_types".into(), json!(g.layer_types));
+            obj.insert("sliding_window".into(), json!(g.sliding_window));
+            // transformers' Gemma3TextConfig types it `int` and refuses a float.
+            let q = g.query_pre_attn_scalar;
+            let q = if q.fract() == 0.0 && q.abs() < 1e15 { json!(q as i64) } else { json!(q) };
+            obj.insert("query_pre_attn_scalar".into(), q);
+            obj.insert("final_logit_softcapping".into(), json!(g.final_logit_softcapping));
+            obj.insert("attn_logit_softcapping".into(), serde_json::Value::Null);
+            obj.insert(
+                "rope_parameters".into(),
+                json!({
+                    "full_attention": with_theta(&c.rope_scaling, c.rope_theta),
+                    "sliding_attention": with_theta(&g.local_rope_scaling, g.local_rope_theta),
+                }),
+            );
+        }
     }
     v
+}
+
+/// An HF `rope_scaling` object (`null` for plain RoPE).
+fn rope_json(scaling: &RopeScaling) -> serde_json::Value {
+    match *scaling {
+        RopeScaling::Default => serde_json::Value::Null,
+        RopeScaling::Linear { factor } => json!({"rope_type": "linear", "factor": factor}),
+        RopeScaling::Llama3 { factor, low_freq_factor, high_freq_factor, original_max_position_embeddings } => {
+            json!({"rope_type": "llama3", "factor": factor, "low_freq_factor": low_freq_factor,
+                    "high_freq_factor": high_freq_factor,
+                    "original_max_position_embeddings": original_max_position_embeddings})
+        }
+    }
 }
 
 /// Largest shard [`save_hf_model`] writes by default: 5 GB, as transformers' `save_pretrained`.

@@ -11,7 +11,7 @@ mod convert;
 mod dequant;
 mod tokenizer;
 
-pub use convert::{hf_config, hf_tensor_name, unpermute_qk, QkKind};
+pub use convert::{gemma3_hf_config, hf_config, hf_tensor_name, hf_tensor_name_for, unpermute_qk, QkKind};
 pub use tokenizer::{gguf_chat_template, gguf_tokenizer, GgufSpecialTokens};
 
 use std::collections::BTreeMap;

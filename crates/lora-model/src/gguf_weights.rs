@@ -1,5 +1,5 @@
-//! HF-named weights, config and tokenizer from a GGUF file (dequantized, q/k rows un-permuted as transformers
-//! does on load).
+//! HF-named weights, config and tokenizer from a GGUF file (dequantized; Llama's q/k rows un-permuted and
+//! Gemma 3's norms stored as `1 + w` turned back into `w`, as transformers does on load).
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
 
@@ -7,7 +7,7 @@ use tch::Tensor;
 
 use crate::config::{HfConfig, ModelConfig};
 use crate::error::{ModelError, Result};
-use crate::gguf::{gguf_chat_template, gguf_tokenizer, hf_tensor_name, GgufFile, GgufSpecialTokens};
+use crate::gguf::{gguf_chat_template, gguf_tokenizer, hf_tensor_name_for, GgufFile, GgufSpecialTokens};
 use crate::tokenizer::{ChatTemplate, Tokenizer};
 use crate::weights::WeightSource;
 
@@ -23,7 +23,9 @@ impl GgufWeights {
     /// Opens `path` and indexes its tensors by HF name.
     pub fn open(path: &Path) -> Result<Self> {
         let file = GgufFile::open(path)?;
-        let names = file.tensor_names().filter_map(|g| hf_tensor_name(g).map(|h| (h, g.to_string()))).collect();
+        let arch = file.get_str("general.architecture")?;
+        let names =
+            file.tensor_names().filter_map(|g| hf_tensor_name_for(arch, g).map(|h| (h, g.to_string()))).collect();
         Ok(GgufWeights { file, origin: path.to_path_buf(), names })
     }
 

@@ -44,7 +44,10 @@ pub use device_map::DeviceMap;
 pub use error::{ModelError, Result};
 pub use export::{save_hf_model, ExportOptions};
 pub use generate::{generate, Generation, GenerationConfig, GenerationTiming, Sampling};
-pub use loading::{load_model, load_model_on, load_tokenizer, resolve_model, DeviceSpec, DtypeSpec, DEFAULT_MODEL};
+pub use loading::{
+    fetch_command, load_model, load_model_on, load_tokenizer, resolve_model, DeviceSpec, DtypeSpec, DEFAULT_MODEL,
+    GEMMA3_270M, GEMMA3_270M_SHORTCUT,
+};
 pub use lora::{LoraLinear, LoraWeights};
 pub use mask::{LayerMask, Module};
 pub use model::{ForwardOptions, ForwardOutput, KvCache, Llama, Logits};

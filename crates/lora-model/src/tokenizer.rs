@@ -141,10 +141,12 @@ impl Tokenizer {
 
     /// Renders `messages` with the chat template; a model without one is a [`ModelError::Template`].
     pub fn render_chat(&self, messages: &[ChatMessage], add_generation_prompt: bool) -> Result<String> {
-        let t = self
-            .chat_template
-            .as_ref()
-            .ok_or_else(|| ModelError::Template("this model has no chat template".into()))?;
+        let t = self.chat_template.as_ref().ok_or_else(|| {
+            ModelError::Template(
+                "this model has no chat template (a base model: give the prompt as plain text, without `--chat`)"
+                    .into(),
+            )
+        })?;
         t.render(messages, add_generation_prompt)
     }
 

@@ -90,6 +90,33 @@ fn layers_to_transform_and_regex_targets_match_peft() {
     check_adapter("tiny-llama", "tiny-llama-regex");
 }
 
+/// LoRA on Gemma 3's seven projections with rank and alpha patterns and `layers_to_transform`.
+#[test]
+fn gemma3_adapter_with_patterns_matches_peft() {
+    check_adapter("tiny-gemma3", "tiny-gemma3-patterns");
+}
+
+/// A merged Gemma 3 written as an HF directory loads back as the same model: PEFT's `merge_and_unload` logits.
+#[test]
+fn merged_gemma3_exports_and_reloads() {
+    let mut m = load("tiny-gemma3", Some(&fixtures().join("adapters/tiny-gemma3-patterns")));
+    let r = reference("tiny-gemma3-patterns");
+    merge(&mut m, &LayerMask::all()).unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let out = dir.path().join("merged");
+    lora_model::export::save_hf_model(&m, None, &out, &Default::default()).unwrap();
+    let cfg: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(out.join("config.json")).unwrap()).unwrap();
+    assert_eq!(cfg["model_type"], "gemma3_text");
+    // transformers types it `int` and refuses 24.0.
+    assert_eq!(cfg["query_pre_attn_scalar"], serde_json::json!(24));
+    assert_eq!(cfg["rope_parameters"]["sliding_attention"]["rope_theta"].as_f64(), Some(10000.0));
+    let reloaded = Llama::load(&out, Placement::default()).unwrap();
+    assert_eq!(reloaded.config(), m.config());
+    let d = diff(&logits(&reloaded, &r, &LayerMask::none()), &r["logits_merged"], &r["attention_mask"]);
+    assert!(d < 1e-4, "reloaded merged Gemma 3 differs from PEFT's merge by {d}");
+}
+
 #[test]
 fn qwen2_adapter_matches_peft() {
     check_adapter("tiny-qwen2", "tiny-qwen2-basic");

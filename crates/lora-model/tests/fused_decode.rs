@@ -1,6 +1,7 @@
 //! The fused one-token decode step (`forward_cached` with one new token per row on CPU) against uncached
 //! libtorch forwards of the whole sequence: tiny Llama with an rsLoRA/pattern adapter, Qwen2 with q/k/v bias and
-//! its adapter, llama3 rope scaling; left-padded batches; masks all / keep-through / none; f32 and bf16.
+//! its adapter, llama3 rope scaling, Gemma 3 with its adapter past the sliding window; left-padded batches; masks
+//! all / keep-through / none; f32 and bf16.
 #[path = "../../../tests/support/mod.rs"]
 mod common;
 
@@ -70,6 +71,8 @@ fn fused_decode_equals_uncached_forward() {
         ("tiny-llama", Some("tiny-llama-rslora-patterns")),
         ("tiny-qwen2", Some("tiny-qwen2-basic")),
         ("tiny-llama3-rope", None),
+        // Gemma 3: sequences of up to 10 positions run past the sliding window of 4.
+        ("tiny-gemma3", Some("tiny-gemma3-patterns")),
     ];
     for (base, adapter) in cases {
         for kind in [Kind::Float, Kind::BFloat16] {

@@ -23,6 +23,16 @@ pub enum QkKind {
 /// `post_attention_layernorm`), `output_norm.weight` → `model.norm.weight`, `output.weight` →
 /// `lm_head.weight`. Biases (`.bias`) map the same way.
 pub fn hf_tensor_name(gguf_name: &str) -> Option<String> {
+    hf_tensor_name_for("llama", gguf_name)
+}
+
+/// The Hugging Face name of a GGUF tensor of a file whose `general.architecture` is `arch`: as
+/// [`hf_tensor_name`] for `llama`; for `gemma3` the block norms map to Gemma's four (`attn_norm` →
+/// `input_layernorm`, `post_attention_norm` → `post_attention_layernorm`, `ffn_norm` →
+/// `pre_feedforward_layernorm`, `post_ffw_norm` → `post_feedforward_layernorm`) plus `attn_q_norm` /
+/// `attn_k_norm` → `self_attn.q_norm` / `k_norm`.
+pub fn hf_tensor_name_for(arch: &str, gguf_name: &str) -> Option<String> {
+    let gemma = arch == "gemma3";
     let (stem, suffix) = if let Some(s) = gguf_name.strip_suffix(".weight") {
         (s, "weight")
     } else if let Some(s) = gguf_name.strip_suffix(".bias") {
@@ -53,7 +63,12 @@ pub fn hf_tensor_name(gguf_name: &str) -> Option<String> {
         "ffn_up" => "mlp.up_proj",
         "ffn_down" => "mlp.down_proj",
         "attn_norm" => "input_layernorm",
+        "ffn_norm" if gemma => "pre_feedforward_layernorm",
         "ffn_norm" => "post_attention_layernorm",
+        "post_attention_norm" if gemma => "post_attention_layernorm",
+        "post_ffw_norm" if gemma => "post_feedforward_layernorm",
+        "attn_q_norm" if gemma => "self_attn.q_norm",
+        "attn_k_norm" if gemma => "self_attn.k_norm",
         _ => return None,
     };
     Some(format!("model.layers.{layer}.{hf}.{suffix}"))
@@ -96,13 +111,22 @@ pub fn unpermute_qk(data: &[f32], shape: &[usize], n_head: usize) -> Result<Vec<
 }
 
 impl GgufFile {
-    /// Dequantizes a tensor by its GGUF name and returns it the way transformers holds it: the
-    /// row permutation of `attn_q` / `attn_k` undone with the head counts from the metadata.
-    /// Returns the HF name with the data and the shape (PyTorch order).
+    /// Dequantizes a tensor by its GGUF name and returns it the way transformers holds it: for
+    /// `llama`, the row permutation of `attn_q` / `attn_k` undone with the head counts from the
+    /// metadata; for `gemma3` (whose converter does not permute), every norm weight less 1 (the file
+    /// stores Gemma's `1 + w`, HF holds `w`). Returns the HF name with the data and the shape
+    /// (PyTorch order).
     pub fn load_hf_tensor(&self, gguf_name: &str) -> Result<(String, Vec<f32>, Vec<usize>)> {
-        let hf = hf_tensor_name(gguf_name)
+        let arch = self.get_str("general.architecture")?;
+        let hf = hf_tensor_name_for(arch, gguf_name)
             .ok_or_else(|| self.err(format!("tensor `{gguf_name}` has no Hugging Face name")))?;
-        let (data, shape) = self.dequantize(gguf_name)?;
+        let (mut data, shape) = self.dequantize(gguf_name)?;
+        if arch == "gemma3" {
+            if hf.ends_with("norm.weight") {
+                data.iter_mut().for_each(|v| *v -= 1.0);
+            }
+            return Ok((hf, data, shape));
+        }
         let kind = if gguf_name.contains(".attn_q.") {
             Some(QkKind::Query)
         } else if gguf_name.contains(".attn_k.") {
@@ -113,7 +137,6 @@ impl GgufFile {
         let Some(kind) = kind else {
             return Ok((hf, data, shape));
         };
-        let arch = self.get_str("general.architecture")?;
         let n_head = self.get_u64(&format!("{arch}.attention.head_count"))?;
         let n_kv = self.get_u64_opt(&format!("{arch}.attention.head_count_kv"))?.unwrap_or(n_head);
         let heads = if kind == QkKind::Query { n_head } else { n_kv };
@@ -134,30 +157,21 @@ impl GgufFile {
 /// `tie_word_embeddings` is true when there is no `output.weight`; `head_dim` comes from
 /// `attention.key_length` or `rope.dimension_count` when present (as transformers does). Token ids
 /// come from `tokenizer.ggml.{bos,eos,unknown,padding}_token_id` when present.
+///
+/// For `gemma3` see [`gemma3_hf_config`].
 pub fn hf_config(file: &GgufFile) -> Result<Value> {
     let arch = file.get_str("general.architecture")?;
+    if arch == "gemma3" {
+        return gemma3_hf_config(file);
+    }
     if arch != "llama" {
-        return Err(file.err(format!("unsupported GGUF architecture `{arch}` (supported: llama)")));
+        return Err(file.err(format!("unsupported GGUF architecture `{arch}` (supported: llama, gemma3)")));
     }
     let key = |k: &str| format!("{arch}.{k}");
     let hidden = file.get_u64(&key("embedding_length"))?;
     let n_head = file.get_u64(&key("attention.head_count"))?;
     let n_kv = file.get_u64_opt(&key("attention.head_count_kv"))?.unwrap_or(n_head);
-    let vocab = match file.get_u64_opt(&key("vocab_size"))? {
-        Some(v) => v,
-        None => match file.get("tokenizer.ggml.tokens").and_then(|v| v.as_array()) {
-            Some(tokens) => tokens.len() as u64,
-            None => {
-                let t = file.tensor_info("token_embd.weight").ok_or_else(|| {
-                    file.err(
-                        "cannot tell the vocabulary size: no `llama.vocab_size`, \
-                              `tokenizer.ggml.tokens` or `token_embd.weight`",
-                    )
-                })?;
-                *t.dims.get(1).ok_or_else(|| file.err("`token_embd.weight` is not 2-D"))?
-            }
-        },
-    };
+    let vocab = vocab_size(file, arch)?;
     let rope_theta = file.get_f32_opt(&key("rope.freq_base"))?.unwrap_or(10_000.0);
     let mut config = json!({
         "architectures": ["LlamaForCausalLM"],
@@ -186,6 +200,84 @@ pub fn hf_config(file: &GgufFile) -> Result<Value> {
     let rope_dim = head_dim.unwrap_or(hidden / n_head.max(1));
     if let Some(scaling) = rope_scaling(file, &key, f64::from(rope_theta), rope_dim)? {
         config["rope_scaling"] = scaling;
+    }
+    for (gguf, hf) in [
+        ("tokenizer.ggml.bos_token_id", "bos_token_id"),
+        ("tokenizer.ggml.eos_token_id", "eos_token_id"),
+        ("tokenizer.ggml.unknown_token_id", "unk_token_id"),
+        ("tokenizer.ggml.padding_token_id", "pad_token_id"),
+    ] {
+        if let Some(id) = file.get_u64_opt(gguf)? {
+            config[hf] = json!(id);
+        }
+    }
+    Ok(config)
+}
+
+/// The vocabulary size of a file of architecture `arch`: `{arch}.vocab_size`, else the length of
+/// `tokenizer.ggml.tokens`, else the rows of `token_embd.weight`.
+fn vocab_size(file: &GgufFile, arch: &str) -> Result<u64> {
+    if let Some(v) = file.get_u64_opt(&format!("{arch}.vocab_size"))? {
+        return Ok(v);
+    }
+    if let Some(tokens) = file.get("tokenizer.ggml.tokens").and_then(|v| v.as_array()) {
+        return Ok(tokens.len() as u64);
+    }
+    let t = file.tensor_info("token_embd.weight").ok_or_else(|| {
+        file.err(format!(
+            "cannot tell the vocabulary size: no `{arch}.vocab_size`, `tokenizer.ggml.tokens` or `token_embd.weight`"
+        ))
+    })?;
+    Ok(*t.dims.get(1).ok_or_else(|| file.err("`token_embd.weight` is not 2-D"))?)
+}
+
+/// An HF `config.json` (`Gemma3ForCausalLM`, `model_type` `gemma3_text`) from a `gemma3` GGUF's metadata, as
+/// transformers derives it: `context_length` → `max_position_embeddings`, `block_count`, `feed_forward_length`,
+/// `embedding_length`, `rope.freq_base` → the full-attention `rope_theta` (default 1 000 000),
+/// `attention.key_length` → `head_dim` (default 256), `attention.head_count` / `head_count_kv`,
+/// `attention.layer_norm_rms_epsilon`, `attention.sliding_window`; what the file does not hold takes Gemma 3's
+/// defaults: sliding-layer `rope_theta` 10 000, `query_pre_attn_scalar` 256, `gelu_pytorch_tanh`, block `i` full
+/// attention when `(i + 1) % 6 == 0`, no soft-capping. The head is tied when there is no `output.weight`.
+pub fn gemma3_hf_config(file: &GgufFile) -> Result<Value> {
+    let arch = "gemma3";
+    let key = |k: &str| format!("{arch}.{k}");
+    let n_head = file.get_u64(&key("attention.head_count"))?;
+    let n_kv = file.get_u64_opt(&key("attention.head_count_kv"))?.unwrap_or(n_head);
+    let layers = file.get_u64(&key("block_count"))?;
+    let theta = file.get_f32_opt(&key("rope.freq_base"))?.map_or(1_000_000.0, short_f64);
+    let layer_types: Vec<&str> =
+        (0..layers).map(|i| if (i + 1) % 6 == 0 { "full_attention" } else { "sliding_attention" }).collect();
+    let mut config = json!({
+        "architectures": ["Gemma3ForCausalLM"],
+        "model_type": "gemma3_text",
+        "hidden_size": file.get_u64(&key("embedding_length"))?,
+        "intermediate_size": file.get_u64(&key("feed_forward_length"))?,
+        "num_hidden_layers": layers,
+        "num_attention_heads": n_head,
+        "num_key_value_heads": n_kv,
+        "head_dim": file.get_u64_opt(&key("attention.key_length"))?.unwrap_or(256),
+        "rms_norm_eps": short_f64(file.get_f32(&key("attention.layer_norm_rms_epsilon"))?),
+        "max_position_embeddings": file.get_u64(&key("context_length"))?,
+        "vocab_size": vocab_size(file, arch)?,
+        "tie_word_embeddings": file.tensor_info("output.weight").is_none(),
+        "hidden_activation": "gelu_pytorch_tanh",
+        "query_pre_attn_scalar": 256,
+        "layer_types": layer_types,
+        "rope_parameters": {
+            "full_attention": {"rope_type": "default", "rope_theta": theta},
+            "sliding_attention": {"rope_type": "default", "rope_theta": 10_000.0},
+        },
+        "attention_bias": false,
+        "final_logit_softcapping": null,
+        "attn_logit_softcapping": null,
+    });
+    if let Some(w) = file.get_u64_opt(&key("attention.sliding_window"))? {
+        config["sliding_window"] = json!(w);
+    }
+    if let Some(t) = file.get_str_opt(&key("rope.scaling.type"))? {
+        if t != "none" {
+            return Err(file.err(format!("rope scaling type `{t}` is not implemented for gemma3")));
+        }
     }
     for (gguf, hf) in [
         ("tokenizer.ggml.bos_token_id", "bos_token_id"),

@@ -1,12 +1,13 @@
 //! Blocks shared by the decoder families, each loaded from its HF-named weights and run on libtorch tensors:
-//! [`RmsNorm`], [`RotaryEmbedding`] (plain, linear and llama3 scaling), grouped-query [`Attention`] over a
-//! [`KvCache`], the SwiGLU [`Mlp`], and [`causal_mask`]. A family's file puts them together in its own order
+//! [`RmsNorm`] (plain and Gemma's `1 + w`), [`RotaryEmbedding`] (plain, linear and llama3 scaling), grouped-query
+//! [`Attention`] (optional q/k norms and score scale) over a [`KvCache`], the gated [`Mlp`] (SiLU or GELU-tanh),
+//! and [`causal_mask`]. A family's file puts them together in its own order
 //! (e.g. Llama's pre-norm block); its projections are [`LoraLinear`]s, switched per block by the
 //! [`ForwardOptions::mask`].
 use tch::{Device, Kind, Tensor};
 
 use super::ForwardOptions;
-use crate::config::{ModelConfig, RopeScaling};
+use crate::config::{LayerType, ModelConfig, RopeScaling};
 use crate::device_map::DeviceMap;
 use crate::error::{ModelError, Result};
 use crate::lora::LoraLinear;
@@ -43,23 +44,32 @@ impl<'a> Weights<'a> {
     }
 }
 
-/// RMSNorm over the last axis: `x · rsqrt(mean(x²) + eps) · weight`.
+/// RMSNorm over the last axis: `x · rsqrt(mean(x²) + eps) · weight` (Llama), or Gemma's form
+/// ([`RmsNorm::load_gemma`], in `gemma3.rs`): in f32, `x · rsqrt(mean(x²) + eps) · (1 + weight)`, cast back.
 pub(super) struct RmsNorm {
-    /// `[dim]`.
+    /// `[dim]`, the HF parameter (for Gemma the `w` of `1 + w`).
     pub(super) weight: Tensor,
     pub(super) eps: f64,
-    dim: i64,
+    pub(super) dim: i64,
+    /// Gemma: `1 + weight` in f32, the scale actually applied (computed in f32, then cast to the input's kind).
+    pub(super) gemma_scale: Option<Tensor>,
 }
 
 impl RmsNorm {
     /// Loads the weight `name` (`[dim]`).
     pub(super) fn load(w: &Weights<'_>, name: &str, dim: usize, eps: f64) -> Result<Self> {
         let dim = dim as i64;
-        Ok(RmsNorm { weight: w.get(name, &[dim])?, eps, dim })
+        Ok(RmsNorm { weight: w.get(name, &[dim])?, eps, dim, gemma_scale: None })
     }
 
     pub(super) fn forward(&self, x: &Tensor) -> Result<Tensor> {
-        Ok(x.f_rms_norm([self.dim], Some(&self.weight), self.eps)?)
+        match &self.gemma_scale {
+            None => Ok(x.f_rms_norm([self.dim], Some(&self.weight), self.eps)?),
+            Some(scale) => {
+                let y = x.f_to_kind(Kind::Float)?.f_rms_norm([self.dim], Some(scale), self.eps)?;
+                Ok(y.f_to_kind(x.kind())?)
+            }
+        }
     }
 }
 
@@ -202,13 +212,33 @@ impl KvCache {
     }
 }
 
-/// Per-call state shared by all blocks.
-pub(super) struct StepCtx<'a> {
+/// What the attention of one kind of layer needs for this call: rotary tables and the mask.
+pub(super) struct AttnInputs {
     /// Rotary tables from [`RotaryEmbedding::tables`].
     pub(super) cos: Tensor,
     pub(super) sin: Tensor,
+    /// Boolean `[B or 1, 1, T, S]`, true = may attend; `None` with `is_causal` or a single query.
     pub(super) attn_mask: Option<Tensor>,
     pub(super) is_causal: bool,
+}
+
+impl AttnInputs {
+    fn to_device(&self, device: Device) -> Result<AttnInputs> {
+        Ok(AttnInputs {
+            cos: self.cos.f_to_device(device)?,
+            sin: self.sin.f_to_device(device)?,
+            attn_mask: self.attn_mask.as_ref().map(|m| m.f_to_device(device)).transpose()?,
+            is_causal: self.is_causal,
+        })
+    }
+}
+
+/// Per-call state shared by all blocks.
+pub(super) struct StepCtx<'a> {
+    /// Full-attention layers (every layer of the Llama family).
+    pub(super) full: AttnInputs,
+    /// Gemma 3's sliding-window layers: their own rotary base and windowed mask.
+    pub(super) sliding: Option<AttnInputs>,
     pub(super) opts: &'a ForwardOptions<'a>,
 }
 
@@ -216,12 +246,18 @@ impl<'a> StepCtx<'a> {
     /// The same context with its tensors on `device` (for the blocks placed there).
     pub(super) fn to_device(&self, device: Device) -> Result<StepCtx<'a>> {
         Ok(StepCtx {
-            cos: self.cos.f_to_device(device)?,
-            sin: self.sin.f_to_device(device)?,
-            attn_mask: self.attn_mask.as_ref().map(|m| m.f_to_device(device)).transpose()?,
-            is_causal: self.is_causal,
+            full: self.full.to_device(device)?,
+            sliding: self.sliding.as_ref().map(|s| s.to_device(device)).transpose()?,
             opts: self.opts,
         })
+    }
+
+    /// The inputs of a layer of type `t`.
+    pub(super) fn for_layer(&self, t: LayerType) -> &AttnInputs {
+        match (t, &self.sliding) {
+            (LayerType::SlidingAttention, Some(s)) => s,
+            _ => &self.full,
+        }
     }
 }
 
@@ -255,6 +291,11 @@ pub(super) struct Attention {
     pub(super) k: LoraLinear,
     pub(super) v: LoraLinear,
     pub(super) o: LoraLinear,
+    /// Gemma 3: RMSNorm over each query / key head (`self_attn.q_norm`, `k_norm`), before RoPE.
+    pub(super) q_norm: Option<RmsNorm>,
+    pub(super) k_norm: Option<RmsNorm>,
+    /// The score scale when it is not `head_dim^-0.5` (Gemma 3: `query_pre_attn_scalar^-0.5`).
+    pub(super) scale: Option<f64>,
     num_heads: i64,
     num_kv_heads: i64,
     head_dim: i64,
@@ -268,6 +309,9 @@ impl Attention {
             k: w.linear(cfg, layer, Module::K, cfg.qkv_bias)?,
             v: w.linear(cfg, layer, Module::V, cfg.qkv_bias)?,
             o: w.linear(cfg, layer, Module::O, cfg.o_bias)?,
+            q_norm: None,
+            k_norm: None,
+            scale: None,
             num_heads: cfg.num_heads as i64,
             num_kv_heads: cfg.num_kv_heads as i64,
             head_dim: cfg.head_dim as i64,
@@ -280,21 +324,30 @@ impl Attention {
         &self,
         x: &Tensor,
         layer: usize,
-        ctx: &StepCtx<'_>,
+        inputs: &AttnInputs,
+        opts: &ForwardOptions<'_>,
         cache: Option<&mut KvCache>,
     ) -> Result<Tensor> {
         let (b, t) = (x.size()[0], x.size()[1]);
-        let m = ctx.opts.mask;
-        let train = ctx.opts.train;
+        let m = opts.mask;
+        let train = opts.train;
         let q = self.q.forward(x, m.is_active(layer, Module::Q), train)?;
         let k = self.k.forward(x, m.is_active(layer, Module::K), train)?;
         let v = self.v.forward(x, m.is_active(layer, Module::V), train)?;
         let q = q.f_view([b, t, self.num_heads, self.head_dim])?.f_transpose(1, 2)?;
         let k = k.f_view([b, t, self.num_kv_heads, self.head_dim])?.f_transpose(1, 2)?;
         let v = v.f_view([b, t, self.num_kv_heads, self.head_dim])?.f_transpose(1, 2)?;
+        let q = match &self.q_norm {
+            Some(n) => n.forward(&q)?,
+            None => q,
+        };
+        let k = match &self.k_norm {
+            Some(n) => n.forward(&k)?,
+            None => k,
+        };
         let half = self.head_dim / 2;
-        let q = apply_rope(&q, &ctx.cos, &ctx.sin, half)?;
-        let k = apply_rope(&k, &ctx.cos, &ctx.sin, half)?;
+        let q = apply_rope(&q, &inputs.cos, &inputs.sin, half)?;
+        let k = apply_rope(&k, &inputs.cos, &inputs.sin, half)?;
         let (k, v) = match cache {
             Some(c) => {
                 let start = c.len;
@@ -311,17 +364,26 @@ impl Attention {
             // One query per head: fold the query heads sharing a KV head into the query axis, so attention runs
             // per KV head with no repeated keys/values (a [B, 1, 1, S] mask broadcasts over the folded axis).
             let qg = q.f_reshape([b, self.num_kv_heads, rep, self.head_dim])?;
-            Tensor::f_scaled_dot_product_attention(&qg, &k, &v, ctx.attn_mask.as_ref(), 0.0, false, None, false)?
-                .f_reshape([b, self.num_heads, 1, self.head_dim])?
+            Tensor::f_scaled_dot_product_attention(
+                &qg,
+                &k,
+                &v,
+                inputs.attn_mask.as_ref(),
+                0.0,
+                false,
+                self.scale,
+                false,
+            )?
+            .f_reshape([b, self.num_heads, 1, self.head_dim])?
         } else {
             Tensor::f_scaled_dot_product_attention(
                 &q,
                 &k,
                 &v,
-                ctx.attn_mask.as_ref(),
+                inputs.attn_mask.as_ref(),
                 0.0,
-                ctx.is_causal,
-                None,
+                inputs.is_causal,
+                self.scale,
                 rep > 1,
             )?
         };
@@ -330,11 +392,14 @@ impl Attention {
     }
 }
 
-/// The SwiGLU MLP: `down(silu(gate(x)) · up(x))`, from `gate_proj`, `up_proj`, `down_proj`.
+/// The gated MLP: `down(act(gate(x)) · up(x))`, from `gate_proj`, `up_proj`, `down_proj`; `act` is SiLU
+/// (SwiGLU, the Llama family) or GELU with the tanh approximation (Gemma 3's `gelu_pytorch_tanh`).
 pub(super) struct Mlp {
     pub(super) gate: LoraLinear,
     pub(super) up: LoraLinear,
     pub(super) down: LoraLinear,
+    /// GELU-tanh instead of SiLU.
+    pub(super) gelu_tanh: bool,
 }
 
 impl Mlp {
@@ -344,6 +409,7 @@ impl Mlp {
             gate: w.linear(cfg, layer, Module::Gate, cfg.mlp_bias)?,
             up: w.linear(cfg, layer, Module::Up, cfg.mlp_bias)?,
             down: w.linear(cfg, layer, Module::Down, cfg.mlp_bias)?,
+            gelu_tanh: cfg.gemma3.is_some(),
         })
     }
 
@@ -351,7 +417,8 @@ impl Mlp {
         let m = opts.mask;
         let gate = self.gate.forward(x, m.is_active(layer, Module::Gate), opts.train)?;
         let up = self.up.forward(x, m.is_active(layer, Module::Up), opts.train)?;
-        let h = gate.f_silu()?.f_mul(&up)?;
+        let act = if self.gelu_tanh { gate.f_gelu("tanh")? } else { gate.f_silu()? };
+        let h = act.f_mul(&up)?;
         self.down.forward(&h, m.is_active(layer, Module::Down), opts.train)
     }
 }

@@ -10,13 +10,17 @@
 //!
 //! It applies only where it is exact to do so: CPU, f32 or bf16 weights, one new token per row for at most
 //! [`crate::kernels::MAX_ROWS`] rows after a prefill, no autograd, no hidden states requested, no sliding window
-//! in reach, and the kernels enabled (`LORA_BOUNDARY_KERNELS=off` routes everything to libtorch). Activations stay
-//! in f32 between operations (libtorch rounds every bf16 intermediate); in f32 the results equal the libtorch
+//! in reach (Mistral's window on every layer; Gemma 3's sliding layers are windowed here), and the kernels enabled
+//! (`LORA_BOUNDARY_KERNELS=off` routes everything to libtorch). Gemma 3's block runs in the same step: its `1 + w`
+//! norms before and after attention and MLP, q/k norms, per-layer RoPE bases and windows, score scale, GELU-tanh,
+//! scaled embeddings and logit soft-capping. Activations stay in f32 between operations (libtorch rounds every bf16 intermediate); in f32 the results equal the libtorch
 //! path up to the order of summation.
 use tch::{Device, Kind, Tensor};
 
+use super::blocks::RmsNorm;
 use super::llama::Block;
 use super::{ForwardOptions, ForwardOutput, KvCache, Llama, Logits};
+use crate::config::LayerType;
 use crate::error::{ModelError, Result};
 use crate::kernels::{self, borrow, LoraPart, Mat, MAX_ROWS};
 use crate::lora::LoraLinear;
@@ -29,6 +33,33 @@ fn rms_norm(x: &[f32], w: Mat<'_>, eps: f64, h: usize, out: &mut [f32]) {
         let inv = 1.0 / (ms + eps as f32).sqrt();
         kernels::scale_mul(row, inv, w, o);
     }
+}
+
+/// Gemma's RMSNorm (scale `1 + w` in `w`) over each `hd`-wide head of `x`, in place.
+fn norm_heads(x: &mut [f32], w: Mat<'_>, eps: f64, hd: usize) {
+    let mut tmp = vec![0f32; hd];
+    for head in x.chunks_exact_mut(hd) {
+        tmp.copy_from_slice(head);
+        rms_norm(&tmp, w, eps, hd, head);
+    }
+}
+
+/// `gate = gelu_tanh(gate) · up` (PyTorch's `gelu(approximate="tanh")`), in place.
+fn gelu_tanh_mul(gate: &mut [f32], up: &[f32]) {
+    const C: f32 = 0.797_884_6; // sqrt(2 / pi)
+    for (g, &u) in gate.iter_mut().zip(up) {
+        let x = *g;
+        *g = 0.5 * x * (1.0 + (C * (x + 0.044_715 * x * x * x)).tanh()) * u;
+    }
+}
+
+/// The scale a norm applies: the weight (Llama) or Gemma's `1 + w` in f32.
+///
+/// # Safety
+/// As for [`borrow`]: the tensor must not be written while the slice lives.
+unsafe fn norm_scale<'a>(n: &'a RmsNorm, what: &str) -> Result<Mat<'a>> {
+    let t = n.gemma_scale.as_ref().unwrap_or(&n.weight);
+    unsafe { borrow(t) }.ok_or_else(|| bad_tensor(what))
 }
 
 /// HF's half-split RoPE, in place on one head `x` (`head_dim` values) at angles `angle[i] = pos · inv_freq[i]`.
@@ -49,6 +80,13 @@ struct Step<'a> {
     /// Per row, `head_dim / 2` cosines and sines of its position.
     cos: Vec<Vec<f32>>,
     sin: Vec<Vec<f32>>,
+    /// Gemma 3's sliding layers: the same with the local RoPE base (empty otherwise).
+    cos_local: Vec<Vec<f32>>,
+    sin_local: Vec<Vec<f32>>,
+    /// Gemma 3's window on its sliding layers.
+    window: Option<usize>,
+    /// The attention score scale.
+    scale: f32,
     /// Per row, which of the `past + 1` keys may be attended to (`None`: all).
     valid: Option<Vec<Vec<bool>>>,
     opts: &'a ForwardOptions<'a>,
@@ -136,6 +174,20 @@ impl Llama {
             cos.push(c);
             sin.push(s);
         }
+        let (mut cos_local, mut sin_local) = (Vec::new(), Vec::new());
+        if let Some(rope) = &self.rope_local {
+            if rope.inv_freq_host().len() != c.head_dim / 2 {
+                return Ok(None);
+            }
+            for &p in &pos {
+                let (c, s) = rope.host_tables(p);
+                cos_local.push(c);
+                sin_local.push(s);
+            }
+        }
+        let gemma = c.gemma3.as_ref();
+        let window = gemma.map(|g| g.sliding_window);
+        let scale = gemma.map_or(1.0 / (c.head_dim as f64).sqrt(), |g| g.query_pre_attn_scalar.powf(-0.5)) as f32;
         let valid = if cache.padded {
             let m = cache.key_mask.f_narrow(1, 0, s)?.f_to_kind(Kind::Uint8)?.f_contiguous()?;
             let flat: Vec<u8> = Vec::try_from(m.f_view([-1])?)?;
@@ -143,11 +195,16 @@ impl Llama {
         } else {
             None
         };
-        let step = Step { rows, past, cos, sin, valid, opts };
+        let step = Step { rows, past, cos, sin, cos_local, sin_local, window, scale, valid, opts };
 
         let mut x = vec![0f32; rows * h];
         for (r, &id) in ids.iter().enumerate() {
             embed.read_into(id as usize * h, &mut x[r * h..(r + 1) * h]);
+        }
+        if let Some(e) = &self.embed_scale {
+            // Gemma 3: sqrt(hidden) rounded to the weights' kind, as the libtorch path multiplies it.
+            let e = e.f_double_value(&[])? as f32;
+            x.iter_mut().for_each(|v| *v *= e);
         }
         let (q_width, kv_width) = (c.num_heads * c.head_dim, c.num_kv_heads * c.head_dim);
         let mut scratch = Scratch::new(rows, h, q_width, kv_width, c.intermediate_size);
@@ -162,7 +219,7 @@ impl Llama {
             Logits::Skip => None,
             Logits::All | Logits::Last => {
                 // SAFETY: as for the embedding above: a weight of `&self`, only read while the slice lives.
-                let norm = unsafe { borrow(&self.norm.weight) }.ok_or_else(|| bad_tensor("model.norm.weight"))?;
+                let norm = unsafe { norm_scale(&self.norm, "model.norm.weight") }?;
                 let mut normed = vec![0f32; rows * h];
                 rms_norm(&x, norm, c.rms_norm_eps, h, &mut normed);
                 let head = self.lm_head.as_ref().unwrap_or(&self.embed);
@@ -175,7 +232,10 @@ impl Llama {
                 // this thread and the helper, and it returns before `l` is used again.
                 let y = unsafe { kernels::borrow_f32_mut(&mut l) }.ok_or_else(|| bad_tensor("logits"))?;
                 let l = if kernels::linear_rows(&[lin], &xs, &mut [y])? {
-                    l
+                    match c.gemma3.as_ref().and_then(|g| g.final_logit_softcapping) {
+                        Some(cap) => super::gemma3::softcap(l, cap)?,
+                        None => l,
+                    }
                 } else {
                     let n = Tensor::from_slice(&normed).f_view([b, h as i64])?.f_to_kind(kind)?;
                     self.lm_head(&n)?
@@ -206,22 +266,30 @@ impl Llama {
 
         // SAFETY: the norm weights live as long as `self`; as for the embedding in `fused_decode`, they are only
         // read while the slices live (`&self` excludes every writer; the helper thread only reads).
-        let in_norm = unsafe { borrow(&block.input_norm.weight) }.ok_or_else(|| bad_tensor("input_layernorm"))?;
-        let post_norm =
-            unsafe { borrow(&block.post_norm.weight) }.ok_or_else(|| bad_tensor("post_attention_layernorm"))?;
-        rms_norm(x, in_norm, c.rms_norm_eps, h, &mut sc.n);
+        let in_norm = unsafe { norm_scale(&block.input_norm, "input_layernorm") }?;
+        let post_norm = unsafe { norm_scale(&block.post_norm, "post_attention_layernorm") }?;
+        let eps = c.rms_norm_eps;
+        rms_norm(x, in_norm, eps, h, &mut sc.n);
         project(
             &[(&a.q, on(Module::Q)), (&a.k, on(Module::K)), (&a.v, on(Module::V))],
             &sc.n,
             h,
             &mut [&mut sc.q, &mut sc.k, &mut sc.v],
         )?;
+        // Gemma 3: each query and key head normalised before RoPE.
+        if let (Some(qn), Some(kn)) = (&a.q_norm, &a.k_norm) {
+            // SAFETY: as for the block's norms above.
+            norm_heads(&mut sc.q, unsafe { norm_scale(qn, "self_attn.q_norm") }?, eps, hd);
+            norm_heads(&mut sc.k, unsafe { norm_scale(kn, "self_attn.k_norm") }?, eps, hd);
+        }
+        let sliding = block.layer_type == LayerType::SlidingAttention && !step.cos_local.is_empty();
+        let (cos, sin) = if sliding { (&step.cos_local, &step.sin_local) } else { (&step.cos, &step.sin) };
         for r in 0..rows {
             for head in sc.q[r * nh * hd..(r + 1) * nh * hd].chunks_exact_mut(hd) {
-                rope(head, &step.cos[r], &step.sin[r]);
+                rope(head, &cos[r], &sin[r]);
             }
             for head in sc.k[r * nkv * hd..(r + 1) * nkv * hd].chunks_exact_mut(hd) {
-                rope(head, &step.cos[r], &step.sin[r]);
+                rope(head, &cos[r], &sin[r]);
             }
         }
 
@@ -259,7 +327,8 @@ impl Llama {
             return Err(ModelError::InvalidArgument(format!("block {l}: KV cache is not a contiguous CPU tensor")));
         };
         // The (row, head) pairs are shared out between this thread and the kernels' helper.
-        let heads = Heads { q: &sc.q, keys: kr, values: vr, nh, nkv, hd, cap, s: step.past + 1, step };
+        let window = if sliding { step.window } else { None };
+        let heads = Heads { q: &sc.q, keys: kr, values: vr, nh, nkv, hd, cap, s: step.past + 1, window, step };
         let pairs = rows * nh;
         let cut = pairs / 2;
         let (lo, hi) = sc.att.split_at_mut(cut * hd);
@@ -267,11 +336,30 @@ impl Llama {
             return Err(ModelError::InvalidArgument(format!("block {l}: attention on the helper thread failed")));
         }
         project(&[(&a.o, on(Module::O))], &sc.att, nh * hd, &mut [&mut sc.o])?;
-        for (xv, ov) in x.iter_mut().zip(&sc.o) {
-            *xv += ov;
+        // Gemma 3 normalises the attention output before the residual add, and the MLP input with its own norm.
+        let gemma = match &block.gemma {
+            // SAFETY: as for the block's norms above.
+            Some(g) => Some(unsafe {
+                (
+                    norm_scale(&g.pre_feedforward, "pre_feedforward_layernorm")?,
+                    norm_scale(&g.post_feedforward, "post_feedforward_layernorm")?,
+                )
+            }),
+            None => None,
+        };
+        if gemma.is_some() {
+            rms_norm(&sc.o, post_norm, eps, h, &mut sc.n);
+            for (xv, nv) in x.iter_mut().zip(&sc.n) {
+                *xv += nv;
+            }
+        } else {
+            for (xv, ov) in x.iter_mut().zip(&sc.o) {
+                *xv += ov;
+            }
         }
 
-        rms_norm(x, post_norm, c.rms_norm_eps, h, &mut sc.n);
+        let mlp_norm = gemma.map_or(post_norm, |(pre, _)| pre);
+        rms_norm(x, mlp_norm, eps, h, &mut sc.n);
         let inter = c.intermediate_size;
         let mlp = &block.mlp;
         project(
@@ -280,10 +368,24 @@ impl Llama {
             h,
             &mut [&mut sc.gate, &mut sc.up],
         )?;
-        kernels::swiglu(&mut sc.gate, &sc.up);
+        if mlp.gelu_tanh {
+            gelu_tanh_mul(&mut sc.gate, &sc.up);
+        } else {
+            kernels::swiglu(&mut sc.gate, &sc.up);
+        }
         project(&[(&mlp.down, on(Module::Down))], &sc.gate, inter, &mut [&mut sc.down])?;
-        for (xv, dv) in x.iter_mut().zip(&sc.down) {
-            *xv += dv;
+        match gemma {
+            Some((_, post_ff)) => {
+                rms_norm(&sc.down, post_ff, eps, h, &mut sc.n);
+                for (xv, nv) in x.iter_mut().zip(&sc.n) {
+                    *xv += nv;
+                }
+            }
+            None => {
+                for (xv, dv) in x.iter_mut().zip(&sc.down) {
+                    *xv += dv;
+                }
+            }
         }
         Ok(())
     }
@@ -303,6 +405,8 @@ struct Heads<'a> {
     cap: usize,
     /// Positions to attend over (`past + 1`).
     s: usize,
+    /// Sliding-window layers: only the last `window` positions are seen.
+    window: Option<usize>,
     step: &'a Step<'a>,
 }
 
@@ -311,7 +415,7 @@ impl Heads<'_> {
     /// `out` (`[pairs.len(), head_dim]`).
     fn attend(&self, pairs: std::ops::Range<usize>, out: &mut [f32]) {
         let (hd, s) = (self.hd, self.s);
-        let scale = 1.0 / (hd as f32).sqrt();
+        let scale = self.step.scale;
         let rep = self.nh / self.nkv;
         let mut scores = kernels::pool::take(s);
         for (p, dst) in pairs.zip(out.chunks_exact_mut(hd)) {
@@ -322,7 +426,8 @@ impl Heads<'_> {
             let mut max = f32::NEG_INFINITY;
             for (j, sc) in scores.iter_mut().enumerate() {
                 // The newest position is always visible (as in the libtorch path's mask).
-                let seen = j + 1 == s || valid.is_none_or(|v| v[j]);
+                let in_window = self.window.is_none_or(|w| s - 1 - j < w);
+                let seen = j + 1 == s || (in_window && valid.is_none_or(|v| v[j]));
                 *sc = if seen {
                     kernels::dot(qh, self.keys.slice(base + j * hd..base + (j + 1) * hd)) * scale
                 } else {

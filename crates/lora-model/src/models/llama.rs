@@ -1,45 +1,59 @@
-//! The Llama-family decoder (Llama 2/3.x, Mistral, Qwen2, SmolLM2): embeddings, `L` pre-norm blocks (GQA
-//! attention with RoPE, SwiGLU MLP), final RMSNorm and LM head. Every block's output can be returned, which is
-//! what the logit lens reads.
+//! The Llama-family decoder (Llama 2/3.x, Mistral, Qwen2, SmolLM2) and its Gemma 3 family: embeddings, `L`
+//! pre-norm blocks (GQA attention with RoPE, gated MLP), final RMSNorm and LM head. Every block's output can be
+//! returned, which is what the logit lens reads. What Gemma 3 does differently lives in `gemma3.rs`.
 use std::path::Path;
 
 use tch::{Device, Kind, Tensor};
 
-use super::blocks::{causal_mask, Attention, KvCache, Mlp, RmsNorm, RotaryEmbedding, StepCtx, Weights};
+use super::blocks::{causal_mask, Attention, AttnInputs, KvCache, Mlp, RmsNorm, RotaryEmbedding, StepCtx, Weights};
+use super::gemma3::{self, GemmaNorms};
 use super::{ForwardOptions, ForwardOutput, Logits};
-use crate::config::ModelConfig;
+use crate::config::{LayerType, ModelConfig};
 use crate::device_map::{DeviceMap, Footprint};
 use crate::error::{ModelError, Result};
 use crate::lora::LoraLinear;
 use crate::mask::Module;
 use crate::weights::{Placement, SafetensorsWeights, WeightSource};
 
-/// One decoder block: `x + attn(norm(x))`, then `+ mlp(norm(·))`, under `model.layers.{index}`.
+/// One decoder block under `model.layers.{index}`: `x + attn(norm(x))`, then `+ mlp(norm(·))` (Llama), or
+/// Gemma 3's layout with norms before and after attention and MLP (`gemma3.rs`).
 pub(super) struct Block {
     pub(super) index: usize,
+    /// Full or sliding-window attention (always full in the Llama family).
+    pub(super) layer_type: LayerType,
     pub(super) input_norm: RmsNorm,
     pub(super) attn: Attention,
+    /// `post_attention_layernorm`: the norm before the MLP in Llama, the norm of the attention output in Gemma.
     pub(super) post_norm: RmsNorm,
     pub(super) mlp: Mlp,
+    /// Gemma 3's feed-forward norms (`None` for the Llama family).
+    pub(super) gemma: Option<GemmaNorms>,
 }
 
 impl Block {
-    /// Loads block `index`: `input_layernorm`, `post_attention_layernorm`, `self_attn.*`, `mlp.*`.
+    /// Loads block `index`: `input_layernorm`, `post_attention_layernorm`, `self_attn.*`, `mlp.*` (and Gemma 3's
+    /// extra norms for that family).
     fn load(w: &Weights<'_>, cfg: &ModelConfig, index: usize) -> Result<Self> {
+        if cfg.gemma3.is_some() {
+            return Block::load_gemma3(w, cfg, index);
+        }
         let p = format!("model.layers.{index}");
         let (h, eps) = (cfg.hidden_size, cfg.rms_norm_eps);
         let input_norm = RmsNorm::load(w, &format!("{p}.input_layernorm.weight"), h, eps)?;
         let post_norm = RmsNorm::load(w, &format!("{p}.post_attention_layernorm.weight"), h, eps)?;
         let attn = Attention::load(w, cfg, index)?;
         let mlp = Mlp::load(w, cfg, index)?;
-        Ok(Block { index, input_norm, attn, post_norm, mlp })
+        Ok(Block { index, layer_type: LayerType::FullAttention, input_norm, attn, post_norm, mlp, gemma: None })
     }
 
     /// The block on `x` `[B, T, H]`; with a cache, this block's keys and values are written into it.
     fn forward(&self, x: &Tensor, ctx: &StepCtx<'_>, cache: Option<&mut KvCache>) -> Result<Tensor> {
+        if let Some(norms) = &self.gemma {
+            return self.forward_gemma3(norms, x, ctx, cache);
+        }
         let l = self.index;
         let n = self.input_norm.forward(x)?;
-        let a = self.attn.forward(&n, l, ctx, cache)?;
+        let a = self.attn.forward(&n, l, ctx.for_layer(self.layer_type), ctx.opts, cache)?;
         let x1 = x.f_add(&a)?;
         let n = self.post_norm.forward(&x1)?;
         let m = self.mlp.forward(&n, l, ctx.opts)?;
@@ -80,7 +94,8 @@ enum Input<'a> {
     Hidden(&'a Tensor, usize),
 }
 
-/// A Llama-family causal language model (Llama 2/3.x, Mistral, Qwen2, SmolLM2) with optional LoRA.
+/// A Llama-family causal language model (Llama 2/3.x, Mistral, Qwen2, SmolLM2, and Gemma 3 as a family of it)
+/// with optional LoRA.
 pub struct Llama {
     pub(super) config: ModelConfig,
     /// `model.embed_tokens.weight`, `[V, H]`.
@@ -93,6 +108,10 @@ pub struct Llama {
     /// A tied head's copy of the embedding on the output device, when that is not the embedding's device.
     pub(super) tied_head: Option<Tensor>,
     pub(super) rope: RotaryEmbedding,
+    /// Gemma 3: the rotary embedding of the sliding-window layers.
+    pub(super) rope_local: Option<RotaryEmbedding>,
+    /// Gemma 3: `sqrt(hidden_size)` in the weights' kind, multiplied into the embeddings (input device).
+    pub(super) embed_scale: Option<Tensor>,
     /// The weights' kind, and the input device (the embedding's).
     pub(super) place: Placement,
     /// The device of every block and of the head.
@@ -136,6 +155,12 @@ impl Llama {
         plan: impl FnOnce(&ModelConfig) -> Result<DeviceMap>,
     ) -> Result<Self> {
         let path = path.as_ref();
+        if !path.exists() {
+            // A model one of the repository's scripts fetches: say which.
+            if let Some(fetch) = crate::loading::fetch_command(path) {
+                return Err(ModelError::ModelNotFetched { path: path.to_path_buf(), fetch: fetch.to_string() });
+            }
+        }
         if path.is_dir() {
             let config = ModelConfig::from_file(path.join("config.json"))?;
             let map = plan(&config)?;
@@ -194,13 +219,31 @@ impl Llama {
         let embed = on(input).get("model.embed_tokens.weight", &[v, h])?;
         let blocks = (0..c.num_layers).map(|i| Block::load(&on(map.block(i)), c, i)).collect::<Result<Vec<_>>>()?;
         let head = on(output);
-        let norm = RmsNorm::load(&head, "model.norm.weight", c.hidden_size, c.rms_norm_eps)?;
+        let norm = if c.gemma3.is_some() {
+            RmsNorm::load_gemma(&head, "model.norm.weight", c.hidden_size, c.rms_norm_eps)?
+        } else {
+            RmsNorm::load(&head, "model.norm.weight", c.hidden_size, c.rms_norm_eps)?
+        };
         let lm_head = if c.tie_word_embeddings { None } else { Some(head.get("lm_head.weight", &[v, h])?) };
         let tied_head =
             if c.tie_word_embeddings && map.slot(c.num_layers) != 0 { Some(embed.f_to_device(output)?) } else { None };
         let rope = RotaryEmbedding::new(c.head_dim, c.rope_theta, &c.rope_scaling, input)?;
+        let rope_local = gemma3::local_rope(c, input)?;
+        let embed_scale = if c.gemma3.is_some() { Some(gemma3::embed_scale(c, kind, input)?) } else { None };
         let place = Placement { device: input, kind };
-        Ok(Llama { config, embed, blocks, norm, lm_head, tied_head, rope, place, devices: map })
+        Ok(Llama {
+            config,
+            embed,
+            blocks,
+            norm,
+            lm_head,
+            tied_head,
+            rope,
+            rope_local,
+            embed_scale,
+            place,
+            devices: map,
+        })
     }
 
     /// The tensor names [`Llama::from_weights_mapped`] loads, in the order it loads them (the prefetch hint given
@@ -269,14 +312,19 @@ impl Llama {
         self.norm.forward(&hidden.f_to_device(self.devices.output())?)
     }
 
-    /// The LM head (tied or not) applied to normed states, returning f32 logits on the output device.
+    /// The LM head (tied or not) applied to normed states, returning f32 logits on the output device (soft-capped
+    /// in f32 when the config sets `final_logit_softcapping`, as Gemma may).
     pub fn lm_head(&self, normed: &Tensor) -> Result<Tensor> {
         let normed = &normed.f_to_device(self.devices.output())?;
         let w = self.lm_head.as_ref().or(self.tied_head.as_ref()).unwrap_or(&self.embed);
-        if let Some(y) = crate::kernels::small_linear(normed, w, None, None)? {
-            return Ok(y.f_to_kind(Kind::Float)?);
+        let logits = match crate::kernels::small_linear(normed, w, None, None)? {
+            Some(y) => y.f_to_kind(Kind::Float)?,
+            None => normed.f_linear::<Tensor>(w, None)?.f_to_kind(Kind::Float)?,
+        };
+        match self.config.gemma3.as_ref().and_then(|g| g.final_logit_softcapping) {
+            Some(cap) => gemma3::softcap(logits, cap),
+            None => Ok(logits),
         }
-        Ok(normed.f_linear::<Tensor>(w, None)?.f_to_kind(Kind::Float)?)
     }
 
     /// A fresh KV cache for `batch` rows and up to `capacity` positions.
@@ -420,34 +468,52 @@ impl Llama {
             _ => Tensor::f_arange_start(past, past + t, (Kind::Int64, dev))?.f_unsqueeze(0)?.f_expand([b, t], false)?,
         };
 
-        // Attention mask: boolean [B, 1, T, S], true = may attend.
+        // Attention masks: boolean [B, 1, T, S], true = may attend.
         let s = past + t;
-        let window = self.config.sliding_window.map(|w| w as i64).filter(|&w| w < s);
-        let (attn_mask, is_causal) = if !padded && window.is_none() {
-            if t == 1 || past == 0 {
-                (None, t > 1)
-            } else {
-                (Some(causal_mask(past, t, None, None, dev)?), false)
+        let key_valid = match (cache.as_deref_mut(), &amask) {
+            (Some(c), Some(m)) => {
+                c.key_mask.f_narrow(1, past, t)?.f_copy_(m)?;
+                Some(c.key_mask.f_narrow(1, 0, s)?)
             }
-        } else {
-            let key_valid = match (cache.as_deref_mut(), &amask) {
-                (Some(c), Some(m)) => {
-                    c.key_mask.f_narrow(1, past, t)?.f_copy_(m)?;
-                    c.key_mask.f_narrow(1, 0, s)?
+            (Some(c), None) if padded => Some(c.key_mask.f_narrow(1, 0, s)?),
+            (None, Some(m)) if padded => Some(m.shallow_clone()),
+            _ => None,
+        };
+        let mask_for = |window: Option<usize>| -> Result<(Option<Tensor>, bool)> {
+            let window = window.map(|w| w as i64).filter(|&w| w < s);
+            Ok(if !padded && window.is_none() {
+                if t == 1 || past == 0 {
+                    (None, t > 1)
+                } else {
+                    (Some(causal_mask(past, t, None, None, dev)?), false)
                 }
-                (Some(c), None) => c.key_mask.f_narrow(1, 0, s)?,
-                (None, Some(m)) => m.shallow_clone(),
-                (None, None) => Tensor::f_ones([b, s], (Kind::Bool, dev))?,
-            };
-            (Some(causal_mask(past, t, Some(&key_valid), window, dev)?), false)
+            } else {
+                (Some(causal_mask(past, t, key_valid.as_ref(), window, dev)?), false)
+            })
         };
 
         // Rotary tables for these positions, [B, 1, T, D].
         let (cos, sin) = self.rope.tables(&positions, self.place.kind)?;
-        let ctx = StepCtx { cos, sin, attn_mask, is_causal, opts };
+        let (attn_mask, is_causal) = mask_for(self.config.sliding_window)?;
+        let full = AttnInputs { cos, sin, attn_mask, is_causal };
+        let sliding = match (&self.config.gemma3, &self.rope_local) {
+            (Some(g), Some(rope)) => {
+                let (cos, sin) = rope.tables(&positions, self.place.kind)?;
+                let (attn_mask, is_causal) = mask_for(Some(g.sliding_window))?;
+                Some(AttnInputs { cos, sin, attn_mask, is_causal })
+            }
+            _ => None,
+        };
+        let ctx = StepCtx { full, sliding, opts };
 
         let (mut x, start) = match input {
-            Input::Ids(ids) => (Tensor::f_embedding(&self.embed, &ids.f_to_device(dev)?, -1, false, false)?, 0),
+            Input::Ids(ids) => {
+                let e = Tensor::f_embedding(&self.embed, &ids.f_to_device(dev)?, -1, false, false)?;
+                match &self.embed_scale {
+                    Some(scale) => (e.f_mul(scale)?, 0),
+                    None => (e, 0),
+                }
+            }
             Input::Hidden(hs, start) => (hs.f_to_device(self.devices.block(start))?.f_to_kind(self.place.kind)?, start),
         };
         let mut hidden = Vec::new();
@@ -465,7 +531,7 @@ impl Llama {
                 &ctx
             } else {
                 match moved {
-                    Some(ref m) if m.cos.device() == bdev => {}
+                    Some(ref m) if m.full.cos.device() == bdev => {}
                     _ => moved = Some(ctx.to_device(bdev)?),
                 }
                 moved.as_ref().unwrap_or(&ctx)
@@ -497,6 +563,7 @@ impl Llama {
             let p = format!("model.layers.{}", b.index);
             out.push((format!("{p}.input_layernorm.weight"), b.input_norm.weight.shallow_clone()));
             out.push((format!("{p}.post_attention_layernorm.weight"), b.post_norm.weight.shallow_clone()));
+            out.extend(b.gemma3_named_norms());
             for m in Module::ALL {
                 let lin = b.linear(m);
                 out.push((format!("{}.weight", m.hf_path(b.index)), lin.weight.shallow_clone()));

@@ -4,7 +4,9 @@
 //! - `blocks`: what every family shares: RMSNorm, rotary embeddings (plain, linear and llama3 scaling),
 //!   grouped-query attention over the [`KvCache`], the SwiGLU MLP, causal/sliding-window masks.
 //! - `llama`: the Llama / Mistral / Qwen2 (SmolLM2) decoder, [`Llama`].
-//! - `decode`: [`Llama`]'s fused one-token decode step on CPU.
+//! - `gemma3`: what the Gemma 3 family of [`Llama`] does differently (`1 + w` norms, norms after attention and
+//!   MLP, q/k norms, sliding-window layers with their own RoPE base, scaled embeddings, logit soft-capping).
+//! - `decode`: [`Llama`]'s fused one-token decode step on CPU (both families).
 //!
 //! [`crate::model`] is the same module under the path the crate had before.
 use tch::Tensor;
@@ -13,6 +15,7 @@ use crate::mask::LayerMask;
 
 mod blocks;
 mod decode;
+mod gemma3;
 mod llama;
 
 pub use blocks::KvCache;
