@@ -137,7 +137,11 @@ fn a_model_too_large_for_memory_is_refused_before_loading() {
 #[test]
 fn cuda_and_cpu_split_matches_cpu() {
     if !lora_model::tch::Cuda::is_available() {
-        eprintln!("skipped: no CUDA device (cuda_and_cpu_split_matches_cpu needs one to place blocks on cuda:0 + cpu)");
+        // Straight to stderr (not `eprintln!`, which the test harness captures), so the skip shows in a plain run.
+        use std::io::Write;
+        let _ = std::io::stderr().write_all(
+            b"cuda_and_cpu_split_matches_cpu: skipped: no CUDA device (needs one to place blocks on cuda:0 + cpu)\n",
+        );
         return;
     }
     for (base, adapter) in [("tiny-llama", "tiny-llama-basic"), ("tiny-qwen2", "tiny-qwen2-basic")] {
