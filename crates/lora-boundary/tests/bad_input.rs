@@ -291,7 +291,7 @@ fn outputs_left_by_a_killed_run_are_cleaned_by_the_next_and_failed_runs_leave_no
 fn the_default_model_is_found_from_any_directory() {
     let root = common::root();
     if !root.join(lora_boundary::DEFAULT_MODEL).exists() {
-        eprintln!("skipped: {} is not set up (run scripts/setup.sh)", lora_boundary::DEFAULT_MODEL);
+        common::skip(&format!("{} is not set up (run scripts/setup.sh)", lora_boundary::DEFAULT_MODEL));
         return;
     }
     let tmp = tempfile::tempdir().unwrap();
@@ -319,7 +319,7 @@ fn huge_generation_batches_are_refused_by_the_memory_estimate() {
 fn gemma3_shortcut_generates_and_refuses_chat() {
     let root = common::root();
     if !root.join(lora_boundary::model::GEMMA3_270M).exists() {
-        eprintln!("skipped: {} not found (run `bash scripts/fetch-gemma3.sh`)", lora_boundary::model::GEMMA3_270M);
+        common::skip(&format!("{} not found (run `bash scripts/fetch-gemma3.sh`)", lora_boundary::model::GEMMA3_270M));
         return;
     }
     let reference: serde_json::Value =

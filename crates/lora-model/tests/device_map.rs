@@ -137,11 +137,7 @@ fn a_model_too_large_for_memory_is_refused_before_loading() {
 #[test]
 fn cuda_and_cpu_split_matches_cpu() {
     if !lora_model::tch::Cuda::is_available() {
-        // Straight to stderr (not `eprintln!`, which the test harness captures), so the skip shows in a plain run.
-        use std::io::Write;
-        let _ = std::io::stderr().write_all(
-            b"cuda_and_cpu_split_matches_cpu: skipped: no CUDA device (needs one to place blocks on cuda:0 + cpu)\n",
-        );
+        common::skip("no CUDA device (cuda_and_cpu_split_matches_cpu places blocks on cuda:0 + cpu)");
         return;
     }
     for (base, adapter) in [("tiny-llama", "tiny-llama-basic"), ("tiny-qwen2", "tiny-qwen2-basic")] {

@@ -16,16 +16,7 @@ use lora_model::gguf::{gguf_chat_template, gguf_tokenizer, GgufFile, GgufSpecial
 use serde_json::Value;
 
 fn gguf_path() -> Option<PathBuf> {
-    let p = match std::env::var_os("LORA_GEMMA3_GGUF") {
-        Some(p) => PathBuf::from(p),
-        None => common::root().join("models/gemma-3-270m-q4_k_m.gguf"),
-    };
-    if p.exists() {
-        Some(p)
-    } else {
-        eprintln!("skipped: {} not found (run `bash scripts/fetch-gemma3.sh`)", p.display());
-        None
-    }
+    common::gemma3_gguf()
 }
 
 fn gemma3() -> Option<GgufFile> {

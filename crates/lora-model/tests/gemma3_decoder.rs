@@ -20,16 +20,7 @@ use serde_json::Value;
 const LOGIT_TOL: f64 = 1e-3;
 
 fn gguf_path() -> Option<PathBuf> {
-    let p = match std::env::var_os("LORA_GEMMA3_GGUF") {
-        Some(p) => PathBuf::from(p),
-        None => common::root().join("models/gemma-3-270m-q4_k_m.gguf"),
-    };
-    if p.exists() {
-        Some(p)
-    } else {
-        eprintln!("skipped: {} not found (run `bash scripts/fetch-gemma3.sh`)", p.display());
-        None
-    }
+    common::gemma3_gguf()
 }
 
 /// One test loads the model once (f32, CPU; about 1 GiB) and runs every check on it.
