@@ -158,11 +158,8 @@ impl DeviceMap {
             }
             blocks.push(d);
         }
-        if n == 0 {
-            let head = fp.head;
-            if used.saturating_add(head) > capacities[0].1 {
-                return Err(too_large("the head finds no room".into()));
-            }
+        if n == 0 && used.saturating_add(fp.head) > capacities[0].1 {
+            return Err(too_large("the head finds no room".into()));
         }
         // Keep only the devices that received something, renumbered in order.
         let last = blocks.last().copied().unwrap_or(0);

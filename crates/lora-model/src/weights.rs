@@ -46,9 +46,9 @@ pub trait WeightSource {
             _ => Ok(t),
         }
     }
-    /// A hint: these tensors will be loaded next, in this order. A source may read them ahead in the background
-    /// (safetensors does); the default does nothing.
-    fn prefetch(&self, _names: &[String]) {}
+    /// A hint that a model is about to be loaded from this source (embedding, then block by block, then the
+    /// head). A source may read the tensors ahead in the background (safetensors does); the default does nothing.
+    fn prefetch(&self) {}
     /// Whether the source refuses non-finite values itself while reading (then loaders skip [`check_finite`]).
     fn checks_finite(&self) -> bool {
         false
@@ -408,9 +408,18 @@ impl WeightSource for SafetensorsWeights {
         true
     }
 
-    fn prefetch(&self, names: &[String]) {
+    fn prefetch(&self) {
+        // The order a decoder loads in: the embedding, the blocks in order (within a block any order: a block is
+        // well under the read-ahead distance), then the rest (final norm, LM head).
+        let mut names: Vec<&String> = self.index.keys().collect();
+        let rank = |n: &str| match layer_of(n) {
+            _ if n.contains("embed_tokens") => 0,
+            Some(l) => l + 1,
+            None => usize::MAX,
+        };
+        names.sort_by(|a, b| rank(a).cmp(&rank(b)).then(a.cmp(b)));
         let items: Vec<(Arc<File>, u64, u64)> = names
-            .iter()
+            .into_iter()
             .filter_map(|n| {
                 let (shard, info) = self.info(n)?;
                 let (start, end) = info.data_offsets;
@@ -418,11 +427,7 @@ impl WeightSource for SafetensorsWeights {
             })
             .collect();
         self.consumed.store(0, Ordering::Relaxed);
-        let threads = std::env::var("LORA_BOUNDARY_PREFETCH").ok().and_then(|v| v.parse().ok()).unwrap_or(2);
-        if threads == 0 {
-            return;
-        }
-        let started = Prefetch::start(items, self.consumed.clone(), threads);
+        let started = Prefetch::start(items, self.consumed.clone(), 2);
         if let Ok(mut slot) = self.prefetch.lock() {
             *slot = Some(started); // the previous readers, if any, stop and are joined here
         }

@@ -157,9 +157,13 @@ impl Llama {
         let path = path.as_ref();
         if !path.exists() {
             // A model one of the repository's scripts fetches: say which.
-            if let Some(fetch) = crate::loading::fetch_command(path) {
-                return Err(ModelError::ModelNotFetched { path: path.to_path_buf(), fetch: fetch.to_string() });
-            }
+            return Err(match crate::loading::fetch_command(path) {
+                Some(fetch) => ModelError::ModelNotFetched { path: path.to_path_buf(), fetch: fetch.to_string() },
+                None => ModelError::io(
+                    path,
+                    std::io::Error::new(std::io::ErrorKind::NotFound, "no such model directory or .gguf file"),
+                ),
+            });
         }
         if path.is_dir() {
             let config = ModelConfig::from_file(path.join("config.json"))?;
@@ -170,11 +174,6 @@ impl Llama {
             let (config, weights) = crate::gguf_weights::open(path)?;
             let map = plan(&config)?;
             Self::from_weights_mapped(config, weights.as_ref(), kind, map)
-        } else if !path.exists() {
-            Err(ModelError::io(
-                path,
-                std::io::Error::new(std::io::ErrorKind::NotFound, "no such model directory or .gguf file"),
-            ))
         } else {
             Err(ModelError::InvalidArgument(format!(
                 "{}: a model is an HF directory (config.json + safetensors) or a .gguf file",
@@ -212,7 +211,7 @@ impl Llama {
                 crate::dtype_support::check_dtype(d, kind)?;
             }
         }
-        src.prefetch(&Self::load_order(c));
+        src.prefetch();
         let (h, v) = (c.hidden_size as i64, c.vocab_size as i64);
         let on = |device: Device| Weights::new(src, Placement { device, kind });
         let (input, output) = (map.input(), map.output());
@@ -244,23 +243,6 @@ impl Llama {
             place,
             devices: map,
         })
-    }
-
-    /// The tensor names [`Llama::from_weights_mapped`] loads, in the order it loads them (the prefetch hint given
-    /// to the weight source; names a checkpoint lacks, e.g. biases, are skipped by the source).
-    fn load_order(c: &ModelConfig) -> Vec<String> {
-        let mut names = vec!["model.embed_tokens.weight".to_string()];
-        for i in 0..c.num_layers {
-            names.push(format!("model.layers.{i}.input_layernorm.weight"));
-            names.push(format!("model.layers.{i}.post_attention_layernorm.weight"));
-            for m in Module::ALL {
-                names.push(format!("{}.weight", m.hf_path(i)));
-                names.push(format!("{}.bias", m.hf_path(i)));
-            }
-        }
-        names.push("model.norm.weight".into());
-        names.push("lm_head.weight".into());
-        names
     }
 
     /// The resolved configuration.
