@@ -64,6 +64,11 @@ pub struct PipelineConfig {
     /// System message the chat template renders before every prompt (needs `chat = true`).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub system: Option<String>,
+    /// Text appended to every prompt (train, probe, search, evaluation), before any chat template: a base model
+    /// with raw prompts wants a separator such as `"\n"` between the task's input and the answer it learns to
+    /// write. Default: none.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub prompt_suffix: Option<String>,
     /// Answer tokens probed.
     #[serde(default = "default_k")]
     pub k: usize,
@@ -318,16 +323,20 @@ pub fn evaluate(
 
 /// A file's samples, in a seeded random order when `shuffle_seed` is set (the same order for every role that reads
 /// the file, so disjoint offset ranges stay disjoint).
-fn load_ordered(task: Task, path: &Path, shuffle_seed: Option<u64>) -> Result<Vec<Sample>> {
-    let all = task.load(path)?;
+/// `suffix` is appended to every prompt (the config's `prompt_suffix`).
+fn load_ordered(task: Task, path: &Path, shuffle_seed: Option<u64>, suffix: Option<&str>) -> Result<Vec<Sample>> {
+    let mut all = task.load(path)?;
+    if let Some(suffix) = suffix {
+        all.iter_mut().for_each(|s| s.prompt.push_str(suffix));
+    }
     match shuffle_seed {
         Some(seed) => Ok(crate::tasks::split(&all, &[all.len()], seed)?.into_iter().next().unwrap_or_default()),
         None => Ok(all),
     }
 }
 
-fn load_split(task: Task, path: &Path, offset: usize, n: usize, shuffle_seed: Option<u64>) -> Result<Vec<Sample>> {
-    let all = load_ordered(task, path, shuffle_seed)?;
+fn load_split(cfg: &PipelineConfig, path: &Path, offset: usize, n: usize) -> Result<Vec<Sample>> {
+    let all = load_ordered(cfg.task, path, cfg.shuffle_seed, cfg.prompt_suffix.as_deref())?;
     let part: Vec<Sample> = all.into_iter().skip(offset).take(n).collect();
     if part.is_empty() {
         return Err(Error::Usage(format!("{}: no samples after skipping {offset}", path.display())));
@@ -420,8 +429,8 @@ pub fn run_pipeline(cfg: &PipelineConfig, place: Placement, mut log: impl FnMut(
     let (mut model, tokenizer) = load_model(&cfg.model, place)?;
     let info = load_adapter(&mut model, &cfg.adapter)?;
     let l = model.num_layers();
-    let val = load_split(task, &cfg.validation, cfg.validation_offset, cfg.validation_samples, cfg.shuffle_seed)?;
-    let test = load_split(task, &cfg.test, cfg.test_offset, cfg.test_samples, cfg.shuffle_seed)?;
+    let val = load_split(cfg, &cfg.validation, cfg.validation_offset, cfg.validation_samples)?;
+    let test = load_split(cfg, &cfg.test, cfg.test_offset, cfg.test_samples)?;
     timings.push(("load".to_string(), t.elapsed().as_secs_f64()));
     log(&format!("loaded {} ({l} blocks) + adapter ({} LoRA modules)", cfg.model.display(), info.modules.len()));
 
@@ -536,7 +545,7 @@ pub fn run_pipeline(cfg: &PipelineConfig, place: Placement, mut log: impl FnMut(
 
 /// Trains the adapter the config names from its `[train]` table.
 fn train_adapter(cfg: &PipelineConfig, t: &TrainSection, task: Task, place: Placement) -> Result<TrainingRun> {
-    let all = load_ordered(task, &t.data, cfg.shuffle_seed)?;
+    let all = load_ordered(task, &t.data, cfg.shuffle_seed, cfg.prompt_suffix.as_deref())?;
     let take = if t.samples == 0 { usize::MAX } else { t.samples };
     let samples: Vec<Sample> = all.into_iter().skip(t.offset).take(take).collect();
     if samples.is_empty() {
@@ -777,4 +786,43 @@ fn markdown_in(r: &PipelineReport, dir: &Path) -> String {
         s.push_str("\n![validation proxy vs boundary](proxy.svg)\n");
     }
     s
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Every committed config (SmolLM2's and Gemma 3's paper runs, the quickstart) parses and validates.
+    #[test]
+    fn committed_configs_parse_and_validate() {
+        let root = Path::new(env!("CARGO_MANIFEST_DIR")).join("../..");
+        let mut seen = 0;
+        for dir in ["configs", "configs/paper", "configs/paper/gemma3"] {
+            for entry in std::fs::read_dir(root.join(dir)).unwrap().flatten() {
+                let path = entry.path();
+                if path.extension().is_some_and(|e| e == "toml") {
+                    let text = std::fs::read_to_string(&path).unwrap();
+                    let cfg: PipelineConfig =
+                        toml::from_str(&text).unwrap_or_else(|e| panic!("{}: {e}", path.display()));
+                    cfg.validate().unwrap_or_else(|e| panic!("{}: {e}", path.display()));
+                    seen += 1;
+                }
+            }
+        }
+        assert!(seen >= 7, "expected the four SmolLM2 and three Gemma 3 paper configs, found {seen}");
+    }
+
+    #[test]
+    fn prompt_suffix_is_appended_to_every_prompt() {
+        let dir = tempfile::tempdir().unwrap();
+        let f = dir.path().join("d.jsonl");
+        std::fs::write(&f, "{\"prompt\": \"Q1\", \"answer\": \"A1\"}\n{\"prompt\": \"Q2\", \"answer\": \"A2\"}\n")
+            .unwrap();
+        let plain = load_ordered(Task::Jsonl, &f, None, None).unwrap();
+        let suffixed = load_ordered(Task::Jsonl, &f, Some(1), Some("\n")).unwrap();
+        assert_eq!(plain.iter().map(|s| s.prompt.as_str()).collect::<Vec<_>>(), ["Q1", "Q2"]);
+        let mut got: Vec<(&str, &str)> = suffixed.iter().map(|s| (s.prompt.as_str(), s.answer.as_str())).collect();
+        got.sort();
+        assert_eq!(got, [("Q1\n", "A1"), ("Q2\n", "A2")], "suffix on the prompt, answers untouched");
+    }
 }

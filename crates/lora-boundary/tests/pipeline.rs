@@ -94,6 +94,7 @@ fn pipeline_runs_end_to_end_on_the_tiny_model() {
         test_offset: 0,
         chat: true,
         system: None,
+        prompt_suffix: None,
         k: 2,
         metric: Some(lora_boundary::metrics::Metric::RougeL),
         strategy: lora_boundary::search::Strategy::Exhaustive,
