@@ -38,6 +38,15 @@ pub enum Error {
         /// What is wrong.
         message: String,
     },
+    /// A saved report (`report.json`) does not parse as one.
+    #[error("{path}: not a lora-boundary report: {source}")]
+    Report {
+        /// The file.
+        path: PathBuf,
+        /// What the JSON reader found.
+        #[source]
+        source: serde_json::Error,
+    },
     /// A command-line or config value is invalid.
     #[error("{0}")]
     Usage(String),
@@ -76,7 +85,7 @@ impl Error {
         use lora_probe::ProbeError as P;
         use lora_search::SearchError as S;
         match self {
-            Error::Usage(_) | Error::Data { .. } | Error::Metrics(_) => 2,
+            Error::Usage(_) | Error::Data { .. } | Error::Report { .. } | Error::Metrics(_) => 2,
             Error::Model(e) => model_exit_code(e),
             Error::Common(e) | Error::Probe(P::Common(e)) => common_exit_code(e),
             Error::Probe(P::Model(e)) => model_exit_code(e),

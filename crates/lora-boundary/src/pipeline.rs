@@ -166,7 +166,7 @@ fn default_max_len() -> usize {
 }
 
 /// Decode speed of one setting (batch 1, greedy).
-#[derive(Debug, Clone, Serialize)]
+#[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct SpeedResult {
     /// `base`, `full`, `pruned (0-b)` or `merged`.
     pub label: String,
@@ -177,7 +177,7 @@ pub struct SpeedResult {
 }
 
 /// One evaluated mask.
-#[derive(Debug, Clone, Serialize)]
+#[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct EvalResult {
     /// Label (`base`, `full`, `manual`, `search`, …).
     pub label: String,
@@ -196,7 +196,7 @@ pub struct EvalResult {
 }
 
 /// What the run's fine-tune did (when it trained the adapter).
-#[derive(Debug, Clone, PartialEq, Serialize)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct TrainingRun {
     /// Optimiser steps.
     pub steps: usize,
@@ -227,7 +227,7 @@ pub struct TrainingRun {
 }
 
 /// What a pipeline run found.
-#[derive(Debug, Serialize)]
+#[derive(Debug, Serialize, Deserialize)]
 pub struct PipelineReport {
     /// The configuration that produced it.
     pub config: PipelineConfig,
@@ -385,7 +385,7 @@ impl PipelineConfig {
     }
 }
 
-/// Runs the whole pipeline and writes `report.json`, `report.md`, `probe.svg` and `pruned-adapter/` into
+/// Runs the whole pipeline and writes `report.json`, `report.md`, the figures of [`write_plots`] and `pruned-adapter/` into
 /// `cfg.out`. `log` receives one line per step.
 pub fn run_pipeline(cfg: &PipelineConfig, place: Placement, mut log: impl FnMut(&str)) -> Result<PipelineReport> {
     cfg.validate()?;
@@ -534,9 +534,7 @@ pub fn run_pipeline(cfg: &PipelineConfig, place: Placement, mut log: impl FnMut(
         pruned_adapter: pruned,
         timings,
     };
-    let marks = boundary_marks(&out);
-    out.probe.plot_svg_marked(dir.join("probe.svg"), &marks).map_err(Error::from)?;
-    write_plots(&out, &metrics[0], marks, &dir)?;
+    write_plots(&out, &dir)?;
     write_text(&dir.join("report.json"), &serde_json::to_string_pretty(&out)?)?;
     write_text(&dir.join("report.md"), &markdown_in(&out, &dir))?;
     partial.commit()?;
@@ -635,18 +633,48 @@ pub fn decode_speeds(model: &mut Llama, prompt: &[i64], tokens: usize, boundary:
         .collect())
 }
 
-/// The boundaries every plot marks: the manual one (when the curve had a clear rise) and the searched one.
-fn boundary_marks(r: &PipelineReport) -> Vec<(String, usize)> {
-    let mut marks: Vec<(String, usize)> =
-        r.manual_boundary.map(|b| (format!("manual b = {b}"), b)).into_iter().collect();
-    marks.push((format!("searched b = {}", r.search.boundary), r.search.boundary));
-    marks
+/// The curve rule behind the manual boundary, in words (`steepest rise`, `threshold τ = 0.5`, `knee`).
+fn rule_name(method: &Detection) -> String {
+    match method {
+        Detection::SteepestRise { .. } => "steepest rise".into(),
+        Detection::Threshold { tau } => format!("threshold τ = {tau}"),
+        Detection::Knee => "knee".into(),
+    }
 }
 
-/// `search.svg` (validation scores of the searched boundaries), `proxy.svg` (proxy-first's ranking) and
-/// `sweep.svg` (test-set score vs boundary), as far as the report has the data.
-fn write_plots(r: &PipelineReport, metric: &Metric, marks: Vec<(String, usize)>, dir: &Path) -> Result<()> {
+/// The boundaries every plot marks, with their legend text: the searched one first, then the curve rule's (when
+/// the curve had a clear rise); one mark naming both when they coincide.
+pub fn boundary_marks(r: &PipelineReport) -> Vec<(String, usize)> {
+    let b = r.search.boundary;
+    let mut searched = format!("searched boundary b = {b} (LoRA on blocks 0–{b}; {})", r.search.strategy);
+    let rule = r.manual_boundary.map(|m| {
+        let name = r.detections.iter().find(|d| d.boundary == Some(m)).map(|d| rule_name(&d.method));
+        (name.map_or_else(|| "curve rule".to_string(), |n| format!("curve rule ({n})")), m)
+    });
+    match rule {
+        Some((name, m)) if m == b => {
+            searched.push_str(&format!(" = {name}"));
+            vec![(searched, b)]
+        }
+        Some((name, m)) => vec![(searched, b), (format!("{name} b = {m} (LoRA on blocks 0–{m})"), m)],
+        None => vec![(searched, b)],
+    }
+}
+
+/// Writes the report's figures into `dir`, each atomically: `probe.svg` (answer-token probability by layer),
+/// `search.svg` (validation scores of the fully evaluated boundaries), `proxy.svg` (proxy-first's ranking) and
+/// `sweep.svg` (test-set score vs boundary), as far as the report has the data. Returns the files written.
+/// The pipeline and `lora-boundary plot` both draw through here.
+pub fn write_plots(r: &PipelineReport, dir: &Path) -> Result<Vec<PathBuf>> {
+    let metric = r.config.metric.unwrap_or_else(|| r.config.task.primary_metric());
+    let name = metric.name();
     let l = r.num_layers;
+    let marks = boundary_marks(r);
+    let mut written = Vec::new();
+    let probe = dir.join("probe.svg");
+    r.probe.plot_svg_marked(&probe, &marks)?;
+    written.push(probe);
+    let ci_note = "bars: paired-bootstrap 95% CI vs full LoRA";
     let full_val = r.search.reference.score;
     let points: Vec<BoundaryPoint> = r
         .search
@@ -660,20 +688,28 @@ fn write_plots(r: &PipelineReport, metric: &Metric, marks: Vec<(String, usize)>,
         })
         .collect();
     if !points.is_empty() {
+        let path = dir.join("search.svg");
         BoundaryPlot {
-            title: format!("Validation {} vs boundary (search: {})", metric.name(), r.config.strategy),
-            y_label: format!("mean per-sample {}", metric.name()),
+            title: format!(
+                "Validation {name} of the searched boundaries ({}, {} samples)",
+                r.config.strategy, r.search.n_samples
+            ),
+            y_label: format!("mean per-sample {name}"),
+            series_label: format!("validation {name}, LoRA on blocks 0–b ({ci_note})"),
             num_layers: l,
             points,
-            references: vec![("full LoRA".into(), full_val)],
+            references: vec![(format!("full LoRA (all {l} blocks): {full_val:.3}"), full_val)],
             marks: marks.clone(),
         }
-        .write(&dir.join("search.svg"))?;
+        .write(&path)?;
+        written.push(path);
     }
     if !r.search.proxy_ranking.is_empty() {
+        let path = dir.join("proxy.svg");
         BoundaryPlot {
-            title: "Validation proxy (mean answer log-probability) vs boundary".into(),
+            title: "Validation proxy (teacher-forced answer log-probability) by boundary".into(),
             y_label: "mean log P(answer)".into(),
+            series_label: "proxy score, LoRA on blocks 0–b".into(),
             num_layers: l,
             points: r
                 .search
@@ -684,13 +720,14 @@ fn write_plots(r: &PipelineReport, metric: &Metric, marks: Vec<(String, usize)>,
             references: Vec::new(),
             marks: marks.clone(),
         }
-        .write(&dir.join("proxy.svg"))?;
+        .write(&path)?;
+        written.push(path);
     }
     if let Some(full) = r.evaluation.iter().find(|e| e.label == "full") {
         if !r.sweep.is_empty() {
-            let mut refs = vec![("full LoRA".to_string(), full.item_mean)];
+            let mut refs = vec![(format!("full LoRA (all {l} blocks): {:.3}", full.item_mean), full.item_mean)];
             if let Some(base) = r.evaluation.iter().find(|e| e.label == "base") {
-                refs.push(("base".to_string(), base.item_mean));
+                refs.push((format!("base (no LoRA): {:.3}", base.item_mean), base.item_mean));
             }
             let points = r
                 .sweep
@@ -701,18 +738,31 @@ fn write_plots(r: &PipelineReport, metric: &Metric, marks: Vec<(String, usize)>,
                     Some(BoundaryPoint { boundary: b, value: e.item_mean, band })
                 })
                 .collect();
+            let path = dir.join("sweep.svg");
             BoundaryPlot {
-                title: format!("Test {} vs boundary (paired-bootstrap 95% CI vs full LoRA)", metric.name()),
-                y_label: format!("mean per-item {}", metric.name()),
+                title: format!("Test {name} by boundary ({} test samples)", r.config.test_samples),
+                y_label: format!("mean per-item {name}"),
+                series_label: format!("test {name}, LoRA on blocks 0–b ({ci_note})"),
                 num_layers: l,
                 points,
                 references: refs,
                 marks,
             }
-            .write(&dir.join("sweep.svg"))?;
+            .write(&path)?;
+            written.push(path);
         }
     }
-    Ok(())
+    Ok(written)
+}
+
+impl PipelineReport {
+    /// Reads a saved `report.json` (or the `report.json` inside a run directory). A file that is not a report is
+    /// [`Error::Report`] naming it.
+    pub fn load(path: &Path) -> Result<PipelineReport> {
+        let file = if path.is_dir() { path.join("report.json") } else { path.to_path_buf() };
+        let text = std::fs::read_to_string(&file).map_err(|source| Error::Io { path: file.clone(), source })?;
+        serde_json::from_str(&text).map_err(|source| Error::Report { path: file, source })
+    }
 }
 
 pub(crate) fn write_text(path: &Path, text: &str) -> Result<()> {

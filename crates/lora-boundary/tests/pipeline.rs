@@ -137,7 +137,14 @@ fn pipeline_runs_end_to_end_on_the_tiny_model() {
     }
     assert!(std::fs::read_to_string(out.join("report.md")).unwrap().contains("| full |"));
     let probe_svg = std::fs::read_to_string(out.join("probe.svg")).unwrap();
-    assert!(probe_svg.contains(&format!("searched b = {}", report.search.boundary)), "probe plot marks the boundary");
+    assert!(
+        probe_svg.contains(&format!("searched boundary b = {}", report.search.boundary)),
+        "probe plot marks the boundary"
+    );
+    // The saved report reads back (what `lora-boundary plot` re-renders from).
+    let saved = lora_boundary::pipeline::PipelineReport::load(&out).unwrap();
+    assert_eq!((saved.search.boundary, saved.num_layers), (report.search.boundary, report.num_layers));
+    assert_eq!(saved.probe.curves.len(), report.probe.curves.len());
     // The pruned adapter holds exactly blocks 0..=boundary and loads.
     let (mut m2, _) = load_model(&model_dir, Placement::default()).unwrap();
     let info = load_adapter(&mut m2, &report.pruned_adapter).unwrap();

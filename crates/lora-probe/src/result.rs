@@ -4,7 +4,7 @@ use std::fmt::Write as _;
 use std::path::Path;
 
 use ndarray::Array3;
-use serde::Serialize;
+use serde::{Deserialize, Serialize};
 
 use crate::error::{ProbeError, Result};
 use crate::probe::ProbeMode;
@@ -31,7 +31,7 @@ pub struct PerSample {
 }
 
 /// One mask's curves over the points `0..=L`.
-#[derive(Debug, Clone, PartialEq, Serialize)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct MaskCurve {
     /// The mask's specification (e.g. `all`, `none`, `0-14`).
     pub mask: String,
@@ -63,7 +63,7 @@ pub struct MaskCurve {
 }
 
 /// The difference `a − b` of two masks' curves on the same samples (the paper's Fig. 5), with paired bootstrap CIs.
-#[derive(Debug, Clone, PartialEq, Serialize)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct DifferenceCurve {
     /// Minuend mask.
     pub a: String,
@@ -84,7 +84,7 @@ pub struct DifferenceCurve {
 }
 
 /// Everything a probe run measured.
-#[derive(Debug, Clone, PartialEq, Serialize)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct ProbeResult {
     /// Decoder blocks `L` (curves have `L + 1` points).
     pub num_layers: usize,
@@ -101,7 +101,7 @@ pub struct ProbeResult {
     /// One curve per mask, in the order given.
     pub curves: Vec<MaskCurve>,
     /// Difference curves added with [`ProbeResult::add_difference`].
-    #[serde(skip_serializing_if = "Vec::is_empty")]
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub differences: Vec<DifferenceCurve>,
 }
 

@@ -217,7 +217,7 @@ fn json_csv_and_svg_outputs() {
     let svg = dir.path().join("probe.svg");
     result.plot_svg(&svg).expect("plot");
     let text = std::fs::read_to_string(&svg).expect("svg");
-    assert!(text.starts_with("<svg") && text.contains("LoRA: 0-1") && text.contains("<polyline"));
+    assert!(text.starts_with("<svg") && text.contains("LoRA on blocks 0–1") && text.contains("<polyline"));
     assert_eq!(std::fs::read_dir(dir.path()).expect("dir").count(), 1, "no temp file left behind");
     result.write_csv(dir.path().join("p.csv")).expect("csv");
     result.write_json(dir.path().join("p.json"), true).expect("json file");

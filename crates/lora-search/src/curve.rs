@@ -18,7 +18,7 @@
 //! curve without a clear rise yields `boundary: None` rather than an invented boundary; the
 //! method's own numbers are still reported as evidence.
 
-use serde::Serialize;
+use serde::{Deserialize, Serialize};
 
 use crate::SearchError;
 
@@ -103,7 +103,7 @@ fn check_series(v: &[f64], series: &'static str) -> Result<(), SearchError> {
 }
 
 /// A curve-based detection method.
-#[derive(Debug, Clone, Copy, PartialEq, Serialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize)]
 #[serde(tag = "method", rename_all = "kebab-case")]
 pub enum Detection {
     /// Steepest sustained rise: the largest smoothed first difference.
@@ -140,7 +140,7 @@ pub enum Detection {
 }
 
 /// Shape of the curve as judged by Kneedle.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "kebab-case")]
 pub enum Shape {
     /// Rises early, then saturates (`Σ (y - x) ≥ 0`).
@@ -150,7 +150,7 @@ pub enum Shape {
 }
 
 /// The global "is there a rise" check shared by all methods.
-#[derive(Debug, Clone, PartialEq, Serialize)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct RiseCheck {
     /// `Δ = max_{i<j} (p[j] - p[i])` (0 for a non-increasing curve).
     pub largest_rise: f64,
@@ -167,7 +167,7 @@ pub struct RiseCheck {
 }
 
 /// The numbers a method used, so that a reader can check its decision.
-#[derive(Debug, Clone, PartialEq, Serialize)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(tag = "method", rename_all = "kebab-case")]
 pub enum Evidence {
     /// Evidence of [`Detection::SteepestRise`].
@@ -218,7 +218,7 @@ pub enum Evidence {
 }
 
 /// The outcome of [`detect`].
-#[derive(Debug, Clone, PartialEq, Serialize)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct Detected {
     /// The method and its parameters.
     pub method: Detection,

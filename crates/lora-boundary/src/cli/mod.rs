@@ -17,8 +17,8 @@ pub(crate) use args::{
 pub use args::{read_jsonl, read_jsonl_lines, read_text, DataArgs, MaskArgs, ModelArgs, PromptArgs};
 pub use commands::eval::EvalRow;
 pub use commands::{
-    eval::EvalArgs, generate::GenerateArgs, merge::MergeArgs, probe::ProbeArgs, prune::PruneArgs, run::RunArgs,
-    score::ScoreArgs, search::SearchArgs, train::TrainArgs,
+    compare::CompareArgs, eval::EvalArgs, generate::GenerateArgs, merge::MergeArgs, plot::PlotArgs, probe::ProbeArgs,
+    prune::PruneArgs, run::RunArgs, score::ScoreArgs, search::SearchArgs, train::TrainArgs,
 };
 
 /// Find the LoRA boundary layer of a fine-tuned LLM and drop LoRA above it.
@@ -63,6 +63,10 @@ pub enum Command {
     Probe(ProbeArgs),
     /// The whole pipeline from one TOML config: probe, detect, search, evaluate, export.
     Run(RunArgs),
+    /// Re-render a run's figures (probe, search, proxy, sweep) from its saved `report.json`.
+    Plot(PlotArgs),
+    /// Overlay the probe curves of several runs on a normalised depth axis (one SVG).
+    Compare(CompareArgs),
 }
 
 /// Runs a parsed command line.
@@ -86,5 +90,7 @@ pub fn run(cli: &Cli) -> Result<()> {
         Command::Train(a) => commands::train::run(a),
         Command::Probe(a) => commands::probe::run(a),
         Command::Run(a) => commands::run::run(a),
+        Command::Plot(a) => commands::plot::run(a),
+        Command::Compare(a) => commands::compare::run(a),
     }
 }

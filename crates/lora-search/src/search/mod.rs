@@ -11,7 +11,7 @@ mod strategy;
 mod table;
 
 use rayon::prelude::*;
-use serde::Serialize;
+use serde::{Deserialize, Serialize};
 
 pub use strategy::{parse_range, Strategy, TieRule};
 use table::{best_of, Ctx, Table};
@@ -22,7 +22,7 @@ use crate::stats::{mean, paired_bootstrap_ci};
 use crate::SearchError;
 
 /// One evaluated candidate boundary.
-#[derive(Debug, Clone, PartialEq, Serialize)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct Candidate {
     /// Keep-through boundary `b`.
     pub boundary: usize,
@@ -42,7 +42,7 @@ pub struct Candidate {
 }
 
 /// A candidate's proxy score (strategy `proxy-first` only).
-#[derive(Debug, Clone, PartialEq, Serialize)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct ProxyScore {
     /// Keep-through boundary `b`.
     pub boundary: usize,
@@ -57,7 +57,7 @@ pub struct ProxyScore {
 }
 
 /// The outcome of [`BoundarySearch::run`].
-#[derive(Debug, Clone, PartialEq, Serialize)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct SearchReport {
     /// The selected boundary (keep-through `b`). Normally a finalist; with
     /// [`Strategy::Halving`], when the completed choice failed its full-sample check so that
@@ -92,7 +92,7 @@ pub struct SearchReport {
     /// Every in-range boundary that was evaluated on at least one sample, ascending.
     pub candidates: Vec<Candidate>,
     /// Proxy means of every candidate (`proxy-first` only; omitted from JSON when empty).
-    #[serde(skip_serializing_if = "Vec::is_empty")]
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub proxy_ranking: Vec<ProxyScore>,
 }
 

@@ -3,12 +3,12 @@
 use std::fmt;
 use std::str::FromStr;
 
-use serde::Serialize;
+use serde::{Deserialize, Serialize};
 
 use crate::SearchError;
 
 /// How candidates are explored. The default is [`Strategy::Halving`].
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
 #[serde(rename_all = "kebab-case")]
 pub enum Strategy {
     /// Every boundary in `[lo, hi]` on every sample: `hi - lo + 1` full evaluations (+1 for
@@ -81,7 +81,7 @@ impl FromStr for Strategy {
 }
 
 /// When two candidates count as tied (ties go to the smaller boundary).
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
 #[serde(rename_all = "kebab-case")]
 pub enum TieRule {
     /// `b` ties the best when `mean(b) ≥ mean(best) − ε` (the default).
