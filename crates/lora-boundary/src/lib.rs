@@ -27,6 +27,7 @@ pub mod plot;
 pub mod progress;
 pub mod scoring;
 pub mod settings;
+pub mod summary;
 pub mod tasks;
 
 pub use error::{Error, Result};
