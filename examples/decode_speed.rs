@@ -118,10 +118,12 @@ fn main() -> Result<()> {
         return Ok(());
     }
     println!(
-        "read bandwidth {:.1} GB/s, libtorch threads {}, fused kernels available: {}\n",
+        "read bandwidth {:.1} GB/s, libtorch threads {}, fused kernels available: {} (SIMD path {}; \
+         LORA_BOUNDARY_SIMD forces another)\n",
         bw / 1e9,
         tch::get_num_threads(),
-        kernels::enabled()
+        kernels::enabled(),
+        kernels::simd_path()
     );
     println!("| dtype | products | variant | decode tok/s | vs base | cap tok/s | % of cap |");
     println!("|---|---|---|---|---|---|---|");

@@ -6,10 +6,11 @@ use std::sync::atomic::{AtomicU8, Ordering};
 use tch::{Device, Kind, Tensor};
 
 use super::borrow::{borrow_mat, Mat};
+use super::isa::{unsupported, SimdPath};
 use super::runtime::{helper, pool, threads_for};
 use super::schedule::{Chunks, Out, CHUNK_MIN_BYTES};
-use super::{enabled, simd, MAX_ROWS};
-use crate::error::Result;
+use super::{enabled, simd, simd_path, MAX_ROWS};
+use crate::error::{ModelError, Result};
 
 /// The low-rank part of a fused call: `scaling · B (A x)`.
 pub(crate) struct LoraPart<'a> {
@@ -26,7 +27,56 @@ pub(crate) fn small_linear(
     bias: Option<&Tensor>,
     lora: Option<LoraPart<'_>>,
 ) -> Result<Option<Tensor>> {
-    if !enabled() || x.device() != Device::Cpu || x.requires_grad() {
+    if !enabled() {
+        return Ok(None);
+    }
+    tensor_linear(simd_path(), MAX_ROWS as usize, x, weight, bias, lora)
+}
+
+/// `x Wᵀ + bias (+ scaling · (x Aᵀ) Bᵀ)` on the kernels' loops for instruction set `path`, for `x` `[..., in]`
+/// with any number of rows (whether or not the kernels are [`enabled`](super::enabled), and past
+/// [`MAX_ROWS`]): for benchmarks that compare the paths with each other and with libtorch, and for tests. `lora`
+/// is `(A [r, in], B [out, r], scaling)`. Every tensor must be a contiguous CPU tensor of `weight`'s kind, f32 or
+/// bf16, without autograd; the result has `x`'s shape with `out` columns and `weight`'s kind (bf16 rounded once, at
+/// the end). Inside a [`decode_scope`](super::decode_scope) large products are split over two threads, as in
+/// decoding.
+///
+/// # Errors
+/// [`ModelError::InvalidArgument`] when this CPU lacks `path`, or the tensors are not what the kernels take
+/// (device, kind, layout, autograd or shapes).
+pub fn linear_on(
+    path: SimdPath,
+    x: &Tensor,
+    weight: &Tensor,
+    bias: Option<&Tensor>,
+    lora: Option<(&Tensor, &Tensor, f64)>,
+) -> Result<Tensor> {
+    if !path.supported() {
+        return Err(unsupported(path));
+    }
+    let lora = lora.map(|(a, b, scaling)| LoraPart { a, b, scaling });
+    tensor_linear(path, usize::MAX, x, weight, bias, lora)?.ok_or_else(|| {
+        ModelError::InvalidArgument(format!(
+            "the kernels do not take x {:?} {:?} with weight {:?} {:?} (contiguous CPU f32/bf16 tensors of one kind, \
+             no autograd, matching shapes)",
+            x.size(),
+            x.kind(),
+            weight.size(),
+            weight.kind()
+        ))
+    })
+}
+
+/// [`small_linear`] on `path` for at most `max_rows` rows.
+fn tensor_linear(
+    path: SimdPath,
+    max_rows: usize,
+    x: &Tensor,
+    weight: &Tensor,
+    bias: Option<&Tensor>,
+    lora: Option<LoraPart<'_>>,
+) -> Result<Option<Tensor>> {
+    if x.device() != Device::Cpu || x.requires_grad() {
         return Ok(None);
     }
     let kind = weight.kind();
@@ -35,8 +85,8 @@ pub(crate) fn small_linear(
     }
     let xs = x.size();
     let Some(&n_in) = xs.last() else { return Ok(None) };
-    let m = if n_in > 0 { x.numel() as i64 / n_in } else { 0 };
-    if m == 0 || m > MAX_ROWS {
+    let m = if n_in > 0 { x.numel() / n_in as usize } else { 0 };
+    if m == 0 || m > max_rows {
         return Ok(None);
     }
     let xf = x.f_to_kind(Kind::Float)?.f_contiguous()?;
@@ -44,7 +94,7 @@ pub(crate) fn small_linear(
     let rows: Vec<&[f32]> = xv.chunks_exact(n_in as usize).collect();
     let n_out = weight.size().first().copied().unwrap_or(0).max(0) as usize;
     let mut y = vec![0f32; rows.len() * n_out];
-    if !linear_rows(&[Linear { weight, bias, lora }], &rows, &mut [&mut y])? {
+    if !linear_rows_on(path, usize::MAX, &[Linear { weight, bias, lora }], &rows, &mut [&mut y])? {
         return Ok(None);
     }
     let mut shape = xs;
@@ -139,7 +189,22 @@ struct Prepared<'a> {
 /// `Ok(false)`, with `ys` untouched, when the kernels do not apply to one of the tensors (then the caller uses
 /// libtorch).
 pub(crate) fn linear_rows(lins: &[Linear<'_>], rows: &[&[f32]], ys: &mut [&mut [f32]]) -> Result<bool> {
-    if !enabled() || rows.is_empty() || rows.len() > MAX_ROWS as usize || lins.len() != ys.len() {
+    if !enabled() {
+        return Ok(false);
+    }
+    linear_rows_on(simd_path(), MAX_ROWS as usize, lins, rows, ys)
+}
+
+/// [`linear_rows`] on the loops of `path` (which this CPU supports) for at most `max_rows` rows, whether or not
+/// the kernels are enabled.
+fn linear_rows_on(
+    path: SimdPath,
+    max_rows: usize,
+    lins: &[Linear<'_>],
+    rows: &[&[f32]],
+    ys: &mut [&mut [f32]],
+) -> Result<bool> {
+    if rows.is_empty() || rows.len() > max_rows || lins.len() != ys.len() {
         return Ok(false);
     }
     let m = rows.len();
@@ -168,9 +233,9 @@ pub(crate) fn linear_rows(lins: &[Linear<'_>], rows: &[&[f32]], ys: &mut [&mut [
     // The one place the output buffers' raw pointers are made: from the `&mut` borrows of `ys`, held by the
     // `Out`s until this function returns (`ys` is not touched otherwise from here on).
     let outs: Vec<Out<'_>> = ys.iter_mut().map(|y| Out::new(y, m)).collect();
-    let input = simd::Rows::new(rows);
-    if matches!(prepared[0].w, Mat::Bf16(_)) {
-        input.split(); // before the threads start (see `Rows`)
+    let input = simd::Rows::on(path, rows);
+    for p in &prepared {
+        input.prepare(p.w, w_in); // before the threads start (see `Rows`); `A` has the same width and kind
     }
 
     // The front thread first computes every LoRA's `scaling · A x` ([`LowRank`]). Then each thread takes chunks
@@ -242,7 +307,7 @@ pub(crate) fn linear_rows(lins: &[Linear<'_>], rows: &[&[f32]], ys: &mut [&mut [
             let (p, out) = (&prepared[k], &outs[k]);
             let (Some((_, b, r, _)), Some(Some(xa))) = (&p.lora, low.get(k)) else { continue };
             let xa_rows: Vec<&[f32]> = xa.chunks_exact(*r).collect();
-            let xa_rows = simd::Rows::new(&xa_rows);
+            let xa_rows = simd::Rows::on(path, &xa_rows);
             if m == 1 {
                 // SAFETY: this thread claimed and computed these output rows, so the other thread never touches
                 // them; the slice is the only one over them and ends with this call.
@@ -393,6 +458,84 @@ mod tests {
                 }
                 let got = Tensor::from_slice(out).view(want.size().as_slice());
                 assert!(max_diff(&got, &want) < 1e-4, "{rows} rows: {}", max_diff(&got, &want));
+            }
+        }
+    }
+
+    /// Every instruction-set path this CPU has, through the public [`linear_on`], against libtorch: f32 and bf16
+    /// weights, with and without the fused LoRA part (and a bias in f32), widths that are not multiples of 16, 32
+    /// or 64, 1..=16 activation rows. bf16 is held to the exact value of the bf16 inputs (f64) within one final
+    /// rounding, and without LoRA to libtorch's own bf16 matmul (f32 accumulation) within one bf16 ulp.
+    #[test]
+    fn every_path_matches_libtorch() {
+        let _g = tch::no_grad_guard();
+        for path in SimdPath::ALL {
+            if !path.supported() {
+                use std::io::Write;
+                let _ = writeln!(std::io::stderr(), "skipped: SIMD path {path} (this CPU lacks it)");
+                continue;
+            }
+            for (n_in, n_out, r) in [(37i64, 29i64, 3i64), (96, 40, 8), (200, 77, 16), (131, 33, 4), (576, 65, 5)] {
+                check_path(path, n_in, n_out, r);
+            }
+        }
+        assert!(linear_on(SimdPath::Scalar, &randn(&[2, 3], 1), &randn(&[4, 5], 2), None, None).is_err());
+    }
+
+    fn check_path(path: SimdPath, n_in: i64, n_out: i64, r: i64) {
+        let f64s = |t: &Tensor| t.to_kind(Kind::Double);
+        let w = randn(&[n_out, n_in], 11);
+        let bias = randn(&[n_out], 12);
+        let a = randn(&[r, n_in], 13);
+        let b = randn(&[n_out, r], 14);
+        let scaling = 0.625;
+        for rows in 1..=16i64 {
+            let x = randn(&[rows, n_in], 100 + rows);
+            for with_lora in [false, true] {
+                let lora = with_lora.then_some((&a, &b, scaling));
+                // f32, with a bias.
+                let got = linear_on(path, &x, &w, Some(&bias), lora).unwrap();
+                let mut want = x.linear(&w, Some(&bias));
+                if with_lora {
+                    want += x.linear::<Tensor>(&a, None).linear::<Tensor>(&b, None) * scaling;
+                }
+                let scale = f64s(&x).abs().matmul(&f64s(&w).abs().tr()).max().double_value(&[]).max(1.0);
+                let d = max_diff(&got, &want);
+                assert!(d <= 1e-5 * scale, "{path} f32 {n_in}x{n_out} r{r} lora {with_lora}, {rows} rows: {d}");
+
+                // bf16, against the exact value of the bf16 inputs.
+                let bf = |t: &Tensor| t.to_kind(Kind::BFloat16);
+                let (xb, wb, ab, bb) = (bf(&x), bf(&w), bf(&a), bf(&b));
+                let lora = with_lora.then_some((&ab, &bb, scaling));
+                let got = linear_on(path, &xb, &wb, None, lora).unwrap();
+                assert_eq!(got.kind(), Kind::BFloat16);
+                let got = f64s(&got);
+                let mut exact = f64s(&xb).matmul(&f64s(&wb).tr());
+                let mut mag = f64s(&xb).abs().matmul(&f64s(&wb).abs().tr());
+                let mut lora_mag = Tensor::zeros_like(&mag);
+                if with_lora {
+                    let xa = f64s(&xb).matmul(&f64s(&ab).tr()) * scaling;
+                    exact += xa.matmul(&f64s(&bb).tr());
+                    lora_mag = xa.abs().matmul(&f64s(&bb).abs().tr());
+                    mag += &lora_mag;
+                }
+                // One rounding to bf16 (half an ulp, 2^-9 relative; 2^-8 allowed), f32 accumulation (1e-5 of the
+                // sum of magnitudes), and on the AVX512-BF16 path the low-rank input rounded to bf16 before B
+                // when B is not narrow (2^-9 of the LoRA part's magnitude; 2^-8 allowed).
+                let mut tol = exact.abs() / 256.0 + &mag * 1e-5;
+                if path == SimdPath::Avx512Bf16 {
+                    tol += lora_mag / 256.0;
+                }
+                let over = ((&got - &exact).abs() - &tol).max().double_value(&[]);
+                assert!(over <= 0.0, "{path} bf16 {n_in}x{n_out} r{r} lora {with_lora}, {rows} rows: over by {over}");
+                if !with_lora {
+                    // libtorch's bf16 matmul: f32 accumulation of the same exact products, then one rounding; the
+                    // two results may round to neighbouring bf16 values.
+                    let libtorch = f64s(&xb.linear::<Tensor>(&wb, None));
+                    let ulp_tol = libtorch.abs() / 128.0 + &mag * 1e-5;
+                    let over = ((&got - &libtorch).abs() - ulp_tol).max().double_value(&[]);
+                    assert!(over <= 0.0, "{path} bf16 vs libtorch {n_in}x{n_out}, {rows} rows: over by {over}");
+                }
             }
         }
     }

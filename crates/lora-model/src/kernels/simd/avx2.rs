@@ -1,7 +1,7 @@
 //! The AVX2/FMA loops (x86-64).
 //!
 //! Every function here is compiled with `#[target_feature(enable = "avx2,fma")]`, so calling one is `unsafe`:
-//! the caller must have checked that the CPU has both ([`super::available`]), and must pass slices that hold
+//! the caller must have checked that the CPU has both ([`SimdPath::supported`](crate::kernels::SimdPath::supported) of the active path), and must pass slices that hold
 //! every value the documented shapes say (the loops use unchecked pointer loads and stores). Stores go only
 //! through pointers derived from the `&mut` output slice of the same call; inputs are read through pointers
 //! derived from shared slices and are never written.
@@ -123,9 +123,6 @@ pub unsafe fn swiglu(gate: &mut [f32], up: &[f32]) {
     }
 }
 
-/// Widest rows [`matvec_narrow`] takes.
-pub const NARROW_MAX: usize = 64;
-
 /// Eight f32 (or bf16, widened) weights at `w[k..k + 8]`.
 #[target_feature(enable = "avx2,fma")]
 #[inline]
@@ -170,7 +167,7 @@ unsafe fn finish8(acc: &[__m256; 8], dst: *mut f32, add: bool) {
     _mm256_storeu_ps(dst, sums);
 }
 
-/// Narrow matrices (`n_in` a multiple of 8, at most [`NARROW_MAX`]: LoRA's `B`, `n_in` = r): eight
+/// Narrow matrices (`n_in` a multiple of 8, at most `NARROW_MAX` of [`super`]: LoRA's `B`, `n_in` = r): eight
 /// weight rows at a time, their eight dot products reduced together by [`finish8`] instead of one
 /// horizontal sum per row, which would cost more than the row itself. bf16 rows whose width is a multiple
 /// of 16 take 16 columns per load (even and odd columns, as in [`row_bf16`]; `split` holds the rows in that

@@ -1,56 +1,122 @@
-//! The inner loops, dispatched per instruction set: `avx2` where the CPU has AVX2 and FMA, `scalar`
-//! otherwise. `matvec` computes `y[m][o] = Σᵢ W[o][i] x[m][i]` for every activation row `m`, reading each weight
-//! row once for all rows (with `add`, it adds to `y` instead of storing).
-use super::borrow::Mat;
+//! The inner loops, dispatched per instruction set ([`SimdPath`]): `avx512` (with its AVX512-BF16 variant) and
+//! `avx2` where the CPU has them, `scalar` otherwise. `matvec` computes `y[m][o] = Σᵢ W[o][i] x[m][i]` for every
+//! activation row `m`, reading each weight row once for all rows (with `add`, it adds to `y` instead of storing).
+//! The small helpers of the decode step (`dot`, `axpy`, `scale_mul`, `swiglu`) run on AVX2 on every vector path.
+use super::borrow::{to_bf16, Mat};
+use super::isa::SimdPath;
 use super::runtime::pool;
 
 #[cfg(target_arch = "x86_64")]
 mod avx2;
+#[cfg(target_arch = "x86_64")]
+mod avx512;
 mod scalar;
 
-/// Whether the CPU has what the vector loops need.
-pub fn available() -> bool {
-    #[cfg(target_arch = "x86_64")]
-    {
-        std::is_x86_feature_detected!("avx2") && std::is_x86_feature_detected!("fma")
-    }
-    #[cfg(not(target_arch = "x86_64"))]
-    {
-        false
-    }
+/// Whether the active path has AVX2 and FMA (what the small helpers need).
+fn vector() -> bool {
+    super::simd_path() != SimdPath::Scalar
 }
 
-/// Activation rows for [`matvec`], with their bf16 column order (each 16-column block split into its even and
-/// odd columns, see `avx2::row_bf16`) made once and shared by every bf16 product over these rows (all
-/// projections of a call, both threads, `A x`). Whoever shares a `Rows` between threads should call
-/// [`Rows::split`] first: two threads making it at once queue on its lock.
+/// The copies of the activation rows that the bf16 loops read, per path.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Layout {
+    /// f32, each whole 16-column block split into its 8 even columns, then its 8 odd ones (the AVX2 loops).
+    Split16,
+    /// The same with 32-column blocks (16 even, 16 odd; the AVX-512 widening loop).
+    Split32,
+    /// Rounded to bf16 (nearest-even), column order, each row padded to an even length (`vdpbf16ps`).
+    Bf16,
+}
+
+/// Activation rows for [`matvec`], on the instruction set chosen when they were made, with the copies the bf16
+/// loops read (see [`Layout`]) made once and shared by every bf16 product over these rows (all projections of a
+/// call, both threads, `A x`). Whoever shares a `Rows` between threads should call [`Rows::prepare`] first: two
+/// threads making a copy at once queue on its lock.
 pub struct Rows<'a> {
     pub xs: &'a [&'a [f32]],
-    split: std::sync::OnceLock<pool::Buf>,
+    path: SimdPath,
+    copies: [std::sync::OnceLock<pool::Buf>; 3],
 }
 
 impl<'a> Rows<'a> {
-    pub fn new(xs: &'a [&'a [f32]]) -> Self {
-        Rows { xs, split: std::sync::OnceLock::new() }
+    /// The rows, for `path` (which the caller has checked this CPU supports).
+    pub fn on(path: SimdPath, xs: &'a [&'a [f32]]) -> Self {
+        Rows { xs, path, copies: Default::default() }
     }
 
-    /// The rows (`[rows, n_in]`, flat) in bf16 column order (the columns past the last whole 16-column block
-    /// as they are).
-    pub fn split(&self) -> &[f32] {
-        self.split.get_or_init(|| {
-            let n = self.xs.first().map_or(0, |x| x.len());
-            let mut p = pool::take(n * self.xs.len());
-            for (row, x) in p.chunks_exact_mut(n.max(1)).zip(self.xs) {
-                row.copy_from_slice(x);
-                for (dst, src) in row.chunks_exact_mut(16).zip(x.chunks_exact(16)) {
-                    for j in 0..8 {
-                        dst[j] = src[2 * j];
-                        dst[8 + j] = src[2 * j + 1];
+    fn width(&self) -> usize {
+        self.xs.first().map_or(0, |x| x.len())
+    }
+
+    /// Makes the copy that a product of a weight matrix like `w` (`n_in` columns) over these rows will read, if
+    /// any (before the threads start; see [`Rows`]).
+    pub fn prepare(&self, w: Mat<'_>, n_in: usize) {
+        if let Some(layout) = layout(self.path, w, n_in) {
+            self.copy(layout);
+        }
+    }
+
+    /// The rows in `layout` (`[rows, n_in]` flat for the split layouts; `[rows, stride]` bf16 bits, as pairs in
+    /// `f32` slots, for [`Layout::Bf16`]).
+    fn copy(&self, layout: Layout) -> &[f32] {
+        let slot = match layout {
+            Layout::Split16 => 0,
+            Layout::Split32 => 1,
+            Layout::Bf16 => 2,
+        };
+        self.copies[slot].get_or_init(|| {
+            let n = self.width();
+            match layout {
+                Layout::Split16 | Layout::Split32 => {
+                    let block = if layout == Layout::Split16 { 16 } else { 32 };
+                    let half = block / 2;
+                    let mut p = pool::take(n * self.xs.len());
+                    for (row, x) in p.chunks_exact_mut(n.max(1)).zip(self.xs) {
+                        row.copy_from_slice(x);
+                        for (dst, src) in row.chunks_exact_mut(block).zip(x.chunks_exact(block)) {
+                            for j in 0..half {
+                                dst[j] = src[2 * j];
+                                dst[half + j] = src[2 * j + 1];
+                            }
+                        }
                     }
+                    p
+                }
+                Layout::Bf16 => {
+                    let slots = n.div_ceil(2);
+                    let mut p = pool::take(slots * self.xs.len());
+                    for (row, x) in p.chunks_exact_mut(slots.max(1)).zip(self.xs) {
+                        for (k, dst) in row.iter_mut().enumerate() {
+                            // Column 2k in the low half of the 32-bit slot, 2k + 1 in the high half (little-endian:
+                            // read as bf16 values, they come in column order).
+                            let lo = u32::from(to_bf16(x[2 * k]));
+                            let hi = x.get(2 * k + 1).map_or(0, |&v| u32::from(to_bf16(v)));
+                            *dst = f32::from_bits(lo | (hi << 16));
+                        }
+                    }
+                    p
                 }
             }
-            p
         })
+    }
+}
+
+/// Widest rows that go to the AVX2 narrow loop (`avx2::matvec_narrow`: eight weight rows reduced together), on
+/// every vector path.
+const NARROW_MAX: usize = 64;
+
+/// The copy of the activation rows that `path`'s loop for `w` (`n_in` columns) reads, if any.
+fn layout(path: SimdPath, w: Mat<'_>, n_in: usize) -> Option<Layout> {
+    if !matches!(w, Mat::Bf16(_)) {
+        return None;
+    }
+    let narrow = n_in.is_multiple_of(8) && n_in <= NARROW_MAX;
+    match path {
+        SimdPath::Scalar => None,
+        SimdPath::Avx2 => Some(Layout::Split16),
+        SimdPath::Avx512 | SimdPath::Avx512Bf16 if narrow => Some(Layout::Split16),
+        SimdPath::Avx512 => Some(Layout::Split32),
+        SimdPath::Avx512Bf16 => Some(Layout::Bf16),
     }
 }
 
@@ -59,28 +125,39 @@ impl<'a> Rows<'a> {
 pub fn matvec(w: Mat<'_>, n_in: usize, rows: std::ops::Range<usize>, x: &Rows<'_>, y: &mut [f32], add: bool) {
     let xs = x.xs;
     let len = rows.len();
-    let w = match w {
-        Mat::F32(w) => Mat::F32(&w[rows.start * n_in..rows.end * n_in]),
-        Mat::Bf16(w) => Mat::Bf16(&w[rows.start * n_in..rows.end * n_in]),
-    };
+    let w = w.slice(rows.start * n_in..rows.end * n_in);
     assert!(xs.iter().all(|x| x.len() == n_in) && y.len() == xs.len() * len, "matvec: shapes disagree");
     #[cfg(target_arch = "x86_64")]
-    if available() {
-        let split = || match w {
-            Mat::Bf16(_) => x.split(),
-            Mat::F32(_) => &[],
+    if x.path != SimdPath::Scalar && x.path.supported() {
+        let copy = |w: Mat<'_>| match layout(x.path, w, n_in) {
+            Some(l) => x.copy(l),
+            None => &[],
         };
-        // SAFETY: AVX2 and FMA were just detected; `w` holds exactly `len` rows of `n_in`, every row of `xs`
-        // (and of its split copy) has `n_in` values and `y` has `xs.len() * len` (asserted above), which bounds
-        // every load and store.
+        let narrow = n_in.is_multiple_of(8) && n_in <= NARROW_MAX;
+        // SAFETY: the path's instruction sets were just detected (`supported`, which for the AVX-512 paths includes
+        // AVX2/FMA, so the AVX2 narrow loop may run on them too). Bounds: `w` holds exactly `len` rows of `n_in`,
+        // every row of `xs` has `n_in` values and `y` has `xs.len() * len` (asserted above); each copy holds
+        // `xs.len()` rows of its layout (`Rows::copy`), which bounds every load and store.
         unsafe {
-            if n_in.is_multiple_of(8) && n_in <= avx2::NARROW_MAX {
-                avx2::matvec_narrow(w, n_in, len, xs, split(), y, add);
+            if narrow {
+                avx2::matvec_narrow(w, n_in, len, xs, copy(w), y, add);
                 return;
             }
-            match w {
-                Mat::F32(w) => avx2::matvec_f32(w, n_in, len, xs, y, add),
-                Mat::Bf16(w) => avx2::matvec_bf16(w, n_in, len, xs, split(), y, add),
+            match (x.path, w) {
+                (SimdPath::Avx2, Mat::F32(w)) => avx2::matvec_f32(w, n_in, len, xs, y, add),
+                (SimdPath::Avx2, Mat::Bf16(wb)) => avx2::matvec_bf16(wb, n_in, len, xs, copy(w), y, add),
+                (_, Mat::F32(w)) => avx512::matvec_f32(w, n_in, len, xs, y, add),
+                (SimdPath::Avx512Bf16, Mat::Bf16(wb)) => {
+                    let pairs = copy(w);
+                    // The bf16 copy holds two bf16 values per f32 slot, read here as u16: the same bytes (`2 ×
+                    // len` u16 in `len` f32), alignment 4 ≥ 2, every bit pattern a valid u16. Aliasing: the copy
+                    // is never written after its `OnceLock` was set, and this shared slice lives only while
+                    // `pairs` borrows it. Threads: the `OnceLock` published the finished copy to every reader.
+                    let bits = std::slice::from_raw_parts(pairs.as_ptr() as *const u16, pairs.len() * 2);
+                    let stride = n_in.next_multiple_of(2);
+                    avx512::matvec_dpbf16(wb, n_in, len, xs.len(), bits, stride, y, add)
+                }
+                (_, Mat::Bf16(wb)) => avx512::matvec_bf16(wb, n_in, len, xs.len(), copy(w), y, add),
             }
         }
         return;
@@ -111,8 +188,8 @@ pub fn prefetch(m: Mat<'_>, range: std::ops::Range<usize>) {
 pub fn dot(a: &[f32], b: Mat<'_>) -> f32 {
     assert!(b.len() >= a.len(), "dot: second operand too short");
     #[cfg(target_arch = "x86_64")]
-    if available() {
-        // SAFETY: AVX2 and FMA were just detected; `b` holds at least `a.len()` values (asserted).
+    if vector() {
+        // SAFETY: the active path is a vector path, so AVX2 and FMA were detected; `b` holds at least `a.len()` values (asserted).
         return unsafe { avx2::dot(a, b) };
     }
     scalar::dot(a, b)
@@ -122,8 +199,8 @@ pub fn dot(a: &[f32], b: Mat<'_>) -> f32 {
 pub fn axpy(y: &mut [f32], alpha: f32, x: Mat<'_>) {
     assert!(x.len() >= y.len(), "axpy: second operand too short");
     #[cfg(target_arch = "x86_64")]
-    if available() {
-        // SAFETY: AVX2 and FMA were just detected; `x` holds at least `y.len()` values (asserted).
+    if vector() {
+        // SAFETY: the active path is a vector path, so AVX2 and FMA were detected; `x` holds at least `y.len()` values (asserted).
         unsafe { avx2::axpy(y, alpha, x) };
         return;
     }
@@ -134,8 +211,8 @@ pub fn axpy(y: &mut [f32], alpha: f32, x: Mat<'_>) {
 pub fn scale_mul(x: &[f32], scale: f32, w: Mat<'_>, out: &mut [f32]) {
     assert!(w.len() >= x.len() && out.len() == x.len(), "scale_mul: shapes disagree");
     #[cfg(target_arch = "x86_64")]
-    if available() {
-        // SAFETY: AVX2 and FMA were just detected; the lengths were just checked.
+    if vector() {
+        // SAFETY: the active path is a vector path, so AVX2 and FMA were detected; the lengths were just checked.
         unsafe { avx2::scale_mul(x, scale, w, out) };
         return;
     }
@@ -146,8 +223,8 @@ pub fn scale_mul(x: &[f32], scale: f32, w: Mat<'_>, out: &mut [f32]) {
 pub fn swiglu(gate: &mut [f32], up: &[f32]) {
     assert!(up.len() >= gate.len(), "swiglu: shapes disagree");
     #[cfg(target_arch = "x86_64")]
-    if available() {
-        // SAFETY: AVX2 and FMA were just detected; the lengths were just checked.
+    if vector() {
+        // SAFETY: the active path is a vector path, so AVX2 and FMA were detected; the lengths were just checked.
         unsafe { avx2::swiglu(gate, up) };
         return;
     }
@@ -202,9 +279,13 @@ mod tests {
         }
     }
 
+    /// Every path this CPU has, against the scalar loop (in f64), for odd shapes: widths that are not multiples
+    /// of 16/32/64 and narrow ones (LoRA's `B`), 1..=16 activation rows (more than a tile, a tile and a part), f32
+    /// and bf16 weights. On the AVX512-BF16 path bf16 weights multiply the activations rounded to bf16, so its
+    /// reference rounds them too.
     #[test]
-    fn vector_loops_equal_the_scalar_loop_for_odd_shapes() {
-        for &(n_in, n_out, m) in &[
+    fn every_path_equals_the_scalar_loop_for_odd_shapes() {
+        let shapes: &[(usize, usize, usize)] = &[
             (576, 192, 1),
             (37, 5, 3),
             (16, 4, 8),
@@ -215,18 +296,50 @@ mod tests {
             (64, 19, 2),
             (88, 7, 2),
             (121, 3, 2),
-        ] {
-            let w = data(n_in * n_out, 1);
-            let wb: Vec<u16> = w.iter().map(|v| (v.to_bits() >> 16) as u16).collect();
-            let xs_own: Vec<Vec<f32>> = (0..m).map(|k| data(n_in, 7 + k as u32)).collect();
-            let xs: Vec<&[f32]> = xs_own.iter().map(Vec::as_slice).collect();
-            for mat in [Mat::F32(&w), Mat::Bf16(&wb)] {
-                let mut fast = vec![0.5f32; m * n_out];
-                let mut slow = fast.clone();
-                matvec(mat, n_in, 0..n_out, &Rows::new(&xs), &mut fast, true);
-                scalar::matvec(mat, n_in, n_out, &xs, &mut slow, true);
-                for (a, b) in fast.iter().zip(&slow) {
-                    assert!((a - b).abs() <= 1e-4 * (1.0 + b.abs()), "{n_in}x{n_out}x{m}: {a} vs {b}");
+            (33, 6, 5),
+            (63, 4, 16),
+            (65, 3, 9),
+            (96, 5, 7),
+            (127, 4, 13),
+            (129, 3, 16),
+            (200, 2, 12),
+            (576, 9, 16),
+            (1, 3, 4),
+        ];
+        for path in SimdPath::ALL {
+            if !path.supported() {
+                use std::io::Write;
+                let _ = writeln!(std::io::stderr(), "skipped: SIMD path {path} (this CPU lacks it)");
+                continue;
+            }
+            for &(n_in, n_out, m) in shapes {
+                let w = data(n_in * n_out, 1);
+                let wb: Vec<u16> = w.iter().map(|v| (v.to_bits() >> 16) as u16).collect();
+                let xs_own: Vec<Vec<f32>> = (0..m).map(|k| data(n_in, 7 + k as u32)).collect();
+                let xs: Vec<&[f32]> = xs_own.iter().map(Vec::as_slice).collect();
+                for mat in [Mat::F32(&w), Mat::Bf16(&wb)] {
+                    let rounded = path == SimdPath::Avx512Bf16 && layout(path, mat, n_in) == Some(Layout::Bf16);
+                    let mut fast = vec![0.5f32; m * n_out];
+                    let rows = Rows::on(path, &xs);
+                    rows.prepare(mat, n_in);
+                    matvec(mat, n_in, 0..n_out, &rows, &mut fast, true);
+                    for (k, got) in fast.iter().enumerate() {
+                        let (r, o) = (k / n_out, k % n_out);
+                        let x = |i: usize| {
+                            let v = xs[r][i];
+                            f64::from(if rounded { f32::from_bits(u32::from(to_bf16(v)) << 16) } else { v })
+                        };
+                        let want = 0.5 + (0..n_in).map(|i| f64::from(mat.get(o * n_in + i)) * x(i)).sum::<f64>();
+                        let scale: f64 =
+                            1.0 + (0..n_in).map(|i| (f64::from(mat.get(o * n_in + i)) * x(i)).abs()).sum::<f64>();
+                        // f32 accumulation of n_in products: a few ulp of the sum of magnitudes.
+                        let tol = 4.0 * f64::from(f32::EPSILON) * scale * (n_in as f64).sqrt().max(1.0);
+                        assert!(
+                            (f64::from(*got) - want).abs() <= tol,
+                            "{path} {}: {n_in}x{n_out}, {m} rows, row {r} out {o}: {got} vs {want}",
+                            if matches!(mat, Mat::F32(_)) { "f32" } else { "bf16" }
+                        );
+                    }
                 }
             }
         }

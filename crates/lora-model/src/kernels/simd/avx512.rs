@@ -1,0 +1,298 @@
+//! The AVX-512 loops (x86-64): f32 weights with 16-lane FMA, bf16 weights widened (shift/mask, 32 per load) or
+//! multiplied in pairs by `vdpbf16ps` (AVX512-BF16).
+//!
+//! Every function here is compiled with `#[target_feature(enable = …)]` for AVX-512 F/BW/VL (plus AVX512-BF16 for
+//! the `dpbf16` loops), so calling one is `unsafe`: the caller must have checked at run time that the CPU has
+//! them ([`SimdPath::supported`](crate::kernels::SimdPath::supported), which the dispatch in [`super`] relies on)
+//! and must pass slices that hold every value the documented shapes say (the loops use unchecked pointer loads
+//! and stores; the columns past the last whole vector are read with masked loads, which touch no masked-out
+//! address). Stores go only through the `&mut` output slice of the same call; inputs are read through pointers
+//! derived from shared slices and are never written.
+//!
+//! Activation rows are taken in tiles of up to [`TILE`]: each weight vector is loaded (and widened) once for the
+//! whole tile, and every activation row has its own accumulators. The arithmetic of one row does not depend on
+//! the tile it lands in, so a row's result is the same whatever the batch around it.
+use std::arch::x86_64::*;
+
+/// How far ahead of the current column (in bytes of the same weight row, running on into the next rows) the
+/// loops prefetch: the AVX2 loops' distance, to be re-tuned on an AVX-512 machine (`docs/performance.md`).
+const AHEAD: usize = 1024;
+
+/// Activation rows that share one load of a weight vector.
+pub const TILE: usize = 4;
+
+/// `(1 << n) - 1` for `n < 16` (the lanes of a partial vector); all lanes from 16 on.
+#[inline(always)]
+fn mask16(n: usize) -> __mmask16 {
+    if n >= 16 {
+        0xFFFF
+    } else {
+        ((1u32 << n) - 1) as __mmask16
+    }
+}
+
+/// `(1 << n) - 1` for `n < 32`; all lanes from 32 on.
+#[inline(always)]
+fn mask32(n: usize) -> __mmask32 {
+    if n >= 32 {
+        u32::MAX
+    } else {
+        (1u32 << n) - 1
+    }
+}
+
+/// Prefetches the four cache lines [`AHEAD`] bytes past `p`.
+#[inline(always)]
+unsafe fn prefetch4(p: *const u8) {
+    let pf = p.wrapping_add(AHEAD) as *const i8;
+    for l in 0..4 {
+        _mm_prefetch::<_MM_HINT_T0>(pf.wrapping_add(64 * l));
+    }
+}
+
+#[inline(always)]
+fn store(y: &mut [f32], k: usize, v: f32, add: bool) {
+    if add {
+        y[k] += v;
+    } else {
+        y[k] = v;
+    }
+}
+
+/// Runs `tile::<R>` over the activation rows `0..m` in tiles of [`TILE`] (the last one shorter), with the weight
+/// row `o`; `tile(start, sums)` fills `sums[..R]` for rows `start..start + R`.
+macro_rules! for_tiles {
+    ($m:expr, |$start:ident, $r:ident| $call:expr, $emit:expr) => {{
+        let mut $start = 0;
+        while $start < $m {
+            let left = $m - $start;
+            let mut sums = [0f32; TILE];
+            match left.min(TILE) {
+                1 => {
+                    const $r: usize = 1;
+                    sums[..1].copy_from_slice(&$call);
+                }
+                2 => {
+                    const $r: usize = 2;
+                    sums[..2].copy_from_slice(&$call);
+                }
+                3 => {
+                    const $r: usize = 3;
+                    sums[..3].copy_from_slice(&$call);
+                }
+                _ => {
+                    const $r: usize = TILE;
+                    sums.copy_from_slice(&$call);
+                }
+            }
+            let n = left.min(TILE);
+            $emit($start, &sums[..n]);
+            $start += n;
+        }
+    }};
+}
+
+/// Dot products of the f32 weight row at `wp` (`n_in` values) with the `R` activation rows at `xp`: 64 columns
+/// (four cache lines) per step in four accumulators per row, the columns past the last whole 16 masked.
+#[target_feature(enable = "avx512f,avx512bw,avx512vl,avx2,fma")]
+#[inline]
+unsafe fn tile_f32<const R: usize>(wp: *const f32, n_in: usize, xp: [*const f32; R]) -> [f32; R] {
+    let mut acc = [[_mm512_setzero_ps(); 4]; R];
+    let end = n_in - n_in % 64;
+    let mut i = 0;
+    while i < end {
+        prefetch4(wp.add(i) as *const u8);
+        let w = [
+            _mm512_loadu_ps(wp.add(i)),
+            _mm512_loadu_ps(wp.add(i + 16)),
+            _mm512_loadu_ps(wp.add(i + 32)),
+            _mm512_loadu_ps(wp.add(i + 48)),
+        ];
+        for r in 0..R {
+            for k in 0..4 {
+                acc[r][k] = _mm512_fmadd_ps(w[k], _mm512_loadu_ps(xp[r].add(i + 16 * k)), acc[r][k]);
+            }
+        }
+        i += 64;
+    }
+    while i < n_in {
+        let k = mask16(n_in - i);
+        let w = _mm512_maskz_loadu_ps(k, wp.add(i));
+        for r in 0..R {
+            acc[r][0] = _mm512_fmadd_ps(w, _mm512_maskz_loadu_ps(k, xp[r].add(i)), acc[r][0]);
+        }
+        i += 16;
+    }
+    let mut out = [0f32; R];
+    for r in 0..R {
+        let a = &acc[r];
+        out[r] = _mm512_reduce_add_ps(_mm512_add_ps(_mm512_add_ps(a[0], a[1]), _mm512_add_ps(a[2], a[3])));
+    }
+    out
+}
+
+/// `y[m][o] (+)= W[o] · xs[m]` for the `n_out` f32 rows of `w` (`[n_out, n_in]`), into `y` (`[xs.len(), n_out]`):
+/// one weight row at a time (one sequential stream), each row read once per tile of activation rows.
+#[target_feature(enable = "avx512f,avx512bw,avx512vl,avx2,fma")]
+pub unsafe fn matvec_f32(w: &[f32], n_in: usize, n_out: usize, xs: &[&[f32]], y: &mut [f32], add: bool) {
+    let m = xs.len();
+    for o in 0..n_out {
+        let wp = w.as_ptr().add(o * n_in);
+        for_tiles!(
+            m,
+            |start, R| tile_f32::<R>(wp, n_in, std::array::from_fn(|r| xs[start + r].as_ptr())),
+            |start: usize, sums: &[f32]| {
+                for (r, s) in sums.iter().enumerate() {
+                    store(y, (start + r) * n_out + o, *s, add);
+                }
+            }
+        );
+    }
+}
+
+/// Sixteen bf16 values at `p` (the first `n` of them; the rest read as 0) widened to f32 in column order.
+#[target_feature(enable = "avx512f,avx512bw,avx512vl,avx2,fma")]
+#[inline]
+unsafe fn widen16(p: *const u16, n: usize) -> __m512 {
+    let h = _mm256_maskz_loadu_epi16(mask16(n), p as *const i16);
+    _mm512_castsi512_ps(_mm512_slli_epi32::<16>(_mm512_cvtepu16_epi32(h)))
+}
+
+/// Dot products of the bf16 weight row at `wp` (`n_in` values) with `R` activation rows given in
+/// [`super::Layout::Split32`] order (`sp`: each whole 32-column block as its 16 even columns, then its 16 odd
+/// ones; the columns past the last whole block in their own order). A 32-bit lane holds two bf16 values: shifting
+/// it left by 16 gives the even column as f32, masking off the low half the odd one. 64 columns (two cache lines)
+/// per step in four accumulators per row.
+#[target_feature(enable = "avx512f,avx512bw,avx512vl,avx2,fma")]
+#[inline]
+unsafe fn tile_bf16<const R: usize>(wp: *const u16, n_in: usize, sp: [*const f32; R]) -> [f32; R] {
+    let high = _mm512_set1_epi32(0xFFFF_0000_u32 as i32);
+    let even = |v: __m512i| _mm512_castsi512_ps(_mm512_slli_epi32::<16>(v));
+    let odd = |v: __m512i| _mm512_castsi512_ps(_mm512_and_si512(v, high));
+    let mut acc = [[_mm512_setzero_ps(); 4]; R];
+    let end = n_in - n_in % 64;
+    let mut i = 0;
+    while i < end {
+        prefetch4(wp.add(i) as *const u8);
+        let v0 = _mm512_loadu_si512(wp.add(i) as *const __m512i);
+        let v1 = _mm512_loadu_si512(wp.add(i + 32) as *const __m512i);
+        let w = [even(v0), odd(v0), even(v1), odd(v1)];
+        for r in 0..R {
+            for k in 0..4 {
+                acc[r][k] = _mm512_fmadd_ps(w[k], _mm512_loadu_ps(sp[r].add(i + 16 * k)), acc[r][k]);
+            }
+        }
+        i += 64;
+    }
+    if i + 32 <= n_in {
+        let v = _mm512_loadu_si512(wp.add(i) as *const __m512i);
+        let (e, d) = (even(v), odd(v));
+        for r in 0..R {
+            acc[r][0] = _mm512_fmadd_ps(e, _mm512_loadu_ps(sp[r].add(i)), acc[r][0]);
+            acc[r][1] = _mm512_fmadd_ps(d, _mm512_loadu_ps(sp[r].add(i + 16)), acc[r][1]);
+        }
+        i += 32;
+    }
+    while i < n_in {
+        let k = mask16(n_in - i);
+        let w = widen16(wp.add(i), n_in - i);
+        for r in 0..R {
+            acc[r][2] = _mm512_fmadd_ps(w, _mm512_maskz_loadu_ps(k, sp[r].add(i)), acc[r][2]);
+        }
+        i += 16;
+    }
+    let mut out = [0f32; R];
+    for r in 0..R {
+        let a = &acc[r];
+        out[r] = _mm512_reduce_add_ps(_mm512_add_ps(_mm512_add_ps(a[0], a[1]), _mm512_add_ps(a[2], a[3])));
+    }
+    out
+}
+
+/// [`matvec_f32`] for bf16 weights, widened; `split` holds the activation rows (`[xs.len(), n_in]`, flat) in
+/// [`super::Layout::Split32`] order.
+#[target_feature(enable = "avx512f,avx512bw,avx512vl,avx2,fma")]
+pub unsafe fn matvec_bf16(w: &[u16], n_in: usize, n_out: usize, m: usize, split: &[f32], y: &mut [f32], add: bool) {
+    let sp = split.as_ptr();
+    for o in 0..n_out {
+        let wp = w.as_ptr().add(o * n_in);
+        for_tiles!(
+            m,
+            |start, R| tile_bf16::<R>(wp, n_in, std::array::from_fn(|r| sp.add((start + r) * n_in))),
+            |start: usize, sums: &[f32]| {
+                for (r, s) in sums.iter().enumerate() {
+                    store(y, (start + r) * n_out + o, *s, add);
+                }
+            }
+        );
+    }
+}
+
+/// Dot products of the bf16 weight row at `wp` (`n_in` values) with `R` activation rows in bf16 (`xp`, column
+/// order): `vdpbf16ps` multiplies the two bf16 values of each 32-bit lane and adds both products to the f32 lane.
+/// 64 columns (two cache lines) per step in two accumulators per row; the columns past the last whole 32 masked.
+#[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512bf16,avx2,fma")]
+#[inline]
+unsafe fn tile_dpbf16<const R: usize>(wp: *const u16, n_in: usize, xp: [*const u16; R]) -> [f32; R] {
+    // SAFETY (of every `transmute` below): `__m512i` and `__m512bh` are both 64-byte vectors of plain bits with no
+    // invalid values; the instruction reads the bits as 32 bf16 values.
+    let bh = |v: __m512i| -> __m512bh { unsafe { std::mem::transmute::<__m512i, __m512bh>(v) } };
+    let mut acc = [[_mm512_setzero_ps(); 2]; R];
+    let end = n_in - n_in % 64;
+    let mut i = 0;
+    while i < end {
+        prefetch4(wp.add(i) as *const u8);
+        let w0 = bh(_mm512_loadu_si512(wp.add(i) as *const __m512i));
+        let w1 = bh(_mm512_loadu_si512(wp.add(i + 32) as *const __m512i));
+        for r in 0..R {
+            let x0 = bh(_mm512_loadu_si512(xp[r].add(i) as *const __m512i));
+            let x1 = bh(_mm512_loadu_si512(xp[r].add(i + 32) as *const __m512i));
+            acc[r][0] = _mm512_dpbf16_ps(acc[r][0], w0, x0);
+            acc[r][1] = _mm512_dpbf16_ps(acc[r][1], w1, x1);
+        }
+        i += 64;
+    }
+    while i < n_in {
+        let k = mask32(n_in - i);
+        let w = bh(_mm512_maskz_loadu_epi16(k, wp.add(i) as *const i16));
+        for r in 0..R {
+            let x = bh(_mm512_maskz_loadu_epi16(k, xp[r].add(i) as *const i16));
+            acc[r][0] = _mm512_dpbf16_ps(acc[r][0], w, x);
+        }
+        i += 32;
+    }
+    let mut out = [0f32; R];
+    for r in 0..R {
+        out[r] = _mm512_reduce_add_ps(_mm512_add_ps(acc[r][0], acc[r][1]));
+    }
+    out
+}
+
+/// [`matvec_f32`] for bf16 weights with `vdpbf16ps`; `pairs` holds the activation rows rounded to bf16
+/// ([`super::Layout::Bf16`]: `m` rows of `stride` values, bf16 bits, column order).
+#[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512bf16,avx2,fma")]
+#[allow(clippy::too_many_arguments)]
+pub unsafe fn matvec_dpbf16(
+    w: &[u16],
+    n_in: usize,
+    n_out: usize,
+    m: usize,
+    pairs: &[u16],
+    stride: usize,
+    y: &mut [f32],
+    add: bool,
+) {
+    let xp = pairs.as_ptr();
+    for o in 0..n_out {
+        let wp = w.as_ptr().add(o * n_in);
+        for_tiles!(
+            m,
+            |start, R| tile_dpbf16::<R>(wp, n_in, std::array::from_fn(|r| xp.add((start + r) * stride))),
+            |start: usize, sums: &[f32]| {
+                for (r, s) in sums.iter().enumerate() {
+                    store(y, (start + r) * n_out + o, *s, add);
+                }
+            }
+        );
+    }
+}
