@@ -35,9 +35,9 @@ pub use loading::{load_model, parse_device, parse_kind, resolve_kind, resolve_mo
 pub use lora_metrics as metrics;
 pub use lora_model::tch;
 pub use lora_model::{
-    self as model, generate, load_adapter, prune_adapter, AdapterInfo, ChatMessage, ForwardOptions, Generation,
-    GenerationConfig, LayerMask, Llama, Logits, LoraConfig, ModelConfig, Module, Placement, PromptFormat, Sampling,
-    Tokenizer,
+    self as model, generate, generate_stream, load_adapter, prune_adapter, AdapterInfo, ChatMessage, ForwardOptions,
+    Generation, GenerationConfig, LayerMask, Llama, Logits, LoraConfig, ModelConfig, Module, Placement, PromptFormat,
+    Sampling, Tokenizer,
 };
 pub use lora_probe as probe;
 pub use lora_search as search;

@@ -3,13 +3,15 @@
 use std::collections::HashMap;
 
 use lora_metrics::Metric;
-use lora_model::{generate, GenerationConfig, LayerMask, Llama, PromptFormat, Tokenizer};
+use lora_model::{generate_stream, GenerationConfig, LayerMask, Llama, PromptFormat, Tokenizer};
 use lora_search::{BoundarySearch, Scorer, SearchError, SearchReport, Strategy};
 
 use crate::error::{Error, Result};
 use crate::tasks::Sample;
 
-/// Generates answers for `samples` under `mask`, in batches.
+/// Generates answers for `samples` under `mask`: one continuously batched call over all of them
+/// ([`lora_model::generate_stream`]: at most `batch_size` rows at a time, a finished row's place going to the next
+/// sample), answers in sample order. The progress bar advances as each sample finishes.
 pub fn generate_answers(
     model: &Llama,
     tokenizer: &Tokenizer,
@@ -21,20 +23,17 @@ pub fn generate_answers(
 ) -> Result<Vec<String>> {
     let cfg =
         GenerationConfig { max_new_tokens, eos_token_ids: tokenizer.eos_token_ids().to_vec(), ..Default::default() };
-    let mut out = Vec::with_capacity(samples.len());
-    for (c, chunk) in samples.chunks(batch_size.max(1)).enumerate() {
-        let mut ids = Vec::with_capacity(chunk.len());
-        for (j, s) in chunk.iter().enumerate() {
-            let p = tokenizer.encode_prompt(&s.prompt, format)?;
-            let what = format!("sample {} (0-based, after --offset)", c * batch_size.max(1) + j);
-            lora_model::generate::check_context(model, &what, p.len(), max_new_tokens)?;
-            ids.push(p);
-        }
-        let (gens, _) = generate(model, Some(tokenizer), &ids, &cfg, mask)?;
-        out.extend(gens.into_iter().map(|g| g.text.trim().to_string()));
-        crate::progress::advance(chunk.len() as u64);
+    let mut ids = Vec::with_capacity(samples.len());
+    for (j, s) in samples.iter().enumerate() {
+        let p = tokenizer.encode_prompt(&s.prompt, format)?;
+        let what = format!("sample {j} (0-based, after --offset)");
+        lora_model::generate::check_context(model, &what, p.len(), max_new_tokens)?;
+        ids.push(p);
     }
-    Ok(out)
+    let (gens, _) = generate_stream(model, Some(tokenizer), &ids, &cfg, mask, batch_size.max(1), |_, _| {
+        crate::progress::advance(1)
+    })?;
+    Ok(gens.into_iter().map(|g| g.text.trim().to_string()).collect())
 }
 
 /// Per-item metric scores of predictions against the samples' references.

@@ -1,4 +1,5 @@
-//! Batched generation with a KV cache: left padding, greedy or seeded sampling (temperature, top-p), EOS and stop
+//! Batched generation with a KV cache: continuous batching ([`generate_stream`]: a finished row's place goes to
+//! the next waiting prompt), left-padded prefills, greedy or seeded sampling (temperature, top-p), EOS and stop
 //! strings.
 use std::time::Instant;
 
@@ -7,7 +8,7 @@ use tch::{Kind, Tensor};
 
 use crate::error::{ModelError, Result};
 use crate::mask::LayerMask;
-use crate::model::{ForwardOptions, Llama, Logits};
+use crate::model::{ForwardOptions, KvCache, Llama, Logits};
 use crate::rng::Rng;
 use crate::tokenizer::Tokenizer;
 
@@ -165,8 +166,10 @@ fn sample_row(logits: &[f32], temperature: f64, top_p: f64, rng: &mut Rng) -> i6
 
 /// Generates continuations of `prompts` (token ids) in one batch under LoRA mask `mask`.
 ///
-/// Prompts of different lengths are left-padded; the result for each prompt equals generating it alone (greedy).
-/// `tokenizer` is needed for stop strings and for the returned text.
+/// All prompts start together: they are prefilled as one left-padded batch, then decoded together; a row that
+/// finishes leaves the batch (see [`generate_stream`], which this is with `batch_size = prompts.len()`). The
+/// result for each prompt equals generating it alone (greedy). `tokenizer` is needed for stop strings and for the
+/// returned text.
 pub fn generate(
     model: &Llama,
     tokenizer: Option<&Tokenizer>,
@@ -174,9 +177,49 @@ pub fn generate(
     config: &GenerationConfig,
     mask: &LayerMask,
 ) -> Result<(Vec<Generation>, GenerationTiming)> {
+    generate_stream(model, tokenizer, prompts, config, mask, prompts.len().max(1), |_, _| {})
+}
+
+/// Generates continuations of `prompts` (token ids) under LoRA mask `mask` with **continuous batching**: at
+/// most `batch_size` rows are decoded together, and when a row finishes (an EOS id, a stop string, or
+/// `max_new_tokens`) the next waiting prompt takes its place in the KV cache. Results come back in input order;
+/// `on_done(index, &generation)` is called as each prompt finishes (in the order they finish), e.g. for
+/// progress.
+///
+/// How it runs:
+/// - Prompts wait in input order. Whenever rows are free and prompts wait, the next ones (as many as there are
+///   free rows) are prefilled together as one left-padded batch into a cache of their own, their first tokens
+///   are chosen, and each row's keys and values, without the padding, are copied into a free row of the shared
+///   cache ([`KvCache::install_row`]). The shared cache is *ragged*: each row holds its own number of positions,
+///   its next token is written at its own next column, and it attends only to its own columns, so a new row
+///   never sees the keys of the row it replaces.
+/// - Then one decode step runs for every live row together (the fused CPU step for up to
+///   [`crate::kernels::MAX_ROWS`] rows, libtorch otherwise).
+/// - Rows that finish free their place; once no prompt waits, finished rows are dropped from the cache
+///   ([`KvCache::retain_rows`]) so the last steps compute only the rows still running.
+///
+/// Each row computes exactly what it would alone (per-row positions, per-row attention over its own keys), so
+/// greedy outputs equal one-by-one generation; a sampled row's stream is seeded by its input index
+/// (`seed`, `index`), whatever row of the cache it lands in, so sampling is reproducible per prompt and equal
+/// for every `batch_size`. `batch_size` must be at least 1.
+pub fn generate_stream<F>(
+    model: &Llama,
+    tokenizer: Option<&Tokenizer>,
+    prompts: &[Vec<i64>],
+    config: &GenerationConfig,
+    mask: &LayerMask,
+    batch_size: usize,
+    mut on_done: F,
+) -> Result<(Vec<Generation>, GenerationTiming)>
+where
+    F: FnMut(usize, &Generation),
+{
     let _guard = tch::no_grad_guard();
     if prompts.is_empty() {
         return Ok((Vec::new(), GenerationTiming::default()));
+    }
+    if batch_size == 0 {
+        return Err(ModelError::InvalidArgument("batch size must be at least 1".into()));
     }
     if let Some((i, _)) = prompts.iter().enumerate().find(|(_, p)| p.is_empty()) {
         return Err(ModelError::InvalidArgument(format!("prompt {i} has no tokens")));
@@ -196,117 +239,279 @@ pub fn generate(
     if let Some(bad) = prompts.iter().flatten().find(|&&t| t < 0 || t >= vocab) {
         return Err(ModelError::InvalidArgument(format!("token id {bad} outside the vocabulary (0..{vocab})")));
     }
-    let b = prompts.len();
+    let n = prompts.len();
+    let rows = batch_size.min(n);
     let max_len = prompts.iter().map(Vec::len).max().unwrap_or(0);
     for (i, p) in prompts.iter().enumerate() {
         check_context(model, &format!("prompt {i} of the batch"), p.len(), config.max_new_tokens)?;
     }
-    check_generation_memory(model, b, max_len, config.max_new_tokens)?;
-    let pad = model.config().pad_token_id.or_else(|| config.eos_token_ids.first().copied()).unwrap_or(0);
-    let mut ids = Vec::with_capacity(b * max_len);
-    let mut att = Vec::with_capacity(b * max_len);
-    for p in prompts {
-        let n_pad = max_len - p.len();
-        ids.extend(std::iter::repeat_n(pad, n_pad).chain(p.iter().copied()));
-        att.extend(std::iter::repeat_n(0i64, n_pad).chain(std::iter::repeat_n(1i64, p.len())));
-    }
-    let (bi, ti) = (b as i64, max_len as i64);
-    let input = Tensor::from_slice(&ids).f_view([bi, ti])?;
-    let attention = Tensor::from_slice(&att).f_view([bi, ti])?;
-    let capacity = ti + config.max_new_tokens as i64;
-    let mut cache = model.new_cache(bi, capacity.max(1))?;
-    let opts = ForwardOptions { mask, hidden_states: false, logits: Logits::Last, train: false };
-    let mut rngs: Vec<Rng> = match config.sampling {
-        Sampling::Sample { seed, .. } => (0..b as u64).map(|i| Rng::derived(seed, i)).collect(),
-        Sampling::Greedy => Vec::new(),
+    check_generation_memory(model, rows, max_len, config.max_new_tokens)?;
+    let mut run = Run {
+        model,
+        tokenizer,
+        prompts,
+        config,
+        opts: ForwardOptions { mask, hidden_states: false, logits: Logits::Last, train: false },
+        pad: model.config().pad_token_id.or_else(|| config.eos_token_ids.first().copied()).unwrap_or(0),
+        results: vec![None; n],
+        prefill_s: 0.0,
+        decode_s: 0.0,
+        decoded: 0,
     };
-    let mut out: Vec<Vec<i64>> = vec![Vec::new(); b];
-    let mut texts: Vec<Option<String>> = vec![None; b];
-    let mut done = vec![config.max_new_tokens == 0; b];
-
-    let t0 = Instant::now();
-    let mut logits = if config.max_new_tokens == 0 {
-        None
+    let mut finish = |run: &mut Run<'_>, row: Row| -> Result<()> {
+        let index = row.index;
+        let g = run.finish(row)?;
+        on_done(index, &g);
+        if let Some(slot) = run.results.get_mut(index) {
+            *slot = Some(g);
+        }
+        Ok(())
+    };
+    if config.max_new_tokens == 0 {
+        for index in 0..n {
+            finish(&mut run, Row::new(index, &config.sampling))?;
+        }
     } else {
-        model.forward_cached(&input, Some(&attention), &mut cache, &opts)?.logits
+        let capacity = (max_len + config.max_new_tokens) as i64;
+        let mut cache = model.new_cache(rows as i64, capacity)?;
+        // `slots[r]`: the prompt in row `r` of the cache (`None`: free).
+        let mut slots: Vec<Option<Row>> = (0..rows).map(|_| None).collect();
+        let mut waiting: std::collections::VecDeque<usize> = (0..n).collect();
+        let mut scope: Option<crate::kernels::DecodeScope> = None;
+        let use_kernels_scope = model.device_map().all_cpu();
+        loop {
+            // Free rows take the next waiting prompts (prefilled together); rows done at their first token free
+            // their place again at once.
+            loop {
+                let free: Vec<usize> = slots.iter().enumerate().filter(|(_, s)| s.is_none()).map(|(r, _)| r).collect();
+                let take = free.len().min(waiting.len());
+                if take == 0 {
+                    break;
+                }
+                let group: Vec<usize> = waiting.drain(..take).collect();
+                scope = None; // prefill runs on libtorch's own threads
+                let Prefilled { rows: entered, cache: group_cache, width } = run.prefill(&group)?;
+                let mut free = free.into_iter();
+                for (k, (row, done)) in entered.into_iter().enumerate() {
+                    if done {
+                        finish(&mut run, row)?;
+                        continue;
+                    }
+                    let Some(slot) = free.next() else {
+                        // ok: `group` has at most `free.len()` prompts
+                        return Err(ModelError::InvalidArgument("continuous batching: no free row".into()));
+                    };
+                    let len = prompts.get(row.index).map_or(0, Vec::len) as i64;
+                    cache.install_row(slot, &group_cache, k, width - len, len)?;
+                    if let Some(s) = slots.get_mut(slot) {
+                        *s = Some(row);
+                    }
+                }
+            }
+            if slots.iter().all(Option::is_none) {
+                break;
+            }
+            // Nothing waits: finished rows leave the cache.
+            if slots.iter().any(Option::is_none) {
+                let keep: Vec<usize> = slots.iter().enumerate().filter(|(_, s)| s.is_some()).map(|(r, _)| r).collect();
+                cache.retain_rows(&keep)?;
+                slots.retain(Option::is_some);
+            }
+            let live = slots.len();
+            if use_kernels_scope && live as i64 <= crate::kernels::MAX_ROWS {
+                if scope.is_none() {
+                    scope = Some(crate::kernels::decode_scope());
+                }
+            } else {
+                scope = None;
+            }
+            let t = Instant::now();
+            let feed: Vec<i64> =
+                slots.iter().map(|s| s.as_ref().and_then(|r| r.tokens.last().copied()).unwrap_or(run.pad)).collect();
+            let input = Tensor::from_slice(&feed).f_view([live as i64, 1])?;
+            let logits = model
+                .forward_cached(&input, None, &mut cache, &run.opts)?
+                .logits
+                .ok_or_else(|| ModelError::InvalidArgument("a decode step returned no logits".into()))?;
+            let mut live_rows: Vec<&mut Row> = slots.iter_mut().flatten().collect();
+            let next = run.choose(&logits, &mut live_rows)?;
+            let mut done = vec![false; live];
+            for ((row, &tok), d) in live_rows.into_iter().zip(&next).zip(done.iter_mut()) {
+                *d = run.push(row, tok)?;
+                if !config.eos_token_ids.contains(&tok) {
+                    run.decoded += 1;
+                }
+            }
+            run.decode_s += t.elapsed().as_secs_f64();
+            for (slot, d) in slots.iter_mut().zip(done) {
+                if d {
+                    if let Some(row) = slot.take() {
+                        finish(&mut run, row)?;
+                    }
+                }
+            }
+        }
+        drop(scope);
+    }
+    let prompt_tokens: usize = prompts.iter().map(Vec::len).sum();
+    let timing = GenerationTiming {
+        prefill_tokens_per_s: prompt_tokens as f64 / run.prefill_s.max(1e-9),
+        decode_tokens_per_s: run.decoded as f64 / run.decode_s.max(1e-9),
+        prefill_s: run.prefill_s,
+        decode_s: run.decode_s,
     };
-    let prefill_s = t0.elapsed().as_secs_f64();
-    let t1 = Instant::now();
-    let mut produced = 0usize;
-    let _threads = model.device_map().all_cpu().then(crate::kernels::decode_scope);
-    for step in 0..config.max_new_tokens {
-        let Some(l) = logits.take() else { break };
+    let mut results = Vec::with_capacity(n);
+    for (i, r) in run.results.into_iter().enumerate() {
+        // ok: every prompt is finished before the loop above ends; a missing one is a bug reported as an error.
+        results.push(r.ok_or_else(|| ModelError::InvalidArgument(format!("prompt {i} was never finished")))?);
+    }
+    Ok((results, timing))
+}
+
+/// One prompt being generated.
+struct Row {
+    /// Its index in the input.
+    index: usize,
+    /// New tokens so far (an ending EOS included).
+    tokens: Vec<i64>,
+    /// The text cut at a stop string, once one appeared.
+    text: Option<String>,
+    /// Its sampler: stream `index` of the seed.
+    rng: Option<Rng>,
+}
+
+impl Row {
+    fn new(index: usize, sampling: &Sampling) -> Self {
+        let rng = match *sampling {
+            Sampling::Sample { seed, .. } => Some(Rng::derived(seed, index as u64)),
+            Sampling::Greedy => None,
+        };
+        Row { index, tokens: Vec::new(), text: None, rng }
+    }
+}
+
+/// Prompts just prefilled together.
+struct Prefilled {
+    /// Per prompt, its row (first token chosen) and whether it is already done.
+    rows: Vec<(Row, bool)>,
+    /// Their cache: one row per prompt, left-padded to `width` positions.
+    cache: KvCache,
+    /// The longest prompt's length.
+    width: i64,
+}
+
+/// The state of one [`generate_stream`] call shared by its steps.
+struct Run<'a> {
+    model: &'a Llama,
+    tokenizer: Option<&'a Tokenizer>,
+    prompts: &'a [Vec<i64>],
+    config: &'a GenerationConfig,
+    opts: ForwardOptions<'a>,
+    /// The id fed to left padding.
+    pad: i64,
+    results: Vec<Option<Generation>>,
+    prefill_s: f64,
+    decode_s: f64,
+    /// Tokens chosen by decode steps (EOS excluded).
+    decoded: usize,
+}
+
+impl Run<'_> {
+    /// Prefills the prompts `group` as one left-padded batch into a cache of their own and chooses their first
+    /// tokens.
+    fn prefill(&mut self, group: &[usize]) -> Result<Prefilled> {
+        let t0 = Instant::now();
+        let lens: Vec<usize> = group.iter().map(|&i| self.prompts.get(i).map_or(0, Vec::len)).collect();
+        let width = lens.iter().copied().max().unwrap_or(0);
+        let (mut ids, mut att) = (Vec::with_capacity(group.len() * width), Vec::with_capacity(group.len() * width));
+        for &i in group {
+            let p = self.prompts.get(i).map_or(&[][..], Vec::as_slice);
+            let n_pad = width - p.len();
+            ids.extend(std::iter::repeat_n(self.pad, n_pad).chain(p.iter().copied()));
+            att.extend(std::iter::repeat_n(0i64, n_pad).chain(std::iter::repeat_n(1i64, p.len())));
+        }
+        let (b, w) = (group.len() as i64, width as i64);
+        let input = Tensor::from_slice(&ids).f_view([b, w])?;
+        let attention = Tensor::from_slice(&att).f_view([b, w])?;
+        let mut cache = self.model.new_cache(b, w)?;
+        let logits = self
+            .model
+            .forward_cached(&input, Some(&attention), &mut cache, &self.opts)?
+            .logits
+            .ok_or_else(|| ModelError::InvalidArgument("a prefill returned no logits".into()))?;
+        let mut rows: Vec<Row> = group.iter().map(|&i| Row::new(i, &self.config.sampling)).collect();
+        let mut refs: Vec<&mut Row> = rows.iter_mut().collect();
+        let first = self.choose(&logits, &mut refs)?;
+        let mut out = Vec::with_capacity(rows.len());
+        for (mut row, tok) in rows.into_iter().zip(first) {
+            let done = self.push(&mut row, tok)?;
+            out.push((row, done));
+        }
+        self.prefill_s += t0.elapsed().as_secs_f64();
+        Ok(Prefilled { rows: out, cache, width: w })
+    }
+
+    /// The next token of each row from its logits (`[rows, vocab]`, one row per entry of `rows`).
+    fn choose(&self, logits: &Tensor, rows: &mut [&mut Row]) -> Result<Vec<i64>> {
         // A NaN or +inf logit (overflow in f16, a broken weight) would make the choice garbage silently.
         let non_finite = || {
-            ModelError::Limit(format!(
-                "step {step}: the model produced non-finite logits (NaN or inf); try --dtype f32 or bf16"
-            ))
+            ModelError::Limit("the model produced non-finite logits (NaN or inf); try --dtype f32 or bf16".to_string())
         };
-        let next: Vec<i64> = match config.sampling {
+        let vocab = self.model.config().vocab_size;
+        match self.config.sampling {
             Sampling::Greedy => {
                 // arg-max picks a NaN or +inf if there is one, so checking the chosen logits (one per row, not the
                 // whole vocabulary) catches every case, off the decode step's hot path.
-                let idx = l.f_argmax(-1, true)?;
-                if !l.f_gather(-1, &idx, false)?.f_sum(Kind::Double)?.f_double_value(&[])?.is_finite() {
+                let idx = logits.f_argmax(-1, true)?;
+                if !logits.f_gather(-1, &idx, false)?.f_sum(Kind::Double)?.f_double_value(&[])?.is_finite() {
                     return Err(non_finite());
                 }
-                Vec::<i64>::try_from(idx.f_view([-1])?.f_to_device(tch::Device::Cpu)?)?
+                Ok(Vec::<i64>::try_from(idx.f_view([-1])?.f_to_device(tch::Device::Cpu)?)?)
             }
             Sampling::Sample { temperature, top_p, .. } => {
-                let host = l.f_to_device(tch::Device::Cpu)?.f_to_kind(Kind::Float)?.f_contiguous()?;
+                let host = logits.f_to_device(tch::Device::Cpu)?.f_to_kind(Kind::Float)?.f_contiguous()?;
                 let flat = Vec::<f32>::try_from(host.f_view([-1])?)?;
                 if flat.iter().any(|x| x.is_nan() || *x == f32::INFINITY) {
                     return Err(non_finite());
                 }
-                flat.chunks(vocab as usize)
-                    .zip(rngs.iter_mut())
-                    .map(|(row, rng)| sample_row(row, temperature, top_p, rng))
-                    .collect()
-            }
-        };
-        for (r, &tok) in next.iter().enumerate() {
-            if done[r] {
-                continue;
-            }
-            out[r].push(tok);
-            if config.eos_token_ids.contains(&tok) {
-                done[r] = true;
-                continue;
-            }
-            produced += 1;
-            if let (Some(tk), false) = (tokenizer, config.stop_strings.is_empty()) {
-                let text = tk.decode(&out[r], true)?;
-                if let Some(pos) = config.stop_strings.iter().filter_map(|s| text.find(s.as_str())).min() {
-                    texts[r] = Some(text[..pos].to_string());
-                    done[r] = true;
+                let mut out = Vec::with_capacity(rows.len());
+                for (values, row) in flat.chunks(vocab).zip(rows.iter_mut()) {
+                    // ok: `Row::new` gives every row a sampler when sampling; a missing one is reported, not faked.
+                    let rng = row.rng.as_mut().ok_or_else(|| {
+                        ModelError::InvalidArgument(format!("prompt {}: no sampler for a sampled row", row.index))
+                    })?;
+                    out.push(sample_row(values, temperature, top_p, rng));
                 }
+                Ok(out)
             }
         }
-        if done.iter().all(|&d| d) || step + 1 == config.max_new_tokens {
-            break;
-        }
-        let feed: Vec<i64> = next.iter().zip(&done).map(|(&t, &d)| if d { pad } else { t }).collect();
-        let step_input = Tensor::from_slice(&feed).f_view([bi, 1])?;
-        logits = model.forward_cached(&step_input, None, &mut cache, &opts)?.logits;
     }
-    let decode_s = t1.elapsed().as_secs_f64();
-    let prompt_tokens: usize = prompts.iter().map(Vec::len).sum();
-    let timing = GenerationTiming {
-        prefill_tokens_per_s: prompt_tokens as f64 / prefill_s.max(1e-9),
-        decode_tokens_per_s: produced.saturating_sub(b) as f64 / decode_s.max(1e-9),
-        prefill_s,
-        decode_s,
-    };
-    let mut results = Vec::with_capacity(b);
-    for (tokens, text) in out.into_iter().zip(texts) {
-        let text = match (text, tokenizer) {
+
+    /// Appends `tok` to `row`; whether the row is finished (EOS, a stop string, or `max_new_tokens`).
+    fn push(&self, row: &mut Row, tok: i64) -> Result<bool> {
+        row.tokens.push(tok);
+        if self.config.eos_token_ids.contains(&tok) {
+            return Ok(true);
+        }
+        if let (Some(tk), false) = (self.tokenizer, self.config.stop_strings.is_empty()) {
+            let text = tk.decode(&row.tokens, true)?;
+            if let Some(pos) = self.config.stop_strings.iter().filter_map(|s| text.find(s.as_str())).min() {
+                row.text = Some(text[..pos].to_string());
+                return Ok(true);
+            }
+        }
+        Ok(row.tokens.len() >= self.config.max_new_tokens)
+    }
+
+    /// The finished row's [`Generation`].
+    fn finish(&self, row: Row) -> Result<Generation> {
+        let text = match (row.text, self.tokenizer) {
             (Some(t), _) => t,
-            (None, Some(tk)) => tk.decode(&tokens, true)?,
+            (None, Some(tk)) => tk.decode(&row.tokens, true)?,
             (None, None) => String::new(),
         };
-        results.push(Generation { token_ids: tokens, text });
+        Ok(Generation { token_ids: row.tokens, text })
     }
-    Ok((results, timing))
 }
 
 #[cfg(test)]

@@ -6,7 +6,8 @@
 //!
 //! - [`Llama`]: load an HF model directory or a `.gguf` file; forward with every layer's hidden state.
 //! - [`LoraLinear`], [`LayerMask`]: LoRA beside each projection, switched on per block at run time.
-//! - [`generate()`]: batched KV-cache generation.
+//! - [`generate()`], [`generate_stream()`]: batched KV-cache generation; continuous batching (a finished row's
+//!   place goes to the next waiting prompt).
 //! - [`Tokenizer`], [`ChatTemplate`], [`PromptFormat`]: `tokenizers` + chat templates rendered as transformers
 //!   renders them; how a prompt becomes model input (raw, or chat with an optional system message).
 #![warn(missing_docs)]
@@ -43,7 +44,7 @@ pub use config::{Architecture, ModelConfig};
 pub use device_map::DeviceMap;
 pub use error::{ModelError, Result};
 pub use export::{save_hf_model, ExportOptions};
-pub use generate::{generate, Generation, GenerationConfig, GenerationTiming, Sampling};
+pub use generate::{generate, generate_stream, Generation, GenerationConfig, GenerationTiming, Sampling};
 pub use loading::{
     fetch_command, load_model, load_model_on, load_tokenizer, resolve_model, DeviceSpec, DtypeSpec, DEFAULT_MODEL,
     GEMMA3_270M, GEMMA3_270M_SHORTCUT,

@@ -10,7 +10,7 @@ use std::time::Instant;
 
 use serde::Serialize;
 
-use lora_model::{generate, load_adapter, GenerationConfig, Sampling};
+use lora_model::{generate_stream, load_adapter, GenerationConfig, Sampling};
 
 /// `generate` flags.
 #[derive(Debug, Args)]
@@ -48,7 +48,7 @@ pub struct GenerateArgs {
     /// Stop when the text contains this string (repeatable).
     #[arg(long = "stop")]
     pub stop: Vec<String>,
-    /// Prompts per batch.
+    /// Prompts decoded together (continuous batching: a finished prompt's place goes to the next one).
     #[arg(long, default_value_t = 8, value_parser = positive)]
     pub batch_size: usize,
     /// Output format.
@@ -119,28 +119,22 @@ pub fn run(a: &GenerateArgs) -> Result<()> {
         lora_model::generate::check_context(&model, what, row.len(), a.max_new_tokens)?;
         ids.push(row);
     }
-    let mut rows = Vec::with_capacity(ids.len());
-    let (mut prefill_tok, mut prefill_s, mut decode_tok, mut decode_s) = (0.0, 0.0, 0.0, 0.0);
     let bar = crate::progress::begin("generate", Some(ids.len() as u64), "prompts");
-    for chunk in ids.chunks(a.batch_size) {
-        let (out, timing) = generate(&model, Some(&tokenizer), chunk, &cfg, &mask)?;
-        crate::progress::advance(chunk.len() as u64);
-        prefill_tok += timing.prefill_tokens_per_s * timing.prefill_s;
-        prefill_s += timing.prefill_s;
-        decode_tok += timing.decode_tokens_per_s * timing.decode_s;
-        decode_s += timing.decode_s;
-        for g in out {
-            if a.format == Format::Text {
-                println!("{}", g.text);
-            }
-            rows.push(GenerateRow { text: g.text, token_ids: g.token_ids });
-        }
-    }
+    // Continuous batching: at most --batch-size prompts at a time, a finished one's place going to the next.
+    let (out, timing) =
+        generate_stream(&model, Some(&tokenizer), &ids, &cfg, &mask, a.batch_size, |_, _| crate::progress::advance(1))?;
     drop(bar);
+    let mut rows = Vec::with_capacity(out.len());
+    for g in out {
+        if a.format == Format::Text {
+            println!("{}", g.text);
+        }
+        rows.push(GenerateRow { text: g.text, token_ids: g.token_ids });
+    }
     let timing = GenerateTiming {
         load_s,
-        prefill_tokens_per_s: prefill_tok / f64::max(prefill_s, 1e-9),
-        decode_tokens_per_s: decode_tok / f64::max(decode_s, 1e-9),
+        prefill_tokens_per_s: timing.prefill_tokens_per_s,
+        decode_tokens_per_s: timing.decode_tokens_per_s,
     };
     match a.format {
         Format::Json => print_json(&GenerateOutput { outputs: rows, timing }),

@@ -150,16 +150,26 @@ fn apply_rope(x: &Tensor, cos: &Tensor, sin_signed: &Tensor, half: i64) -> Resul
 }
 
 /// Keys and values of past positions, preallocated for `capacity` positions.
+///
+/// A cache is *uniform* (every row holds the same number of columns, `len`; rows shorter than the longest are
+/// left-padded, which `key_mask` records) or *ragged* (each row holds its own number of columns, `lens[r]`, with
+/// no padding: row `r`'s tokens are columns `0..lens[r]`, and column `j` holds position `j`). A cache becomes
+/// ragged when a row is installed into it from another cache ([`KvCache::install_row`], what continuous batching
+/// does when a new prompt takes a finished row's place); a ragged cache then takes one token per row per step,
+/// each written at its own row's next column, and a row attends only to its own columns.
 #[derive(Debug)]
 pub struct KvCache {
     /// Per block, `[B, kv heads, capacity, head_dim]`.
     pub(super) keys: Vec<Tensor>,
     pub(super) values: Vec<Tensor>,
-    /// `[B, capacity]` bool: which cached positions are real tokens (not left padding).
+    /// `[B, capacity]` bool: which cached positions are real tokens (not left padding); unused when ragged.
     pub(super) key_mask: Tensor,
     /// `[B]` i64: the position id the next token of each row gets.
     pub(super) next_pos: Tensor,
+    /// Columns in use: the longest row's.
     pub(super) len: i64,
+    /// Ragged caches: the columns each row holds (`None`: every row holds `len`).
+    pub(super) lens: Option<Vec<i64>>,
     pub(super) capacity: i64,
     pub(super) padded: bool,
 }
@@ -191,9 +201,105 @@ impl KvCache {
             key_mask: Tensor::f_ones([batch, capacity], (Kind::Bool, place.device))?,
             next_pos: Tensor::f_zeros([batch], (Kind::Int64, place.device))?,
             len: 0,
+            lens: None,
             capacity,
             padded: false,
         })
+    }
+
+    /// Rows (the batch size).
+    pub fn rows(&self) -> i64 {
+        self.next_pos.size().first().copied().unwrap_or(0)
+    }
+
+    /// Whether rows hold different numbers of positions (see the type's documentation).
+    pub fn is_ragged(&self) -> bool {
+        self.lens.is_some()
+    }
+
+    /// Positions row `row` holds (`None` past the last row).
+    pub fn row_len(&self, row: usize) -> Option<i64> {
+        if row as i64 >= self.rows() {
+            return None;
+        }
+        Some(self.lens.as_ref().map_or(self.len, |l| l.get(row).copied().unwrap_or(0)))
+    }
+
+    /// Row `row` of this cache becomes row `src_row`'s columns `start..start + n` of `src` (moved to columns
+    /// `0..n`), its next position `src`'s; the cache becomes ragged. Every other row is unchanged.
+    ///
+    /// `start..start + n` must be real tokens of `src` (e.g. a left-padded prefill's row without its padding):
+    /// keys carry their rotary position, not their column, so they keep their meaning wherever they are copied.
+    /// A padded uniform cache with anything in it cannot become ragged (its rows' padding would be lost).
+    pub fn install_row(&mut self, row: usize, src: &KvCache, src_row: usize, start: i64, n: i64) -> Result<()> {
+        let (rows, src_rows) = (self.rows(), src.rows());
+        if row as i64 >= rows || src_row as i64 >= src_rows {
+            return Err(ModelError::InvalidArgument(format!(
+                "install_row: row {row} of {rows} from row {src_row} of {src_rows}: no such row"
+            )));
+        }
+        if start < 0 || n < 1 || start + n > src.len || n > self.capacity {
+            return Err(ModelError::InvalidArgument(format!(
+                "install_row: columns {start}..{} of a source holding {} into a cache of capacity {}",
+                start + n,
+                src.len,
+                self.capacity
+            )));
+        }
+        if self.keys.len() != src.keys.len() {
+            return Err(ModelError::InvalidArgument("install_row: the caches belong to different models".into()));
+        }
+        if self.lens.is_none() && self.padded && self.len > 0 {
+            return Err(ModelError::InvalidArgument(
+                "install_row: a left-padded cache cannot take rows of their own length".into(),
+            ));
+        }
+        let (r, sr) = (row as i64, src_row as i64);
+        for (dst, from) in self.keys.iter_mut().chain(self.values.iter_mut()).zip(src.keys.iter().chain(&src.values)) {
+            let part = from.f_narrow(0, sr, 1)?.f_narrow(2, start, n)?;
+            dst.f_narrow(0, r, 1)?.f_narrow(2, 0, n)?.f_copy_(&part)?;
+        }
+        self.next_pos
+            .f_narrow(0, r, 1)?
+            .f_copy_(&src.next_pos.f_narrow(0, sr, 1)?.f_to_device(self.next_pos.device())?)?;
+        let len = self.len;
+        let lens = self.lens.get_or_insert_with(|| vec![len; rows as usize]);
+        if let Some(l) = lens.get_mut(row) {
+            *l = n;
+        }
+        self.len = lens.iter().copied().max().unwrap_or(0);
+        self.padded = false;
+        Ok(())
+    }
+
+    /// Keeps only the rows `keep` (in that order), e.g. to drop finished rows so later steps no longer compute
+    /// them. Copies the kept rows into new tensors.
+    pub fn retain_rows(&mut self, keep: &[usize]) -> Result<()> {
+        let rows = self.rows();
+        if keep.is_empty() || keep.iter().any(|&k| k as i64 >= rows) {
+            return Err(ModelError::InvalidArgument(format!("retain_rows: rows {keep:?} of a cache of {rows} rows")));
+        }
+        let idx: Vec<i64> = keep.iter().map(|&k| k as i64).collect();
+        let on = |d: Device| Tensor::from_slice(&idx).f_to_device(d);
+        for t in self.keys.iter_mut().chain(self.values.iter_mut()) {
+            *t = t.f_index_select(0, &on(t.device())?)?;
+        }
+        let i = on(self.key_mask.device())?;
+        self.key_mask = self.key_mask.f_index_select(0, &i)?;
+        self.next_pos = self.next_pos.f_index_select(0, &i)?;
+        if let Some(lens) = &mut self.lens {
+            *lens = keep.iter().map(|&k| lens.get(k).copied().unwrap_or(0)).collect();
+            self.len = lens.iter().copied().max().unwrap_or(0);
+        }
+        Ok(())
+    }
+
+    /// After a ragged step of one token per row: each row holds one more column.
+    pub(super) fn advance_ragged(&mut self) {
+        if let Some(lens) = &mut self.lens {
+            lens.iter_mut().for_each(|l| *l += 1);
+            self.len = lens.iter().copied().max().unwrap_or(0);
+        }
     }
 
     /// Positions filled so far.
@@ -220,6 +326,8 @@ pub(super) struct AttnInputs {
     /// Boolean `[B or 1, 1, T, S]`, true = may attend; `None` with `is_causal` or a single query.
     pub(super) attn_mask: Option<Tensor>,
     pub(super) is_causal: bool,
+    /// A ragged cache's step: `([B] row indices, [B] columns)` where each row's new key and value go.
+    pub(super) ragged: Option<(Tensor, Tensor)>,
 }
 
 impl AttnInputs {
@@ -229,6 +337,10 @@ impl AttnInputs {
             sin: self.sin.f_to_device(device)?,
             attn_mask: self.attn_mask.as_ref().map(|m| m.f_to_device(device)).transpose()?,
             is_causal: self.is_causal,
+            ragged: match &self.ragged {
+                Some((r, c)) => Some((r.f_to_device(device)?, c.f_to_device(device)?)),
+                None => None,
+            },
         })
     }
 }
@@ -352,9 +464,19 @@ impl Attention {
             Some(c) => {
                 let start = c.len;
                 let kc = &mut c.keys[layer];
-                kc.f_narrow(2, start, t)?.f_copy_(&k)?;
                 let vc = &mut c.values[layer];
-                vc.f_narrow(2, start, t)?.f_copy_(&v)?;
+                match &inputs.ragged {
+                    // One token per row, each at its own row's next column (`t == 1`, checked by the caller).
+                    Some((rows, cols)) => {
+                        let at = [Some(rows), None, Some(cols)];
+                        let _ = kc.f_index_put_(&at, &k.f_squeeze_dim(2)?, false)?;
+                        let _ = vc.f_index_put_(&at, &v.f_squeeze_dim(2)?, false)?;
+                    }
+                    None => {
+                        kc.f_narrow(2, start, t)?.f_copy_(&k)?;
+                        vc.f_narrow(2, start, t)?.f_copy_(&v)?;
+                    }
+                }
                 (kc.f_narrow(2, 0, start + t)?, vc.f_narrow(2, 0, start + t)?)
             }
             None => (k, v),

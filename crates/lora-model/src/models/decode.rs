@@ -75,8 +75,9 @@ fn rope(x: &mut [f32], cos: &[f32], sin: &[f32]) {
 /// Per-step state shared by the blocks.
 struct Step<'a> {
     rows: usize,
-    /// Cached positions before this token.
-    past: usize,
+    /// Per row, the cached columns before this token (the column this token's key and value go to); all equal
+    /// unless the cache is ragged.
+    past: Vec<usize>,
     /// Per row, `head_dim / 2` cosines and sines of its position.
     cos: Vec<Vec<f32>>,
     sin: Vec<Vec<f32>>,
@@ -163,7 +164,11 @@ impl Llama {
             return Ok(None);
         }
         let rows = b as usize;
-        let past = cache.len as usize;
+        let past: Vec<usize> = match &cache.lens {
+            Some(lens) if lens.len() == rows => lens.iter().map(|&l| l as usize).collect(),
+            Some(_) => return Ok(None),
+            None => vec![cache.len as usize; rows],
+        };
         let pos: Vec<i64> = Vec::try_from(cache.next_pos.f_to_kind(Kind::Int64)?.f_contiguous()?)?;
         if self.rope.inv_freq_host().len() != c.head_dim / 2 {
             return Ok(None);
@@ -211,7 +216,11 @@ impl Llama {
         for block in &self.blocks {
             self.fused_block(block, &mut x, cache, &step, &mut scratch)?;
         }
-        cache.len = s;
+        if cache.lens.is_some() {
+            cache.advance_ragged();
+        } else {
+            cache.len = s;
+        }
         cache.next_pos = cache.next_pos.f_add_scalar(1)?;
         kernels::FUSED_STEPS.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
 
@@ -313,7 +322,7 @@ impl Llama {
             };
             for r in 0..rows {
                 for g in 0..nkv {
-                    let at = ((r * nkv + g) * cap + step.past) * hd;
+                    let at = ((r * nkv + g) * cap + step.past[r]) * hd;
                     let src = (r * nkv + g) * hd;
                     if !kw.write(at, &sc.k[src..src + hd]) || !vw.write(at, &sc.v[src..src + hd]) {
                         return Err(ModelError::InvalidArgument(format!("block {l}: KV cache write out of bounds")));
@@ -328,7 +337,7 @@ impl Llama {
         };
         // The (row, head) pairs are shared out between this thread and the kernels' helper.
         let window = if sliding { step.window } else { None };
-        let heads = Heads { q: &sc.q, keys: kr, values: vr, nh, nkv, hd, cap, s: step.past + 1, window, step };
+        let heads = Heads { q: &sc.q, keys: kr, values: vr, nh, nkv, hd, cap, window, step };
         let pairs = rows * nh;
         let cut = pairs / 2;
         let (lo, hi) = sc.att.split_at_mut(cut * hd);
@@ -403,8 +412,6 @@ struct Heads<'a> {
     nkv: usize,
     hd: usize,
     cap: usize,
-    /// Positions to attend over (`past + 1`).
-    s: usize,
     /// Sliding-window layers: only the last `window` positions are seen.
     window: Option<usize>,
     step: &'a Step<'a>,
@@ -412,14 +419,17 @@ struct Heads<'a> {
 
 impl Heads<'_> {
     /// Softmax attention for the (row, head) pairs `pairs` (pair `p` = row `p / heads`, head `p % heads`), into
-    /// `out` (`[pairs.len(), head_dim]`).
+    /// `out` (`[pairs.len(), head_dim]`). Row `r` attends over its columns `0..=past[r]`.
     fn attend(&self, pairs: std::ops::Range<usize>, out: &mut [f32]) {
-        let (hd, s) = (self.hd, self.s);
+        let hd = self.hd;
         let scale = self.step.scale;
         let rep = self.nh / self.nkv;
-        let mut scores = kernels::pool::take(s);
+        let longest = self.step.past.iter().copied().max().unwrap_or(0) + 1;
+        let mut all_scores = kernels::pool::take(longest);
         for (p, dst) in pairs.zip(out.chunks_exact_mut(hd)) {
             let (r, head) = (p / self.nh, p % self.nh);
+            let s = self.step.past.get(r).map_or(1, |&past| past + 1);
+            let scores = &mut all_scores[..s];
             let valid = self.step.valid.as_ref().map(|v| &v[r]);
             let base = (r * self.nkv + head / rep) * self.cap * hd;
             let qh = &self.q[p * hd..(p + 1) * hd];

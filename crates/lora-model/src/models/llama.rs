@@ -421,7 +421,19 @@ impl Llama {
                     "an attention mask is only accepted on the first cached step".into(),
                 ));
             }
+            if c.lens.is_some() && (t != 1 || attention_mask.is_some()) {
+                return Err(ModelError::InvalidArgument(format!(
+                    "a cache whose rows hold different lengths takes one token per row and no attention mask, got \
+                     {t} tokens{}",
+                    if attention_mask.is_some() { " and a mask" } else { "" }
+                )));
+            }
         }
+        // A ragged cache: per row, the column its new token goes to (= the row's length).
+        let ragged_cols = match cache.as_ref().and_then(|c| c.lens.as_ref()) {
+            Some(lens) => Some(Tensor::from_slice(lens).f_to_device(dev)?),
+            None => None,
+        };
         let amask = match attention_mask {
             Some(m) => {
                 if m.size() != [b, t] {
@@ -463,6 +475,9 @@ impl Llama {
         };
         let mask_for = |window: Option<usize>| -> Result<(Option<Tensor>, bool)> {
             let window = window.map(|w| w as i64).filter(|&w| w < s);
+            if let Some(cols) = &ragged_cols {
+                return Ok((Some(ragged_mask(cols, s, window, dev)?), false));
+            }
             Ok(if !padded && window.is_none() {
                 if t == 1 || past == 0 {
                     (None, t > 1)
@@ -477,12 +492,17 @@ impl Llama {
         // Rotary tables for these positions, [B, 1, T, D].
         let (cos, sin) = self.rope.tables(&positions, self.place.kind)?;
         let (attn_mask, is_causal) = mask_for(self.config.sliding_window)?;
-        let full = AttnInputs { cos, sin, attn_mask, is_causal };
+        let ragged = match &ragged_cols {
+            Some(cols) => Some((Tensor::f_arange(b, (Kind::Int64, dev))?, cols.shallow_clone())),
+            None => None,
+        };
+        let full = AttnInputs { cos, sin, attn_mask, is_causal, ragged };
         let sliding = match (&self.config.gemma3, &self.rope_local) {
             (Some(g), Some(rope)) => {
                 let (cos, sin) = rope.tables(&positions, self.place.kind)?;
                 let (attn_mask, is_causal) = mask_for(Some(g.sliding_window))?;
-                Some(AttnInputs { cos, sin, attn_mask, is_causal })
+                let ragged = full.ragged.as_ref().map(|(r, c)| (r.shallow_clone(), c.shallow_clone()));
+                Some(AttnInputs { cos, sin, attn_mask, is_causal, ragged })
             }
             _ => None,
         };
@@ -524,8 +544,12 @@ impl Llama {
             }
         }
         if let Some(c) = cache {
-            c.len = s;
-            c.padded = padded;
+            if c.lens.is_some() {
+                c.advance_ragged();
+            } else {
+                c.len = s;
+                c.padded = padded;
+            }
             c.next_pos = positions.f_select(1, t - 1)?.f_add_scalar(1)?;
         }
         let logits = match opts.logits {
@@ -535,6 +559,18 @@ impl Llama {
         };
         Ok(ForwardOutput { logits, hidden_states: hidden })
     }
+}
+
+/// The `[B, 1, 1, s]` mask of one query per row over a ragged cache: row `r` (its new token at column
+/// `cols[r]`) sees its own columns `0..=cols[r]`, within `window` of the new one on sliding-window layers.
+fn ragged_mask(cols: &Tensor, s: i64, window: Option<i64>, dev: Device) -> Result<Tensor> {
+    let kpos = Tensor::f_arange(s, (Kind::Int64, dev))?.f_unsqueeze(0)?;
+    let q = cols.f_unsqueeze(1)?;
+    let mut m = kpos.f_le_tensor(&q)?;
+    if let Some(w) = window {
+        m = m.f_logical_and(&q.f_sub(&kpos)?.f_lt(w)?)?;
+    }
+    Ok(m.f_unsqueeze(1)?.f_unsqueeze(1)?)
 }
 
 impl Llama {
