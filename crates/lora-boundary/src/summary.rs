@@ -67,9 +67,9 @@ pub struct RunSummary {
     pub smallest_safe: Option<(usize, f64)>,
     /// The task's primary metric.
     pub metric: String,
-    /// Test score (mean per item) of full LoRA and of the base model.
+    /// Test score of full LoRA (the primary metric's corpus score, as the report's tables give it).
     pub full_score: Option<f64>,
-    /// Test score (mean per item) of the base model.
+    /// Test score of the base model (corpus score of the primary metric).
     pub base_score: Option<f64>,
     /// Output-layer probabilities of the probed masks.
     pub output: OutputProbabilities,
@@ -138,8 +138,8 @@ impl RunSummary {
             searched_depth: depth(r.search.boundary),
             smallest_safe,
             metric: r.sweep.first().or(full).and_then(|e| e.scores.first()).map_or_else(String::new, |s| s.0.clone()),
-            full_score: full.map(|e| e.item_mean),
-            base_score: base.map(|e| e.item_mean),
+            full_score: full.and_then(|e| e.scores.first()).map(|s| s.1),
+            base_score: base.and_then(|e| e.scores.first()).map(|s| s.1),
             output,
         }
     }
@@ -214,6 +214,7 @@ mod tests {
         assert_eq!(rules, [Some(29), Some(28), Some(21)], "steepest rise, threshold, knee");
         assert_eq!(e2e.rise[2].depth, Some(22.0 / 30.0));
         assert_eq!(e2e.searched, 29);
+        assert!((e2e.full_score.unwrap() - 50.06).abs() < 5e-3, "corpus BLEU of full LoRA, as results.md");
         // Sweep: 14 loses (CI [−11.7, −3.3]), 19 and up do not.
         assert_eq!(e2e.smallest_safe.map(|s| s.0), Some(19));
         assert!((e2e.smallest_safe.unwrap().1 - 20.0 / 30.0).abs() < 1e-9);
