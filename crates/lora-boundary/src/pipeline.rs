@@ -763,6 +763,13 @@ impl PipelineReport {
         let text = std::fs::read_to_string(&file).map_err(|source| Error::Io { path: file.clone(), source })?;
         serde_json::from_str(&text).map_err(|source| Error::Report { path: file, source })
     }
+
+    /// The model's name for legends and tables: the file stem of the config's `model` path (the whole path when
+    /// it has none).
+    pub fn model_name(&self) -> String {
+        let model = &self.config.model;
+        model.file_stem().map_or_else(|| model.display().to_string(), |s| s.to_string_lossy().into_owned())
+    }
 }
 
 pub(crate) fn write_text(path: &Path, text: &str) -> Result<()> {

@@ -197,13 +197,8 @@ impl DepthComparisonPlot {
                 }
                 values.iter_mut().for_each(|v| *v /= last);
             }
-            let model = r
-                .config
-                .model
-                .file_stem()
-                .map_or_else(|| r.config.model.display().to_string(), |s| s.to_string_lossy().into_owned());
             curves.push(DepthCurve {
-                model,
+                model: r.model_name(),
                 task: r.config.task.to_string(),
                 num_layers: r.probe.num_layers,
                 values,

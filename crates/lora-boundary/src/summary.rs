@@ -108,14 +108,7 @@ impl RunSummary {
             points.sort_by_key(|p| p.0);
             points.dedup_by_key(|p| p.0);
             // Walk down from full LoRA while the boundaries stay safe.
-            let mut best = None;
-            for &(b, kept, safe) in points.iter().rev() {
-                if !safe {
-                    break;
-                }
-                best = Some((b, kept));
-            }
-            best
+            points.iter().rev().take_while(|p| p.2).last().map(|&(b, kept, _)| (b, kept))
         };
         let half = l / 2;
         let last = |mask: &str| r.probe.curve(mask).and_then(|c| c.gt_prob.last().copied());
@@ -125,13 +118,8 @@ impl RunSummary {
             top_dropped: half.checked_sub(1).and_then(|h| last(&LayerMask::keep_through(h).to_string())),
             bottom_dropped: last(&LayerMask::from_layers(half..l).to_string()),
         };
-        let model = r
-            .config
-            .model
-            .file_stem()
-            .map_or_else(|| r.config.model.display().to_string(), |s| s.to_string_lossy().into_owned());
         RunSummary {
-            label: format!("{model} · {}", r.config.task),
+            label: format!("{} · {}", r.model_name(), r.config.task),
             num_layers: r.num_layers,
             rise,
             searched: r.search.boundary,
