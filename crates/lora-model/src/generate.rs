@@ -73,6 +73,9 @@ pub struct GenerationTiming {
     pub prefill_s: f64,
     /// Decode seconds.
     pub decode_s: f64,
+    /// Tokens at the start of every prompt that were prefilled once for all of them (0: the prompts share fewer
+    /// than [`MIN_SHARED_PREFIX`], or there is one prompt).
+    pub shared_prefix_tokens: usize,
 }
 
 /// Bytes of memory the machine can still give this process, where the OS says (Linux `MemAvailable`).
@@ -245,7 +248,8 @@ where
     for (i, p) in prompts.iter().enumerate() {
         check_context(model, &format!("prompt {i} of the batch"), p.len(), config.max_new_tokens)?;
     }
-    check_generation_memory(model, rows, max_len, config.max_new_tokens)?;
+    // A batch being decoded and the next one prefilled ahead.
+    check_generation_memory(model, 2 * rows, max_len, config.max_new_tokens)?;
     let mut run = Run {
         model,
         tokenizer,
@@ -254,9 +258,13 @@ where
         opts: ForwardOptions { mask, hidden_states: false, logits: Logits::Last, train: false },
         pad: model.config().pad_token_id.or_else(|| config.eos_token_ids.first().copied()).unwrap_or(0),
         results: vec![None; n],
+        prefix: None,
         prefill_s: 0.0,
         decode_s: 0.0,
         decoded: 0,
+        steps: 0,
+        prefills: 0,
+        prefill_positions: 0,
     };
     let mut finish = |run: &mut Run<'_>, row: Row| -> Result<()> {
         let index = row.index;
@@ -272,40 +280,47 @@ where
             finish(&mut run, Row::new(index, &config.sampling))?;
         }
     } else {
+        run.share_prefix()?;
         let capacity = (max_len + config.max_new_tokens) as i64;
         let mut cache = model.new_cache(rows as i64, capacity)?;
         // `slots[r]`: the prompt in row `r` of the cache (`None`: free).
         let mut slots: Vec<Option<Row>> = (0..rows).map(|_| None).collect();
         let mut waiting: std::collections::VecDeque<usize> = (0..n).collect();
+        // Prompts prefilled ahead of a free row, in input order.
+        let mut ready: std::collections::VecDeque<Ready> = std::collections::VecDeque::new();
         let mut scope: Option<crate::kernels::DecodeScope> = None;
         let use_kernels_scope = model.device_map().all_cpu();
         loop {
-            // Free rows take the next waiting prompts (prefilled together); rows done at their first token free
-            // their place again at once.
-            loop {
-                let free: Vec<usize> = slots.iter().enumerate().filter(|(_, s)| s.is_none()).map(|(r, _)| r).collect();
-                let take = free.len().min(waiting.len());
-                if take == 0 {
-                    break;
-                }
-                let group: Vec<usize> = waiting.drain(..take).collect();
-                scope = None; // prefill runs on libtorch's own threads
-                let Prefilled { rows: entered, cache: group_cache, width } = run.prefill(&group)?;
-                let mut free = free.into_iter();
-                for (k, (row, done)) in entered.into_iter().enumerate() {
-                    if done {
-                        finish(&mut run, row)?;
-                        continue;
+            // Free rows take the prompts prefilled ahead; when none is left, the next waiting prompts (up to a
+            // whole batch) are prefilled together first. Rows done at their first token never take a place.
+            while let Some(slot) = slots.iter().position(Option::is_none) {
+                let Some(Ready { row, cache: from, k, parts }) = ready.pop_front() else {
+                    let take = rows.min(waiting.len());
+                    if take == 0 {
+                        break;
                     }
-                    let Some(slot) = free.next() else {
-                        // ok: `group` has at most `free.len()` prompts
-                        return Err(ModelError::InvalidArgument("continuous batching: no free row".into()));
-                    };
-                    let len = prompts.get(row.index).map_or(0, Vec::len) as i64;
-                    cache.install_row(slot, &group_cache, k, width - len, len)?;
-                    if let Some(s) = slots.get_mut(slot) {
-                        *s = Some(row);
+                    let group: Vec<usize> = waiting.drain(..take).collect();
+                    scope = None; // prefill runs on libtorch's own threads
+                    let Prefilled { rows: entered, cache: group_cache, width, prefix } = run.prefill(&group)?;
+                    let group_cache = std::rc::Rc::new(group_cache);
+                    for (k, (row, done)) in entered.into_iter().enumerate() {
+                        if done {
+                            finish(&mut run, row)?;
+                            continue;
+                        }
+                        let len = prompts.get(row.index).map_or(0, Vec::len) as i64;
+                        let parts = if prefix > 0 {
+                            vec![(0, prefix), (width - (len - prefix), len - prefix)]
+                        } else {
+                            vec![(width - len, len)]
+                        };
+                        ready.push_back(Ready { row, cache: std::rc::Rc::clone(&group_cache), k, parts });
                     }
+                    continue;
+                };
+                cache.install_row_parts(slot, &from, k, &parts)?;
+                if let Some(s) = slots.get_mut(slot) {
+                    *s = Some(row);
                 }
             }
             if slots.iter().all(Option::is_none) {
@@ -343,6 +358,7 @@ where
                 }
             }
             run.decode_s += t.elapsed().as_secs_f64();
+            run.steps += 1;
             for (slot, d) in slots.iter_mut().zip(done) {
                 if d {
                     if let Some(row) = slot.take() {
@@ -359,7 +375,19 @@ where
         decode_tokens_per_s: run.decoded as f64 / run.decode_s.max(1e-9),
         prefill_s: run.prefill_s,
         decode_s: run.decode_s,
+        shared_prefix_tokens: run.prefix.as_ref().map_or(0, |p| p.len),
     };
+    tracing::debug!(
+        prompts = n,
+        prompt_tokens,
+        prefills = run.prefills,
+        prefill_positions = run.prefill_positions,
+        prefill_s = run.prefill_s,
+        decode_steps = run.steps,
+        decoded = run.decoded,
+        decode_s = run.decode_s,
+        "generate_stream"
+    );
     let mut results = Vec::with_capacity(n);
     for (i, r) in run.results.into_iter().enumerate() {
         // ok: every prompt is finished before the loop above ends; a missing one is a bug reported as an error.
@@ -394,10 +422,35 @@ impl Row {
 struct Prefilled {
     /// Per prompt, its row (first token chosen) and whether it is already done.
     rows: Vec<(Row, bool)>,
-    /// Their cache: one row per prompt, left-padded to `width` positions.
+    /// Their cache: one row per prompt, `width` columns: the shared prefix (`prefix` columns, none without one),
+    /// then each prompt's remaining tokens left-padded to the longest.
     cache: KvCache,
-    /// The longest prompt's length.
+    /// Columns of `cache` in use.
     width: i64,
+    /// Columns of the shared prefix at the start of every row (0: none).
+    prefix: i64,
+}
+
+/// A prompt prefilled and waiting for a free row of the shared cache.
+struct Ready {
+    row: Row,
+    /// The cache of the prefill it was part of, and its row there.
+    cache: std::rc::Rc<KvCache>,
+    k: usize,
+    /// Its columns there: `(start, n)` ranges without padding.
+    parts: Vec<(i64, i64)>,
+}
+
+/// The fewest tokens all prompts of a [`generate_stream`] call must share at their start for that prefix to be
+/// prefilled once and reused (below this, the extra one-row forward costs about what it saves).
+pub const MIN_SHARED_PREFIX: usize = 8;
+
+/// A prefix all prompts share, prefilled once.
+struct SharedPrefix {
+    /// Its tokens (each prompt has at least one more).
+    len: usize,
+    /// Its keys and values, one row.
+    cache: KvCache,
 }
 
 /// The state of one [`generate_stream`] call shared by its steps.
@@ -410,30 +463,72 @@ struct Run<'a> {
     /// The id fed to left padding.
     pad: i64,
     results: Vec<Option<Generation>>,
+    /// The prompts' shared prefix, once prefilled (see [`MIN_SHARED_PREFIX`]).
+    prefix: Option<SharedPrefix>,
     prefill_s: f64,
     decode_s: f64,
     /// Tokens chosen by decode steps (EOS excluded).
     decoded: usize,
+    /// Decode steps run.
+    steps: usize,
+    /// Prefill calls run.
+    prefills: usize,
+    /// Positions the prefills computed, padding included.
+    prefill_positions: usize,
 }
 
 impl Run<'_> {
-    /// Prefills the prompts `group` as one left-padded batch into a cache of their own and chooses their first
-    /// tokens.
+    /// With two or more prompts whose common start is at least [`MIN_SHARED_PREFIX`] tokens (leaving every prompt
+    /// one more), prefills that prefix once, so that each prefill afterwards computes only the prompts' remaining
+    /// tokens (as vLLM's prefix caching does for a shared system prompt or instruction).
+    fn share_prefix(&mut self) -> Result<()> {
+        let Some((first, rest)) = self.prompts.split_first() else { return Ok(()) };
+        if rest.is_empty() {
+            return Ok(());
+        }
+        let mut len = first.len().saturating_sub(1);
+        for p in rest {
+            len = len.min(p.len().saturating_sub(1));
+            len = first.iter().zip(p).take(len).take_while(|(a, b)| a == b).count();
+        }
+        if len < MIN_SHARED_PREFIX {
+            return Ok(());
+        }
+        let t0 = Instant::now();
+        let ids = first.get(..len).unwrap_or(first);
+        let mut cache = self.model.new_cache(1, len as i64)?;
+        let opts = ForwardOptions { logits: Logits::Skip, ..self.opts };
+        self.model.forward_cached(&Tensor::from_slice(ids).f_view([1, len as i64])?, None, &mut cache, &opts)?;
+        self.prefills += 1;
+        self.prefill_positions += len;
+        self.prefill_s += t0.elapsed().as_secs_f64();
+        self.prefix = Some(SharedPrefix { len, cache });
+        Ok(())
+    }
+
+    /// Prefills the prompts `group` as one left-padded batch into a cache of their own (after the shared prefix,
+    /// when there is one) and chooses their first tokens.
     fn prefill(&mut self, group: &[usize]) -> Result<Prefilled> {
         let t0 = Instant::now();
-        let lens: Vec<usize> = group.iter().map(|&i| self.prompts.get(i).map_or(0, Vec::len)).collect();
-        let width = lens.iter().copied().max().unwrap_or(0);
+        let skip = self.prefix.as_ref().map_or(0, |p| p.len);
+        let tail = |i: usize| self.prompts.get(i).and_then(|p| p.get(skip..)).unwrap_or(&[]);
+        let width = group.iter().map(|&i| tail(i).len()).max().unwrap_or(0);
         let (mut ids, mut att) = (Vec::with_capacity(group.len() * width), Vec::with_capacity(group.len() * width));
         for &i in group {
-            let p = self.prompts.get(i).map_or(&[][..], Vec::as_slice);
+            let p = tail(i);
             let n_pad = width - p.len();
             ids.extend(std::iter::repeat_n(self.pad, n_pad).chain(p.iter().copied()));
             att.extend(std::iter::repeat_n(0i64, n_pad).chain(std::iter::repeat_n(1i64, p.len())));
         }
-        let (b, w) = (group.len() as i64, width as i64);
+        let (b, w, prefix) = (group.len() as i64, width as i64, skip as i64);
+        self.prefills += 1;
+        self.prefill_positions += group.len() * width;
         let input = Tensor::from_slice(&ids).f_view([b, w])?;
         let attention = Tensor::from_slice(&att).f_view([b, w])?;
-        let mut cache = self.model.new_cache(b, w)?;
+        let mut cache = match &self.prefix {
+            Some(p) => KvCache::from_prefix(&p.cache, b, prefix + w)?,
+            None => self.model.new_cache(b, w)?,
+        };
         let logits = self
             .model
             .forward_cached(&input, Some(&attention), &mut cache, &self.opts)?
@@ -448,7 +543,7 @@ impl Run<'_> {
             out.push((row, done));
         }
         self.prefill_s += t0.elapsed().as_secs_f64();
-        Ok(Prefilled { rows: out, cache, width: w })
+        Ok(Prefilled { rows: out, cache, width: prefix + w, prefix })
     }
 
     /// The next token of each row from its logits (`[rows, vocab]`, one row per entry of `rows`).

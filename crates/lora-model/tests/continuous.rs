@@ -136,6 +136,39 @@ fn greedy_equals_one_by_one_on_tiny_models_with_masks() {
     }
 }
 
+/// Prompts that share their first 12 tokens (a system prompt, an instruction): the prefix is prefilled once and
+/// each prefill computes only the rest, after it (one prompt is the prefix and a single token). Greedy tokens
+/// still equal one-by-one generation, on the fused and the libtorch decode paths, with LoRA masks and Gemma 3's
+/// sliding window (4, shorter than the prefix).
+#[test]
+fn a_shared_prefix_is_prefilled_once_and_changes_nothing() {
+    let _serial = serial();
+    let _g = lora_model::tch::no_grad_guard();
+    let head: Vec<i64> = (0..12).map(|i| 5 + 17 * i % 200).collect();
+    let mut prompts: Vec<Vec<i64>> = prompts().into_iter().map(|p| head.iter().copied().chain(p).collect()).collect();
+    prompts.push(head.iter().copied().chain([9]).collect());
+    for (base, adapter) in [("tiny-llama", "tiny-llama-rslora-patterns"), ("tiny-gemma3", "tiny-gemma3-patterns")] {
+        let model = load(base, Some(adapter));
+        for mask in [LayerMask::all(), LayerMask::keep_through(1)] {
+            let eos = varied_eos(&model, &prompts, 16, &mask);
+            let cfg = GenerationConfig { max_new_tokens: 16, eos_token_ids: eos, ..Default::default() };
+            let (_, timing) = generate_stream(&model, None, &prompts, &cfg, &mask, 4, |_, _| {}).unwrap();
+            assert_eq!(timing.shared_prefix_tokens, 12, "{base} {mask}: the shared prefix was not used");
+            let distinct = check(&model, &prompts, &cfg, &mask, &format!("{base} {mask} shared prefix"));
+            assert!(distinct >= 3, "{base} {mask}: rows should finish at different steps ({distinct} lengths)");
+        }
+    }
+    // One prompt alone, or prompts sharing fewer than MIN_SHARED_PREFIX tokens, take the plain path.
+    let model = load("tiny-llama", None);
+    let cfg = GenerationConfig { max_new_tokens: 4, ..Default::default() };
+    let (_, alone) = generate(&model, None, &prompts[..1], &cfg, &LayerMask::all()).unwrap();
+    assert_eq!(alone.shared_prefix_tokens, 0);
+    let few_head = &head[..lora_model::MIN_SHARED_PREFIX - 1];
+    let short: Vec<Vec<i64>> = prompts.iter().map(|p| few_head.iter().chain(&p[12..]).copied().collect()).collect();
+    let (_, few) = generate(&model, None, &short, &cfg, &LayerMask::all()).unwrap();
+    assert_eq!(few.shared_prefix_tokens, 0);
+}
+
 /// The libtorch path of the ragged cache (kernels off: every step, at every row count) gives the same tokens.
 #[test]
 fn greedy_equals_one_by_one_on_the_libtorch_path() {

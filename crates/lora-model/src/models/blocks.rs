@@ -232,17 +232,30 @@ impl KvCache {
     /// keys carry their rotary position, not their column, so they keep their meaning wherever they are copied.
     /// A padded uniform cache with anything in it cannot become ragged (its rows' padding would be lost).
     pub fn install_row(&mut self, row: usize, src: &KvCache, src_row: usize, start: i64, n: i64) -> Result<()> {
+        self.install_row_parts(row, src, src_row, &[(start, n)])
+    }
+
+    /// Like [`KvCache::install_row`], but row `row` becomes the concatenation of several column ranges
+    /// `(start, n)` of `src`'s row `src_row`, in order: e.g. a shared prefix and a left-padded suffix prefilled
+    /// after it (`[(0, prefix), (prefix + pad, suffix)]`), without the padding between them.
+    pub fn install_row_parts(&mut self, row: usize, src: &KvCache, src_row: usize, parts: &[(i64, i64)]) -> Result<()> {
         let (rows, src_rows) = (self.rows(), src.rows());
         if row as i64 >= rows || src_row as i64 >= src_rows {
             return Err(ModelError::InvalidArgument(format!(
                 "install_row: row {row} of {rows} from row {src_row} of {src_rows}: no such row"
             )));
         }
-        if start < 0 || n < 1 || start + n > src.len || n > self.capacity {
+        let n: i64 = parts.iter().map(|p| p.1).sum();
+        if let Some(&(start, m)) = parts.iter().find(|&&(start, m)| start < 0 || m < 1 || start + m > src.len) {
             return Err(ModelError::InvalidArgument(format!(
-                "install_row: columns {start}..{} of a source holding {} into a cache of capacity {}",
-                start + n,
-                src.len,
+                "install_row: columns {start}..{} of a source holding {}",
+                start + m,
+                src.len
+            )));
+        }
+        if n < 1 || n > self.capacity {
+            return Err(ModelError::InvalidArgument(format!(
+                "install_row: {n} columns into a cache of capacity {}",
                 self.capacity
             )));
         }
@@ -256,8 +269,12 @@ impl KvCache {
         }
         let (r, sr) = (row as i64, src_row as i64);
         for (dst, from) in self.keys.iter_mut().chain(self.values.iter_mut()).zip(src.keys.iter().chain(&src.values)) {
-            let part = from.f_narrow(0, sr, 1)?.f_narrow(2, start, n)?;
-            dst.f_narrow(0, r, 1)?.f_narrow(2, 0, n)?.f_copy_(&part)?;
+            let (dst, from) = (dst.f_narrow(0, r, 1)?, from.f_narrow(0, sr, 1)?);
+            let mut at = 0;
+            for &(start, m) in parts {
+                dst.f_narrow(2, at, m)?.f_copy_(&from.f_narrow(2, start, m)?)?;
+                at += m;
+            }
         }
         self.next_pos
             .f_narrow(0, r, 1)?
@@ -270,6 +287,45 @@ impl KvCache {
         self.len = lens.iter().copied().max().unwrap_or(0);
         self.padded = false;
         Ok(())
+    }
+
+    /// A uniform cache of `rows` rows and `capacity` positions whose every row starts with the columns of the
+    /// one-row cache `prefix` (e.g. a prompt prefix all rows share, prefilled once): its next tokens continue
+    /// at `prefix`'s next position. `capacity` must hold at least `prefix`'s columns.
+    pub fn from_prefix(prefix: &KvCache, rows: i64, capacity: i64) -> Result<KvCache> {
+        if prefix.rows() != 1 || prefix.lens.is_some() || prefix.padded || rows < 1 || capacity < prefix.len {
+            return Err(ModelError::InvalidArgument(format!(
+                "from_prefix: a {}-row{} prefix of {} columns into {rows} rows of capacity {capacity}",
+                prefix.rows(),
+                if prefix.lens.is_some() || prefix.padded { " padded or ragged" } else { "" },
+                prefix.len
+            )));
+        }
+        let len = prefix.len;
+        let grow = |t: &Tensor| -> Result<Tensor> {
+            let mut shape = t.size();
+            if let [b, _, c, ..] = shape.as_mut_slice() {
+                (*b, *c) = (rows, capacity);
+            }
+            let out = Tensor::f_zeros(shape.as_slice(), (t.kind(), t.device()))?;
+            if len > 0 {
+                out.f_narrow(2, 0, len)?.f_copy_(&t.f_narrow(2, 0, len)?)?;
+            }
+            Ok(out)
+        };
+        let keys = prefix.keys.iter().map(grow).collect::<Result<Vec<_>>>()?;
+        let values = prefix.values.iter().map(grow).collect::<Result<Vec<_>>>()?;
+        let dev = prefix.key_mask.device();
+        Ok(KvCache {
+            keys,
+            values,
+            key_mask: Tensor::f_ones([rows, capacity], (Kind::Bool, dev))?,
+            next_pos: prefix.next_pos.f_expand([rows], false)?.f_contiguous()?,
+            len,
+            lens: None,
+            capacity,
+            padded: false,
+        })
     }
 
     /// Keeps only the rows `keep` (in that order), e.g. to drop finished rows so later steps no longer compute
@@ -385,12 +441,22 @@ pub(super) fn causal_mask(
     let s = past + t;
     let qpos = Tensor::f_arange_start(past, s, (Kind::Int64, dev))?.f_unsqueeze(1)?;
     let kpos = Tensor::f_arange(s, (Kind::Int64, dev))?.f_unsqueeze(0)?;
-    let mut allowed = kpos.f_le_tensor(&qpos)?;
+    let mut allowed = kpos.f_le_tensor(&qpos)?.f_unsqueeze(0)?;
     if let Some(w) = window {
-        allowed = allowed.f_logical_and(&qpos.f_sub(&kpos)?.f_lt(w)?)?;
+        let near = match key_valid {
+            // Padding may sit between real tokens (a shared prefix, then left-padded suffixes), so the window is
+            // measured in positions (real tokens counted per row), not columns: `[B, T, S]`.
+            Some(k) => {
+                let pos = k.f_to_kind(Kind::Int64)?.f_cumsum(1, Kind::Int64)?;
+                let q = pos.f_narrow(1, past, t)?.f_unsqueeze(2)?;
+                q.f_sub(&pos.f_unsqueeze(1)?)?.f_lt(w)?
+            }
+            None => qpos.f_sub(&kpos)?.f_lt(w)?.f_unsqueeze(0)?,
+        };
+        allowed = allowed.f_logical_and(&near)?;
     }
     let diag = kpos.f_eq_tensor(&qpos)?;
-    let mut m = allowed.f_unsqueeze(0)?.f_unsqueeze(0)?;
+    let mut m = allowed.f_unsqueeze(1)?;
     if let Some(k) = key_valid {
         m = m.f_logical_and(&k.f_unsqueeze(1)?.f_unsqueeze(1)?)?;
     }

@@ -329,7 +329,10 @@ impl Llama {
     }
 
     /// A cached forward step: the new tokens `input_ids` `[B, T]` attend to everything in `cache` and are
-    /// appended to it. The first call may carry an `attention_mask` for left padding; later calls must not.
+    /// appended to it. `attention_mask` `[B, T]` (1 = token, 0 = padding) marks left padding among the new
+    /// tokens, on the first call or on a later one (e.g. prompts' suffixes after a prefix they share, see
+    /// [`KvCache::from_prefix`]); position ids then continue each row's own count of real tokens. A ragged cache
+    /// takes no mask.
     ///
     /// One-token steps on CPU (f32/bf16, at most [`crate::kernels::MAX_ROWS`] rows, no hidden states) run as one
     /// fused step outside libtorch (norms, RoPE, cache write, attention and the fused projection kernels on f32
@@ -416,11 +419,6 @@ impl Llama {
                     c.capacity
                 )));
             }
-            if past > 0 && attention_mask.is_some() {
-                return Err(ModelError::InvalidArgument(
-                    "an attention mask is only accepted on the first cached step".into(),
-                ));
-            }
             if c.lens.is_some() && (t != 1 || attention_mask.is_some()) {
                 return Err(ModelError::InvalidArgument(format!(
                     "a cache whose rows hold different lengths takes one token per row and no attention mask, got \
@@ -453,6 +451,10 @@ impl Llama {
 
         // Position ids.
         let positions = match (&amask, cache.as_ref()) {
+            (Some(m), Some(c)) if padded && past > 0 => {
+                let within = m.f_to_kind(Kind::Int64)?.f_cumsum(1, Kind::Int64)?.f_sub_scalar(1)?.f_clamp_min(0)?;
+                within.f_add(&c.next_pos.f_unsqueeze(1)?)?
+            }
             (Some(m), _) if padded => {
                 m.f_to_kind(Kind::Int64)?.f_cumsum(1, Kind::Int64)?.f_sub_scalar(1)?.f_clamp_min(0)?
             }

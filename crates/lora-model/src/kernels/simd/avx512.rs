@@ -9,7 +9,8 @@
 //! address). Stores go only through the `&mut` output slice of the same call; inputs are read through pointers
 //! derived from shared slices and are never written.
 //!
-//! Activation rows are taken in tiles of up to [`TILE`]: each weight vector is loaded (and widened) once for the
+//! Activation rows are taken in tiles (of up to [`TILE`] for bf16 weights; f32 weights take blocks of weight rows
+//! against up to eight activation rows, see [`matvec_f32`]): each weight vector is loaded (and widened) once for the
 //! whole tile, and every activation row has its own accumulators. The arithmetic of one row does not depend on
 //! the tile it lands in, so a row's result is the same whatever the batch around it.
 use std::arch::x86_64::*;
@@ -92,61 +93,178 @@ macro_rules! for_tiles {
     }};
 }
 
-/// Dot products of the f32 weight row at `wp` (`n_in` values) with the `R` activation rows at `xp`: 64 columns
-/// (four cache lines) per step in four accumulators per row, the columns past the last whole 16 masked.
+/// Dot products of `RW` consecutive f32 weight rows at `wp` (`n_in` values each) with the `RX` activation rows at
+/// `xp`: 16 columns per step, one accumulator per (weight row, activation row) pair, so each step loads `RW + RX`
+/// vectors for `RW · RX` FMAs; the columns past the last whole 16 masked. A pair's sum is taken in the same order
+/// (16-column chunks from the first, then one horizontal sum) whatever `RW` and `RX` are, so a row's result does
+/// not depend on the block it lands in. Each step also prefetches the same columns `ahead` bytes further on
+/// (into L1, or into L2 when `far`): with one activation row the next kilobyte of the stream; with several, the
+/// next block of weight rows, so that memory keeps streaming while the later tiles compute from L1.
 #[target_feature(enable = "avx512f,avx512bw,avx512vl,avx2,fma")]
 #[inline]
-unsafe fn tile_f32<const R: usize>(wp: *const f32, n_in: usize, xp: [*const f32; R]) -> [f32; R] {
-    let mut acc = [[_mm512_setzero_ps(); 4]; R];
-    let end = n_in - n_in % 64;
+unsafe fn block_f32<const RW: usize, const RX: usize>(
+    wp: *const f32,
+    n_in: usize,
+    xp: [*const f32; RX],
+    ahead: usize,
+    far: bool,
+) -> [[f32; RX]; RW] {
+    let mut acc = [[_mm512_setzero_ps(); RX]; RW];
+    let end = n_in - n_in % 16;
     let mut i = 0;
     while i < end {
-        prefetch4(wp.add(i) as *const u8);
-        let w = [
-            _mm512_loadu_ps(wp.add(i)),
-            _mm512_loadu_ps(wp.add(i + 16)),
-            _mm512_loadu_ps(wp.add(i + 32)),
-            _mm512_loadu_ps(wp.add(i + 48)),
-        ];
-        for r in 0..R {
-            for k in 0..4 {
-                acc[r][k] = _mm512_fmadd_ps(w[k], _mm512_loadu_ps(xp[r].add(i + 16 * k)), acc[r][k]);
+        for w in 0..RW {
+            let p = (wp.add(w * n_in + i) as *const i8).wrapping_add(ahead);
+            if far {
+                _mm_prefetch::<_MM_HINT_T1>(p);
+            } else {
+                _mm_prefetch::<_MM_HINT_T0>(p);
             }
         }
-        i += 64;
-    }
-    while i < n_in {
-        let k = mask16(n_in - i);
-        let w = _mm512_maskz_loadu_ps(k, wp.add(i));
-        for r in 0..R {
-            acc[r][0] = _mm512_fmadd_ps(w, _mm512_maskz_loadu_ps(k, xp[r].add(i)), acc[r][0]);
+        let x: [__m512; RX] = std::array::from_fn(|r| _mm512_loadu_ps(xp[r].add(i)));
+        for (w, a) in acc.iter_mut().enumerate() {
+            let v = _mm512_loadu_ps(wp.add(w * n_in + i));
+            for (r, a) in a.iter_mut().enumerate() {
+                *a = _mm512_fmadd_ps(v, x[r], *a);
+            }
         }
         i += 16;
     }
-    let mut out = [0f32; R];
-    for r in 0..R {
-        let a = &acc[r];
-        out[r] = _mm512_reduce_add_ps(_mm512_add_ps(_mm512_add_ps(a[0], a[1]), _mm512_add_ps(a[2], a[3])));
+    if i < n_in {
+        let k = mask16(n_in - i);
+        let x: [__m512; RX] = std::array::from_fn(|r| _mm512_maskz_loadu_ps(k, xp[r].add(i)));
+        for (w, a) in acc.iter_mut().enumerate() {
+            let v = _mm512_maskz_loadu_ps(k, wp.add(w * n_in + i));
+            for (r, a) in a.iter_mut().enumerate() {
+                *a = _mm512_fmadd_ps(v, x[r], *a);
+            }
+        }
+    }
+    let mut out = [[0f32; RX]; RW];
+    if RW * RX == 16 {
+        let flat: [__m512; 16] = std::array::from_fn(|j| acc[j / RX][j % RX]);
+        let mut sums = [0f32; 16];
+        _mm512_storeu_ps(sums.as_mut_ptr(), hsum16(&flat));
+        for (j, v) in sums.iter().enumerate() {
+            out[j / RX][j % RX] = *v;
+        }
+    } else {
+        for (o, a) in out.iter_mut().zip(&acc) {
+            for (o, a) in o.iter_mut().zip(a) {
+                *o = hsum(*a);
+            }
+        }
     }
     out
 }
 
-/// `y[m][o] (+)= W[o] · xs[m]` for the `n_out` f32 rows of `w` (`[n_out, n_in]`), into `y` (`[xs.len(), n_out]`):
-/// one weight row at a time (one sequential stream), each row read once per tile of activation rows.
+/// The sum of the 16 lanes of `a`, always in the same order: lanes `i` and `i + 8` first, then `i` and `i + 4`
+/// of those, then `i` and `i + 2`, then the last two ([`hsum16`] adds in exactly this order).
+#[target_feature(enable = "avx512f,avx512bw,avx512vl,avx2,fma")]
+#[inline]
+unsafe fn hsum(a: __m512) -> f32 {
+    let s8 =
+        _mm256_add_ps(_mm512_castps512_ps256(a), _mm256_castpd_ps(_mm512_extractf64x4_pd::<1>(_mm512_castps_pd(a))));
+    let s4 = _mm_add_ps(_mm256_castps256_ps128(s8), _mm256_extractf128_ps::<1>(s8));
+    let s2 = _mm_add_ps(s4, _mm_movehl_ps(s4, s4));
+    _mm_cvtss_f32(_mm_add_ss(s2, _mm_shuffle_ps::<0b01>(s2, s2)))
+}
+
+/// Lane `j` of the result is [`hsum`]`(v[j])`, bit for bit (the same additions in the same order, four
+/// levels of pairwise shuffles instead of sixteen separate reductions).
+#[target_feature(enable = "avx512f,avx512bw,avx512vl,avx2,fma")]
+#[inline]
+unsafe fn hsum16(v: &[__m512; 16]) -> __m512 {
+    // Level 1: [a + a.hi8 | b + b.hi8] per pair.
+    let l1: [__m512; 8] = std::array::from_fn(|k| {
+        let (a, b) = (v[2 * k], v[2 * k + 1]);
+        _mm512_add_ps(_mm512_shuffle_f32x4::<0b01_00_01_00>(a, b), _mm512_shuffle_f32x4::<0b11_10_11_10>(a, b))
+    });
+    // Level 2: each 128-bit quarter q of the result is s4 of vector 4m + q.
+    let l2: [__m512; 4] = std::array::from_fn(|m| {
+        let (a, b) = (l1[2 * m], l1[2 * m + 1]);
+        _mm512_add_ps(_mm512_shuffle_f32x4::<0b10_00_10_00>(a, b), _mm512_shuffle_f32x4::<0b11_01_11_01>(a, b))
+    });
+    // Level 3: within each quarter, lanes 0-1 are s2 of the first input, 2-3 of the second.
+    let l3: [__m512; 2] = std::array::from_fn(|n| {
+        let (a, b) = (l2[2 * n], l2[2 * n + 1]);
+        _mm512_add_ps(_mm512_shuffle_ps::<0b01_00_01_00>(a, b), _mm512_shuffle_ps::<0b11_10_11_10>(a, b))
+    });
+    // Level 4: lane 4q + j holds the sum of vector 4j + q.
+    let (a, b) = (l3[0], l3[1]);
+    let r = _mm512_add_ps(_mm512_shuffle_ps::<0b10_00_10_00>(a, b), _mm512_shuffle_ps::<0b11_01_11_01>(a, b));
+    // Vector i sits in lane 4 (i % 4) + i / 4.
+    let idx = _mm512_setr_epi32(0, 4, 8, 12, 1, 5, 9, 13, 2, 6, 10, 14, 3, 7, 11, 15);
+    _mm512_permutexvar_ps(idx, r)
+}
+
+/// The weight rows `o0..o0 + RW` of [`matvec_f32`] against every activation row, in tiles of up to `T`.
+#[target_feature(enable = "avx512f,avx512bw,avx512vl,avx2,fma")]
+#[inline]
+unsafe fn rows_f32<const RW: usize, const T: usize>(
+    w: &[f32],
+    n_in: usize,
+    n_out: usize,
+    o0: usize,
+    xs: &[&[f32]],
+    y: &mut [f32],
+    add: bool,
+) {
+    let wp = w.as_ptr().add(o0 * n_in);
+    let m = xs.len();
+    // One row: the next kilobyte of this weight row; several: the next block of weight rows.
+    let (ahead, far) = if m == 1 { (AHEAD, false) } else { (RW * n_in * 4, RW * n_in * 4 > 16 << 10) };
+    let mut start = 0;
+    while start < m {
+        let n = (m - start).min(T);
+        let xp = |r: usize| xs[start + r].as_ptr();
+        macro_rules! emit {
+            ($rx:literal) => {{
+                let sums = block_f32::<RW, $rx>(wp, n_in, std::array::from_fn(xp), ahead, far);
+                for (w, row) in sums.iter().enumerate() {
+                    for (r, v) in row.iter().enumerate() {
+                        store(y, (start + r) * n_out + o0 + w, *v, add);
+                    }
+                }
+            }};
+        }
+        match n {
+            1 => emit!(1),
+            2 => emit!(2),
+            3 => emit!(3),
+            4 => emit!(4),
+            5 => emit!(5),
+            6 => emit!(6),
+            7 => emit!(7),
+            _ => emit!(8),
+        }
+        start += n;
+    }
+}
+
+/// `y[m][o] (+)= W[o] · xs[m]` for the `n_out` f32 rows of `w` (`[n_out, n_in]`), into `y` (`[xs.len(), n_out]`).
+/// One activation row: one weight row at a time (a single sequential stream, which the memory bandwidth limits).
+/// Several: blocks of weight rows (4 for up to 4 activation rows, 2 against up to 8) in one pass, so that each loaded
+/// vector feeds several FMAs (with many rows the product is limited by arithmetic, not bandwidth). Both give each
+/// row the same sums.
 #[target_feature(enable = "avx512f,avx512bw,avx512vl,avx2,fma")]
 pub unsafe fn matvec_f32(w: &[f32], n_in: usize, n_out: usize, xs: &[&[f32]], y: &mut [f32], add: bool) {
+    let mut o = 0;
     let m = xs.len();
-    for o in 0..n_out {
-        let wp = w.as_ptr().add(o * n_in);
-        for_tiles!(
-            m,
-            |start, R| tile_f32::<R>(wp, n_in, std::array::from_fn(|r| xs[start + r].as_ptr())),
-            |start: usize, sums: &[f32]| {
-                for (r, s) in sums.iter().enumerate() {
-                    store(y, (start + r) * n_out + o, *s, add);
-                }
-            }
-        );
+    if (2..=4).contains(&m) {
+        while o + 4 <= n_out {
+            rows_f32::<4, 4>(w, n_in, n_out, o, xs, y, add);
+            o += 4;
+        }
+    } else if m > 4 {
+        while o + 2 <= n_out {
+            rows_f32::<2, 8>(w, n_in, n_out, o, xs, y, add);
+            o += 2;
+        }
+    }
+    while o < n_out {
+        rows_f32::<1, 8>(w, n_in, n_out, o, xs, y, add);
+        o += 1;
     }
 }
 
@@ -230,27 +348,27 @@ pub unsafe fn matvec_bf16(w: &[u16], n_in: usize, n_out: usize, m: usize, split:
 
 /// Dot products of the bf16 weight row at `wp` (`n_in` values) with `R` activation rows in bf16 (`xp`, column
 /// order): `vdpbf16ps` multiplies the two bf16 values of each 32-bit lane and adds both products to the f32 lane.
-/// 64 columns (two cache lines) per step in two accumulators per row; the columns past the last whole 32 masked.
+/// 128 columns (four cache lines) per step in four accumulators per row; the columns past the last whole 128 in
+/// steps of 32 (masked at the end) into the first.
 #[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512bf16,avx2,fma")]
 #[inline]
 unsafe fn tile_dpbf16<const R: usize>(wp: *const u16, n_in: usize, xp: [*const u16; R]) -> [f32; R] {
     // SAFETY (of every `transmute` below): `__m512i` and `__m512bh` are both 64-byte vectors of plain bits with no
     // invalid values; the instruction reads the bits as 32 bf16 values.
     let bh = |v: __m512i| -> __m512bh { unsafe { std::mem::transmute::<__m512i, __m512bh>(v) } };
-    let mut acc = [[_mm512_setzero_ps(); 2]; R];
-    let end = n_in - n_in % 64;
+    let mut acc = [[_mm512_setzero_ps(); 4]; R];
+    let end = n_in - n_in % 128;
     let mut i = 0;
     while i < end {
         prefetch4(wp.add(i) as *const u8);
-        let w0 = bh(_mm512_loadu_si512(wp.add(i) as *const __m512i));
-        let w1 = bh(_mm512_loadu_si512(wp.add(i + 32) as *const __m512i));
+        let w: [__m512bh; 4] = std::array::from_fn(|k| bh(_mm512_loadu_si512(wp.add(i + 32 * k) as *const __m512i)));
         for r in 0..R {
-            let x0 = bh(_mm512_loadu_si512(xp[r].add(i) as *const __m512i));
-            let x1 = bh(_mm512_loadu_si512(xp[r].add(i + 32) as *const __m512i));
-            acc[r][0] = _mm512_dpbf16_ps(acc[r][0], w0, x0);
-            acc[r][1] = _mm512_dpbf16_ps(acc[r][1], w1, x1);
+            for k in 0..4 {
+                let x = bh(_mm512_loadu_si512(xp[r].add(i + 32 * k) as *const __m512i));
+                acc[r][k] = _mm512_dpbf16_ps(acc[r][k], w[k], x);
+            }
         }
-        i += 64;
+        i += 128;
     }
     while i < n_in {
         let k = mask32(n_in - i);
@@ -263,7 +381,8 @@ unsafe fn tile_dpbf16<const R: usize>(wp: *const u16, n_in: usize, xp: [*const u
     }
     let mut out = [0f32; R];
     for r in 0..R {
-        out[r] = _mm512_reduce_add_ps(_mm512_add_ps(acc[r][0], acc[r][1]));
+        let a = &acc[r];
+        out[r] = hsum(_mm512_add_ps(_mm512_add_ps(a[0], a[1]), _mm512_add_ps(a[2], a[3])));
     }
     out
 }

@@ -344,4 +344,41 @@ mod tests {
             }
         }
     }
+
+    /// A row's result does not depend on the rows computed with it (what makes batched greedy decoding equal
+    /// one-by-one decoding): on every path this CPU has, each of 1..=16 activation rows gives bit for bit what it
+    /// gives alone, for shapes with whole and partial blocks of weight rows and vectors.
+    #[test]
+    fn a_row_gives_the_same_bits_in_any_batch() {
+        for path in SimdPath::ALL {
+            if !path.supported() {
+                use std::io::Write;
+                let _ = writeln!(std::io::stderr(), "skipped: SIMD path {path} (this CPU lacks it)");
+                continue;
+            }
+            for &(n_in, n_out) in &[(576usize, 13usize), (100, 9), (1536, 8), (33, 5)] {
+                let w = data(n_in * n_out, 3);
+                let wb: Vec<u16> = w.iter().map(|v| (v.to_bits() >> 16) as u16).collect();
+                let xs_own: Vec<Vec<f32>> = (0..16).map(|k| data(n_in, 11 + k as u32)).collect();
+                for mat in [Mat::F32(&w), Mat::Bf16(&wb)] {
+                    let run = |xs: &[&[f32]]| {
+                        let mut y = vec![0f32; xs.len() * n_out];
+                        let rows = Rows::on(path, xs);
+                        rows.prepare(mat, n_in);
+                        matvec(mat, n_in, 0..n_out, &rows, &mut y, false);
+                        y
+                    };
+                    let alone: Vec<Vec<f32>> = xs_own.iter().map(|x| run(&[x.as_slice()])).collect();
+                    for m in 1..=16 {
+                        let xs: Vec<&[f32]> = xs_own.iter().take(m).map(Vec::as_slice).collect();
+                        let y = run(&xs);
+                        for (r, want) in alone.iter().take(m).enumerate() {
+                            let got = y.get(r * n_out..(r + 1) * n_out);
+                            assert_eq!(got, Some(want.as_slice()), "{path} {n_in}x{n_out}: row {r} of {m}");
+                        }
+                    }
+                }
+            }
+        }
+    }
 }
