@@ -88,6 +88,16 @@ impl<'a> LogitLens<'a> {
                 .collect::<std::result::Result<Vec<_>, _>>()?;
             let c = chunk.len() as i64;
             let x = Tensor::f_cat(&gathered, 0)?; // [c * n, H]
+            let repeated: Vec<i64> = (0..c).flat_map(|_| targets.iter().copied()).collect();
+            if let Some(rows) = self.model.lens_stats(&x, &repeated)? {
+                for r in rows {
+                    stats.gt_prob.push(r.target_prob);
+                    stats.max_prob.push(r.max_prob);
+                    stats.gt_rank.push(r.rank);
+                    stats.entropy.push(r.entropy);
+                }
+                continue;
+            }
             let logits = self.model.lm_head(&self.model.final_norm(&x)?)?.f_to_kind(Kind::Float)?;
             let t = tgt.f_repeat([c])?.f_unsqueeze(1)?; // [c * n, 1]
             let (gt_prob, max_prob, rank, entropy) = scores(&logits, &t)?;

@@ -42,6 +42,7 @@ mod linear;
 mod runtime;
 mod schedule;
 mod simd;
+mod stats;
 
 pub(crate) use borrow::{borrow, borrow_f32_mut, borrow_mut, Mat};
 pub use isa::{set_simd_path, simd_path, SimdPath};
@@ -50,6 +51,7 @@ pub(crate) use linear::{linear_rows, small_linear, Linear, LoraPart};
 pub use runtime::{decode_scope, DecodeScope};
 pub(crate) use runtime::{join, pool};
 pub(crate) use simd::{axpy, dot, scale_mul, swiglu};
+pub use stats::{softmax_stats, SoftmaxStats};
 
 /// Largest number of activation rows (batch × new tokens) the model sends to the kernels; more go to libtorch's
 /// GEMM.

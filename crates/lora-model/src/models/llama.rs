@@ -309,6 +309,26 @@ impl Llama {
         }
     }
 
+    /// The logit lens on CPU: the final norm and LM head applied to pre-norm states `x` `[M, H]`, then the softmax
+    /// statistics of each row against `targets[row]` ([`crate::kernels::softmax_stats`]: two passes over each row
+    /// of logits, no softmax tensor). `None` when the head is not on the CPU (use libtorch's ops there).
+    pub fn lens_stats(&self, x: &Tensor, targets: &[i64]) -> Result<Option<Vec<crate::kernels::SoftmaxStats>>> {
+        if self.devices.output() != Device::Cpu {
+            return Ok(None);
+        }
+        let logits = self.lm_head(&self.final_norm(x)?)?.f_contiguous()?;
+        let vocab = logits.size().get(1).copied().unwrap_or(0) as usize;
+        // SAFETY: aliasing: `logits` was made just above by the LM head (and `contiguous`, which returns it or a
+        // copy); no other handle, view or clone of its storage exists, and it outlives `values`, which is only
+        // read. Threads: the storage is reachable only through this frame's handle, so no other thread writes it;
+        // `softmax_stats` only reads it (from its scoped threads, joined before it returns).
+        let stats = match unsafe { crate::kernels::borrow(&logits) } {
+            Some(crate::kernels::Mat::F32(values)) => crate::kernels::softmax_stats(values, vocab, targets),
+            _ => return Ok(None),
+        };
+        stats.map(Some).map_err(ModelError::InvalidArgument)
+    }
+
     /// A fresh KV cache for `batch` rows and up to `capacity` positions.
     pub fn new_cache(&self, batch: i64, capacity: i64) -> Result<KvCache> {
         let c = &self.config;

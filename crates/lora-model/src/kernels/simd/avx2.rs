@@ -85,7 +85,7 @@ pub unsafe fn scale_mul(x: &[f32], scale: f32, w: Mat<'_>, out: &mut [f32]) {
 /// negative inputs give ≈ 1e-38 instead of 0 (harmless next to the 1 that SiLU adds).
 #[target_feature(enable = "avx2,fma")]
 #[inline]
-unsafe fn exp8(x: __m256) -> __m256 {
+pub(super) unsafe fn exp8(x: __m256) -> __m256 {
     let x = _mm256_min_ps(_mm256_max_ps(x, _mm256_set1_ps(-87.0)), _mm256_set1_ps(88.0));
     let n = _mm256_round_ps::<{ _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC }>(_mm256_mul_ps(
         x,

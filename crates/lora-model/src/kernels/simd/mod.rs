@@ -12,6 +12,16 @@ mod avx2;
 mod avx512;
 mod scalar;
 
+/// `e^x` for eight lanes (within 2 ulp of `expf` over `[-87, 88]`, inputs clamped to it).
+///
+/// # Safety
+/// The CPU must have AVX2 and FMA.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2,fma")]
+pub(crate) unsafe fn exp8_avx2(x: std::arch::x86_64::__m256) -> std::arch::x86_64::__m256 {
+    avx2::exp8(x)
+}
+
 /// Whether the active path has AVX2 and FMA (what the small helpers need).
 fn vector() -> bool {
     super::simd_path() != SimdPath::Scalar
