@@ -190,12 +190,17 @@ pub fn generate(
 /// progress.
 ///
 /// How it runs:
-/// - Prompts wait in input order. Whenever rows are free and prompts wait, the next ones (as many as there are
-///   free rows) are prefilled together as one left-padded batch into a cache of their own, their first tokens
-///   are chosen, and each row's keys and values, without the padding, are copied into a free row of the shared
-///   cache ([`KvCache::install_row`]). The shared cache is *ragged*: each row holds its own number of positions,
-///   its next token is written at its own next column, and it attends only to its own columns, so a new row
-///   never sees the keys of the row it replaces.
+/// - When two or more prompts share their first [`MIN_SHARED_PREFIX`] tokens or more (a chat template's system
+///   prompt, a task instruction), that prefix is prefilled once; every later prefill starts from a copy of its keys
+///   and values and computes only the prompts' remaining tokens ([`GenerationTiming::shared_prefix_tokens`] says
+///   how many were shared).
+/// - Prompts wait in input order. When a row is free and no prompt is prefilled ahead, the next waiting prompts (up
+///   to `batch_size` of them) are prefilled together as one left-padded batch into a cache of their own and their
+///   first tokens are chosen; they then take free rows one by one, each row's keys and values copied without the
+///   padding into a free row of the shared cache ([`KvCache::install_row_parts`]). So prefills run as whole
+///   batches rather than one or two prompts at a time, and at most one batch waits ahead. The shared cache is
+///   *ragged*: each row holds its own number of positions, its next token is written at its own next column, and
+///   it attends only to its own columns, so a new row never sees the keys of the row it replaces.
 /// - Then one decode step runs for every live row together (the fused CPU step for up to
 ///   [`crate::kernels::MAX_ROWS`] rows, libtorch otherwise).
 /// - Rows that finish free their place; once no prompt waits, finished rows are dropped from the cache

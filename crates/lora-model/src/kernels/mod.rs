@@ -22,14 +22,18 @@
 //! - `linear`: the fused projections (`small_linear`, `linear_rows`);
 //! - `isa`: which instruction set the inner loops use ([`SimdPath`], [`simd_path`], [`set_simd_path`]);
 //! - `simd`: the inner loops, dispatched per instruction set (AVX-512 with or without AVX512-BF16, AVX2/FMA, or
-//!   portable scalar loops).
+//!   portable scalar loops);
+//! - `stats`: [`softmax_stats`], the per-row softmax statistics of the logit lens (two passes over each row of
+//!   logits instead of libtorch's softmax, comparison and batched dot-product tensors).
 //!
 //! Instruction sets: the path is chosen once per process, the fastest the CPU has (detected at run time), and
 //! can be forced with `LORA_BOUNDARY_SIMD=scalar|avx2|avx512|avx512bf16` or [`set_simd_path`] (for tests and
 //! side-by-side measurements); [`simd_path`] says which one is active. All paths stream each weight row once for
 //! all activation rows. AVX2 takes 8 lanes per instruction and re-reads the weight row from L1 for each activation
-//! row; AVX-512 takes 16 lanes, activation rows in tiles of four (one load, or one widening of bf16 weights, for
-//! four rows) and masked loads for the columns past the last whole vector; AVX512-BF16 multiplies bf16 weights with
+//! row; AVX-512 takes 16 lanes and masked loads for the columns past the last whole vector, with f32 weights in
+//! blocks of two to four weight rows against up to eight activation rows (one accumulator per pair, summed in a
+//! fixed order, so that a row's result is the same in any batch) and bf16 weights in tiles of four activation rows
+//! (one widening of the weights for four rows); AVX512-BF16 multiplies bf16 weights with
 //! `vdpbf16ps`, with the activation rows rounded to bf16 once per call (exact for bf16 activations; see
 //! [`SimdPath::Avx512Bf16`]). Narrow matrices (LoRA's `B`, at most 64 columns) take the AVX2 loop that reduces
 //! eight rows together on every vector path. The helpers of the decode step (dot products, `axpy`, SwiGLU) run on
