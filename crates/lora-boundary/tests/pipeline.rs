@@ -230,6 +230,22 @@ fn pipeline_runs_end_to_end_on_the_tiny_model() {
         }
     }
     assert!(lora_boundary::scoring::answer_logprobs_sweep(&m3, &tok3, &refs, &[4], &chat, 3).is_err());
+    // Prompts that share a long start (an instruction before each input) take the sweep's shared-prefix path (the
+    // prefix runs once per batch, the rest after it): still the values of one pass per boundary.
+    let head = "Describe the following item in one or two sentences, using every attribute it lists.\n";
+    let long: Vec<lora_boundary::tasks::Sample> = val
+        .iter()
+        .map(|s| lora_boundary::tasks::Sample { prompt: format!("{head}{}", s.prompt), ..s.clone() })
+        .collect();
+    let long_refs: Vec<&lora_boundary::tasks::Sample> = long.iter().collect();
+    let sweep = lora_boundary::scoring::answer_logprobs_sweep(&m3, &tok3, &long_refs, &[0, 2, 3], &chat, 3).unwrap();
+    for (b, row) in [0, 2, 3].into_iter().zip(&sweep) {
+        let mask = LayerMask::keep_through(b);
+        let one = lora_boundary::scoring::answer_logprobs(&m3, &tok3, &long_refs, &mask, &chat, 3).unwrap();
+        for (x, y) in row.iter().zip(&one) {
+            assert!((x - y).abs() < 1e-4, "shared prefix, boundary {b}: sweep {x} vs direct {y}");
+        }
+    }
 
     // A config with a [train] table trains the adapter when it does not exist yet, then runs as before.
     let trained_dir = tmp.path().join("adapter-trained");

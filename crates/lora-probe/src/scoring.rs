@@ -36,6 +36,32 @@ pub(crate) struct ForcedBatch {
     attention: Tensor,
     answers: Vec<Vec<i64>>,
     max_len: usize,
+    /// The same rows as a prefix all their prompts share and the left-padded rest, when they share at least
+    /// [`lora_model::MIN_SHARED_PREFIX`] tokens.
+    shared: Option<SharedForced>,
+}
+
+/// A batch's shared prompt prefix (`[1, P]`) and each row's remaining tokens, left-padded (`[B, S]`).
+struct SharedForced {
+    prefix: Tensor,
+    prefix_len: i64,
+    input: Tensor,
+    attention: Tensor,
+    len: usize,
+}
+
+/// The tokens every prompt of `prompts` starts with, leaving each at least one (none for fewer than two prompts).
+fn shared_prefix_len(prompts: &[&[i64]]) -> usize {
+    let Some((first, rest)) = prompts.split_first() else { return 0 };
+    if rest.is_empty() {
+        return 0;
+    }
+    let mut len = first.len().saturating_sub(1);
+    for p in rest {
+        len = len.min(p.len().saturating_sub(1));
+        len = first.iter().zip(p.iter()).take(len).take_while(|(a, b)| a == b).count();
+    }
+    len
 }
 
 pub(crate) fn forced_batches(
@@ -63,17 +89,52 @@ pub(crate) fn forced_batches(
         let pad = tokenizer.pad_token_id().unwrap_or(0);
         let joined: Vec<Vec<i64>> = rows.iter().map(|(p, a)| p.iter().chain(a).copied().collect()).collect();
         let (input, attention, max_len) = left_padded(&joined, pad, model.device())?;
-        out.push(ForcedBatch { input, attention, answers: rows.into_iter().map(|(_, a)| a).collect(), max_len });
+        let prompts: Vec<&[i64]> = rows.iter().map(|(p, _)| p.as_slice()).collect();
+        let p = shared_prefix_len(&prompts);
+        let shared = match (p >= lora_model::MIN_SHARED_PREFIX, joined.first()) {
+            (true, Some(first)) => {
+                let rest: Vec<Vec<i64>> = joined.iter().map(|r| r.get(p..).unwrap_or(&[]).to_vec()).collect();
+                let (input, attention, len) = left_padded(&rest, pad, model.device())?;
+                let ids = first.get(..p).unwrap_or(&[]);
+                let prefix = Tensor::from_slice(ids).f_view([1, p as i64])?.f_to_device(model.device())?;
+                Some(SharedForced { prefix, prefix_len: p as i64, input, attention, len })
+            }
+            _ => None,
+        };
+        out.push(ForcedBatch {
+            input,
+            attention,
+            answers: rows.into_iter().map(|(_, a)| a).collect(),
+            max_len,
+            shared,
+        });
     }
     Ok(out)
 }
 
-/// Mean answer-token log-probability of each row of `batch`, read from the last hidden state `last` (pre-norm).
-fn row_logprobs(model: &Llama, batch: &ForcedBatch, last: &Tensor, out: &mut Vec<f64>) -> Result<()> {
+/// Mean answer-token log-probability of each row of `batch`, read from the last hidden state `last` (pre-norm),
+/// whose rows end with their answers at column `max_len` (the batch's, or its shared layout's).
+fn row_logprobs(model: &Llama, batch: &ForcedBatch, max_len: usize, last: &Tensor, out: &mut Vec<f64>) -> Result<()> {
     let err = lora_model::ModelError::from;
+    // On CPU: every row's predicting positions through the head at once, scored in two passes per row of logits.
+    let mut states = Vec::with_capacity(batch.answers.len());
+    for (r, a) in batch.answers.iter().enumerate() {
+        let start = (max_len - a.len() - 1) as i64;
+        states.push(last.f_select(0, r as i64).and_then(|h| h.f_narrow(0, start, a.len() as i64)).map_err(err)?);
+    }
+    let targets: Vec<i64> = batch.answers.iter().flatten().copied().collect();
+    if let Some(stats) = model.lens_stats(&Tensor::f_cat(&states, 0).map_err(err)?, &targets)? {
+        let mut at = 0;
+        for a in &batch.answers {
+            let rows = stats.get(at..at + a.len()).unwrap_or(&[]);
+            out.push(rows.iter().map(|s| f64::from(s.target_logprob)).sum::<f64>() / a.len() as f64);
+            at += a.len();
+        }
+        return Ok(());
+    }
     for (r, a) in batch.answers.iter().enumerate() {
         // Answer token j sits at position max_len - |a| + j and is predicted from the position before it.
-        let start = (batch.max_len - a.len() - 1) as i64;
+        let start = (max_len - a.len() - 1) as i64;
         let h = last.f_select(0, r as i64).and_then(|h| h.f_narrow(0, start, a.len() as i64)).map_err(err)?;
         let logits = model.lm_head(&model.final_norm(&h)?)?;
         let logp = logits.f_log_softmax(-1, Kind::Float).map_err(err)?;
@@ -102,7 +163,7 @@ pub fn answer_logprobs(
             .hidden_states
             .last()
             .ok_or_else(|| ProbeError::InvalidArgument("model returned no hidden states".into()))?;
-        row_logprobs(model, &batch, last, &mut out)?;
+        row_logprobs(model, &batch, batch.max_len, last, &mut out)?;
     }
     Ok(out)
 }
@@ -132,6 +193,11 @@ pub fn answer_logprobs_sweep(
     let none = LayerMask::none();
     let all = LayerMask::all();
     for batch in forced_batches(model, tokenizer, samples, format, batch_size)? {
+        if let Some(shared) = &batch.shared {
+            sweep_shared(model, &batch, shared, boundaries, &mut out)?;
+            on_batch(batch.answers.len());
+            continue;
+        }
         let opts = ForwardOptions { logits: Logits::Skip, hidden_states: true, ..ForwardOptions::new(&all) };
         let full = model.forward(&batch.input, Some(&batch.attention), &opts)?;
         for (&b, dst) in boundaries.iter().zip(out.iter_mut()) {
@@ -149,9 +215,49 @@ pub fn answer_logprobs_sweep(
                     .map(Tensor::shallow_clone)
                     .ok_or_else(|| ProbeError::InvalidArgument("no state".into()))?
             };
-            row_logprobs(model, &batch, &last, dst)?;
+            row_logprobs(model, &batch, batch.max_len, &last, dst)?;
         }
         on_batch(batch.answers.len());
     }
     Ok(out)
+}
+
+/// [`answer_logprobs_sweep`] for a batch whose prompts share a prefix: the prefix runs once (one row) and the rows'
+/// remaining tokens after it, for the full-LoRA pass and again for each boundary's tail above it, so the shared
+/// positions cost one row instead of one per sample. Equal to the padded batch up to summation order.
+fn sweep_shared(
+    model: &Llama,
+    batch: &ForcedBatch,
+    shared: &SharedForced,
+    boundaries: &[usize],
+    out: &mut [Vec<f64>],
+) -> Result<()> {
+    let l = model.num_layers();
+    let (all, none) = (LayerMask::all(), LayerMask::none());
+    let rows = batch.answers.len() as i64;
+    let (p, cols) = (shared.prefix_len, shared.prefix_len + shared.len as i64);
+    let states = ForwardOptions { logits: Logits::Skip, hidden_states: true, ..ForwardOptions::new(&all) };
+    let mut prefix_cache = model.new_cache(1, p)?;
+    let prefix = model.forward_cached(&shared.prefix, None, &mut prefix_cache, &states)?;
+    let mut cache = lora_model::KvCache::from_prefix(&prefix_cache, rows, cols)?;
+    let full = model.forward_cached(&shared.input, Some(&shared.attention), &mut cache, &states)?;
+    let missing = || ProbeError::InvalidArgument("model returned too few hidden states".into());
+    for (&b, dst) in boundaries.iter().zip(out.iter_mut()) {
+        let from = full.hidden_states.get(b + 1).ok_or_else(missing)?;
+        let last = if b + 1 == l {
+            from.shallow_clone()
+        } else {
+            // The prefix's keys and values above b without LoRA, then the rows after it.
+            let skip = ForwardOptions { logits: Logits::Skip, hidden_states: false, ..ForwardOptions::new(&none) };
+            let mut tail_prefix = model.new_cache(1, p)?;
+            let h = prefix.hidden_states.get(b + 1).ok_or_else(missing)?;
+            model.forward_from_cached(h, b + 1, None, &mut tail_prefix, &skip)?;
+            let mut tail_cache = lora_model::KvCache::from_prefix(&tail_prefix, rows, cols)?;
+            let opts = ForwardOptions { hidden_states: true, ..skip };
+            let tail = model.forward_from_cached(from, b + 1, Some(&shared.attention), &mut tail_cache, &opts)?;
+            tail.hidden_states.last().map(Tensor::shallow_clone).ok_or_else(missing)?
+        };
+        row_logprobs(model, batch, shared.len, &last, dst)?;
+    }
+    Ok(())
 }

@@ -7,6 +7,8 @@ use super::isa::SimdPath;
 pub struct SoftmaxStats {
     /// Probability of the target.
     pub target_prob: f32,
+    /// Natural log of the target's probability (`l_target - m - ln s`, exact where the probability underflows).
+    pub target_logprob: f32,
     /// Largest probability.
     pub max_prob: f32,
     /// 1-based rank of the target: 1 + the number of logits strictly larger than the target's.
@@ -38,7 +40,13 @@ pub fn softmax_stats(logits: &[f32], vocab: usize, targets: &[i64]) -> Result<Ve
     if let Some(t) = targets.iter().find(|&&t| t < 0 || t as usize >= vocab) {
         return Err(format!("softmax_stats: target {t} outside the vocabulary (0..{vocab})"));
     }
-    let nan = SoftmaxStats { target_prob: f32::NAN, max_prob: f32::NAN, rank: f32::NAN, entropy: f32::NAN };
+    let nan = SoftmaxStats {
+        target_prob: f32::NAN,
+        target_logprob: f32::NAN,
+        max_prob: f32::NAN,
+        rank: f32::NAN,
+        entropy: f32::NAN,
+    };
     let mut out = vec![nan; targets.len()];
     let vector = super::simd_path() != SimdPath::Scalar;
     let work = |rows: &[f32], tg: &[i64], out: &mut [SoftmaxStats]| {
@@ -91,9 +99,16 @@ fn row_stats(row: &[f32], target: usize, vector: bool) -> SoftmaxStats {
 
 fn finish(m: f32, above: usize, nan: bool, s: f32, t: f32, lt: f32) -> SoftmaxStats {
     if nan || lt.is_nan() || !m.is_finite() {
-        return SoftmaxStats { target_prob: f32::NAN, max_prob: f32::NAN, rank: f32::NAN, entropy: f32::NAN };
+        return SoftmaxStats {
+            target_prob: f32::NAN,
+            target_logprob: f32::NAN,
+            max_prob: f32::NAN,
+            rank: f32::NAN,
+            entropy: f32::NAN,
+        };
     }
     SoftmaxStats {
+        target_logprob: (lt - m) - s.ln(),
         target_prob: (lt - m).max(-88.0).exp() / s * f32::from(u8::from(lt > f32::NEG_INFINITY)),
         max_prob: 1.0 / s,
         rank: 1.0 + above as f32,
@@ -176,13 +191,13 @@ mod tests {
     use super::*;
 
     /// The statistics in f64 from their definitions.
-    fn reference(row: &[f32], t: usize) -> [f64; 4] {
+    fn reference(row: &[f32], t: usize) -> [f64; 5] {
         let m = row.iter().copied().fold(f32::NEG_INFINITY, f32::max) as f64;
         let z: f64 = row.iter().map(|&l| (l as f64 - m).exp()).sum();
         let p = |l: f32| (l as f64 - m).exp() / z;
         let h: f64 = row.iter().map(|&l| p(l)).filter(|&q| q > 0.0).map(|q| -q * q.ln()).sum();
         let rank = 1 + row.iter().filter(|&&l| l > row[t]).count();
-        [p(row[t]), 1.0 / z, rank as f64, h]
+        [p(row[t]), 1.0 / z, rank as f64, h, row[t] as f64 - m - z.ln()]
     }
 
     /// Rows of odd widths (whole vectors and tails), with `-inf` entries and ties, against the definitions, on the
@@ -213,9 +228,10 @@ mod tests {
                 for (r, g) in got.iter().enumerate() {
                     let row = &logits[r * vocab..(r + 1) * vocab];
                     let want = reference(row, targets[r] as usize);
-                    let have = [g.target_prob, g.max_prob, g.rank, g.entropy].map(f64::from);
+                    let have = [g.target_prob, g.max_prob, g.rank, g.entropy, g.target_logprob].map(f64::from);
                     for (k, (h, w)) in have.iter().zip(want).enumerate() {
-                        assert!((h - w).abs() <= 1e-5 * w.abs().max(1.0), "vocab {vocab} row {r} stat {k}: {h} vs {w}");
+                        let close = *h == w || (h - w).abs() <= 1e-5 * w.abs().max(1.0);
+                        assert!(close, "vocab {vocab} row {r} stat {k}: {h} vs {w}");
                     }
                 }
             }

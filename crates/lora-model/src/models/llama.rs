@@ -392,6 +392,28 @@ impl Llama {
         self.run(Input::Hidden(hidden, start), attention_mask, None, opts)
     }
 
+    /// [`Llama::forward_from`] with a KV cache: blocks `start..L` run on `hidden` `[B, T, H]` (the state after
+    /// `start` blocks) as new positions after what `cache` holds, and write their keys and values into it (the
+    /// cache's blocks below `start` are neither read nor written). With [`KvCache::from_prefix`] this continues
+    /// prompts' suffixes after a prefix they share, each under its own mask above `start` (the logit-lens
+    /// proxy of the boundary search does this). `attention_mask` `[B, T]` marks left padding of the new positions.
+    pub fn forward_from_cached(
+        &self,
+        hidden: &Tensor,
+        start: usize,
+        attention_mask: Option<&Tensor>,
+        cache: &mut KvCache,
+        opts: &ForwardOptions<'_>,
+    ) -> Result<ForwardOutput> {
+        if start > self.num_layers() {
+            return Err(ModelError::InvalidArgument(format!(
+                "forward_from_cached: start block {start} is past the last block ({} blocks)",
+                self.num_layers()
+            )));
+        }
+        self.run(Input::Hidden(hidden, start), attention_mask, Some(cache), opts)
+    }
+
     fn run(
         &self,
         input: Input<'_>,
