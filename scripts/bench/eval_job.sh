@@ -29,12 +29,8 @@ while [ $# -gt 0 ]; do
     *) echo "eval_job.sh: unknown argument $1" >&2; exit 2 ;;
   esac
 done
-py="${PY:-}"
-if [ -z "$py" ]; then
-  for c in /work/main/.venv-ref/bin/python "$root/.venv-ref/bin/python"; do
-    if [ -x "$c" ]; then py="$c"; break; fi
-  done
-fi
+# shellcheck source=ref_python.sh
+source "$root/scripts/bench/ref_python.sh"
 bin="${CARGO_TARGET_DIR:-$root/target}/release/lora-boundary"
 ours=("$bin" eval --adapter adapters/smollm2-e2e-r8 --data data/e2e_nlg/testset_w_refs.csv --task e2e --chat
   --mask all --mask 0-14 --mask none --limit "$limit" --max-new-tokens "$new" --batch-size 8 --dtype f32

@@ -15,12 +15,8 @@ while [ $# -gt 0 ]; do
     *) echo "train_step.sh: unknown argument $1" >&2; exit 2 ;;
   esac
 done
-py="${PY:-}"
-if [ -z "$py" ]; then
-  for c in /work/main/.venv-ref/bin/python "$root/.venv-ref/bin/python"; do
-    if [ -x "$c" ]; then py="$c"; break; fi
-  done
-fi
+# shellcheck source=ref_python.sh
+source "$root/scripts/bench/ref_python.sh"
 if [ -z "$py" ] || [ ! -x "$py" ]; then
   echo "train_step.sh: no reference python (set PY, or run scripts/fixtures/model/setup_venv.sh)" >&2
   exit 2

@@ -253,8 +253,8 @@ where
     for (i, p) in prompts.iter().enumerate() {
         check_context(model, &format!("prompt {i} of the batch"), p.len(), config.max_new_tokens)?;
     }
-    // A batch being decoded and the next one prefilled ahead.
-    check_generation_memory(model, 2 * rows, max_len, config.max_new_tokens)?;
+    // A batch being decoded and, when more prompts wait than fit, the next one prefilled ahead.
+    check_generation_memory(model, rows + rows.min(n - rows), max_len, config.max_new_tokens)?;
     let mut run = Run {
         model,
         tokenizer,

@@ -383,12 +383,7 @@ impl Llama {
         attention_mask: Option<&Tensor>,
         opts: &ForwardOptions<'_>,
     ) -> Result<ForwardOutput> {
-        if start > self.num_layers() {
-            return Err(ModelError::InvalidArgument(format!(
-                "forward_from: start block {start} is past the last block ({} blocks)",
-                self.num_layers()
-            )));
-        }
+        self.check_start("forward_from", start)?;
         self.run(Input::Hidden(hidden, start), attention_mask, None, opts)
     }
 
@@ -405,13 +400,19 @@ impl Llama {
         cache: &mut KvCache,
         opts: &ForwardOptions<'_>,
     ) -> Result<ForwardOutput> {
+        self.check_start("forward_from_cached", start)?;
+        self.run(Input::Hidden(hidden, start), attention_mask, Some(cache), opts)
+    }
+
+    /// Refuses a start block past the last one (`what` names the caller).
+    fn check_start(&self, what: &str, start: usize) -> Result<()> {
         if start > self.num_layers() {
             return Err(ModelError::InvalidArgument(format!(
-                "forward_from_cached: start block {start} is past the last block ({} blocks)",
+                "{what}: start block {start} is past the last block ({} blocks)",
                 self.num_layers()
             )));
         }
-        self.run(Input::Hidden(hidden, start), attention_mask, Some(cache), opts)
+        Ok(())
     }
 
     fn run(
