@@ -189,10 +189,15 @@ pub fn answer_logprobs_sweep(
     if let Some(&b) = boundaries.iter().find(|&&b| b >= l) {
         return Err(ProbeError::InvalidArgument(format!("boundary {b} is past the last block ({l} blocks)")));
     }
+    // Batches of similar lengths pad less: the samples go through in order of text length, and the results come
+    // back in input order at the end.
+    let mut order: Vec<usize> = (0..samples.len()).collect();
+    order.sort_by_key(|&i| samples.get(i).map_or(0, |s| s.prompt.len() + s.answer.len()));
+    let sorted: Vec<&Sample> = order.iter().filter_map(|&i| samples.get(i).copied()).collect();
     let mut out = vec![Vec::with_capacity(samples.len()); boundaries.len()];
     let none = LayerMask::none();
     let all = LayerMask::all();
-    for batch in forced_batches(model, tokenizer, samples, format, batch_size)? {
+    for batch in forced_batches(model, tokenizer, &sorted, format, batch_size)? {
         if let Some(shared) = &batch.shared {
             sweep_shared(model, &batch, shared, boundaries, &mut out)?;
             on_batch(batch.answers.len());
@@ -218,6 +223,15 @@ pub fn answer_logprobs_sweep(
             row_logprobs(model, &batch, batch.max_len, &last, dst)?;
         }
         on_batch(batch.answers.len());
+    }
+    for row in &mut out {
+        let mut inputs = vec![0.0; row.len()];
+        for (&i, &v) in order.iter().zip(row.iter()) {
+            if let Some(slot) = inputs.get_mut(i) {
+                *slot = v;
+            }
+        }
+        *row = inputs;
     }
     Ok(out)
 }
