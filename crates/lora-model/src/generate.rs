@@ -450,6 +450,30 @@ struct Ready {
 /// prefilled once and reused (below this, the extra one-row forward costs about what it saves).
 pub const MIN_SHARED_PREFIX: usize = 8;
 
+/// The tokens every prompt starts with, leaving each at least one more (0 for fewer than two prompts): what
+/// [`generate_stream`] (and the search's teacher-forced proxy) prefill once when it reaches [`MIN_SHARED_PREFIX`].
+///
+/// ```
+/// let p: [&[i64]; 2] = [&[1, 2, 3, 4], &[1, 2, 3]];
+/// assert_eq!(lora_model::shared_prefix_len(p), 2);
+/// ```
+pub fn shared_prefix_len<'a>(prompts: impl IntoIterator<Item = &'a [i64]>) -> usize {
+    let mut it = prompts.into_iter();
+    let Some(first) = it.next() else { return 0 };
+    let mut len = first.len().saturating_sub(1);
+    let mut count = 1;
+    for p in it {
+        count += 1;
+        len = len.min(p.len().saturating_sub(1));
+        len = first.iter().zip(p).take(len).take_while(|(a, b)| a == b).count();
+    }
+    if count < 2 {
+        0
+    } else {
+        len
+    }
+}
+
 /// A prefix all prompts share, prefilled once.
 struct SharedPrefix {
     /// Its tokens (each prompt has at least one more).
@@ -487,15 +511,8 @@ impl Run<'_> {
     /// one more), prefills that prefix once, so that each prefill afterwards computes only the prompts' remaining
     /// tokens (as vLLM's prefix caching does for a shared system prompt or instruction).
     fn share_prefix(&mut self) -> Result<()> {
-        let Some((first, rest)) = self.prompts.split_first() else { return Ok(()) };
-        if rest.is_empty() {
-            return Ok(());
-        }
-        let mut len = first.len().saturating_sub(1);
-        for p in rest {
-            len = len.min(p.len().saturating_sub(1));
-            len = first.iter().zip(p).take(len).take_while(|(a, b)| a == b).count();
-        }
+        let Some(first) = self.prompts.first() else { return Ok(()) };
+        let len = shared_prefix_len(self.prompts.iter().map(Vec::as_slice));
         if len < MIN_SHARED_PREFIX {
             return Ok(());
         }

@@ -45,7 +45,8 @@ pub use device_map::DeviceMap;
 pub use error::{ModelError, Result};
 pub use export::{save_hf_model, ExportOptions};
 pub use generate::{
-    generate, generate_stream, Generation, GenerationConfig, GenerationTiming, Sampling, MIN_SHARED_PREFIX,
+    generate, generate_stream, shared_prefix_len, Generation, GenerationConfig, GenerationTiming, Sampling,
+    MIN_SHARED_PREFIX,
 };
 pub use loading::{
     fetch_command, load_model, load_model_on, load_tokenizer, resolve_model, DeviceSpec, DtypeSpec, DEFAULT_MODEL,

@@ -50,20 +50,6 @@ struct SharedForced {
     len: usize,
 }
 
-/// The tokens every prompt of `prompts` starts with, leaving each at least one (none for fewer than two prompts).
-fn shared_prefix_len(prompts: &[&[i64]]) -> usize {
-    let Some((first, rest)) = prompts.split_first() else { return 0 };
-    if rest.is_empty() {
-        return 0;
-    }
-    let mut len = first.len().saturating_sub(1);
-    for p in rest {
-        len = len.min(p.len().saturating_sub(1));
-        len = first.iter().zip(p.iter()).take(len).take_while(|(a, b)| a == b).count();
-    }
-    len
-}
-
 pub(crate) fn forced_batches(
     model: &Llama,
     tokenizer: &Tokenizer,
@@ -90,7 +76,7 @@ pub(crate) fn forced_batches(
         let joined: Vec<Vec<i64>> = rows.iter().map(|(p, a)| p.iter().chain(a).copied().collect()).collect();
         let (input, attention, max_len) = left_padded(&joined, pad, model.device())?;
         let prompts: Vec<&[i64]> = rows.iter().map(|(p, _)| p.as_slice()).collect();
-        let p = shared_prefix_len(&prompts);
+        let p = lora_model::shared_prefix_len(prompts.iter().copied());
         let shared = match (p >= lora_model::MIN_SHARED_PREFIX, joined.first()) {
             (true, Some(first)) => {
                 let rest: Vec<Vec<i64>> = joined.iter().map(|r| r.get(p..).unwrap_or(&[]).to_vec()).collect();
