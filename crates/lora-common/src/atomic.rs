@@ -6,14 +6,14 @@
 //! process is gone ([`clean_stale`]), so garbage never accumulates. Entries of live processes are left alone.
 //!
 //! ```
-//! # fn main() -> lora_common::Result<()> {
-//! let dir = tempfile::tempdir().unwrap();
+//! # fn main() -> Result<(), Box<dyn std::error::Error>> {
+//! let dir = tempfile::tempdir()?;
 //! let target = dir.path().join("report.json");
 //! lora_common::atomic::write_file(&target, b"{}")?;
-//! assert_eq!(std::fs::read(&target).unwrap(), b"{}");
+//! assert_eq!(std::fs::read(&target)?, b"{}");
 //! // A directory output: build it under its partial name, then commit.
 //! let out = lora_common::atomic::PartialDir::create(&dir.path().join("adapter"))?;
-//! std::fs::write(out.path().join("a.txt"), "x").unwrap();
+//! std::fs::write(out.path().join("a.txt"), "x")?;
 //! out.commit()?;
 //! assert!(dir.path().join("adapter/a.txt").exists());
 //! # Ok(()) }

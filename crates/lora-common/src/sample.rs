@@ -5,8 +5,10 @@ use serde::{Deserialize, Serialize};
 /// accepts (empty means "the answer alone").
 ///
 /// ```
-/// let s: lora_common::Sample = serde_json::from_str(r#"{"prompt": "2+2?", "answer": "4"}"#).unwrap();
+/// # fn main() -> Result<(), serde_json::Error> {
+/// let s: lora_common::Sample = serde_json::from_str(r#"{"prompt": "2+2?", "answer": "4"}"#)?;
 /// assert_eq!(s.references(), ["4"]);
+/// # Ok(()) }
 /// ```
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Sample {

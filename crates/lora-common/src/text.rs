@@ -32,11 +32,13 @@ impl TextFileError {
 /// Reads `path` as UTF-8 text (a leading byte-order mark is dropped).
 ///
 /// ```
-/// let dir = tempfile::tempdir().unwrap();
+/// # fn main() -> std::io::Result<()> {
+/// let dir = tempfile::tempdir()?;
 /// let p = dir.path().join("bad.jsonl");
-/// std::fs::write(&p, b"{\"prompt\": \"ok\"}\n{\"prompt\": \"\xff\"}\n").unwrap();
-/// let err = lora_common::text::read_text(&p).unwrap_err();
+/// std::fs::write(&p, b"{\"prompt\": \"ok\"}\n{\"prompt\": \"\xff\"}\n")?;
+/// let err = lora_common::text::read_text(&p).expect_err("line 2 is not UTF-8");
 /// assert_eq!(err.line(), Some(2));
+/// # Ok(()) }
 /// ```
 pub fn read_text(path: &Path) -> Result<String, TextFileError> {
     let bytes = std::fs::read(path)?;
@@ -63,11 +65,13 @@ pub fn read_text(path: &Path) -> Result<String, TextFileError> {
 /// ```
 /// #[derive(Debug, serde::Deserialize)]
 /// struct Row { prompt: String }
-/// let dir = tempfile::tempdir().unwrap();
+/// # fn main() -> std::io::Result<()> {
+/// let dir = tempfile::tempdir()?;
 /// let p = dir.path().join("p.jsonl");
-/// std::fs::write(&p, "{\"prompt\": \"a\"}\n\n{\"prompt\": 3}\n").unwrap();
-/// let err = lora_common::text::read_jsonl_lines::<Row>(&p).unwrap_err();
+/// std::fs::write(&p, "{\"prompt\": \"a\"}\n\n{\"prompt\": 3}\n")?;
+/// let err = lora_common::text::read_jsonl_lines::<Row>(&p).expect_err("line 3 is not a Row");
 /// assert!(err.to_string().contains("p.jsonl:3"), "{err}");
+/// # Ok(()) }
 /// ```
 pub fn read_jsonl_lines<T: serde::de::DeserializeOwned>(path: &Path) -> Result<Vec<(usize, T)>, CommonError> {
     let text = read_text_file(path)?;

@@ -46,10 +46,12 @@ impl ChatMessage {
 /// ```
 /// use lora_model::{ChatMessage, PromptFormat};
 ///
-/// let f = PromptFormat::from_flags(true, Some("Be brief.".into())).unwrap();
+/// # fn main() -> lora_model::Result<()> {
+/// let f = PromptFormat::from_flags(true, Some("Be brief.".into()))?;
 /// assert_eq!(f.messages("Hi"), vec![ChatMessage::system("Be brief."), ChatMessage::user("Hi")]);
 /// // A system prompt needs the chat template.
 /// assert!(PromptFormat::from_flags(false, Some("Be brief.".into())).is_err());
+/// # Ok(()) }
 /// ```
 #[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "snake_case")]

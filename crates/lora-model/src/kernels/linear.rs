@@ -239,23 +239,16 @@ fn linear_rows_on(
     }
 
     // The front thread first computes every LoRA's `scaling · A x` ([`LowRank`]). Then each thread takes chunks
-    // of output rows until none are left and computes the rows of W (plus the bias) for them; last it adds B's
-    // rows times the low-rank input to the rows it computed. B is prefetched at the start, so it arrives
-    // alongside W's stream and is read from the cache.
+    // of output rows until none are left and computes the rows of W (plus the bias) for them, then at once B's
+    // rows for them times the low-rank input: B is read in the same stream as W, once, and the output rows are
+    // still in cache. (The back thread's first chunk is a quarter of the rows, which outlasts `A x`, so it rarely
+    // waits for the low-rank input.)
     let low_rank = LowRank::new();
     let any_lora = prepared.iter().any(|p| p.lora.is_some());
     let work = |front: bool| -> bool {
-        for p in &prepared {
-            if let Some((_, b, r, _)) = &p.lora {
-                let nominal = if front { 0..p.n_out / 2 } else { p.n_out / 2..p.n_out };
-                simd::prefetch(*b, nominal.start * r..nominal.end * r);
-            }
-        }
         if front && any_lora {
             low_rank.compute(&prepared, w_in, &input);
         }
-        // (projection, its output rows) of every piece this thread computed.
-        let mut pieces: Vec<(usize, std::ops::Range<usize>)> = Vec::new();
         let mut tmp = Vec::new();
         while let Some(range) = chunks.claim(front) {
             let mut start = 0;
@@ -286,38 +279,16 @@ fn linear_rows_on(
                         }
                     }
                 }
+                if let Some((_, b, r, _)) = &p.lora {
+                    let Some(low) = low_rank.wait() else { return false };
+                    let Some(Some(xa)) = low.get(k) else { return false };
+                    let xa_rows: Vec<&[f32]> = xa.chunks_exact(*r).collect();
+                    simd::matvec(*b, *r, local.clone(), &simd::Rows::on(path, &xa_rows), dst, true);
+                }
                 if m > 1 {
                     // SAFETY: as above; with `m > 1` no slice of `out` is alive (`dst` is `tmp`).
-                    unsafe { out.put(local.clone(), &tmp, false) };
+                    unsafe { out.put(local, &tmp, false) };
                 }
-                if p.lora.is_some() {
-                    // The chunks of one thread are adjacent: extend the last piece when this one continues it.
-                    match pieces.iter_mut().find(|(pk, r)| *pk == k && (r.end == local.start || r.start == local.end)) {
-                        Some((_, r)) => *r = r.start.min(local.start)..r.end.max(local.end),
-                        None => pieces.push((k, local)),
-                    }
-                }
-            }
-        }
-        if pieces.is_empty() {
-            return true;
-        }
-        let Some(low) = low_rank.wait() else { return false };
-        for (k, local) in pieces {
-            let (p, out) = (&prepared[k], &outs[k]);
-            let (Some((_, b, r, _)), Some(Some(xa))) = (&p.lora, low.get(k)) else { continue };
-            let xa_rows: Vec<&[f32]> = xa.chunks_exact(*r).collect();
-            let xa_rows = simd::Rows::on(path, &xa_rows);
-            if m == 1 {
-                // SAFETY: this thread claimed and computed these output rows, so the other thread never touches
-                // them; the slice is the only one over them and ends with this call.
-                simd::matvec(*b, *r, local.clone(), &xa_rows, unsafe { out.slice(local) }, true);
-            } else {
-                tmp.clear();
-                tmp.resize(m * local.len(), 0.0);
-                simd::matvec(*b, *r, local.clone(), &xa_rows, &mut tmp, false);
-                // SAFETY: as above (this thread's own rows; no slice of `out` is alive).
-                unsafe { out.put(local, &tmp, true) };
             }
         }
         true

@@ -175,25 +175,6 @@ pub fn matvec(w: Mat<'_>, n_in: usize, rows: std::ops::Range<usize>, x: &Rows<'_
     scalar::matvec(w, n_in, len, xs, y, add)
 }
 
-/// Asks for values `range` of `m` to be brought into the cache (a hint; nothing is read).
-pub fn prefetch(m: Mat<'_>, range: std::ops::Range<usize>) {
-    #[cfg(target_arch = "x86_64")]
-    {
-        let ptr = match m {
-            Mat::F32(v) => v.as_ptr() as *const i8,
-            Mat::Bf16(v) => v.as_ptr() as *const i8,
-        };
-        let size = m.value_bytes();
-        let end = range.end.min(m.len()) * size;
-        for at in (range.start * size..end).step_by(64) {
-            // SAFETY: `at` lies inside `m`; a prefetch reads nothing and cannot fault.
-            unsafe { std::arch::x86_64::_mm_prefetch::<{ std::arch::x86_64::_MM_HINT_T1 }>(ptr.add(at)) };
-        }
-    }
-    #[cfg(not(target_arch = "x86_64"))]
-    let _ = (m, range);
-}
-
 /// Dot product of `a` with the first `a.len()` values of `b` (f32, or bf16 widened; AVX2/FMA when available).
 pub fn dot(a: &[f32], b: Mat<'_>) -> f32 {
     assert!(b.len() >= a.len(), "dot: second operand too short");
