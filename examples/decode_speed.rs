@@ -19,6 +19,9 @@ use lora_boundary::model::tch::{self, Device, Kind, Tensor};
 use lora_boundary::model::{adapter, init_lora, kernels};
 use lora_boundary::{ForwardOptions, LayerMask, Llama, Logits, LoraConfig, Placement, DEFAULT_MODEL};
 
+const USAGE: &str = "usage: decode_speed [--tokens 64] [--rounds 3] [--dtype f32|bf16|both] [--r 16] \
+                     [--compare-libtorch] [--bandwidth-only]";
+
 struct Args {
     tokens: i64,
     rounds: usize,
@@ -55,7 +58,11 @@ fn parse() -> Result<Args> {
             }
             "--compare-libtorch" => a.compare = true,
             "--bandwidth-only" => a.bandwidth_only = true,
-            other => bail!("unknown flag {other}"),
+            "-h" | "--help" => {
+                println!("{USAGE}");
+                std::process::exit(0);
+            }
+            other => bail!("unknown flag {other}\n{USAGE}"),
         }
     }
     Ok(a)
