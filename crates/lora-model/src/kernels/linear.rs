@@ -1,6 +1,7 @@
 //! The fused projections: `x Wᵀ + bias (+ scaling · (x Aᵀ) Bᵀ)` for a few activation rows, one weight stream for
 //! all of them, several projections of one input (q, k and v) in one call, split over two threads inside a
 //! [`decode_scope`](super::decode_scope).
+use std::cell::OnceCell;
 use std::sync::atomic::{AtomicU8, Ordering};
 
 use tch::{Device, Kind, Tensor};
@@ -250,6 +251,10 @@ fn linear_rows_on(
             low_rank.compute(&prepared, w_in, &input);
         }
         let mut tmp = Vec::new();
+        // Per projection, the low-rank rows `scaling · A x` as B's input, made once per thread at its first B
+        // piece (so the back thread waits for them as late as it can) and shared by all its chunks.
+        let xa_rows: OnceCell<Vec<Vec<&[f32]>>> = OnceCell::new();
+        let b_inputs: OnceCell<Vec<simd::Rows<'_>>> = OnceCell::new();
         while let Some(range) = chunks.claim(front) {
             let mut start = 0;
             for (k, (p, out)) in prepared.iter().zip(&outs).enumerate() {
@@ -280,10 +285,19 @@ fn linear_rows_on(
                     }
                 }
                 if let Some((_, b, r, _)) = &p.lora {
-                    let Some(low) = low_rank.wait() else { return false };
-                    let Some(Some(xa)) = low.get(k) else { return false };
-                    let xa_rows: Vec<&[f32]> = xa.chunks_exact(*r).collect();
-                    simd::matvec(*b, *r, local.clone(), &simd::Rows::on(path, &xa_rows), dst, true);
+                    if xa_rows.get().is_none() {
+                        let Some(low) = low_rank.wait() else { return false };
+                        let rows = prepared.iter().zip(low).map(|(q, xa)| match (&q.lora, xa) {
+                            (Some((_, _, r, _)), Some(xa)) => xa.chunks_exact(*r).collect(),
+                            _ => Vec::new(),
+                        });
+                        let _ = xa_rows.set(rows.collect());
+                    }
+                    let inputs = b_inputs.get_or_init(|| {
+                        xa_rows.get().map_or_else(Vec::new, |v| v.iter().map(|x| simd::Rows::on(path, x)).collect())
+                    });
+                    let Some(xa) = inputs.get(k).filter(|x| x.xs.len() == m) else { return false };
+                    simd::matvec(*b, *r, local.clone(), xa, dst, true);
                 }
                 if m > 1 {
                     // SAFETY: as above; with `m > 1` no slice of `out` is alive (`dst` is `tmp`).

@@ -54,7 +54,7 @@ pub use linear::linear_on;
 pub(crate) use linear::{linear_rows, small_linear, Linear, LoraPart};
 pub use runtime::{decode_scope, DecodeScope};
 pub(crate) use runtime::{join, pool};
-pub(crate) use simd::{axpy, dot, scale_mul, swiglu};
+pub(crate) use simd::{attn_scores, attn_values, dot, scale_mul, swiglu};
 pub use stats::{softmax_stats, SoftmaxStats};
 
 /// Largest number of activation rows (batch × new tokens) the model sends to the kernels; more go to libtorch's

@@ -419,43 +419,51 @@ struct Heads<'a> {
 
 impl Heads<'_> {
     /// Softmax attention for the (row, head) pairs `pairs` (pair `p` = row `p / heads`, head `p % heads`), into
-    /// `out` (`[pairs.len(), head_dim]`). Row `r` attends over its columns `0..=past[r]`.
+    /// `out` (`[pairs.len(), head_dim]`). Row `r` attends over its columns `0..=past[r]`. The query heads of a pair
+    /// range that share a key/value head are taken together ([`kernels::attn_scores`], [`kernels::attn_values`]):
+    /// one pass over those keys and values for all of them.
     fn attend(&self, pairs: std::ops::Range<usize>, out: &mut [f32]) {
         let hd = self.hd;
         let scale = self.step.scale;
-        let rep = self.nh / self.nkv;
+        let rep = (self.nh / self.nkv).max(1);
         let longest = self.step.past.iter().copied().max().unwrap_or(0) + 1;
-        let mut all_scores = kernels::pool::take(longest);
-        for (p, dst) in pairs.zip(out.chunks_exact_mut(hd)) {
+        let mut all_scores = kernels::pool::take(rep * longest);
+        let mut p = pairs.start;
+        while p < pairs.end {
             let (r, head) = (p / self.nh, p % self.nh);
+            let kv = head / rep;
+            // The heads of this pair range that read key/value head `kv` of row `r`.
+            let end = (r * self.nh + (kv + 1) * rep).min(pairs.end).max(p + 1);
+            let g = end - p;
             let s = self.step.past.get(r).map_or(1, |&past| past + 1);
-            let scores = &mut all_scores[..s];
             let valid = self.step.valid.as_ref().map(|v| &v[r]);
-            let base = (r * self.nkv + head / rep) * self.cap * hd;
-            let qh = &self.q[p * hd..(p + 1) * hd];
-            let mut max = f32::NEG_INFINITY;
-            for (j, sc) in scores.iter_mut().enumerate() {
-                // The newest position is always visible (as in the libtorch path's mask).
-                let in_window = self.window.is_none_or(|w| s - 1 - j < w);
-                let seen = j + 1 == s || (in_window && valid.is_none_or(|v| v[j]));
-                *sc = if seen {
-                    kernels::dot(qh, self.keys.slice(base + j * hd..base + (j + 1) * hd)) * scale
-                } else {
-                    f32::NEG_INFINITY
-                };
-                max = max.max(*sc);
-            }
-            let mut sum = 0f32;
-            for sc in scores.iter_mut() {
-                *sc = (*sc - max).exp();
-                sum += *sc;
-            }
-            dst.fill(0.0);
-            for (j, &w) in scores.iter().enumerate() {
-                if w > 0.0 {
-                    kernels::axpy(dst, w / sum, self.values.slice(base + j * hd..base + (j + 1) * hd));
+            let base = (r * self.nkv + kv) * self.cap * hd;
+            let span = base..base + s * hd;
+            let scores = &mut all_scores[..g * s];
+            kernels::attn_scores(&self.q[p * hd..end * hd], self.keys.slice(span.clone()), hd, s, scale, scores);
+            for row in scores.chunks_exact_mut(s) {
+                let mut max = f32::NEG_INFINITY;
+                for (j, sc) in row.iter_mut().enumerate() {
+                    // The newest position is always visible (as in the libtorch path's mask).
+                    let in_window = self.window.is_none_or(|w| s - 1 - j < w);
+                    let seen = j + 1 == s || (in_window && valid.is_none_or(|v| v[j]));
+                    if !seen {
+                        *sc = f32::NEG_INFINITY;
+                    }
+                    max = max.max(*sc);
+                }
+                let mut sum = 0f32;
+                for sc in row.iter_mut() {
+                    *sc = (*sc - max).exp();
+                    sum += *sc;
+                }
+                for sc in row.iter_mut() {
+                    *sc /= sum;
                 }
             }
+            let at = (p - pairs.start) * hd;
+            kernels::attn_values(scores, self.values.slice(span), hd, s, &mut out[at..at + g * hd]);
+            p = end;
         }
     }
 }

@@ -347,3 +347,104 @@ pub unsafe fn matvec_bf16(
         }
     }
 }
+
+/// Attention scores of `g` query heads against `s` key rows: `out[h · s + j] = (q_h · k_j) · scale`, with `qs`
+/// `[g, hd]` and `keys` `[s, hd]` row-major, `hd` a multiple of 8. Each dot product is summed exactly as [`dot`]
+/// sums it (one 8-lane accumulator over the columns in order, then [`hsum`]), so the scores are the same bits as
+/// `s · g` calls of [`dot`], without a call, a dispatch and a slice per position.
+#[target_feature(enable = "avx2,fma")]
+pub unsafe fn attn_scores(qs: &[f32], keys: Mat<'_>, hd: usize, s: usize, scale: f32, out: &mut [f32]) {
+    let g = qs.len() / hd;
+    let (pq, po) = (qs.as_ptr(), out.as_mut_ptr());
+    let sv = _mm_set1_ps(scale);
+    for h in 0..g {
+        let q = pq.add(h * hd);
+        let o = po.add(h * s);
+        // Four positions at a time: four independent sums sharing each load of the query, reduced together.
+        let mut j = 0;
+        while j + 4 <= s {
+            let k = j * hd;
+            let mut acc = [_mm256_setzero_ps(); 4];
+            let mut c = 0;
+            while c < hd {
+                let qv = _mm256_loadu_ps(q.add(c));
+                for (i, a) in acc.iter_mut().enumerate() {
+                    *a = _mm256_fmadd_ps(qv, load8(keys, k + i * hd + c), *a);
+                }
+                c += 8;
+            }
+            _mm_storeu_ps(o.add(j), _mm_mul_ps(hsum4(acc), sv));
+            j += 4;
+        }
+        while j < s {
+            let k = j * hd;
+            let mut acc = _mm256_setzero_ps();
+            let mut c = 0;
+            while c < hd {
+                acc = _mm256_fmadd_ps(_mm256_loadu_ps(q.add(c)), load8(keys, k + c), acc);
+                c += 8;
+            }
+            *o.add(j) = hsum(acc) * scale;
+            j += 1;
+        }
+    }
+}
+
+/// The [`hsum`] of each of four vectors, as lanes 0–3 (each summed in the same order as [`hsum`] sums it:
+/// the two halves, then adjacent pairs, then the two pair sums).
+#[target_feature(enable = "avx2,fma")]
+#[inline]
+unsafe fn hsum4(v: [__m256; 4]) -> __m128 {
+    let a = _mm_add_ps(_mm256_castps256_ps128(v[0]), _mm256_extractf128_ps(v[0], 1));
+    let b = _mm_add_ps(_mm256_castps256_ps128(v[1]), _mm256_extractf128_ps(v[1], 1));
+    let c = _mm_add_ps(_mm256_castps256_ps128(v[2]), _mm256_extractf128_ps(v[2], 1));
+    let d = _mm_add_ps(_mm256_castps256_ps128(v[3]), _mm256_extractf128_ps(v[3], 1));
+    _mm_hadd_ps(_mm_hadd_ps(a, b), _mm_hadd_ps(c, d))
+}
+
+/// Attention outputs of `g` heads over `s` value rows: `out[h] = Σⱼ ws[h · s + j] · v_j` (`out` `[g, hd]`,
+/// `values` `[s, hd]` row-major, `hd` a multiple of 8), positions with a zero weight skipped. Each output value is
+/// accumulated from zero over the positions in order with one fused multiply-add each, exactly as repeated
+/// [`axpy`] calls accumulate it (the same bits), but with up to 64 columns held in registers across the positions.
+#[target_feature(enable = "avx2,fma")]
+pub unsafe fn attn_values(ws: &[f32], values: Mat<'_>, hd: usize, s: usize, out: &mut [f32]) {
+    let g = out.len() / hd;
+    let mut c = 0;
+    while c < hd {
+        let nb = ((hd - c) / 8).min(8);
+        for h in 0..g {
+            let w = &ws[h * s..(h + 1) * s];
+            let dst = out.as_mut_ptr().add(h * hd + c);
+            match nb {
+                8 => values_cols::<8>(w, values, hd, c, dst),
+                7 => values_cols::<7>(w, values, hd, c, dst),
+                6 => values_cols::<6>(w, values, hd, c, dst),
+                5 => values_cols::<5>(w, values, hd, c, dst),
+                4 => values_cols::<4>(w, values, hd, c, dst),
+                3 => values_cols::<3>(w, values, hd, c, dst),
+                2 => values_cols::<2>(w, values, hd, c, dst),
+                _ => values_cols::<1>(w, values, hd, c, dst),
+            }
+        }
+        c += nb * 8;
+    }
+}
+
+/// `NB · 8` columns (from column `c`) of one head's [`attn_values`] into `dst`.
+#[target_feature(enable = "avx2,fma")]
+#[inline]
+unsafe fn values_cols<const NB: usize>(w: &[f32], values: Mat<'_>, hd: usize, c: usize, dst: *mut f32) {
+    let mut acc = [_mm256_setzero_ps(); NB];
+    for (j, &wj) in w.iter().enumerate() {
+        if wj != 0.0 {
+            let a = _mm256_set1_ps(wj);
+            let base = j * hd + c;
+            for (b, v) in acc.iter_mut().enumerate() {
+                *v = _mm256_fmadd_ps(a, load8(values, base + 8 * b), *v);
+            }
+        }
+    }
+    for (b, v) in acc.iter().enumerate() {
+        _mm256_storeu_ps(dst.add(8 * b), *v);
+    }
+}

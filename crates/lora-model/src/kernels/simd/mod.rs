@@ -175,6 +175,54 @@ pub fn matvec(w: Mat<'_>, n_in: usize, rows: std::ops::Range<usize>, x: &Rows<'_
     scalar::matvec(w, n_in, len, xs, y, add)
 }
 
+/// Attention scores of the `g` query heads `qs` (`[g, hd]`) against the key rows `keys` (`[s, hd]`, f32 or bf16):
+/// `out[h · s + j] = (q_h · k_j) · scale`. The same bits as [`dot`] per pair (AVX2/FMA in one loop when `hd` is a
+/// multiple of 8, else [`dot`] itself).
+pub fn attn_scores(qs: &[f32], keys: Mat<'_>, hd: usize, s: usize, scale: f32, out: &mut [f32]) {
+    assert!(
+        hd > 0 && qs.len().is_multiple_of(hd) && keys.len() >= s * hd && out.len() >= qs.len() / hd * s,
+        "attn_scores: shapes disagree"
+    );
+    #[cfg(target_arch = "x86_64")]
+    if vector() && hd.is_multiple_of(8) {
+        // SAFETY: the active path is a vector path, so AVX2 and FMA were detected; `qs` holds `g` rows of `hd`,
+        // `keys` at least `s` rows of `hd` and `out` at least `g · s` values (asserted), which bounds every access.
+        unsafe { avx2::attn_scores(qs, keys, hd, s, scale, out) };
+        return;
+    }
+    for (h, q) in qs.chunks_exact(hd).enumerate() {
+        for j in 0..s {
+            out[h * s + j] = dot(q, keys.slice(j * hd..(j + 1) * hd)) * scale;
+        }
+    }
+}
+
+/// Attention outputs of `g` heads: `out[h] = Σⱼ ws[h · s + j] · v_j` (`out` `[g, hd]`, `values` `[s, hd]`, f32 or
+/// bf16), positions with a zero weight skipped. The same bits as zeroing `out[h]` and calling [`axpy`] once per
+/// position with a non-zero weight (AVX2/FMA with the columns held in registers when `hd` is a multiple of 8).
+pub fn attn_values(ws: &[f32], values: Mat<'_>, hd: usize, s: usize, out: &mut [f32]) {
+    assert!(
+        hd > 0 && out.len().is_multiple_of(hd) && ws.len() >= out.len() / hd * s && values.len() >= s * hd,
+        "attn_values: shapes disagree"
+    );
+    #[cfg(target_arch = "x86_64")]
+    if vector() && hd.is_multiple_of(8) {
+        // SAFETY: the active path is a vector path, so AVX2 and FMA were detected; `out` holds `g` rows of `hd`,
+        // `ws` at least `g · s` weights and `values` at least `s` rows of `hd` (asserted), which bounds every
+        // access.
+        unsafe { avx2::attn_values(ws, values, hd, s, out) };
+        return;
+    }
+    for (h, dst) in out.chunks_exact_mut(hd).enumerate() {
+        dst.fill(0.0);
+        for (j, &w) in ws[h * s..(h + 1) * s].iter().enumerate() {
+            if w != 0.0 {
+                axpy(dst, w, values.slice(j * hd..(j + 1) * hd));
+            }
+        }
+    }
+}
+
 /// Dot product of `a` with the first `a.len()` values of `b` (f32, or bf16 widened; AVX2/FMA when available).
 pub fn dot(a: &[f32], b: Mat<'_>) -> f32 {
     assert!(b.len() >= a.len(), "dot: second operand too short");
@@ -265,6 +313,58 @@ mod tests {
                 for i in 0..n {
                     assert_eq!(y[i], a[i] + 0.5 * wide[i], "axpy, n = {n}");
                     assert_eq!(out[i], a[i] * 1.5 * wide[i], "scale_mul, n = {n}");
+                }
+            }
+        }
+    }
+
+    /// The grouped attention loops give the same bits as a [`dot`] per (head, position) and zeroing plus an
+    /// [`axpy`] per non-zero weight (what the decode step did before), for f32 and bf16 caches, head widths on and
+    /// off the fast path, 1–4 heads per key/value head, and weights with zeros; and both equal the f64 sums.
+    #[test]
+    fn grouped_attention_equals_a_dot_and_an_axpy_per_position() {
+        for hd in [4usize, 8, 24, 64, 72, 128, 256] {
+            for g in 1..=4usize {
+                for s in [1usize, 5, 37] {
+                    let qs = data(g * hd, 11);
+                    let kv = data(s * hd, 12);
+                    let bits: Vec<u16> = kv.iter().map(|v| (v.to_bits() >> 16) as u16).collect();
+                    let wide: Vec<f32> = bits.iter().map(|&h| f32::from_bits(u32::from(h) << 16)).collect();
+                    // Weights in [0, 1) with every third one zero.
+                    let ws: Vec<f32> = data(g * s, 13)
+                        .iter()
+                        .enumerate()
+                        .map(|(k, w)| if k % 3 == 1 { 0.0 } else { w.abs() })
+                        .collect();
+                    for (mat, f) in [(Mat::F32(&kv), &kv), (Mat::Bf16(&bits), &wide)] {
+                        let mut scores = vec![f32::NAN; g * s];
+                        attn_scores(&qs, mat, hd, s, 0.125, &mut scores);
+                        let mut out = vec![f32::NAN; g * hd];
+                        attn_values(&ws, mat, hd, s, &mut out);
+                        for h in 0..g {
+                            let q = &qs[h * hd..(h + 1) * hd];
+                            let mut want = vec![0f32; hd];
+                            for j in 0..s {
+                                let row = mat.slice(j * hd..(j + 1) * hd);
+                                let sc = scores[h * s + j];
+                                assert_eq!(sc.to_bits(), (dot(q, row) * 0.125).to_bits(), "score hd {hd} g {g} s {s}");
+                                let exact: f64 =
+                                    q.iter().zip(&f[j * hd..]).map(|(a, b)| f64::from(*a) * f64::from(*b)).sum();
+                                assert!((f64::from(sc) - exact * 0.125).abs() < 1e-5, "score vs f64, hd {hd}");
+                                let w = ws[h * s + j];
+                                if w != 0.0 {
+                                    axpy(&mut want, w, row);
+                                }
+                            }
+                            for c in 0..hd {
+                                let got = out[h * hd + c];
+                                assert_eq!(got.to_bits(), want[c].to_bits(), "value hd {hd} g {g} s {s} col {c}");
+                                let exact: f64 =
+                                    (0..s).map(|j| f64::from(ws[h * s + j]) * f64::from(f[j * hd + c])).sum();
+                                assert!((f64::from(got) - exact).abs() < 1e-5, "value vs f64, hd {hd}");
+                            }
+                        }
+                    }
                 }
             }
         }
