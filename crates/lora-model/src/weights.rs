@@ -257,7 +257,7 @@ fn copy_out(
 /// Asks the kernel to back the fresh allocation at `base` (`len` bytes) with transparent huge pages where it
 /// allows them on request (`madvise` mode): filling gigabytes of new memory then takes 2 MB page faults instead of
 /// 4 KB ones. Only the whole 2 MB pages inside the range are advised; small tensors are left alone.
-fn huge_pages(base: *mut u8, len: usize) {
+pub(crate) fn huge_pages(base: *mut u8, len: usize) {
     #[cfg(target_os = "linux")]
     {
         const HUGE: usize = 2 << 20;

@@ -316,7 +316,22 @@ impl Llama {
         if self.devices.output() != Device::Cpu {
             return Ok(None);
         }
-        let logits = self.lm_head(&self.final_norm(x)?)?.f_contiguous()?;
+        let normed = self.final_norm(x)?;
+        let w = self.lm_head.as_ref().or(self.tied_head.as_ref()).unwrap_or(&self.embed);
+        let softcap = self.config.gemma3.as_ref().and_then(|g| g.final_logit_softcapping);
+        let (rows, width) = (normed.size().first().copied().unwrap_or(0), normed.size().last().copied().unwrap_or(0));
+        let logits = if normed.kind() == Kind::Float && w.kind() == Kind::Float && softcap.is_none() && rows > 0 {
+            // The logits of every lens row at once are hundreds of MB (992 rows of SmolLM2: 195 MB): fresh memory
+            // that the product would fill 4 KB page fault by page fault. Backing it with huge pages first made the
+            // probe ≈ 4 % faster (`probe_profile`, alternating runs). The same product as `lm_head` (`x Wᵀ` by
+            // libtorch's BLAS).
+            let vocab = w.size().first().copied().unwrap_or(0);
+            let out = Tensor::f_empty([rows, vocab], (Kind::Float, Device::Cpu))?;
+            crate::weights::huge_pages(out.data_ptr() as *mut u8, (rows * vocab) as usize * 4);
+            normed.f_view([rows, width])?.f_mm_out(&out, &w.f_transpose(0, 1)?)?
+        } else {
+            self.lm_head(&normed)?.f_contiguous()?
+        };
         let vocab = logits.size().get(1).copied().unwrap_or(0) as usize;
         // SAFETY: aliasing: `logits` was made just above by the LM head (and `contiguous`, which returns it or a
         // copy); no other handle, view or clone of its storage exists, and it outlives `values`, which is only
