@@ -10,11 +10,14 @@ use crate::error::{ProbeError, Result};
 /// placed on `device`. Returns them with `T`.
 ///
 /// ```
+/// # fn main() -> Result<(), Box<dyn std::error::Error>> {
 /// use lora_probe::scoring::left_padded;
-/// let (ids, att, t) = left_padded(&[vec![5, 6, 7], vec![8]], 0, lora_model::tch::Device::Cpu).unwrap();
+/// let (ids, att, t) = left_padded(&[vec![5, 6, 7], vec![8]], 0, lora_model::tch::Device::Cpu)?;
 /// assert_eq!(t, 3);
-/// assert_eq!(Vec::<i64>::try_from(ids.view([-1])).unwrap(), [5, 6, 7, 0, 0, 8]);
-/// assert_eq!(Vec::<i64>::try_from(att.view([-1])).unwrap(), [1, 1, 1, 0, 0, 1]);
+/// assert_eq!(Vec::<i64>::try_from(ids.view([-1]))?, [5, 6, 7, 0, 0, 8]);
+/// assert_eq!(Vec::<i64>::try_from(att.view([-1]))?, [1, 1, 1, 0, 0, 1]);
+/// # Ok(())
+/// # }
 /// ```
 pub fn left_padded(rows: &[Vec<i64>], pad: i64, device: lora_model::tch::Device) -> Result<(Tensor, Tensor, usize)> {
     let t = rows.iter().map(Vec::len).max().unwrap_or(0);

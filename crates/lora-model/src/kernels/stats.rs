@@ -29,9 +29,12 @@ pub struct SoftmaxStats {
 /// A message when the shapes disagree or a target is outside `0..vocab`.
 ///
 /// ```
-/// let stats = lora_model::kernels::softmax_stats(&[0.0, 0.0, f32::NEG_INFINITY, 2.0f32.ln()], 4, &[3]).unwrap();
+/// # fn main() -> Result<(), String> {
+/// let stats = lora_model::kernels::softmax_stats(&[0.0, 0.0, f32::NEG_INFINITY, 2.0f32.ln()], 4, &[3])?;
 /// assert!((stats[0].target_prob - 0.5).abs() < 1e-6);
 /// assert_eq!(stats[0].rank, 1.0);
+/// # Ok(())
+/// # }
 /// ```
 pub fn softmax_stats(logits: &[f32], vocab: usize, targets: &[i64]) -> Result<Vec<SoftmaxStats>, String> {
     if vocab == 0 || logits.len() != vocab * targets.len() {
