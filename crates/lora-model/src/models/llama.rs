@@ -301,7 +301,7 @@ impl Llama {
         let w = self.lm_head.as_ref().or(self.tied_head.as_ref()).unwrap_or(&self.embed);
         let logits = match crate::kernels::small_linear(normed, w, None, None)? {
             Some(y) => y.f_to_kind(Kind::Float)?,
-            None => normed.f_linear::<Tensor>(w, None)?.f_to_kind(Kind::Float)?,
+            None => head_product(normed, w)?,
         };
         match self.config.gemma3.as_ref().and_then(|g| g.final_logit_softcapping) {
             Some(cap) => gemma3::softcap(logits, cap),
@@ -316,22 +316,7 @@ impl Llama {
         if self.devices.output() != Device::Cpu {
             return Ok(None);
         }
-        let normed = self.final_norm(x)?;
-        let w = self.lm_head.as_ref().or(self.tied_head.as_ref()).unwrap_or(&self.embed);
-        let softcap = self.config.gemma3.as_ref().and_then(|g| g.final_logit_softcapping);
-        let (rows, width) = (normed.size().first().copied().unwrap_or(0), normed.size().last().copied().unwrap_or(0));
-        let logits = if normed.kind() == Kind::Float && w.kind() == Kind::Float && softcap.is_none() && rows > 0 {
-            // The logits of every lens row at once are hundreds of MB (992 rows of SmolLM2: 195 MB): fresh memory
-            // that the product would fill 4 KB page fault by page fault. Backing it with huge pages first made the
-            // probe ≈ 4 % faster (`probe_profile`, alternating runs). The same product as `lm_head` (`x Wᵀ` by
-            // libtorch's BLAS).
-            let vocab = w.size().first().copied().unwrap_or(0);
-            let out = Tensor::f_empty([rows, vocab], (Kind::Float, Device::Cpu))?;
-            crate::weights::huge_pages(out.data_ptr() as *mut u8, (rows * vocab) as usize * 4);
-            normed.f_view([rows, width])?.f_mm_out(&out, &w.f_transpose(0, 1)?)?
-        } else {
-            self.lm_head(&normed)?.f_contiguous()?
-        };
+        let logits = self.lm_head(&self.final_norm(x)?)?.f_contiguous()?;
         let vocab = logits.size().get(1).copied().unwrap_or(0) as usize;
         // SAFETY: aliasing: `logits` was made just above by the LM head (and `contiguous`, which returns it or a
         // copy); no other handle, view or clone of its storage exists, and it outlives `values`, which is only
@@ -656,4 +641,27 @@ impl Llama {
         }
         out
     }
+}
+
+/// `normed Wᵀ` (the LM head's product for more rows than the kernels take) in f32 by libtorch's BLAS. On the CPU
+/// without autograd, f32 logits are written into memory advised to transparent huge pages first: the logits of many
+/// rows are hundreds of MB (a probe batch's lens on SmolLM2: 992 rows, 195 MB) of fresh memory that the product
+/// would otherwise fill 4 KB page fault by page fault (≈ 4 % of a probe batch, `probe_profile` in alternating runs).
+fn head_product(normed: &Tensor, w: &Tensor) -> Result<Tensor> {
+    let shape = normed.size();
+    let width = shape.last().copied().unwrap_or(0);
+    let vocab = w.size().first().copied().unwrap_or(0);
+    let rows = if width > 0 { normed.numel() as i64 / width } else { 0 };
+    let plain_f32 = normed.kind() == Kind::Float && w.kind() == Kind::Float && normed.device() == Device::Cpu;
+    if plain_f32 && !normed.requires_grad() && !w.requires_grad() && rows > 0 {
+        let out = Tensor::f_empty([rows, vocab], (Kind::Float, Device::Cpu))?;
+        crate::weights::huge_pages(out.data_ptr() as *mut u8, (rows * vocab) as usize * 4);
+        let y = normed.f_reshape([rows, width])?.f_mm_out(&out, &w.f_transpose(0, 1)?)?;
+        let mut logits_shape = shape;
+        if let Some(last) = logits_shape.last_mut() {
+            *last = vocab;
+        }
+        return Ok(y.f_view(logits_shape.as_slice())?);
+    }
+    Ok(normed.f_linear::<Tensor>(w, None)?.f_to_kind(Kind::Float)?)
 }
