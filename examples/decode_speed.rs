@@ -7,8 +7,9 @@
 //!     [--compare-libtorch] [--bandwidth-only]
 //! ```
 //! The LoRA adapter is random, rank `r` on all seven projections of every block (what the speed goals were
-//! stated for). The cap is the measured read bandwidth (sum over a 512 MiB tensor with libtorch's threads) divided
-//! by the bytes of weights one decode step streams (every projection, the LM head, LoRA A/B where active).
+//! stated for). The cap is the measured read bandwidth (sum over a 512 MiB tensor on huge pages, as the weights
+//! are, with libtorch's threads) divided by the bytes of weights one decode step streams (every projection, the LM
+//! head, LoRA A/B where active).
 //! `--compare-libtorch` adds rows with the fused decode kernels switched off (libtorch's BLAS for every product);
 //! `--bandwidth-only` prints the measured read bandwidth and stops.
 use std::path::Path;
@@ -84,9 +85,11 @@ fn decode(m: &Llama, mask: &LayerMask, tokens: i64) -> Result<f64> {
     Ok(tokens as f64 / t.elapsed().as_secs_f64())
 }
 
-/// Read bandwidth in bytes/s: the median of 5 sums over a 512 MiB f32 tensor.
+/// Read bandwidth in bytes/s: the median of 5 sums over a 512 MiB f32 tensor on huge pages.
 fn bandwidth() -> Result<f64> {
-    let big = Tensor::f_ones([128 << 20], (Kind::Float, Device::Cpu))?;
+    // On huge pages, as the model's weights are (`weights::empty_on_huge_pages`): the cap of the same memory.
+    let mut big = lora_boundary::model::weights::empty_on_huge_pages(&[128 << 20], Kind::Float)?;
+    let _ = big.f_fill_(1.0)?;
     let mut v: Vec<f64> = (0..5)
         .map(|_| {
             let t = Instant::now();

@@ -577,6 +577,22 @@ impl Run<'_> {
         let vocab = self.model.config().vocab_size;
         match self.config.sampling {
             Sampling::Greedy => {
+                if let Some(host) = host_logits(logits, rows.len(), vocab) {
+                    // SAFETY: aliasing: `logits` is the step's own output, held only by the caller, which neither
+                    // writes it nor hands out a view of it while this shared slice lives. Threads: the slice is read
+                    // on this thread only and dropped before `choose` returns.
+                    if let Some(values) = unsafe { crate::kernels::borrow(host) } {
+                        let mut out = Vec::with_capacity(rows.len());
+                        for r in 0..rows.len() {
+                            let row = values.slice(r * vocab..(r + 1) * vocab);
+                            let crate::kernels::Mat::F32(row) = row else { break };
+                            out.push(greedy(row).ok_or_else(non_finite)? as i64);
+                        }
+                        if out.len() == rows.len() {
+                            return Ok(out);
+                        }
+                    }
+                }
                 // arg-max picks a NaN or +inf if there is one, so checking the chosen logits (one per row, not the
                 // whole vocabulary) catches every case, off the decode step's hot path.
                 let idx = logits.f_argmax(-1, true)?;
@@ -631,6 +647,42 @@ impl Run<'_> {
     }
 }
 
+/// `logits` when they are a contiguous f32 CPU tensor `[rows, vocab]` (what decode steps and prefills hand back
+/// on the CPU), for [`greedy`] to read in place.
+fn host_logits(logits: &Tensor, rows: usize, vocab: usize) -> Option<&Tensor> {
+    let ok = logits.device() == tch::Device::Cpu
+        && logits.kind() == Kind::Float
+        && logits.size() == [rows as i64, vocab as i64]
+        && logits.is_contiguous()
+        && !logits.requires_grad();
+    ok.then_some(logits)
+}
+
+/// The index of the largest logit, the first one on ties (as `torch.argmax`), or `None` when a logit is NaN or
+/// the largest is +inf (garbage either way). Two passes over the row: the maximum (sixteen lanes, which the
+/// compiler vectorises) with a NaN flag, then its first position.
+fn greedy(row: &[f32]) -> Option<usize> {
+    let mut lanes = [f32::NEG_INFINITY; 16];
+    let mut nan = false;
+    let chunks = row.chunks_exact(16);
+    let tail = chunks.remainder();
+    for c in chunks {
+        for (m, &v) in lanes.iter_mut().zip(c) {
+            nan |= v.is_nan();
+            *m = if v > *m { v } else { *m };
+        }
+    }
+    let mut max = lanes.iter().copied().fold(f32::NEG_INFINITY, f32::max);
+    for &v in tail {
+        nan |= v.is_nan();
+        max = if v > max { v } else { max };
+    }
+    if nan || max == f32::INFINITY {
+        return None;
+    }
+    row.iter().position(|&v| v == max)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -649,6 +701,26 @@ mod tests {
             seen[sample_row(&[1.0; 4], 1.0, 1.0, &mut rng) as usize] = true;
         }
         assert!(seen.iter().all(|&s| s));
+    }
+
+    #[test]
+    fn greedy_matches_torch_argmax() {
+        let _g = tch::no_grad_guard();
+        tch::manual_seed(3);
+        for n in [1i64, 15, 16, 17, 49_152, 100_003] {
+            let t = Tensor::randn([4, n], (Kind::Float, tch::Device::Cpu));
+            // Ties: the row's first maximum is copied further on.
+            t.narrow(1, n - 1, 1).copy_(&t.amax([1], true));
+            let want = Vec::<i64>::try_from(t.argmax(-1, false)).unwrap();
+            let host = Vec::<f32>::try_from(t.view([-1])).unwrap();
+            for (r, w) in want.iter().enumerate() {
+                let row = &host[r * n as usize..(r + 1) * n as usize];
+                assert_eq!(greedy(row), Some(*w as usize), "n = {n}, row {r}");
+            }
+        }
+        assert_eq!(greedy(&[1.0, f32::NAN, 0.0]), None, "NaN");
+        assert_eq!(greedy(&[1.0, f32::INFINITY]), None, "+inf");
+        assert_eq!(greedy(&[f32::NEG_INFINITY, -1.0]), Some(1));
     }
 
     #[test]

@@ -679,6 +679,49 @@ impl GgufFile {
     /// Supports F32, F16, BF16, Q4_0, Q4_1, Q5_0, Q5_1, Q8_0, Q2_K, Q3_K, Q4_K, Q5_K and Q6_K;
     /// the values are bit-identical to gguf-py's `gguf.quants.dequantize`.
     pub fn dequantize(&self, name: &str) -> Result<(Vec<f32>, Vec<usize>)> {
+        let shape = self.dequantized_shape(name)?;
+        let mut out = vec![0f32; shape.iter().product()];
+        self.dequantize_into(name, &mut out)?;
+        Ok((out, shape))
+    }
+
+    /// The shape (PyTorch order) [`GgufFile::dequantize`] gives a tensor, after checking that this reader decodes
+    /// its type and that its stored size matches.
+    ///
+    /// # Errors
+    /// As [`GgufFile::dequantize`].
+    pub fn dequantized_shape(&self, name: &str) -> Result<Vec<usize>> {
+        self.decoder_for(name).map(|(_, shape)| shape)
+    }
+
+    /// [`GgufFile::dequantize`] into `out`, which must hold exactly the tensor's values (see
+    /// [`GgufFile::dequantized_shape`]): for a caller that owns the destination (a tensor's memory), so the values
+    /// are written once.
+    ///
+    /// # Errors
+    /// As [`GgufFile::dequantize`], and [`ModelError::Gguf`] when `out` has another length.
+    pub fn dequantize_into(&self, name: &str, out: &mut [f32]) -> Result<()> {
+        let ((decode, block, size), shape) = self.decoder_for(name)?;
+        let n: usize = shape.iter().product();
+        if out.len() != n {
+            return Err(self.err(format!("tensor `{name}`: {n} values, the destination holds {}", out.len())));
+        }
+        let mapped = self.tensor_range(name)?;
+        let bytes = &self.mmap[mapped.clone()]; // ok: tensor_range checks the range lies inside the map
+        if block == 1 {
+            decode(bytes, out);
+        } else {
+            for (y, b) in out.chunks_exact_mut(block).zip(bytes.chunks_exact(size)) {
+                decode(b, y);
+            }
+        }
+        crate::weights::release_pages(&self.mmap, mapped);
+        Ok(())
+    }
+
+    /// The block decoder of a tensor (with its block length and stored block size) and its shape, once the
+    /// stored size is checked against both.
+    fn decoder_for(&self, name: &str) -> Result<((BlockDecoder, usize, usize), Vec<usize>)> {
         let t = self.info_or_err(name)?;
         let (decode, (block, size)) = match (t.ggml_type.decoder(), t.ggml_type.block_layout()) {
             (Some(d), Some(l)) => (d, l),
@@ -690,23 +733,12 @@ impl GgufFile {
                 )))
             }
         };
-        let mapped = self.tensor_range(name)?;
-        let bytes = &self.mmap[mapped.clone()]; // ok: tensor_range checks the range lies inside the map
+        let stored = self.tensor_range(name)?.len();
         let shape = t.shape().ok_or_else(|| self.err(format!("tensor `{name}`: dimensions do not fit in memory")))?;
         let n = shape.iter().try_fold(1usize, |a, &d| a.checked_mul(d));
-        let n = n
-            .filter(|&n| n / block * size == bytes.len() && n % block == 0)
+        n.filter(|&n| n / block * size == stored && n % block == 0)
             .ok_or_else(|| self.err(format!("tensor `{name}`: size does not match its type")))?;
-        let mut out = vec![0f32; n];
-        if block == 1 {
-            decode(bytes, &mut out);
-        } else {
-            for (y, b) in out.chunks_exact_mut(block).zip(bytes.chunks_exact(size)) {
-                decode(b, y);
-            }
-        }
-        crate::weights::release_pages(&self.mmap, mapped);
-        Ok((out, shape))
+        Ok(((decode, block, size), shape))
     }
 }
 

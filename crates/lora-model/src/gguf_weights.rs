@@ -3,13 +3,14 @@
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
 
-use tch::Tensor;
+use tch::{Device, Kind, Tensor};
 
 use crate::config::{HfConfig, ModelConfig};
 use crate::error::{ModelError, Result};
 use crate::gguf::{gguf_chat_template, gguf_tokenizer, hf_tensor_name_for, GgufFile, GgufSpecialTokens};
+use crate::kernels::borrow_f32_mut;
 use crate::tokenizer::{ChatTemplate, Tokenizer};
-use crate::weights::WeightSource;
+use crate::weights::{check_finite, empty_on_huge_pages, layer_of, WeightSource};
 
 /// A GGUF file seen through HF tensor names.
 pub struct GgufWeights {
@@ -51,12 +52,17 @@ impl WeightSource for GgufWeights {
     }
 
     fn load(&self, name: &str, expected: Option<&[i64]>) -> Result<Tensor> {
+        self.load_as(name, expected, None)
+    }
+
+    /// Dequantises straight into the memory of a new f32 tensor on huge pages (one write per value), counting
+    /// non-finite values on the way, then converts to `kind` when it is another floating kind.
+    fn load_as(&self, name: &str, expected: Option<&[i64]>, kind: Option<Kind>) -> Result<Tensor> {
         let gguf_name = self
             .names
             .get(name)
             .ok_or_else(|| ModelError::MissingTensor { name: name.to_string(), file: self.origin.clone() })?;
-        let (_, data, shape) = self.file.load_hf_tensor(gguf_name)?;
-        let shape: Vec<i64> = shape.iter().map(|&d| d as i64).collect();
+        let shape: Vec<i64> = self.file.dequantized_shape(gguf_name)?.iter().map(|&d| d as i64).collect();
         if let Some(exp) = expected {
             if exp != shape.as_slice() {
                 return Err(ModelError::TensorShape {
@@ -67,7 +73,45 @@ impl WeightSource for GgufWeights {
                 });
             }
         }
-        Ok(Tensor::from_slice(&data).f_view(shape.as_slice())?)
+        let convert = kind.is_some_and(|k| k != Kind::Float);
+        // Converted to another kind, the f32 values are a transient: never carved from a load's arena, whose
+        // chunks would keep it alive beside the weight.
+        let mut t = if convert {
+            Tensor::f_empty(&shape, (Kind::Float, Device::Cpu))?
+        } else {
+            empty_on_huge_pages(&shape, Kind::Float)?
+        };
+        let bad = {
+            // SAFETY: aliasing: `t` was created just above and has no other handle or view, and it is not touched
+            // otherwise until `out` is gone at the end of this block. Threads: `out` lives on this thread only.
+            let out = unsafe { borrow_f32_mut(&mut t) }.ok_or_else(|| {
+                ModelError::InvalidArgument(format!("{name}: a new f32 tensor is not a contiguous CPU tensor"))
+            })?;
+            self.file.load_hf_tensor_into(gguf_name, out)?;
+            out.iter().filter(|v| !v.is_finite()).count() as u64
+        };
+        if bad > 0 {
+            return Err(ModelError::NonFinite {
+                name: name.into(),
+                layer: layer_of(name),
+                file: self.origin.clone(),
+                count: bad,
+            });
+        }
+        match kind {
+            Some(k) if k != Kind::Float => {
+                let mut to = empty_on_huge_pages(&shape, k)?;
+                to.f_copy_(&t)?;
+                // A narrower kind may overflow (f16 past 65504).
+                check_finite(&to, name, &self.origin)?;
+                Ok(to)
+            }
+            _ => Ok(t),
+        }
+    }
+
+    fn checks_finite(&self) -> bool {
+        true
     }
 }
 

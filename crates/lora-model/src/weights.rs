@@ -196,7 +196,7 @@ fn copy_out(
 ) -> Result<(Tensor, u64)> {
     use std::os::unix::fs::FileExt;
     let mut bad = 0u64;
-    let t = Tensor::f_empty(shape, (kind, Device::Cpu))?;
+    let t = empty_on_huge_pages(shape, kind)?;
     let elt = file_kind.elt_size_in_bytes();
     let n = range.end - range.start;
     if t.numel() * elt != n {
@@ -206,7 +206,6 @@ fn copy_out(
         // Same type: read straight into the tensor's memory, one copy (kernel → tensor), chunk by chunk so the
         // prefetch readers are paced.
         let base = t.data_ptr().cast::<u8>();
-        huge_pages(base, n);
         let mut done = 0usize;
         while done < n {
             let len = COPY_CHUNK.min(n - done);
@@ -254,13 +253,218 @@ fn copy_out(
     Ok((t, bad))
 }
 
+/// A new, uninitialised contiguous CPU tensor on memory advised onto transparent huge pages (2 MB) before
+/// anything touched it: what every CPU weight is loaded into. Within a model's load a tensor of up to a quarter
+/// of a 64 MB chunk is carved out of a shared chunk (64-byte aligned, starting on a 2 MB boundary) rather than
+/// allocated alone, so that a model's many small matrices (SmolLM2's are 0.4–3.5 MB) lie on huge pages too; a
+/// thread faults the next chunk in while the current one fills. The decode kernels stream weights on huge pages
+/// faster (fewer TLB misses, no 4 KB page-boundary stops for the hardware prefetchers): batch-1 decode of
+/// SmolLM2 7–12 % (f32) and 10–14 % (bf16) faster on the Xeon VM of `docs/performance.md`. Where the kernel allows
+/// huge pages only on request (`madvise` mode) this is the request; where it refuses them, plain pages are used.
+///
+/// # Errors
+/// [`ModelError::Torch`] when libtorch cannot allocate the tensor.
+///
+/// ```
+/// use lora_model::tch::Kind;
+/// let t = lora_model::weights::empty_on_huge_pages(&[1024, 1024], Kind::Float)?;
+/// assert_eq!(t.size(), [1024, 1024]);
+/// # Ok::<(), lora_model::ModelError>(())
+/// ```
+pub fn empty_on_huge_pages(shape: &[i64], kind: Kind) -> Result<Tensor> {
+    let n = shape.iter().try_fold(1i64, |a, &d| if d < 0 { None } else { a.checked_mul(d) });
+    let bytes = n.and_then(|n| n.checked_mul(kind.elt_size_in_bytes() as i64));
+    if let Some(bytes) = bytes.filter(|&b| b > 0 && b <= ARENA_CHUNK / 4) {
+        if let Some(t) = ARENA.with(|a| a.borrow_mut().as_mut().map(|a| a.carve(bytes, shape, kind))) {
+            return t;
+        }
+    }
+    let t = Tensor::f_empty(shape, (kind, Device::Cpu))?;
+    huge_pages(t.data_ptr().cast::<u8>(), t.numel() * kind.elt_size_in_bytes());
+    Ok(t)
+}
+
+/// Whether weights and large buffers go on huge pages: yes unless `LORA_BOUNDARY_HUGE_PAGES` is `off` or `0`
+/// (read once). On a VM that hands freed memory back to its host (virtio free page reporting) a fresh huge page
+/// costs the host's faults as well (about 2 ms per 2 MB page on the Xeon VM of `docs/performance.md`: +0.6–1.1 s
+/// to load SmolLM2 in f32), which a short run may not win back in decoding.
+fn huge_pages_wanted() -> bool {
+    static WANTED: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
+    *WANTED.get_or_init(|| {
+        !std::env::var("LORA_BOUNDARY_HUGE_PAGES").is_ok_and(|v| v.eq_ignore_ascii_case("off") || v == "0")
+    })
+}
+
+/// Bytes of a transparent huge page (x86-64 and most aarch64 kernels).
+const HUGE_PAGE: usize = 2 << 20;
+
+/// Bytes of one chunk of a weight arena ([`empty_on_huge_pages`]).
+const ARENA_CHUNK: i64 = 64 << 20;
+
+thread_local! {
+    /// The weight arena of this thread's [`arena_scope`], if one is open.
+    static ARENA: std::cell::RefCell<Option<Arena>> = const { std::cell::RefCell::new(None) };
+}
+
+/// The chunk weights are being carved from: a byte tensor on huge pages, and how much of it is taken. Each carved
+/// weight is a view of the chunk, which libtorch keeps alive for as long as any of them lives.
+struct Arena {
+    chunk: Option<Tensor>,
+    used: usize,
+    /// Where the chunk's usable bytes end.
+    end: i64,
+    /// Bytes of weights the scope still expects beyond the chunks taken so far.
+    left: i64,
+    /// The next chunk, being faulted in by a background thread while this one fills.
+    next: Option<std::thread::JoinHandle<Tensor>>,
+}
+
+impl Arena {
+    /// A `shape`/`kind` view of the next `bytes` (64-byte aligned) of the chunk, with a new chunk when this one
+    /// is full.
+    fn carve(&mut self, bytes: i64, shape: &[i64], kind: Kind) -> Result<Tensor> {
+        let mut at = self.used.next_multiple_of(64);
+        if self.chunk.is_none() || at as i64 + bytes > self.end {
+            let ready = match self.next.take().map(std::thread::JoinHandle::join) {
+                Some(Ok(c)) if usable(&c) >= bytes => Some(c),
+                _ => None,
+            };
+            let c = match ready {
+                Some(c) => c,
+                None => new_chunk(bytes.max(self.chunk_len()))?,
+            };
+            // Weights start at the chunk's first 2 MB boundary (it has a huge page to spare for that), so that
+            // every one of them lies on huge pages.
+            at = (c.data_ptr() as usize).next_multiple_of(HUGE_PAGE) - c.data_ptr() as usize;
+            self.end = at as i64 + usable(&c);
+            self.left -= usable(&c);
+            self.chunk = Some(c);
+            self.prepare_next();
+        }
+        let chunk = self.chunk.as_ref().ok_or_else(|| ModelError::InvalidArgument("weight arena: no chunk".into()))?;
+        let view = chunk.f_narrow(0, at as i64, bytes)?.f_view_dtype(kind)?.f_view(shape)?;
+        self.used = at + bytes as usize;
+        Ok(view)
+    }
+
+    /// Usable bytes of the next chunk: what is still expected, in whole huge pages, at most [`ARENA_CHUNK`].
+    fn chunk_len(&self) -> i64 {
+        (self.left.clamp(1, ARENA_CHUNK) as u64).next_multiple_of(HUGE_PAGE as u64) as i64
+    }
+
+    /// While more weights are expected, has a thread fault in the next chunk's pages: on a VM a fresh huge page
+    /// costs its zeroing plus the host's own faults (about 2 ms per 2 MB page on the Xeon VM of
+    /// `docs/performance.md`), which the loading thread would otherwise wait for.
+    fn prepare_next(&mut self) {
+        if self.left <= 0 || self.next.is_some() || !huge_pages_wanted() {
+            return;
+        }
+        let Ok(c) = new_chunk(self.chunk_len()) else { return };
+        self.next = std::thread::Builder::new()
+            .name("lora-weight-pages".into())
+            .spawn(move || {
+                populate(&c);
+                c
+            })
+            .ok();
+    }
+}
+
+/// Usable bytes of an arena chunk (all but the huge page kept for alignment).
+fn usable(chunk: &Tensor) -> i64 {
+    chunk.numel() as i64 - HUGE_PAGE as i64
+}
+
+/// A new arena chunk with `len` usable bytes (plus a huge page for alignment), advised onto huge pages.
+fn new_chunk(len: i64) -> Result<Tensor> {
+    let len = len + HUGE_PAGE as i64;
+    let c = Tensor::f_empty([len], (Kind::Uint8, Device::Cpu))?;
+    huge_pages(c.data_ptr().cast::<u8>(), len as usize);
+    Ok(c)
+}
+
+/// Faults in every page of `t` (a fresh CPU tensor) for writing, without writing to it (`MADV_POPULATE_WRITE`,
+/// Linux 5.14+; elsewhere nothing happens and the pages fault in when first written).
+fn populate(t: &Tensor) {
+    #[cfg(target_os = "linux")]
+    {
+        // madvise takes whole 4 KB pages: those inside the storage.
+        let (base, len) = (t.data_ptr() as usize, t.numel() * t.kind().elt_size_in_bytes());
+        let (start, end) = (base.next_multiple_of(4096), (base + len) / 4096 * 4096);
+        if end <= start {
+            return;
+        }
+        // SAFETY: the range lies inside `t`'s storage. MADV_POPULATE_WRITE only maps the pages (a fresh anonymous
+        // page reads as zeros before and after), so no reader or writer of the memory can observe it (aliasing);
+        // the caller owns `t` and lets nobody else use it until this returns (threads).
+        let _ = unsafe { libc::madvise(start as *mut libc::c_void, end - start, libc::MADV_POPULATE_WRITE) };
+    }
+    #[cfg(not(target_os = "linux"))]
+    let _ = t;
+}
+
+/// `t` copied onto huge pages ([`empty_on_huge_pages`], carved from the open arena if any) when it is a CPU
+/// tensor without autograd; `t` itself otherwise.
+pub(crate) fn onto_huge_pages(t: Tensor) -> Result<Tensor> {
+    if t.device() != Device::Cpu || t.requires_grad() {
+        return Ok(t);
+    }
+    let mut to = empty_on_huge_pages(&t.size(), t.kind())?;
+    to.f_copy_(&t)?;
+    Ok(to)
+}
+
+/// While the returned guard lives, [`empty_on_huge_pages`] on this thread carves weights out of shared chunks
+/// (a model's load opens one, with `expected` the bytes of weights it will carve, so that the chunks are faulted
+/// in ahead on another thread). Dropping it lets go of the arena's last chunk (the weights carved from it keep
+/// it alive); a scope opened inside another changes nothing.
+pub(crate) fn arena_scope(expected: u64) -> ArenaScope {
+    let opened = ARENA.with(|a| {
+        let mut a = a.borrow_mut();
+        if a.is_some() {
+            return false;
+        }
+        let mut arena =
+            Arena { chunk: None, used: 0, end: 0, left: i64::try_from(expected).unwrap_or(i64::MAX), next: None };
+        arena.prepare_next();
+        *a = Some(arena);
+        true
+    });
+    ArenaScope { opened, _thread: std::marker::PhantomData }
+}
+
+/// Runs `f` with this thread's arena (if any) set aside, so that what it allocates is not carved.
+fn without_arena<T>(f: impl FnOnce() -> T) -> T {
+    let saved = ARENA.with(|a| a.borrow_mut().take());
+    let out = f();
+    if saved.is_some() {
+        ARENA.with(|a| *a.borrow_mut() = saved);
+    }
+    out
+}
+
+/// The guard of [`arena_scope`] (bound to its thread).
+pub(crate) struct ArenaScope {
+    opened: bool,
+    _thread: std::marker::PhantomData<*const ()>,
+}
+
+impl Drop for ArenaScope {
+    fn drop(&mut self) {
+        if self.opened {
+            // A chunk still being faulted in is left to its thread, which frees it when done.
+            let _ = ARENA.try_with(|a| a.borrow_mut().take());
+        }
+    }
+}
+
 /// Asks the kernel to back the fresh allocation at `base` (`len` bytes) with transparent huge pages where it
 /// allows them on request (`madvise` mode): filling gigabytes of new memory then takes 2 MB page faults instead of
 /// 4 KB ones. Only the whole 2 MB pages inside the range are advised; small tensors are left alone.
 pub(crate) fn huge_pages(base: *mut u8, len: usize) {
     #[cfg(target_os = "linux")]
-    {
-        const HUGE: usize = 2 << 20;
+    if huge_pages_wanted() {
+        const HUGE: usize = HUGE_PAGE;
         let start = (base as usize).div_ceil(HUGE) * HUGE;
         let end = (base as usize + len) / HUGE * HUGE;
         if end > start {
@@ -504,7 +708,8 @@ pub(crate) fn load_placed(src: &dyn WeightSource, name: &str, shape: &[i64], pla
     let t = if place.device == Device::Cpu {
         src.load_as(name, Some(shape), Some(place.kind))?
     } else {
-        src.load(name, Some(shape))?
+        // A CPU transient on its way to the device: not carved from the load's arena, whose chunk would keep it.
+        without_arena(|| src.load(name, Some(shape)))?
     };
     if !src.checks_finite() {
         check_finite(&t, name, src.origin())?;
@@ -670,6 +875,60 @@ pub fn layer_of(name: &str) -> Option<usize> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// Inside an arena scope weights are views of shared chunks: each with its shape and kind, 64-byte aligned,
+    /// none overlapping another, alive after the scope closes; a nested scope changes nothing; a tensor larger
+    /// than a quarter chunk and any tensor outside a scope get storage of their own.
+    #[test]
+    fn arena_carves_disjoint_aligned_weights() {
+        let _g = tch::no_grad_guard();
+        let shapes: [(&[i64], Kind); 5] = [
+            (&[576, 576], Kind::Float),
+            (&[3], Kind::Float),
+            (&[192, 576], Kind::BFloat16),
+            (&[1536, 576], Kind::Float),
+            (&[5, 7], Kind::Half),
+        ];
+        let expected: u64 = 3 * ARENA_CHUNK as u64;
+        let mut made = Vec::new();
+        {
+            let _arena = arena_scope(expected);
+            let _inner = arena_scope(0);
+            for _ in 0..20 {
+                for &(shape, kind) in &shapes {
+                    made.push(empty_on_huge_pages(shape, kind).unwrap());
+                }
+            }
+            let own = empty_on_huge_pages(&[ARENA_CHUNK / 4 / 4 + 1], Kind::Float).unwrap();
+            let last = made.last().map_or(0, |t| t.data_ptr() as usize);
+            assert_ne!(own.data_ptr() as usize, last.next_multiple_of(64), "a large tensor is not carved");
+        }
+        let mut spans: Vec<(usize, usize)> = Vec::new();
+        let mut adjacent = 0;
+        for (i, t) in made.iter_mut().enumerate() {
+            let (shape, kind) = shapes[i % shapes.len()];
+            assert_eq!((t.size().as_slice(), t.kind()), (shape, kind));
+            assert!(t.is_contiguous());
+            let base = t.data_ptr() as usize;
+            assert_eq!(base % 64, 0, "tensor {i} is 64-byte aligned");
+            if spans.last().is_some_and(|&(_, end)| end.next_multiple_of(64) == base) {
+                adjacent += 1;
+            }
+            spans.push((base, base + t.numel() * kind.elt_size_in_bytes()));
+            let _ = t.fill_(i as f64);
+        }
+        spans.sort_unstable();
+        assert!(spans.windows(2).all(|w| w[0].1 <= w[1].0), "carved tensors never overlap");
+        assert!(adjacent >= made.len() / 2, "tensors are carved one after another from shared chunks ({adjacent})");
+        for (i, t) in made.iter().enumerate() {
+            // Integers below 256 are exact in every kind used here.
+            let all = t.eq(i as f64).all().int64_value(&[]);
+            assert_eq!(all, 1, "tensor {i} keeps its own values after the scope closed");
+        }
+        let alone = empty_on_huge_pages(&[16, 16], Kind::Float).unwrap();
+        let next = spans.iter().map(|s| s.1.next_multiple_of(64)).any(|a| a == alone.data_ptr() as usize);
+        assert!(!next, "outside a scope a tensor is not carved after the last one");
+    }
 
     /// The bit-pattern count equals libtorch's `isfinite` on values of every float kind, special values included
     /// (NaN, ±inf, ±0, subnormals, the largest finite value).

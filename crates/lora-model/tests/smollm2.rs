@@ -10,7 +10,7 @@ use std::collections::HashMap;
 use std::path::PathBuf;
 use std::sync::{Mutex, MutexGuard, OnceLock};
 
-use lora_model::tch::{Kind, Tensor};
+use lora_model::tch::{Device, Kind, Tensor};
 use lora_model::{
     generate, gguf_tokenizer_for, ChatMessage, ForwardOptions, GenerationConfig, LayerMask, Llama, Placement,
     PromptFormat, Tokenizer, WeightSource,
@@ -161,4 +161,26 @@ fn greedy_generation_equals_transformers() {
     }
     let (single, _) = generate(&model(), Some(&tk), &prompts[..1], &cfg, &LayerMask::all()).unwrap();
     assert_eq!(single[0].token_ids, ids(&r["greedy_ids"][0]));
+}
+
+/// A model's weights are carved one after another out of shared chunks on huge pages
+/// (`weights::empty_on_huge_pages`), at most a norm's few bytes apart. A bf16 load converts through f32
+/// transients, which must not be carved in between: the chunk would keep them alive beside the weights (three
+/// times a bf16 model's memory).
+#[test]
+fn weights_lie_back_to_back_in_f32_and_bf16() {
+    for kind in [Kind::Float, Kind::BFloat16] {
+        let m = Llama::load(gguf(), Placement { device: Device::Cpu, kind }).unwrap();
+        let elt = kind.elt_size_in_bytes();
+        let spans: Vec<(usize, usize)> = m
+            .projections()
+            .map(|(_, _, p)| {
+                let start = p.weight.data_ptr() as usize;
+                (start, start + p.weight.numel() * elt)
+            })
+            .collect();
+        let close = spans.windows(2).filter(|w| w[1].0 >= w[0].1 && w[1].0 - w[0].1 < 8 << 10).count();
+        let pairs = spans.len() - 1;
+        assert!(close * 10 >= pairs * 9, "{kind:?}: {close} of {pairs} projections lie right after the previous one");
+    }
 }

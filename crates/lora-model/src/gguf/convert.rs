@@ -117,15 +117,29 @@ impl GgufFile {
     /// stores Gemma's `1 + w`, HF holds `w`). Returns the HF name with the data and the shape
     /// (PyTorch order).
     pub fn load_hf_tensor(&self, gguf_name: &str) -> Result<(String, Vec<f32>, Vec<usize>)> {
+        let shape = self.dequantized_shape(gguf_name)?;
+        let mut data = vec![0f32; shape.iter().product()];
+        let hf = self.load_hf_tensor_into(gguf_name, &mut data)?;
+        Ok((hf, data, shape))
+    }
+
+    /// [`GgufFile::load_hf_tensor`] into `out`, which must hold exactly the tensor's values (its shape is
+    /// [`GgufFile::dequantized_shape`]); returns the HF name. The values are written into `out` once (a Llama
+    /// query or key weight is un-permuted through one copy of itself).
+    ///
+    /// # Errors
+    /// As [`GgufFile::load_hf_tensor`], and [`ModelError::Gguf`](crate::ModelError::Gguf) when `out` has another
+    /// length.
+    pub fn load_hf_tensor_into(&self, gguf_name: &str, out: &mut [f32]) -> Result<String> {
         let arch = self.get_str("general.architecture")?;
         let hf = hf_tensor_name_for(arch, gguf_name)
             .ok_or_else(|| self.err(format!("tensor `{gguf_name}` has no Hugging Face name")))?;
-        let (mut data, shape) = self.dequantize(gguf_name)?;
+        self.dequantize_into(gguf_name, out)?;
         if arch == "gemma3" {
             if hf.ends_with("norm.weight") {
-                data.iter_mut().for_each(|v| *v -= 1.0);
+                out.iter_mut().for_each(|v| *v -= 1.0);
             }
-            return Ok((hf, data, shape));
+            return Ok(hf);
         }
         let kind = if gguf_name.contains(".attn_q.") {
             Some(QkKind::Query)
@@ -135,15 +149,17 @@ impl GgufFile {
             None
         };
         let Some(kind) = kind else {
-            return Ok((hf, data, shape));
+            return Ok(hf);
         };
         let n_head = self.get_u64(&format!("{arch}.attention.head_count"))?;
         let n_kv = self.get_u64_opt(&format!("{arch}.attention.head_count_kv"))?.unwrap_or(n_head);
         let heads = if kind == QkKind::Query { n_head } else { n_kv };
         let heads =
             usize::try_from(heads).map_err(|_| self.err(format!("head count {heads} does not fit in memory")))?;
-        let data = unpermute_qk(&data, &shape, heads).map_err(|e| self.err(format!("tensor `{gguf_name}`: {e}")))?;
-        Ok((hf, data, shape))
+        let shape = self.dequantized_shape(gguf_name)?;
+        let data = unpermute_qk(out, &shape, heads).map_err(|e| self.err(format!("tensor `{gguf_name}`: {e}")))?;
+        out.copy_from_slice(&data);
+        Ok(hf)
     }
 }
 

@@ -92,7 +92,10 @@ fn tensor_linear(
     }
     let xf = x.f_to_kind(Kind::Float)?.f_contiguous()?;
     let xv = Vec::<f32>::try_from(xf.f_view([-1])?)?;
-    let rows: Vec<&[f32]> = xv.chunks_exact(n_in as usize).collect();
+    // On a cache line, as the decode step's activations are (see `pool::Buf`).
+    let mut aligned = pool::take(xv.len());
+    aligned.copy_from_slice(&xv);
+    let rows: Vec<&[f32]> = aligned.chunks_exact(n_in as usize).collect();
     let n_out = weight.size().first().copied().unwrap_or(0).max(0) as usize;
     let mut y = vec![0f32; rows.len() * n_out];
     if !linear_rows_on(path, usize::MAX, &[Linear { weight, bias, lora }], &rows, &mut [&mut y])? {

@@ -22,6 +22,7 @@ use super::llama::Block;
 use super::{ForwardOptions, ForwardOutput, KvCache, Llama, Logits};
 use crate::config::LayerType;
 use crate::error::{ModelError, Result};
+use crate::kernels::pool::Buf;
 use crate::kernels::{self, borrow, LoraPart, Mat, MAX_ROWS};
 use crate::lora::LoraLinear;
 use crate::mask::Module;
@@ -93,24 +94,26 @@ struct Step<'a> {
     opts: &'a ForwardOptions<'a>,
 }
 
-/// The activations of one block, allocated once per step and reused by every block.
+/// The activations of one block, taken once per step and reused by every block. Each starts on a cache line
+/// ([`kernels::pool::Buf`]), and so does each of its rows when the width is a multiple of 16 values: the
+/// projections' vector loads of them never straddle two lines.
 struct Scratch {
     /// The normed input of the attention, then of the MLP.
-    n: Vec<f32>,
-    q: Vec<f32>,
-    k: Vec<f32>,
-    v: Vec<f32>,
+    n: Buf,
+    q: Buf,
+    k: Buf,
+    v: Buf,
     /// Attention output, `[rows, heads · head_dim]`.
-    att: Vec<f32>,
-    o: Vec<f32>,
-    gate: Vec<f32>,
-    up: Vec<f32>,
-    down: Vec<f32>,
+    att: Buf,
+    o: Buf,
+    gate: Buf,
+    up: Buf,
+    down: Buf,
 }
 
 impl Scratch {
     fn new(rows: usize, h: usize, q: usize, kv: usize, inter: usize) -> Self {
-        let z = |n: usize| vec![0f32; rows * n];
+        let z = |n: usize| kernels::pool::zeros(rows * n);
         Scratch { n: z(h), q: z(q), k: z(kv), v: z(kv), att: z(q), o: z(h), gate: z(inter), up: z(inter), down: z(h) }
     }
 }
@@ -229,7 +232,7 @@ impl Llama {
             Logits::All | Logits::Last => {
                 // SAFETY: as for the embedding above: a weight of `&self`, only read while the slice lives.
                 let norm = unsafe { norm_scale(&self.norm, "model.norm.weight") }?;
-                let mut normed = vec![0f32; rows * h];
+                let mut normed = kernels::pool::zeros(rows * h);
                 rms_norm(&x, norm, c.rms_norm_eps, h, &mut normed);
                 let head = self.lm_head.as_ref().unwrap_or(&self.embed);
                 let xs: Vec<&[f32]> = normed.chunks_exact(h).collect();
@@ -246,7 +249,7 @@ impl Llama {
                         None => l,
                     }
                 } else {
-                    let n = Tensor::from_slice(&normed).f_view([b, h as i64])?.f_to_kind(kind)?;
+                    let n = Tensor::from_slice(&normed[..]).f_view([b, h as i64])?.f_to_kind(kind)?;
                     self.lm_head(&n)?
                 };
                 Some(if opts.logits == Logits::All { l.f_unsqueeze(1)? } else { l })
@@ -358,11 +361,11 @@ impl Llama {
         };
         if gemma.is_some() {
             rms_norm(&sc.o, post_norm, eps, h, &mut sc.n);
-            for (xv, nv) in x.iter_mut().zip(&sc.n) {
+            for (xv, nv) in x.iter_mut().zip(sc.n.iter()) {
                 *xv += nv;
             }
         } else {
-            for (xv, ov) in x.iter_mut().zip(&sc.o) {
+            for (xv, ov) in x.iter_mut().zip(sc.o.iter()) {
                 *xv += ov;
             }
         }
@@ -386,12 +389,12 @@ impl Llama {
         match gemma {
             Some((_, post_ff)) => {
                 rms_norm(&sc.down, post_ff, eps, h, &mut sc.n);
-                for (xv, nv) in x.iter_mut().zip(&sc.n) {
+                for (xv, nv) in x.iter_mut().zip(sc.n.iter()) {
                     *xv += nv;
                 }
             }
             None => {
-                for (xv, dv) in x.iter_mut().zip(&sc.down) {
+                for (xv, dv) in x.iter_mut().zip(sc.down.iter()) {
                     *xv += dv;
                 }
             }

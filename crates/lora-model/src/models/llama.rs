@@ -205,6 +205,11 @@ impl Llama {
                 c.num_layers
             )));
         }
+        // CPU weights carved out of shared chunks on huge pages (see `weights::empty_on_huge_pages`).
+        let fp = crate::device_map::Footprint::of(c, kind);
+        let cpu_blocks: u64 =
+            (0..c.num_layers).filter(|&i| map.block(i) == Device::Cpu).filter_map(|i| fp.blocks.get(i)).sum();
+        let _arena = crate::weights::arena_scope(cpu_blocks + if map.output() == Device::Cpu { fp.head } else { 0 });
         // A dtype a device cannot run is refused by name before any weight is read.
         for (i, &d) in map.devices().iter().enumerate() {
             if !map.devices()[..i].contains(&d) {
