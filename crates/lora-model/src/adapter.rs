@@ -563,17 +563,12 @@ pub fn load_adapter(model: &mut Llama, dir: impl AsRef<Path>) -> Result<AdapterI
             }
         }
     }
-    // The A and B of blocks on the CPU side by side on huge pages, as the base weights are (see
-    // `weights::empty_on_huge_pages`).
-    let on_cpu = plan.iter().filter(|p| model.device_map().block(p.0) == tch::Device::Cpu);
-    let cpu_bytes: u64 = on_cpu.map(|p| ((p.4.numel() + p.5.numel()) * kind.elt_size_in_bytes()) as u64 + 128).sum();
-    let _arena = crate::weights::arena_scope(cpu_bytes);
     for (l, m, r, scaling, a, b) in plan {
         params_per_layer[l] += (a.numel() + b.numel()) as u64;
         let device = model.device_map().block(l);
         let lw = LoraWeights {
-            a: crate::weights::onto_huge_pages(a.f_to_device(device)?.f_to_kind(kind)?)?,
-            b: crate::weights::onto_huge_pages(b.f_to_device(device)?.f_to_kind(kind)?)?,
+            a: a.f_to_device(device)?.f_to_kind(kind)?,
+            b: b.f_to_device(device)?.f_to_kind(kind)?,
             scaling,
             dropout: cfg.lora_dropout,
             merged: false,

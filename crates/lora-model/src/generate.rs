@@ -659,7 +659,7 @@ fn host_logits(logits: &Tensor, rows: usize, vocab: usize) -> Option<&Tensor> {
 }
 
 /// The index of the largest logit, the first one on ties (as `torch.argmax`), or `None` when a logit is NaN or
-/// the largest is +inf (garbage either way). Two passes over the row: the maximum (sixteen lanes, which the
+/// the largest is infinite (+inf, or a row of −inf: garbage either way). Two passes over the row: the maximum (sixteen lanes, which the
 /// compiler vectorises) with a NaN flag, then its first position.
 fn greedy(row: &[f32]) -> Option<usize> {
     let mut lanes = [f32::NEG_INFINITY; 16];
@@ -677,7 +677,8 @@ fn greedy(row: &[f32]) -> Option<usize> {
         nan |= v.is_nan();
         max = if v > max { v } else { max };
     }
-    if nan || max == f32::INFINITY {
+    // An all −inf row has no choice either (the libtorch path refuses it too: its chosen logit is not finite).
+    if nan || max.is_infinite() {
         return None;
     }
     row.iter().position(|&v| v == max)
@@ -721,6 +722,7 @@ mod tests {
         assert_eq!(greedy(&[1.0, f32::NAN, 0.0]), None, "NaN");
         assert_eq!(greedy(&[1.0, f32::INFINITY]), None, "+inf");
         assert_eq!(greedy(&[f32::NEG_INFINITY, -1.0]), Some(1));
+        assert_eq!(greedy(&[f32::NEG_INFINITY; 3]), None, "all −inf");
     }
 
     #[test]

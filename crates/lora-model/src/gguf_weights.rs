@@ -55,7 +55,8 @@ impl WeightSource for GgufWeights {
         self.load_as(name, expected, None)
     }
 
-    /// Dequantises straight into the memory of a new f32 tensor on huge pages (one write per value), counting
+    /// Dequantises straight into the memory of a new f32 tensor on huge pages (one write per value; Llama's query
+    /// and key weights are un-permuted through one copy), counting
     /// non-finite values on the way, then converts to `kind` when it is another floating kind.
     fn load_as(&self, name: &str, expected: Option<&[i64]>, kind: Option<Kind>) -> Result<Tensor> {
         let gguf_name = self
@@ -82,8 +83,10 @@ impl WeightSource for GgufWeights {
             empty_on_huge_pages(&shape, Kind::Float)?
         };
         let bad = {
-            // SAFETY: aliasing: `t` was created just above and has no other handle or view, and it is not touched
-            // otherwise until `out` is gone at the end of this block. Threads: `out` lives on this thread only.
+            // SAFETY: aliasing: `t` was created just above; when it was carved from a load's arena its chunk is
+            // shared with other weights, but their byte ranges never overlap `t`'s, and `t` itself is not touched
+            // otherwise until `out` is gone at the end of this block. Threads: `out` lives on this thread only, and
+            // a load's other weights are not reachable from other threads while it runs.
             let out = unsafe { borrow_f32_mut(&mut t) }.ok_or_else(|| {
                 ModelError::InvalidArgument(format!("{name}: a new f32 tensor is not a contiguous CPU tensor"))
             })?;

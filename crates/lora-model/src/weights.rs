@@ -210,9 +210,11 @@ fn copy_out(
         while done < n {
             let len = COPY_CHUNK.min(n - done);
             // SAFETY: `t` was allocated above as a contiguous CPU tensor of exactly `n` bytes (checked), so
-            // `base + done .. + len` lies inside its storage. Aliasing: `t` has no other view yet (nothing else has
-            // seen it), so this is the only access to those bytes while the slice lives. Threads: the slice lives
-            // within this loop iteration on this thread only.
+            // `base + done .. + len` lies inside its storage. Aliasing: `t` is new; when it was carved from a load's
+            // arena, its chunk is shared with other weights, but their byte ranges never overlap `t`'s (the arena
+            // hands out each byte once), so this is the only access to those bytes while the slice lives. Threads:
+            // the slice lives within this loop iteration on this thread only, and a load's other weights are not
+            // reachable from other threads while it runs.
             let buf = unsafe { std::slice::from_raw_parts_mut(base.add(done), len) };
             file.read_exact_at(buf, (range.start + done) as u64)
                 .map_err(|e| ModelError::InvalidArgument(format!("reading: {e}")))?;
@@ -263,7 +265,7 @@ fn copy_out(
 /// huge pages only on request (`madvise` mode) this is the request; where it refuses them, plain pages are used.
 ///
 /// # Errors
-/// [`ModelError::Torch`] when libtorch cannot allocate the tensor.
+/// [`ModelError::Torch`] when libtorch cannot allocate the tensor or view it with `shape`.
 ///
 /// ```
 /// use lora_model::tch::Kind;
@@ -274,8 +276,9 @@ fn copy_out(
 pub fn empty_on_huge_pages(shape: &[i64], kind: Kind) -> Result<Tensor> {
     let n = shape.iter().try_fold(1i64, |a, &d| if d < 0 { None } else { a.checked_mul(d) });
     let bytes = n.and_then(|n| n.checked_mul(kind.elt_size_in_bytes() as i64));
-    if let Some(bytes) = bytes.filter(|&b| b > 0 && b <= ARENA_CHUNK / 4) {
-        if let Some(t) = ARENA.with(|a| a.borrow_mut().as_mut().map(|a| a.carve(bytes, shape, kind))) {
+    if let Some(bytes) = bytes.filter(|&b| b > 0 && carvable(b as u64)) {
+        let carved = ARENA.try_with(|a| a.try_borrow_mut().ok()?.as_mut().map(|a| a.carve(bytes, shape, kind)));
+        if let Ok(Some(t)) = carved {
             return t;
         }
     }
@@ -301,6 +304,12 @@ const HUGE_PAGE: usize = 2 << 20;
 /// Bytes of one chunk of a weight arena ([`empty_on_huge_pages`]).
 const ARENA_CHUNK: i64 = 64 << 20;
 
+/// Whether a tensor of `bytes` is carved out of an open arena (larger ones get storage of their own): what a
+/// caller of [`arena_scope`] counts in its `expected` bytes.
+pub(crate) fn carvable(bytes: u64) -> bool {
+    bytes <= ARENA_CHUNK as u64 / 4
+}
+
 thread_local! {
     /// The weight arena of this thread's [`arena_scope`], if one is open.
     static ARENA: std::cell::RefCell<Option<Arena>> = const { std::cell::RefCell::new(None) };
@@ -323,7 +332,12 @@ impl Arena {
     /// A `shape`/`kind` view of the next `bytes` (64-byte aligned) of the chunk, with a new chunk when this one
     /// is full.
     fn carve(&mut self, bytes: i64, shape: &[i64], kind: Kind) -> Result<Tensor> {
-        let mut at = self.used.next_multiple_of(64);
+        // 64-byte aligned by address (the chunk's own alignment is the allocator's business).
+        let aligned = |c: &Tensor, used: usize| {
+            let base = c.data_ptr() as usize;
+            (base + used).next_multiple_of(64) - base
+        };
+        let mut at = self.chunk.as_ref().map_or(0, |c| aligned(c, self.used));
         if self.chunk.is_none() || at as i64 + bytes > self.end {
             let ready = match self.next.take().map(std::thread::JoinHandle::join) {
                 Some(Ok(c)) if usable(&c) >= bytes => Some(c),
@@ -363,7 +377,8 @@ impl Arena {
         self.next = std::thread::Builder::new()
             .name("lora-weight-pages".into())
             .spawn(move || {
-                populate(&c);
+                let start = (c.data_ptr() as usize).next_multiple_of(HUGE_PAGE);
+                populate(start, start + usable(&c) as usize);
                 c
             })
             .ok();
@@ -383,35 +398,41 @@ fn new_chunk(len: i64) -> Result<Tensor> {
     Ok(c)
 }
 
-/// Faults in every page of `t` (a fresh CPU tensor) for writing, without writing to it (`MADV_POPULATE_WRITE`,
-/// Linux 5.14+; elsewhere nothing happens and the pages fault in when first written).
-fn populate(t: &Tensor) {
+/// Faults in the pages of `start..end` (inside a chunk this thread owns) for writing, without writing to them
+/// (`MADV_POPULATE_WRITE`, Linux 5.14+; elsewhere nothing happens and the pages fault in when first written).
+fn populate(start: usize, end: usize) {
     #[cfg(target_os = "linux")]
     {
-        // madvise takes whole 4 KB pages: those inside the storage.
-        let (base, len) = (t.data_ptr() as usize, t.numel() * t.kind().elt_size_in_bytes());
-        let (start, end) = (base.next_multiple_of(4096), (base + len) / 4096 * 4096);
+        // madvise takes whole 4 KB pages: those inside the range.
+        let (start, end) = (start.next_multiple_of(4096), end / 4096 * 4096);
         if end <= start {
             return;
         }
-        // SAFETY: the range lies inside `t`'s storage. MADV_POPULATE_WRITE only maps the pages (a fresh anonymous
-        // page reads as zeros before and after), so no reader or writer of the memory can observe it (aliasing);
-        // the caller owns `t` and lets nobody else use it until this returns (threads).
+        // SAFETY: the range lies inside a chunk that the calling thread owns and that nobody else reads or writes
+        // until it is handed over (threads). MADV_POPULATE_WRITE maps the pages as a write would but never changes
+        // what they hold, so no reader of the memory could observe it even if there were one (aliasing).
         let _ = unsafe { libc::madvise(start as *mut libc::c_void, end - start, libc::MADV_POPULATE_WRITE) };
     }
     #[cfg(not(target_os = "linux"))]
-    let _ = t;
+    let _ = (start, end);
 }
 
-/// `t` copied onto huge pages ([`empty_on_huge_pages`], carved from the open arena if any) when it is a CPU
-/// tensor without autograd; `t` itself otherwise.
-pub(crate) fn onto_huge_pages(t: Tensor) -> Result<Tensor> {
-    if t.device() != Device::Cpu || t.requires_grad() {
-        return Ok(t);
+/// Gives the whole 2 MB pages of `chunk` past `used` (never carved, so no view covers them) back to the system.
+fn release_tail(chunk: &Tensor, used: usize) {
+    #[cfg(target_os = "linux")]
+    {
+        let base = chunk.data_ptr() as usize;
+        let (start, end) = ((base + used).next_multiple_of(HUGE_PAGE), (base + chunk.numel()) / HUGE_PAGE * HUGE_PAGE);
+        if end > start {
+            // SAFETY: aliasing: every view carved from the chunk lies below `base + used` ≤ `start`, and the arena
+            // hands out nothing more once it lets go of the chunk, so no Rust or libtorch handle reads or writes
+            // `start..end`; MADV_DONTNEED on it only drops pages nobody can see. Threads: the chunk is owned by
+            // this thread's arena (no other thread has it).
+            let _ = unsafe { libc::madvise(start as *mut libc::c_void, end - start, libc::MADV_DONTNEED) };
+        }
     }
-    let mut to = empty_on_huge_pages(&t.size(), t.kind())?;
-    to.f_copy_(&t)?;
-    Ok(to)
+    #[cfg(not(target_os = "linux"))]
+    let _ = (chunk, used);
 }
 
 /// While the returned guard lives, [`empty_on_huge_pages`] on this thread carves weights out of shared chunks
@@ -419,8 +440,8 @@ pub(crate) fn onto_huge_pages(t: Tensor) -> Result<Tensor> {
 /// in ahead on another thread). Dropping it lets go of the arena's last chunk (the weights carved from it keep
 /// it alive); a scope opened inside another changes nothing.
 pub(crate) fn arena_scope(expected: u64) -> ArenaScope {
-    let opened = ARENA.with(|a| {
-        let mut a = a.borrow_mut();
+    let opened = ARENA.try_with(|a| {
+        let Ok(mut a) = a.try_borrow_mut() else { return false };
         if a.is_some() {
             return false;
         }
@@ -430,15 +451,19 @@ pub(crate) fn arena_scope(expected: u64) -> ArenaScope {
         *a = Some(arena);
         true
     });
-    ArenaScope { opened, _thread: std::marker::PhantomData }
+    ArenaScope { opened: opened.unwrap_or(false), _thread: std::marker::PhantomData }
 }
 
 /// Runs `f` with this thread's arena (if any) set aside, so that what it allocates is not carved.
 fn without_arena<T>(f: impl FnOnce() -> T) -> T {
-    let saved = ARENA.with(|a| a.borrow_mut().take());
+    let saved = ARENA.try_with(|a| a.try_borrow_mut().ok().and_then(|mut a| a.take())).ok().flatten();
     let out = f();
     if saved.is_some() {
-        ARENA.with(|a| *a.borrow_mut() = saved);
+        let _ = ARENA.try_with(|a| {
+            if let Ok(mut a) = a.try_borrow_mut() {
+                *a = saved;
+            }
+        });
     }
     out
 }
@@ -452,8 +477,12 @@ pub(crate) struct ArenaScope {
 impl Drop for ArenaScope {
     fn drop(&mut self) {
         if self.opened {
-            // A chunk still being faulted in is left to its thread, which frees it when done.
-            let _ = ARENA.try_with(|a| a.borrow_mut().take());
+            // The untouched end of the last chunk goes back; a chunk still being faulted in is left to its thread,
+            // which frees it when done.
+            let arena = ARENA.try_with(|a| a.try_borrow_mut().ok().and_then(|mut a| a.take()));
+            if let Ok(Some(Arena { chunk: Some(c), used, .. })) = arena {
+                release_tail(&c, used);
+            }
         }
     }
 }
@@ -900,8 +929,10 @@ mod tests {
                 }
             }
             let own = empty_on_huge_pages(&[ARENA_CHUNK / 4 / 4 + 1], Kind::Float).unwrap();
-            let last = made.last().map_or(0, |t| t.data_ptr() as usize);
+            let last = made.last().map_or(0, |t| t.data_ptr() as usize + t.numel() * t.kind().elt_size_in_bytes());
             assert_ne!(own.data_ptr() as usize, last.next_multiple_of(64), "a large tensor is not carved");
+            let next = empty_on_huge_pages(&[4], Kind::Float).unwrap();
+            assert_eq!(next.data_ptr() as usize, last.next_multiple_of(64), "small tensors go on being carved");
         }
         let mut spans: Vec<(usize, usize)> = Vec::new();
         let mut adjacent = 0;

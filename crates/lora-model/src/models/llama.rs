@@ -205,17 +205,30 @@ impl Llama {
                 c.num_layers
             )));
         }
-        // CPU weights carved out of shared chunks on huge pages (see `weights::empty_on_huge_pages`).
-        let fp = crate::device_map::Footprint::of(c, kind);
-        let cpu_blocks: u64 =
-            (0..c.num_layers).filter(|&i| map.block(i) == Device::Cpu).filter_map(|i| fp.blocks.get(i)).sum();
-        let _arena = crate::weights::arena_scope(cpu_blocks + if map.output() == Device::Cpu { fp.head } else { 0 });
         // A dtype a device cannot run is refused by name before any weight is read.
         for (i, &d) in map.devices().iter().enumerate() {
             if !map.devices()[..i].contains(&d) {
                 crate::dtype_support::check_dtype(d, kind)?;
             }
         }
+        // CPU weights carved out of shared chunks on huge pages (see `weights::empty_on_huge_pages`); the arena is
+        // told the bytes of the tensors it will carve, so that it faults in no chunk beyond them.
+        let elt = kind.elt_size_in_bytes() as u64;
+        let carved = |n: u64| if crate::weights::carvable(n * elt) { n * elt } else { 0 };
+        let h = c.hidden_size as u64;
+        let per_block: u64 = crate::mask::Module::ALL
+            .iter()
+            .filter_map(|m| c.projection_shape(m.hf_name()))
+            .map(|(out, inp)| carved(out as u64 * inp as u64))
+            .sum::<u64>()
+            + 4 * carved(h);
+        let cpu_blocks = (0..c.num_layers).filter(|&i| map.block(i) == Device::Cpu).count() as u64;
+        let head = if map.output() == Device::Cpu {
+            carved(h) + if c.tie_word_embeddings { 0 } else { carved(c.vocab_size as u64 * h) }
+        } else {
+            0
+        };
+        let _arena = crate::weights::arena_scope(cpu_blocks * per_block + head);
         src.prefetch();
         let (h, v) = (c.hidden_size as i64, c.vocab_size as i64);
         let on = |device: Device| Weights::new(src, Placement { device, kind });
