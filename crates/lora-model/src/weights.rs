@@ -325,7 +325,14 @@ struct Arena {
     /// Bytes of weights the scope still expects beyond the chunks taken so far.
     left: i64,
     /// The next chunk, being faulted in by a background thread while this one fills.
-    next: Option<std::thread::JoinHandle<Tensor>>,
+    next: Option<NextChunk>,
+}
+
+/// A chunk being faulted in by its own thread, which hands it back when done.
+struct NextChunk {
+    thread: std::thread::JoinHandle<Tensor>,
+    /// The addresses of its usable bytes.
+    range: std::ops::Range<usize>,
 }
 
 impl Arena {
@@ -339,9 +346,19 @@ impl Arena {
         };
         let mut at = self.chunk.as_ref().map_or(0, |c| aligned(c, self.used));
         if self.chunk.is_none() || at as i64 + bytes > self.end {
-            let ready = match self.next.take().map(std::thread::JoinHandle::join) {
-                Some(Ok(c)) if usable(&c) >= bytes => Some(c),
-                _ => None,
+            let ready = match self.next.take() {
+                Some(next) => {
+                    if !next.thread.is_finished() {
+                        // Still faulting: this thread faults the back half in meanwhile (pages the helper reaches
+                        // afterwards are already mapped), so both cores share the host's faults.
+                        populate(next.range.start + next.range.len() / 2, next.range.end);
+                    }
+                    match next.thread.join() {
+                        Ok(c) if usable(&c) >= bytes => Some(c),
+                        _ => None,
+                    }
+                }
+                None => None,
             };
             let c = match ready {
                 Some(c) => c,
@@ -374,14 +391,14 @@ impl Arena {
             return;
         }
         let Ok(c) = new_chunk(self.chunk_len()) else { return };
-        self.next = std::thread::Builder::new()
-            .name("lora-weight-pages".into())
-            .spawn(move || {
-                let start = (c.data_ptr() as usize).next_multiple_of(HUGE_PAGE);
-                populate(start, start + usable(&c) as usize);
-                c
-            })
-            .ok();
+        let start = (c.data_ptr() as usize).next_multiple_of(HUGE_PAGE);
+        let range = start..start + usable(&c) as usize;
+        let faulted = range.clone();
+        let thread = std::thread::Builder::new().name("lora-weight-pages".into()).spawn(move || {
+            populate(faulted.start, faulted.end);
+            c
+        });
+        self.next = thread.ok().map(|thread| NextChunk { thread, range });
     }
 }
 
@@ -398,8 +415,9 @@ fn new_chunk(len: i64) -> Result<Tensor> {
     Ok(c)
 }
 
-/// Faults in the pages of `start..end` (inside a chunk this thread owns) for writing, without writing to them
-/// (`MADV_POPULATE_WRITE`, Linux 5.14+; elsewhere nothing happens and the pages fault in when first written).
+/// Faults in the pages of `start..end` (inside a chunk of the arena, not yet handed out) for writing, without
+/// writing to them (`MADV_POPULATE_WRITE`, Linux 5.14+; elsewhere nothing happens and the pages fault in when first
+/// written).
 fn populate(start: usize, end: usize) {
     #[cfg(target_os = "linux")]
     {
@@ -408,9 +426,12 @@ fn populate(start: usize, end: usize) {
         if end <= start {
             return;
         }
-        // SAFETY: the range lies inside a chunk that the calling thread owns and that nobody else reads or writes
-        // until it is handed over (threads). MADV_POPULATE_WRITE maps the pages as a write would but never changes
-        // what they hold, so no reader of the memory could observe it even if there were one (aliasing).
+        // SAFETY: the range lies inside an arena chunk that nobody reads or writes before the arena carves it, which
+        // happens only after its faulting thread has been joined; the loading thread may fault part of it at the
+        // same time as that thread, which the kernel serialises per page (threads). MADV_POPULATE_WRITE maps the
+        // pages as a write would but never changes what they hold, so no reader of the memory could observe it even
+        // if there were one (aliasing). Were the chunk freed meanwhile (its thread panicked), the call would only
+        // fail or map pages of whatever reuses the range, without touching their contents.
         let _ = unsafe { libc::madvise(start as *mut libc::c_void, end - start, libc::MADV_POPULATE_WRITE) };
     }
     #[cfg(not(target_os = "linux"))]
