@@ -577,21 +577,16 @@ impl Run<'_> {
         let vocab = self.model.config().vocab_size;
         match self.config.sampling {
             Sampling::Greedy => {
-                if let Some(host) = host_logits(logits, rows.len(), vocab) {
-                    // SAFETY: aliasing: `logits` is the step's own output, held only by the caller, which neither
-                    // writes it nor hands out a view of it while this shared slice lives. Threads: the slice is read
-                    // on this thread only and dropped before `choose` returns.
-                    if let Some(values) = unsafe { crate::kernels::borrow(host) } {
-                        let mut out = Vec::with_capacity(rows.len());
-                        for r in 0..rows.len() {
-                            let row = values.slice(r * vocab..(r + 1) * vocab);
-                            let crate::kernels::Mat::F32(row) = row else { break };
-                            out.push(greedy(row).ok_or_else(non_finite)? as i64);
-                        }
-                        if out.len() == rows.len() {
-                            return Ok(out);
-                        }
-                    }
+                // SAFETY: aliasing: `logits` is the step's own output, held only by the caller, which neither writes
+                // it nor hands out a view of it while this shared slice lives. Threads: the slice is read on this
+                // thread only and dropped before `choose` returns.
+                let host =
+                    if on_host(logits, rows.len(), vocab) { unsafe { crate::kernels::borrow(logits) } } else { None };
+                if let Some(crate::kernels::Mat::F32(all)) = host {
+                    return all
+                        .chunks_exact(vocab)
+                        .map(|row| greedy(row).map(|i| i as i64).ok_or_else(non_finite))
+                        .collect();
                 }
                 // arg-max picks a NaN or +inf if there is one, so checking the chosen logits (one per row, not the
                 // whole vocabulary) catches every case, off the decode step's hot path.
@@ -647,15 +642,15 @@ impl Run<'_> {
     }
 }
 
-/// `logits` when they are a contiguous f32 CPU tensor `[rows, vocab]` (what decode steps and prefills hand back
-/// on the CPU), for [`greedy`] to read in place.
-fn host_logits(logits: &Tensor, rows: usize, vocab: usize) -> Option<&Tensor> {
-    let ok = logits.device() == tch::Device::Cpu
+/// Whether `logits` are a contiguous f32 CPU tensor `[rows, vocab]` (what decode steps and prefills hand back on
+/// the CPU), for [`greedy`] to read in place.
+fn on_host(logits: &Tensor, rows: usize, vocab: usize) -> bool {
+    vocab > 0
+        && logits.device() == tch::Device::Cpu
         && logits.kind() == Kind::Float
         && logits.size() == [rows as i64, vocab as i64]
         && logits.is_contiguous()
-        && !logits.requires_grad();
-    ok.then_some(logits)
+        && !logits.requires_grad()
 }
 
 /// The index of the largest logit, the first one on ties (as `torch.argmax`), or `None` when a logit is NaN or

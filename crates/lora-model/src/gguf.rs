@@ -698,9 +698,11 @@ impl GgufFile {
     /// [`GgufFile::dequantized_shape`]): for a caller that owns the destination (a tensor's memory), so the values
     /// are written once.
     ///
+    /// Returns the tensor's shape (PyTorch order).
+    ///
     /// # Errors
     /// As [`GgufFile::dequantize`], and [`ModelError::Gguf`] when `out` has another length.
-    pub fn dequantize_into(&self, name: &str, out: &mut [f32]) -> Result<()> {
+    pub fn dequantize_into(&self, name: &str, out: &mut [f32]) -> Result<Vec<usize>> {
         let ((decode, block, size), shape) = self.decoder_for(name)?;
         let n: usize = shape.iter().product();
         if out.len() != n {
@@ -716,7 +718,7 @@ impl GgufFile {
             }
         }
         crate::weights::release_pages(&self.mmap, mapped);
-        Ok(())
+        Ok(shape)
     }
 
     /// The block decoder of a tensor (with its block length and stored block size) and its shape, once the

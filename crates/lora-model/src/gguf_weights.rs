@@ -10,7 +10,7 @@ use crate::error::{ModelError, Result};
 use crate::gguf::{gguf_chat_template, gguf_tokenizer, hf_tensor_name_for, GgufFile, GgufSpecialTokens};
 use crate::kernels::borrow_f32_mut;
 use crate::tokenizer::{ChatTemplate, Tokenizer};
-use crate::weights::{check_finite, empty_on_huge_pages, layer_of, WeightSource};
+use crate::weights::{check_finite, empty_on_huge_pages, refuse_non_finite, WeightSource};
 
 /// A GGUF file seen through HF tensor names.
 pub struct GgufWeights {
@@ -78,7 +78,7 @@ impl WeightSource for GgufWeights {
         // Converted to another kind, the f32 values are a transient: never carved from a load's arena, whose
         // chunks would keep it alive beside the weight.
         let mut t = if convert {
-            Tensor::f_empty(&shape, (Kind::Float, Device::Cpu))?
+            Tensor::f_empty(shape.as_slice(), (Kind::Float, Device::Cpu))?
         } else {
             empty_on_huge_pages(&shape, Kind::Float)?
         };
@@ -93,24 +93,13 @@ impl WeightSource for GgufWeights {
             self.file.load_hf_tensor_into(gguf_name, out)?;
             out.iter().filter(|v| !v.is_finite()).count() as u64
         };
-        if bad > 0 {
-            return Err(ModelError::NonFinite {
-                name: name.into(),
-                layer: layer_of(name),
-                file: self.origin.clone(),
-                count: bad,
-            });
-        }
-        match kind {
-            Some(k) if k != Kind::Float => {
-                let mut to = empty_on_huge_pages(&shape, k)?;
-                to.f_copy_(&t)?;
-                // A narrower kind may overflow (f16 past 65504).
-                check_finite(&to, name, &self.origin)?;
-                Ok(to)
-            }
-            _ => Ok(t),
-        }
+        refuse_non_finite(name, &self.origin, bad)?;
+        let Some(k) = kind.filter(|_| convert) else { return Ok(t) };
+        let mut to = empty_on_huge_pages(&shape, k)?;
+        to.f_copy_(&t)?;
+        // A narrower kind may overflow (f16 past 65504).
+        check_finite(&to, name, &self.origin)?;
+        Ok(to)
     }
 
     fn checks_finite(&self) -> bool {

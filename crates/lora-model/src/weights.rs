@@ -282,6 +282,12 @@ pub fn empty_on_huge_pages(shape: &[i64], kind: Kind) -> Result<Tensor> {
             return t;
         }
     }
+    fresh_on_huge_pages(shape, kind)
+}
+
+/// A new, uninitialised contiguous CPU tensor of its own, its memory advised onto huge pages ([`huge_pages`])
+/// before anything touched it (never carved from an arena).
+pub(crate) fn fresh_on_huge_pages(shape: &[i64], kind: Kind) -> Result<Tensor> {
     let t = Tensor::f_empty(shape, (kind, Device::Cpu))?;
     huge_pages(t.data_ptr().cast::<u8>(), t.numel() * kind.elt_size_in_bytes());
     Ok(t)
@@ -409,10 +415,7 @@ fn usable(chunk: &Tensor) -> i64 {
 
 /// A new arena chunk with `len` usable bytes (plus a huge page for alignment), advised onto huge pages.
 fn new_chunk(len: i64) -> Result<Tensor> {
-    let len = len + HUGE_PAGE as i64;
-    let c = Tensor::f_empty([len], (Kind::Uint8, Device::Cpu))?;
-    huge_pages(c.data_ptr().cast::<u8>(), len as usize);
-    Ok(c)
+    fresh_on_huge_pages(&[len + HUGE_PAGE as i64], Kind::Uint8)
 }
 
 /// Faults in the pages of `start..end` (inside a chunk of the arena, not yet handed out) for writing, without
@@ -514,9 +517,8 @@ impl Drop for ArenaScope {
 pub(crate) fn huge_pages(base: *mut u8, len: usize) {
     #[cfg(target_os = "linux")]
     if huge_pages_wanted() {
-        const HUGE: usize = HUGE_PAGE;
-        let start = (base as usize).div_ceil(HUGE) * HUGE;
-        let end = (base as usize + len) / HUGE * HUGE;
+        let start = (base as usize).div_ceil(HUGE_PAGE) * HUGE_PAGE;
+        let end = (base as usize + len) / HUGE_PAGE * HUGE_PAGE;
         if end > start {
             // SAFETY: `start..end` lies inside the caller's allocation (rounded inwards to 2 MB boundaries).
             // MADV_HUGEPAGE changes only how the kernel backs the pages, never their contents, so no Rust or
@@ -719,14 +721,7 @@ impl WeightSource for SafetensorsWeights {
             }
             e => e,
         })?;
-        if bad > 0 {
-            return Err(ModelError::NonFinite {
-                name: name.into(),
-                layer: layer_of(name),
-                file: shard.path.clone(),
-                count: bad,
-            });
-        }
+        refuse_non_finite(name, &shard.path, bad)?;
         Ok(t)
     }
 }
@@ -908,7 +903,15 @@ pub fn check_finite(t: &Tensor, name: &str, file: &Path) -> Result<()> {
     if bad == 0 {
         return Ok(());
     }
-    Err(ModelError::NonFinite { name: name.into(), layer: layer_of(name), file: file.to_path_buf(), count: bad as u64 })
+    refuse_non_finite(name, file, bad as u64)
+}
+
+/// [`ModelError::NonFinite`] for tensor `name` of `file` when `count` of its values are NaN or ±inf.
+pub(crate) fn refuse_non_finite(name: &str, file: &Path, count: u64) -> Result<()> {
+    if count == 0 {
+        return Ok(());
+    }
+    Err(ModelError::NonFinite { name: name.into(), layer: layer_of(name), file: file.to_path_buf(), count })
 }
 
 /// The decoder block a tensor name belongs to (`...layers.N...` or GGUF's `blk.N.`).

@@ -134,7 +134,7 @@ impl GgufFile {
         let arch = self.get_str("general.architecture")?;
         let hf = hf_tensor_name_for(arch, gguf_name)
             .ok_or_else(|| self.err(format!("tensor `{gguf_name}` has no Hugging Face name")))?;
-        self.dequantize_into(gguf_name, out)?;
+        let shape = self.dequantize_into(gguf_name, out)?;
         if arch == "gemma3" {
             if hf.ends_with("norm.weight") {
                 out.iter_mut().for_each(|v| *v -= 1.0);
@@ -156,7 +156,6 @@ impl GgufFile {
         let heads = if kind == QkKind::Query { n_head } else { n_kv };
         let heads =
             usize::try_from(heads).map_err(|_| self.err(format!("head count {heads} does not fit in memory")))?;
-        let shape = self.dequantized_shape(gguf_name)?;
         let data = unpermute_qk(out, &shape, heads).map_err(|e| self.err(format!("tensor `{gguf_name}`: {e}")))?;
         out.copy_from_slice(&data);
         Ok(hf)

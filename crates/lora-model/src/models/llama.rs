@@ -672,8 +672,7 @@ fn head_product(normed: &Tensor, w: &Tensor) -> Result<Tensor> {
     let rows = if width > 0 { normed.numel() as i64 / width } else { 0 };
     let plain_f32 = normed.kind() == Kind::Float && w.kind() == Kind::Float && normed.device() == Device::Cpu;
     if plain_f32 && !normed.requires_grad() && !w.requires_grad() && rows > 0 {
-        let out = Tensor::f_empty([rows, vocab], (Kind::Float, Device::Cpu))?;
-        crate::weights::huge_pages(out.data_ptr() as *mut u8, (rows * vocab) as usize * 4);
+        let out = crate::weights::fresh_on_huge_pages(&[rows, vocab], Kind::Float)?;
         let y = normed.f_reshape([rows, width])?.f_mm_out(&out, &w.f_transpose(0, 1)?)?;
         let mut logits_shape = shape;
         if let Some(last) = logits_shape.last_mut() {
