@@ -459,6 +459,7 @@ pub fn run_pipeline(cfg: &PipelineConfig, place: Placement, mut log: impl FnMut(
     let _bar = progress::begin("search", None, "samples scored");
     let setup = SearchSetup {
         strategy: cfg.strategy,
+        proxy_stride: None,
         seed: cfg.seed,
         range: cfg.range,
         params_per_layer: Some(&info.params_per_layer),

@@ -204,9 +204,11 @@ impl Scorer for GenerationScorer<'_> {
 
 /// Scores keep-through(b) by the teacher-forced mean log-probability of the answer (cheap: no generation).
 ///
-/// The first request for a sample computes it for every candidate boundary at once with
-/// [`answer_logprobs_sweep`] and remembers the results, so ranking all `L` candidates costs about `L / 2 + 1`
-/// forward passes per sample rather than `L`.
+/// [`Scorer::prepare`] computes the boundaries it is given at once with [`answer_logprobs_sweep`] (one full-LoRA
+/// pass, then the blocks above each boundary) and remembers the results; without it, the first request for a
+/// sample computes every candidate boundary at once, so ranking all `L` candidates costs about `L / 2 + 1`
+/// forward passes per sample rather than `L`, and a later request for a sample seen before computes that boundary
+/// alone.
 pub struct ProxyScorer<'a> {
     model: &'a Llama,
     tokenizer: &'a Tokenizer,
@@ -238,30 +240,47 @@ impl<'a> ProxyScorer<'a> {
     }
 }
 
+impl ProxyScorer<'_> {
+    /// Sweeps `boundaries` for `samples` ([`answer_logprobs_sweep`]: one full-LoRA pass for all of them) and
+    /// remembers the results.
+    fn sweep(&mut self, boundaries: &[usize], samples: &[usize]) -> std::result::Result<(), SearchError> {
+        let first = boundaries.first().copied().unwrap_or(0);
+        let chosen = pick(self.samples, samples, first)?;
+        let scores = answer_logprobs_sweep(
+            self.model,
+            self.tokenizer,
+            &chosen,
+            boundaries,
+            &self.prompt_format,
+            self.batch_size,
+        )
+        .map_err(|e| SearchError::Scorer { boundary: first, message: e.to_string() })?;
+        for (b, row) in boundaries.iter().zip(scores) {
+            for (&i, v) in samples.iter().zip(row) {
+                self.cache.insert((*b, i), v);
+            }
+        }
+        Ok(())
+    }
+}
+
 impl Scorer for ProxyScorer<'_> {
     fn score(&mut self, boundary: usize, samples: &[usize]) -> std::result::Result<Vec<f64>, SearchError> {
         let missing: Vec<usize> =
             samples.iter().copied().filter(|&i| !self.cache.contains_key(&(boundary, i))).collect();
         if !missing.is_empty() {
-            let chosen = pick(self.samples, &missing, boundary)?;
-            let mut sweep = self.candidates.clone();
-            if !sweep.contains(&boundary) {
-                sweep.push(boundary);
-            }
-            let scores = answer_logprobs_sweep(
-                self.model,
-                self.tokenizer,
-                &chosen,
-                &sweep,
-                &self.prompt_format,
-                self.batch_size,
-            )
-            .map_err(|e| SearchError::Scorer { boundary, message: e.to_string() })?;
-            for (b, row) in sweep.iter().zip(scores) {
-                for (&i, v) in missing.iter().zip(row) {
-                    self.cache.insert((*b, i), v);
+            // A sample seen before (a prepared sweep) gets this boundary alone; a new one every candidate.
+            let fresh = |i: &usize| !self.cache.keys().any(|(_, s)| s == i);
+            let sweep = if missing.iter().all(fresh) {
+                let mut all = self.candidates.clone();
+                if !all.contains(&boundary) {
+                    all.push(boundary);
                 }
-            }
+                all
+            } else {
+                vec![boundary]
+            };
+            self.sweep(&sweep, &missing)?;
         }
         samples
             .iter()
@@ -273,12 +292,27 @@ impl Scorer for ProxyScorer<'_> {
             })
             .collect()
     }
+
+    /// One sweep over every requested boundary not yet known for some of `samples`.
+    fn prepare(&mut self, boundaries: &[usize], samples: &[usize]) -> std::result::Result<(), SearchError> {
+        let open: Vec<usize> = boundaries
+            .iter()
+            .copied()
+            .filter(|&b| samples.iter().any(|&i| !self.cache.contains_key(&(b, i))))
+            .collect();
+        if open.is_empty() {
+            return Ok(());
+        }
+        self.sweep(&open, samples)
+    }
 }
 
 /// How the validation-set boundary search runs (shared by the CLI's `search` and `lora-boundary run`).
 pub(crate) struct SearchSetup<'a> {
     /// The search strategy.
     pub strategy: Strategy,
+    /// [`Strategy::ProxyFirst`]'s proxy stride ([`BoundarySearch::proxy_stride`]; `None`: its default).
+    pub proxy_stride: Option<usize>,
     pub seed: u64,
     /// Candidate boundaries (default: all blocks).
     pub range: Option<crate::settings::BoundaryRange>,
@@ -305,6 +339,9 @@ pub(crate) fn search_boundary(
         strategy = Strategy::Exhaustive;
     }
     let mut search = BoundarySearch::new(model.num_layers()).strategy(strategy).seed(setup.seed);
+    if let Some(s) = setup.proxy_stride {
+        search = search.proxy_stride(s);
+    }
     let mut proxy = ProxyScorer::new(model, tokenizer, samples, setup.prompt_format.clone(), setup.batch_size);
     if let Some(r) = setup.range {
         let (lo, hi) = (r.lo, r.hi);

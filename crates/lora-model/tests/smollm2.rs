@@ -184,3 +184,44 @@ fn weights_lie_back_to_back_in_f32_and_bf16() {
         assert!(close * 10 >= pairs * 9, "{kind:?}: {close} of {pairs} projections lie right after the previous one");
     }
 }
+
+/// `lens_stats` computes the logits a chunk of rows at a time into a buffer the model keeps (341 rows of
+/// SmolLM2's vocabulary): 800 rows take three chunks, and a second, smaller call reuses the buffer. Each row's
+/// statistics equal libtorch's log-softmax of the whole `lm_head(final_norm(x))` product.
+#[test]
+fn lens_stats_in_chunks_equal_the_whole_product() {
+    let m = model();
+    let _guard = lora_model::tch::no_grad_guard();
+    lora_model::tch::manual_seed(7);
+    let h = m.config().hidden_size as i64;
+    for rows in [800i64, 40] {
+        let x = Tensor::randn([rows, h], (Kind::Float, Device::Cpu)) * 4.0;
+        let targets: Vec<i64> = (0..rows).map(|r| (r * 7919) % m.config().vocab_size as i64).collect();
+        let stats = m.lens_stats(&x, &targets).unwrap().expect("the head is on the CPU");
+        assert_eq!(stats.len(), rows as usize);
+        let logp = m.lm_head(&m.final_norm(&x).unwrap()).unwrap().log_softmax(-1, Kind::Float);
+        let t = Tensor::from_slice(&targets).unsqueeze(1);
+        let want = Vec::<f32>::try_from(logp.gather(1, &t, false).view([-1])).unwrap();
+        let maxp = Vec::<f32>::try_from(logp.max_dim(1, false).0.exp()).unwrap();
+        let entropy = Vec::<f32>::try_from(-(logp.exp() * &logp).sum_dim_intlist(1, false, Kind::Float)).unwrap();
+        for (r, s) in stats.iter().enumerate() {
+            assert!(
+                (s.target_logprob - want[r]).abs() < 1e-3,
+                "{rows} rows, row {r}: {} vs {}",
+                s.target_logprob,
+                want[r]
+            );
+            assert!((s.max_prob - maxp[r]).abs() < 1e-5, "{rows} rows, row {r}: max {} vs {}", s.max_prob, maxp[r]);
+            assert!(
+                (s.entropy - entropy[r]).abs() < 1e-3,
+                "{rows} rows, row {r}: entropy {} vs {}",
+                s.entropy,
+                entropy[r]
+            );
+        }
+    }
+    assert!(
+        m.lens_stats(&Tensor::zeros([20, h], (Kind::Float, Device::Cpu)), &[0; 19]).is_err(),
+        "19 targets, 20 rows"
+    );
+}

@@ -240,13 +240,17 @@ fn sweep_shared(
     let rows = batch.answers.len() as i64;
     let (p, cols) = (shared.prefix_len, shared.prefix_len + shared.len as i64);
     let states = ForwardOptions { logits: Logits::Skip, hidden_states: true, ..ForwardOptions::new(&all) };
+    let clock = std::time::Instant::now();
     let mut prefix_cache = model.new_cache(1, p)?;
     let prefix = model.forward_cached(&shared.prefix, None, &mut prefix_cache, &states)?;
     let mut cache = lora_model::KvCache::from_prefix(&prefix_cache, rows, cols)?;
     let full = model.forward_cached(&shared.input, Some(&shared.attention), &mut cache, &states)?;
+    let full_s = clock.elapsed().as_secs_f64();
+    let (mut tails_s, mut heads_s) = (0.0, 0.0);
     let missing = || ProbeError::InvalidArgument("model returned too few hidden states".into());
     for (&b, dst) in boundaries.iter().zip(out.iter_mut()) {
         let from = full.hidden_states.get(b + 1).ok_or_else(missing)?;
+        let clock = std::time::Instant::now();
         let last = if b + 1 == l {
             from.shallow_clone()
         } else {
@@ -260,7 +264,21 @@ fn sweep_shared(
             let tail = model.forward_from_cached(from, b + 1, Some(&shared.attention), &mut tail_cache, &opts)?;
             tail.hidden_states.last().map(Tensor::shallow_clone).ok_or_else(missing)?
         };
+        let head = std::time::Instant::now();
+        tails_s += (head - clock).as_secs_f64();
         row_logprobs(model, batch, shared.len, &last, dst)?;
+        heads_s += head.elapsed().as_secs_f64();
     }
+    tracing::debug!(
+        rows,
+        prefix = p,
+        suffix = shared.len,
+        answer_tokens = batch.answers.iter().map(Vec::len).sum::<usize>(),
+        boundaries = boundaries.len(),
+        full_s,
+        tails_s,
+        heads_s,
+        "answer_logprobs_sweep batch"
+    );
     Ok(())
 }

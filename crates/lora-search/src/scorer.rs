@@ -31,17 +31,33 @@ use crate::SearchError;
 pub trait Scorer {
     /// One score per entry of `samples` for keep-through(`boundary`); higher is better.
     fn score(&mut self, boundary: usize, samples: &[usize]) -> Result<Vec<f64>, SearchError>;
+
+    /// Announces that every boundary of `boundaries` is about to be scored on `samples`, so that a scorer which
+    /// shares work between boundaries (the facade's proxy runs one full-LoRA pass for all of them) can do them
+    /// together and answer the [`Scorer::score`] calls that follow from what it kept. The default does nothing.
+    fn prepare(&mut self, boundaries: &[usize], samples: &[usize]) -> Result<(), SearchError> {
+        let _ = (boundaries, samples);
+        Ok(())
+    }
 }
 
 impl<S: Scorer + ?Sized> Scorer for &mut S {
     fn score(&mut self, boundary: usize, samples: &[usize]) -> Result<Vec<f64>, SearchError> {
         (**self).score(boundary, samples)
     }
+
+    fn prepare(&mut self, boundaries: &[usize], samples: &[usize]) -> Result<(), SearchError> {
+        (**self).prepare(boundaries, samples)
+    }
 }
 
 impl<S: Scorer + ?Sized> Scorer for Box<S> {
     fn score(&mut self, boundary: usize, samples: &[usize]) -> Result<Vec<f64>, SearchError> {
         (**self).score(boundary, samples)
+    }
+
+    fn prepare(&mut self, boundaries: &[usize], samples: &[usize]) -> Result<(), SearchError> {
+        (**self).prepare(boundaries, samples)
     }
 }
 
@@ -185,6 +201,25 @@ impl<S: Scorer> Scorer for Memo<S> {
             })
             .collect()
     }
+
+    /// Forwards to the inner scorer the boundaries of `boundaries` that miss a score on some of `samples`, with
+    /// the samples that miss one on some of them (what is cached is not asked again).
+    fn prepare(&mut self, boundaries: &[usize], samples: &[usize]) -> Result<(), SearchError> {
+        if let Some(&s) = samples.iter().find(|&&s| s >= self.n_samples) {
+            return Err(SearchError::SampleOutOfRange { sample: s, n_samples: self.n_samples });
+        }
+        let open = |b: usize, s: usize| !self.cache.contains_key(&(b, s));
+        let mut bs: Vec<usize> = boundaries.iter().copied().filter(|&b| samples.iter().any(|&s| open(b, s))).collect();
+        bs.sort_unstable();
+        bs.dedup();
+        let mut ss: Vec<usize> = samples.iter().copied().filter(|&s| bs.iter().any(|&b| open(b, s))).collect();
+        ss.sort_unstable();
+        ss.dedup();
+        if bs.is_empty() || ss.is_empty() {
+            return Ok(());
+        }
+        self.inner.prepare(&bs, &ss)
+    }
 }
 
 #[cfg(test)]
@@ -211,6 +246,42 @@ mod tests {
         assert_eq!(m.cached(2, 4), Some(204.0));
         drop(m);
         assert_eq!(calls, 4);
+    }
+
+    #[test]
+    fn memo_prepares_only_what_it_lacks() {
+        /// Records each `prepare` call and answers `score` from what was prepared (an error otherwise).
+        #[derive(Default)]
+        struct Batched {
+            calls: Vec<(Vec<usize>, Vec<usize>)>,
+            ready: Vec<(usize, usize)>,
+        }
+        impl Scorer for Batched {
+            fn score(&mut self, b: usize, s: &[usize]) -> Result<Vec<f64>, SearchError> {
+                s.iter()
+                    .map(|&i| match self.ready.contains(&(b, i)) {
+                        true => Ok((b * 10 + i) as f64),
+                        false => Err(SearchError::Scorer { boundary: b, message: format!("{i} not prepared") }),
+                    })
+                    .collect()
+            }
+            fn prepare(&mut self, bs: &[usize], ss: &[usize]) -> Result<(), SearchError> {
+                self.calls.push((bs.to_vec(), ss.to_vec()));
+                self.ready.extend(bs.iter().flat_map(|&b| ss.iter().map(move |&i| (b, i))));
+                Ok(())
+            }
+        }
+        let mut m = Memo::new(Batched::default(), 4);
+        m.prepare(&[3, 1, 3], &[2, 0]).unwrap();
+        assert_eq!(m.score(1, &[0, 2]).unwrap(), vec![10.0, 12.0]);
+        assert_eq!(m.score(3, &[2]).unwrap(), vec![32.0]);
+        // Boundary 1 is cached on samples 0 and 2: only sample 3 is asked for, with the boundaries lacking it.
+        m.prepare(&[1, 2], &[0, 2, 3]).unwrap();
+        m.prepare(&[1], &[0, 2]).unwrap();
+        let calls = m.into_inner().calls;
+        assert_eq!(calls, vec![(vec![1, 3], vec![0, 2]), (vec![1, 2], vec![0, 2, 3])]);
+        let mut m = Memo::new(Batched::default(), 4);
+        assert!(matches!(m.prepare(&[0], &[4]), Err(SearchError::SampleOutOfRange { sample: 4, n_samples: 4 })));
     }
 
     #[test]

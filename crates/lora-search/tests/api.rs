@@ -100,8 +100,12 @@ fn report_json_has_the_cli_fields() {
     let r = BoundarySearch::new(12).strategy(Strategy::ProxyFirst).run_with_proxy(&mut px, &mut sc, 64).unwrap();
     let j = serde_json::to_value(&r).unwrap();
     assert_eq!(j["strategy"], "proxy-first");
-    assert_eq!(j["proxy_ranking"].as_array().unwrap().len(), 12);
-    assert_eq!(r.proxy_calls, 12 * 64);
+    // The proxy scores every other boundary from the top (stride round(√12 / 2) = 2) and the bottom one, then
+    // the step's lower side (6, next to the plateau's edge 7) and the best's upper neighbour (10).
+    let ranked: Vec<usize> = r.proxy_ranking.iter().map(|p| p.boundary).collect();
+    assert_eq!(ranked, vec![0, 1, 3, 5, 6, 7, 9, 10, 11]);
+    assert_eq!(j["proxy_ranking"].as_array().unwrap().len(), 9);
+    assert_eq!(r.proxy_calls, 9 * 64);
     // A clear step: both plateau edges sit on it, so one real evaluation besides full LoRA.
     assert_eq!(r.scorer_calls, 2 * 64);
 }
@@ -187,7 +191,18 @@ fn proxy_shortlist_uses_paired_differences() {
     assert_eq!(r.boundary, 22);
     // Each shortlisted boundary is also listed as indistinguishable in the JSON.
     let j = serde_json::to_value(&r).unwrap();
-    assert!(j["proxy_ranking"][25]["indistinguishable"].is_boolean());
+    assert!(j["proxy_ranking"].as_array().unwrap().iter().all(|p| p["indistinguishable"].is_boolean()));
+    // Stride 1 scores every boundary with the proxy and makes the same choice.
+    let all = BoundarySearch::new(l)
+        .strategy(Strategy::ProxyFirst)
+        .epsilon(0.05)
+        .bootstrap_resamples(50)
+        .proxy_stride(1)
+        .run_with_proxy(&mut proxy, &mut real, 16)
+        .unwrap();
+    assert_eq!(all.proxy_ranking.len(), l);
+    assert_eq!(all.boundary, r.boundary);
+    assert!(r.proxy_ranking.len() < l / 2 + 4, "{} boundaries scored by the proxy", r.proxy_ranking.len());
 }
 
 /// Validation sets too small for the budget: every candidate still gets one sample, the

@@ -22,10 +22,14 @@ pub struct SearchArgs {
     /// Metric name, or `logprob` for the teacher-forced proxy alone (default: the task's metric).
     #[arg(long)]
     pub metric: Option<SearchMetric>,
-    /// `proxy-first` (default: the teacher-forced proxy ranks every boundary, the metric decides between the
+    /// `proxy-first` (default: the teacher-forced proxy ranks the boundaries, the metric decides between the
     /// proxy's plateau edges), `exhaustive`, `coarse-to-fine`, `halving`.
     #[arg(long, default_value = "proxy-first")]
     pub strategy: Strategy,
+    /// `proxy-first`: the proxy scores every N-th boundary from the top first, then the ones around its plateau's
+    /// edges and its best (default: round(√K / 2) for K candidates, 3 for 30); 1 scores every boundary.
+    #[arg(long, value_parser = positive)]
+    pub proxy_stride: Option<usize>,
     /// Candidate boundaries `LO-HI` (default: all blocks).
     #[arg(long)]
     pub range: Option<BoundaryRange>,
@@ -54,6 +58,7 @@ pub fn run(a: &SearchArgs) -> Result<()> {
     };
     let setup = SearchSetup {
         strategy: a.strategy,
+        proxy_stride: a.proxy_stride,
         seed: a.seed,
         range: a.range,
         params_per_layer: info.as_ref().map(|i| i.params_per_layer.as_slice()),

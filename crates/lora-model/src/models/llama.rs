@@ -116,7 +116,17 @@ pub struct Llama {
     pub(super) place: Placement,
     /// The device of every block and of the head.
     pub(super) devices: DeviceMap,
+    /// The logit lens's f32 logits on the CPU ([`Llama::lens_stats`]), kept between calls: at most
+    /// [`LENS_BUFFER_BYTES`], made on first use and freed with the model.
+    lens_logits: std::cell::RefCell<Option<Tensor>>,
 }
+
+/// Bytes of logits [`Llama::lens_stats`] computes at once (and keeps for the next call): 341 rows of SmolLM2's
+/// 49 152-token vocabulary, 130 of Llama 3's 128 256, never fewer than [`LENS_MIN_ROWS`].
+const LENS_BUFFER_BYTES: i64 = 64 << 20;
+
+/// Rows of logits [`Llama::lens_stats`] computes at once at least, whatever the vocabulary.
+const LENS_MIN_ROWS: i64 = 16;
 
 impl std::fmt::Debug for Llama {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
@@ -260,6 +270,7 @@ impl Llama {
             embed_scale,
             place,
             devices: map,
+            lens_logits: std::cell::RefCell::new(None),
         })
     }
 
@@ -316,25 +327,55 @@ impl Llama {
     /// in f32 when the config sets `final_logit_softcapping`, as Gemma may).
     pub fn lm_head(&self, normed: &Tensor) -> Result<Tensor> {
         let normed = &normed.f_to_device(self.devices.output())?;
-        let w = self.lm_head.as_ref().or(self.tied_head.as_ref()).unwrap_or(&self.embed);
+        let w = self.head_weight();
         let logits = match crate::kernels::small_linear(normed, w, None, None)? {
             Some(y) => y.f_to_kind(Kind::Float)?,
             None => head_product(normed, w)?,
         };
-        match self.config.gemma3.as_ref().and_then(|g| g.final_logit_softcapping) {
+        match self.softcap() {
             Some(cap) => gemma3::softcap(logits, cap),
             None => Ok(logits),
         }
     }
 
+    /// The LM head's weight `[V, H]` on the output device: `lm_head.weight`, or the tied embedding.
+    fn head_weight(&self) -> &Tensor {
+        self.lm_head.as_ref().or(self.tied_head.as_ref()).unwrap_or(&self.embed)
+    }
+
+    /// Gemma's `final_logit_softcapping`, when the config sets it.
+    fn softcap(&self) -> Option<f64> {
+        self.config.gemma3.as_ref().and_then(|g| g.final_logit_softcapping)
+    }
+
     /// The logit lens on CPU: the final norm and LM head applied to pre-norm states `x` `[M, H]`, then the softmax
     /// statistics of each row against `targets[row]` ([`crate::kernels::softmax_stats`]: two passes over each row
     /// of logits, no softmax tensor). `None` when the head is not on the CPU (use libtorch's ops there).
+    ///
+    /// With an f32 head, the logits are computed a chunk of rows at a time into one buffer the model keeps
+    /// between calls (at most 64 MB): a search's proxy or a probe calls this many times with a few hundred rows,
+    /// and fresh memory for each call's logits (tens of MB, above glibc's mmap threshold, so mapped and zeroed
+    /// anew each time) cost the proxy a third of its LM head time.
     pub fn lens_stats(&self, x: &Tensor, targets: &[i64]) -> Result<Option<Vec<crate::kernels::SoftmaxStats>>> {
         if self.devices.output() != Device::Cpu {
             return Ok(None);
         }
-        let logits = self.lm_head(&self.final_norm(x)?)?.f_contiguous()?;
+        let normed = self.final_norm(x)?;
+        let w = self.head_weight();
+        let rows = normed.size().first().copied().unwrap_or(0);
+        let plain = normed.dim() == 2
+            && normed.kind() == Kind::Float
+            && w.kind() == Kind::Float
+            && !normed.requires_grad()
+            && !w.requires_grad()
+            && self.softcap().is_none()
+            && rows > crate::kernels::MAX_ROWS;
+        if plain {
+            if let Ok(mut slot) = self.lens_logits.try_borrow_mut() {
+                return self.lens_stats_buffered(&normed, w, targets, &mut slot).map(Some);
+            }
+        }
+        let logits = self.lm_head(&normed)?.f_contiguous()?;
         let vocab = logits.size().get(1).copied().unwrap_or(0) as usize;
         // SAFETY: aliasing: `logits` was made just above by the LM head (and `contiguous`, which returns it or a
         // copy); no other handle, view or clone of its storage exists, and it outlives `values`, which is only
@@ -345,6 +386,55 @@ impl Llama {
             _ => return Ok(None),
         };
         stats.map(Some).map_err(ModelError::InvalidArgument)
+    }
+
+    /// [`Llama::lens_stats`] for f32 normed rows `normed` `[M, H]` and an f32 head `w` `[V, H]`: chunks of rows
+    /// through libtorch's product into the kept buffer `slot` (grown to the chunk's size when smaller), each
+    /// chunk's statistics read from it before the next overwrites it.
+    fn lens_stats_buffered(
+        &self,
+        normed: &Tensor,
+        w: &Tensor,
+        targets: &[i64],
+        slot: &mut Option<Tensor>,
+    ) -> Result<Vec<crate::kernels::SoftmaxStats>> {
+        let rows = normed.size().first().copied().unwrap_or(0);
+        let vocab = w.size().first().copied().unwrap_or(0);
+        if targets.len() as i64 != rows {
+            return Err(ModelError::InvalidArgument(format!(
+                "lens_stats: {} targets for {rows} rows of states",
+                targets.len()
+            )));
+        }
+        let chunk = (LENS_BUFFER_BYTES / (4 * vocab.max(1))).max(LENS_MIN_ROWS).min(rows);
+        let need = chunk * vocab;
+        if slot.as_ref().is_none_or(|b| b.numel() < need as usize) {
+            // Dropped first, so the old buffer and the new one never both hold memory.
+            *slot = None;
+            *slot = Some(crate::weights::fresh_on_huge_pages(&[need], Kind::Float)?);
+        }
+        let buffer = slot.as_ref().ok_or_else(|| ModelError::InvalidArgument("lens_stats: no buffer".into()))?;
+        let wt = w.f_transpose(0, 1)?;
+        let mut out = Vec::with_capacity(targets.len());
+        let mut start = 0;
+        while start < rows {
+            let n = chunk.min(rows - start);
+            let logits = buffer.f_narrow(0, 0, n * vocab)?.f_view([n, vocab])?;
+            let _ = normed.f_narrow(0, start, n)?.f_mm_out(&logits, &wt)?;
+            let span = targets.get(start as usize..(start + n) as usize).unwrap_or(&[]);
+            // SAFETY: aliasing: `logits` is a view of the model's lens buffer, whose other handle (`slot`) is held
+            // by this call's exclusive `RefCell` borrow and not used while `values` lives; the product above, the
+            // only writer, has returned, and `values` is only read. Threads: `Llama` is not `Sync`, so no other
+            // thread reaches the buffer through this model, and no handle to it leaves the model;
+            // `softmax_stats` only reads it from its scoped threads, joined before it returns.
+            let stats = match unsafe { crate::kernels::borrow(&logits) } {
+                Some(crate::kernels::Mat::F32(values)) => crate::kernels::softmax_stats(values, vocab as usize, span),
+                _ => Err("lens_stats: the logits buffer is not a contiguous f32 CPU tensor".to_string()),
+            };
+            out.extend(stats.map_err(ModelError::InvalidArgument)?);
+            start += n;
+        }
+        Ok(out)
     }
 
     /// A fresh KV cache for `batch` rows and up to `capacity` positions.

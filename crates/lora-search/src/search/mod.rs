@@ -138,6 +138,7 @@ pub struct BoundarySearch {
     shortlist: usize,
     z: f64,
     proxy_margin: f64,
+    proxy_stride: Option<usize>,
 }
 
 /// Default tie tolerance ε (scores are assumed to be on a 0–1 scale).
@@ -172,6 +173,7 @@ impl BoundarySearch {
             shortlist: 2,
             z: 2.0,
             proxy_margin: DEFAULT_PROXY_MARGIN,
+            proxy_stride: None,
         }
     }
 
@@ -270,6 +272,15 @@ impl BoundarySearch {
     /// within `ρ · rise` of the best counts as on the plateau (`rise` = best − worst candidate).
     pub fn proxy_margin(mut self, rho: f64) -> Self {
         self.proxy_margin = rho;
+        self
+    }
+
+    /// Stride of [`Strategy::ProxyFirst`]'s proxy (≥ 1; default `max(1, round(√K / 2))` for `K` candidates, 3 for
+    /// 30): the proxy first scores every `stride`-th boundary from the top of the range down (and its bottom), then
+    /// the boundaries between the plateau's edges (and the best) and the scored ones below them, until each edge
+    /// has its lower neighbour scored. 1 scores every boundary at once.
+    pub fn proxy_stride(mut self, stride: usize) -> Self {
+        self.proxy_stride = Some(stride);
         self
     }
 

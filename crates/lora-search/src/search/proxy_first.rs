@@ -1,7 +1,10 @@
-//! [`Strategy::ProxyFirst`]: rank every candidate by a cheap proxy, find the proxy's plateau
-//! (`plateau`, `Plan`) and evaluate its edges, or bisect between them, with the real scorer.
+//! [`Strategy::ProxyFirst`]: rank the candidates by a cheap proxy (every `s`-th boundary first, then the
+//! boundaries next to the plateau's edges and the best, `proxy_grid` and `refinements`), find the proxy's
+//! plateau (`plateau`, `Plan`) and evaluate its edges, or bisect between them, with the real scorer.
 //!
 //! [`Strategy::ProxyFirst`]: super::Strategy::ProxyFirst
+
+use std::collections::BTreeSet;
 
 use super::table::{best_of, Ctx, Table};
 use super::{BoundarySearch, ProxyScore};
@@ -18,12 +21,24 @@ impl BoundarySearch {
     ) -> Result<(Vec<ProxyScore>, usize), SearchError> {
         let mut ptable = Table::new(Memo::new(proxy, table.n), table.n);
         // Only in-range boundaries are ranked; an out-of-range reference is not selectable.
-        let pool: Vec<usize> = (ctx.lo..=ctx.hi).collect();
-        for &b in &pool {
-            ptable.eval(b, ctx.order)?;
-        }
-        let scored = ptable.scores_on(&pool, ctx.order);
-        let (tied, plan) = plateau(&scored, self.z, self.proxy_margin, self.shortlist);
+        let candidates = ctx.hi - ctx.lo + 1;
+        let stride = self.proxy_stride.unwrap_or_else(|| default_proxy_stride(candidates)).max(1);
+        let mut pool = proxy_grid(ctx.lo, ctx.hi, stride);
+        let mut ask: Vec<usize> = pool.iter().copied().collect();
+        let (scored, tied, plan) = loop {
+            ptable.memo.prepare(&ask, ctx.order)?;
+            for &b in &ask {
+                ptable.eval(b, ctx.order)?;
+            }
+            let list: Vec<usize> = pool.iter().copied().collect();
+            let scored = ptable.scores_on(&list, ctx.order);
+            let (tied, plan) = plateau(&scored, self.z, self.proxy_margin, self.shortlist, candidates);
+            ask = refinements(&scored, &plan, &pool, ctx.lo, ctx.hi);
+            if ask.is_empty() {
+                break (scored, tied, plan);
+            }
+            pool.extend(&ask);
+        };
         table.eval(ctx.reference, ctx.order)?;
         let list = match plan {
             Plan::Evaluate(list) => {
@@ -78,6 +93,43 @@ impl BoundarySearch {
     }
 }
 
+/// The proxy's stride over `k` candidates when none is set: `max(1, round(√k / 2))` (3 for `k = 30`, 2 for 18,
+/// every boundary up to 6). Boundary `b`'s proxy costs the `L − 1 − b` blocks above it, so every third boundary
+/// costs about a third of all of them; the refinements add the boundaries next to the edges.
+pub(crate) fn default_proxy_stride(k: usize) -> usize {
+    (((k as f64).sqrt() / 2.0).round() as usize).max(1)
+}
+
+/// The boundaries the proxy scores first: `hi`, `hi − s`, `hi − 2s`, … down to `lo`, and `lo`.
+fn proxy_grid(lo: usize, hi: usize, s: usize) -> BTreeSet<usize> {
+    let mut grid: BTreeSet<usize> = (lo..=hi).rev().step_by(s.max(1)).collect();
+    grid.insert(lo);
+    grid
+}
+
+/// The unscored boundaries the proxy must score before `plan` stands: every boundary from just above the scored
+/// boundary below the plan's lowest edge (the bisection's ends, or the boundaries it evaluates) up to its highest,
+/// so that a noisy proxy's edge cannot hide between grid points inside the bracket; and the boundaries between
+/// the proxy's best and the scored ones on either side. Empty once all of them are scored: on a proxy whose
+/// plateau tests change once along the boundaries, the plan is then the one of scoring every boundary.
+fn refinements(scored: &[(usize, Vec<f64>)], plan: &Plan, pool: &BTreeSet<usize>, lo: usize, hi: usize) -> Vec<usize> {
+    let means: Vec<(usize, f64)> = scored.iter().map(|(b, s)| (*b, mean(s))).collect();
+    let edges: Vec<usize> = match plan {
+        Plan::Evaluate(list) => list.clone(),
+        Plan::Bisect { lo, hi } => vec![*lo, *hi],
+    };
+    let below = |e: usize| pool.range(..e).next_back().map_or(lo, |&p| p + 1);
+    let above = |e: usize| pool.range(e + 1..).next().map_or(hi, |&n| n - 1);
+    let mut out = BTreeSet::new();
+    if let (Some(&first), Some(&last)) = (edges.iter().min(), edges.iter().max()) {
+        out.extend(below(first)..=last);
+    }
+    if let Some((b, _)) = best_of(&means) {
+        out.extend(below(b)..=above(b));
+    }
+    out.into_iter().filter(|b| !pool.contains(b)).collect()
+}
+
 /// Which real evaluations [`Strategy::ProxyFirst`] makes after ranking by the proxy.
 ///
 /// [`Strategy::ProxyFirst`]: super::Strategy::ProxyFirst
@@ -93,7 +145,8 @@ enum Plan {
 /// which real evaluations to make (at most `k`).
 ///
 /// With `d_b,i = s_b,i − s_best,i` the per-sample paired differences to the best mean, `m_b`
-/// and `se_b` their mean and standard error, and `K` candidates:
+/// and `se_b` their mean and standard error, and `K` candidates (`candidates`: those of the search range, of
+/// which `scored` may hold only some):
 ///
 /// * the **rise** `G = max_b(−m_b)` is *clear* when `G ≥ (z + 2√(2 ln K)) · median_b(se_b)`
 ///   (the range of `K` equal candidates' means stays below about `2√(2 ln K)` standard errors);
@@ -110,7 +163,7 @@ enum Plan {
 /// edge below the step and the statistical edge on it; a heavy-tailed proxy (log-probabilities
 /// of a few hard samples) makes every standard error large, pushing the statistical edge above
 /// the step, and the practical edge still reaches it.
-fn plateau(scored: &[(usize, Vec<f64>)], z: f64, rho: f64, k: usize) -> (Vec<bool>, Plan) {
+fn plateau(scored: &[(usize, Vec<f64>)], z: f64, rho: f64, k: usize, candidates: usize) -> (Vec<bool>, Plan) {
     let means: Vec<(usize, f64)> = scored.iter().map(|(b, s)| (*b, mean(s))).collect();
     let Some((best, _)) = best_of(&means) else {
         return (Vec::new(), Plan::Evaluate(Vec::new()));
@@ -126,7 +179,7 @@ fn plateau(scored: &[(usize, Vec<f64>)], z: f64, rho: f64, k: usize) -> (Vec<boo
             (mean(&d), se)
         })
         .collect();
-    let allowance = (2.0 * (scored.len().max(1) as f64).ln()).sqrt();
+    let allowance = (2.0 * (candidates.max(scored.len()).max(1) as f64).ln()).sqrt();
     let rise = stats.iter().map(|(m, _)| -m).fold(0.0, f64::max);
     let mut ses: Vec<f64> =
         scored.iter().zip(&stats).filter(|((b, _), _)| *b != best).map(|(_, (_, se))| *se).collect();
@@ -170,19 +223,19 @@ mod tests {
         ];
         // Rise 3 ≫ the typical standard error: clear. Practical edge (within 10 % of the rise): 1;
         // statistical edge (within 2 standard errors): 2 (the best; 3 is within too, 4 is neither).
-        let (flags, plan) = plateau(&scored, 2.0, 0.1, 2);
+        let (flags, plan) = plateau(&scored, 2.0, 0.1, 2, 5);
         assert_eq!(flags, vec![false, true, true, true, false]);
         assert_eq!(plan, Plan::Bisect { lo: 1, hi: 2 });
         // No practical margin: only the statistical edge.
-        let (flags, plan) = plateau(&scored, 2.0, 0.0, 2);
+        let (flags, plan) = plateau(&scored, 2.0, 0.0, 2, 5);
         assert_eq!(flags, vec![false, false, true, true, false]);
         assert_eq!(plan, Plan::Bisect { lo: 2, hi: 2 });
         // A flat proxy (differences of the order of their noise): the wide band, smallest first.
         let flat: Vec<(usize, Vec<f64>)> =
             (0..4).map(|b| (b, with(&|i| 0.001 * b as f64 + 0.004 * ((i * 7 + b * 13) % 5) as f64))).collect();
-        let (flags, plan) = plateau(&flat, 2.0, 0.1, 2);
+        let (flags, plan) = plateau(&flat, 2.0, 0.1, 2, 4);
         assert_eq!(flags, vec![true; 4]);
         assert_eq!(plan, Plan::Evaluate(vec![0, 1]));
-        assert_eq!(plateau(&[], 2.0, 0.1, 2), (Vec::new(), Plan::Evaluate(Vec::new())));
+        assert_eq!(plateau(&[], 2.0, 0.1, 2, 0), (Vec::new(), Plan::Evaluate(Vec::new())));
     }
 }

@@ -29,8 +29,10 @@ pub enum Strategy {
     /// from an additive fit (boundary effect + per-sample difficulty) of all scores so far.
     #[default]
     Halving,
-    /// Rank every candidate by a cheap proxy scorer on all samples; the short list holds the
-    /// proxy's plateau edges — the smallest boundary keeping all but `proxy_margin` (10%) of
+    /// Rank the candidates by a cheap proxy scorer on all samples (every `proxy_stride`-th
+    /// boundary first, then every boundary around the plateau's edges and the proxy's best,
+    /// which makes the same plan as scoring them all where the proxy's plateau tests change
+    /// once along the boundaries); the short list holds the proxy's plateau edges — the smallest boundary keeping all but `proxy_margin` (10%) of
     /// the proxy's rise, and the smallest not significantly below the proxy's best (paired
     /// differences) — up to `shortlist` (default 2) boundaries, evaluated with the real
     /// scorer together with the full-LoRA reference: at most `shortlist + 1` full evaluations.
