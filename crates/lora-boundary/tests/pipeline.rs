@@ -247,6 +247,23 @@ fn pipeline_runs_end_to_end_on_the_tiny_model() {
         }
     }
 
+    // The search's proxy scorer: a prepared sweep of some boundaries, then a boundary it was not given (computed
+    // alone), then a sample it has not seen (every candidate at once) all give the values of one pass per boundary.
+    {
+        use lora_boundary::search::Scorer;
+        let mut proxy = lora_boundary::scoring::ProxyScorer::new(&m3, &tok3, &long, chat.clone(), 3);
+        let all: Vec<usize> = (0..long.len()).collect();
+        let seen = &all[..all.len() - 1];
+        proxy.prepare(&[3, 0], seen).unwrap();
+        for b in [0, 3, 1, 2] {
+            let mask = LayerMask::keep_through(b);
+            let one = lora_boundary::scoring::answer_logprobs(&m3, &tok3, &long_refs, &mask, &chat, 3).unwrap();
+            for (i, x) in all.iter().zip(proxy.score(b, &all).unwrap()) {
+                assert!((x - one[*i]).abs() < 1e-4, "proxy scorer, boundary {b}, sample {i}: {x} vs {}", one[*i]);
+            }
+        }
+    }
+
     // A config with a [train] table trains the adapter when it does not exist yet, then runs as before.
     let trained_dir = tmp.path().join("adapter-trained");
     let cfg2 = PipelineConfig {
