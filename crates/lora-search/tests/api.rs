@@ -44,6 +44,7 @@ fn bad_configuration_is_an_error() {
         base.clone().budget(0.5),
         base.clone().min_samples(0),
         base.clone().shortlist(0),
+        base.clone().proxy_stride(0),
         base.clone().z(-1.0),
         base.clone().param_counts(vec![1.0; 8].into_iter().map(|_| -1.0).collect()),
     ];

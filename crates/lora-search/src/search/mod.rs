@@ -334,6 +334,9 @@ impl BoundarySearch {
         if self.stride == Some(0) {
             return bad("stride", "0".into(), "must be >= 1");
         }
+        if self.proxy_stride == Some(0) {
+            return bad("proxy_stride", "0".into(), "must be >= 1");
+        }
         if self.eta < 2 {
             return bad("eta", self.eta.to_string(), "must be >= 2");
         }

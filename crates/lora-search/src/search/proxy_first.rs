@@ -22,7 +22,7 @@ impl BoundarySearch {
         let mut ptable = Table::new(Memo::new(proxy, table.n), table.n);
         // Only in-range boundaries are ranked; an out-of-range reference is not selectable.
         let candidates = ctx.hi - ctx.lo + 1;
-        let stride = self.proxy_stride.unwrap_or_else(|| default_proxy_stride(candidates)).max(1);
+        let stride = self.proxy_stride.unwrap_or_else(|| default_proxy_stride(candidates));
         let mut pool = proxy_grid(ctx.lo, ctx.hi, stride);
         let mut ask: Vec<usize> = pool.iter().copied().collect();
         let (scored, tied, plan) = loop {
@@ -203,6 +203,31 @@ fn plateau(scored: &[(usize, Vec<f64>)], z: f64, rho: f64, k: usize, candidates:
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn the_grid_and_its_refinements() {
+        let grid = proxy_grid(0, 29, 3);
+        assert_eq!(grid.iter().copied().collect::<Vec<_>>(), vec![0, 2, 5, 8, 11, 14, 17, 20, 23, 26, 29]);
+        assert_eq!(proxy_grid(4, 9, 1).len(), 6);
+        assert_eq!(proxy_grid(7, 7, 3).into_iter().collect::<Vec<_>>(), vec![7]);
+        assert_eq!(default_proxy_stride(30), 3);
+        assert_eq!(default_proxy_stride(18), 2);
+        assert_eq!(default_proxy_stride(6), 1);
+        // A proxy rising up to 29: the best is the top, the bisection spans 23..=26. Refined: everything from just
+        // above 20 (the scored boundary below 23) up to 26, and 27, 28 (between the best and the scored 26).
+        let scored: Vec<(usize, Vec<f64>)> = grid.iter().map(|&b| (b, vec![b as f64, b as f64 + 0.5])).collect();
+        let plan = Plan::Bisect { lo: 23, hi: 26 };
+        assert_eq!(refinements(&scored, &plan, &grid, 0, 29), vec![21, 22, 24, 25, 27, 28]);
+        // Once those are scored, nothing is left to add.
+        let mut pool = grid.clone();
+        pool.extend([21, 22, 24, 25, 27, 28]);
+        let scored: Vec<(usize, Vec<f64>)> = pool.iter().map(|&b| (b, vec![b as f64])).collect();
+        assert!(refinements(&scored, &plan, &pool, 0, 29).is_empty());
+        // A plan that evaluates the smallest flagged boundaries refines below the lowest of them.
+        let plan = Plan::Evaluate(vec![2, 5]);
+        let scored: Vec<(usize, Vec<f64>)> = grid.iter().map(|&b| (b, vec![1.0])).collect();
+        assert_eq!(refinements(&scored, &plan, &grid, 0, 29), vec![1, 3, 4]);
+    }
 
     #[test]
     fn plateau_has_a_practical_and_a_statistical_edge() {
