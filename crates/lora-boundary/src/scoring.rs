@@ -4,6 +4,7 @@ use std::collections::HashMap;
 
 use lora_metrics::Metric;
 use lora_model::{generate_stream, GenerationConfig, LayerMask, Llama, PromptFormat, Tokenizer};
+use lora_probe::scoring::AnswerSweep;
 use lora_search::{BoundarySearch, Scorer, SearchError, SearchReport, Strategy};
 
 use crate::error::{Error, Result};
@@ -217,6 +218,8 @@ pub struct ProxyScorer<'a> {
     batch_size: usize,
     candidates: Vec<usize>,
     cache: HashMap<(usize, usize), f64>,
+    /// The sweep of the samples last asked for (their indices), with its full-LoRA pass kept.
+    sweep: Option<(Vec<usize>, AnswerSweep<'a>)>,
 }
 
 impl<'a> ProxyScorer<'a> {
@@ -230,7 +233,16 @@ impl<'a> ProxyScorer<'a> {
         batch_size: usize,
     ) -> Self {
         let candidates = (0..model.num_layers()).collect();
-        ProxyScorer { model, tokenizer, samples, prompt_format, batch_size, candidates, cache: HashMap::new() }
+        ProxyScorer {
+            model,
+            tokenizer,
+            samples,
+            prompt_format,
+            batch_size,
+            candidates,
+            cache: HashMap::new(),
+            sweep: None,
+        }
     }
 
     /// Sweep only `lo..=hi` (the search range); other boundaries are computed on request.
@@ -241,20 +253,25 @@ impl<'a> ProxyScorer<'a> {
 }
 
 impl ProxyScorer<'_> {
-    /// Sweeps `boundaries` for `samples` ([`answer_logprobs_sweep`]: one full-LoRA pass for all of them) and
-    /// remembers the results.
-    fn sweep(&mut self, boundaries: &[usize], samples: &[usize]) -> std::result::Result<(), SearchError> {
+    /// Sweeps `boundaries` for `samples` (one full-LoRA pass for all of them, or the one kept from the previous
+    /// call on the same samples: [`lora_probe::scoring::AnswerSweep`]) and remembers the results. `keep`: keep this
+    /// call's full-LoRA pass for the next (a prepared round, which a search may follow with another).
+    fn sweep(&mut self, boundaries: &[usize], samples: &[usize], keep: bool) -> std::result::Result<(), SearchError> {
         let first = boundaries.first().copied().unwrap_or(0);
-        let chosen = pick(self.samples, samples, first)?;
-        let scores = answer_logprobs_sweep(
-            self.model,
-            self.tokenizer,
-            &chosen,
-            boundaries,
-            &self.prompt_format,
-            self.batch_size,
-        )
-        .map_err(|e| SearchError::Scorer { boundary: first, message: e.to_string() })?;
+        let wrap = |e: lora_probe::ProbeError| SearchError::Scorer { boundary: first, message: e.to_string() };
+        if self.sweep.as_ref().is_none_or(|(of, _)| of != samples) {
+            let chosen = pick(self.samples, samples, first)?;
+            let sweep = AnswerSweep::new(self.model, self.tokenizer, &chosen, &self.prompt_format, self.batch_size)
+                .map_err(wrap)?;
+            // The previous samples' states go first.
+            self.sweep = None;
+            self.sweep = Some((samples.to_vec(), sweep));
+        }
+        let Some((_, sweep)) = self.sweep.as_mut() else {
+            return Err(SearchError::Scorer { boundary: first, message: "no sweep".into() });
+        };
+        sweep.set_keep_states(keep);
+        let scores = sweep.scores(boundaries, |n| crate::progress::advance(n as u64)).map_err(wrap)?;
         for (b, row) in boundaries.iter().zip(scores) {
             for (&i, v) in samples.iter().zip(row) {
                 self.cache.insert((*b, i), v);
@@ -280,7 +297,7 @@ impl Scorer for ProxyScorer<'_> {
             } else {
                 vec![boundary]
             };
-            self.sweep(&sweep, &missing)?;
+            self.sweep(&sweep, &missing, false)?;
         }
         samples
             .iter()
@@ -303,7 +320,7 @@ impl Scorer for ProxyScorer<'_> {
         if open.is_empty() {
             return Ok(());
         }
-        self.sweep(&open, samples)
+        self.sweep(&open, samples, true)
     }
 }
 

@@ -255,12 +255,17 @@ fn pipeline_runs_end_to_end_on_the_tiny_model() {
         let all: Vec<usize> = (0..long.len()).collect();
         let seen = &all[..all.len() - 1];
         proxy.prepare(&[3, 0], seen).unwrap();
-        for b in [0, 3, 1, 2] {
+        let mut check = |b: usize, which: &[usize]| {
             let mask = LayerMask::keep_through(b);
             let one = lora_boundary::scoring::answer_logprobs(&m3, &tok3, &long_refs, &mask, &chat, 3).unwrap();
-            for (i, x) in all.iter().zip(proxy.score(b, &all).unwrap()) {
+            for (i, x) in which.iter().zip(proxy.score(b, which).unwrap()) {
                 assert!((x - one[*i]).abs() < 1e-4, "proxy scorer, boundary {b}, sample {i}: {x} vs {}", one[*i]);
             }
+        };
+        // Boundary 1 on the prepared samples: from the full-LoRA pass the prepared sweep kept.
+        check(1, seen);
+        for b in [0, 3, 1, 2] {
+            check(b, &all);
         }
     }
 

@@ -163,7 +163,8 @@ pub fn answer_logprobs(
 /// One full-LoRA pass keeps every block's output; boundary `b` then only runs blocks `b+1..L` without LoRA from
 /// the state after block `b` ([`Llama::forward_from`]), since below that the two masks agree. Over all `L`
 /// boundaries this costs about `L / 2 + 1` forward passes instead of `L`; over the top half of the blocks, about
-/// `L / 8 + 1` instead of `L / 2`. `on_batch` hears the number of samples after each batch (progress).
+/// `L / 8 + 1` instead of `L / 2`. `on_batch` hears the number of samples after each batch (progress). To ask for
+/// more boundaries of the same samples later without a second full-LoRA pass, use [`AnswerSweep`].
 pub fn answer_logprobs_sweep(
     model: &Llama,
     tokenizer: &Tokenizer,
@@ -171,114 +172,211 @@ pub fn answer_logprobs_sweep(
     boundaries: &[usize],
     format: &PromptFormat,
     batch_size: usize,
-    mut on_batch: impl FnMut(usize),
+    on_batch: impl FnMut(usize),
 ) -> Result<Vec<Vec<f64>>> {
-    let _guard = lora_model::tch::no_grad_guard();
-    let l = model.num_layers();
-    if let Some(&b) = boundaries.iter().find(|&&b| b >= l) {
-        return Err(ProbeError::InvalidArgument(format!("boundary {b} is past the last block ({l} blocks)")));
-    }
-    // Batches of similar lengths pad less: the samples go through in order of text length, and the results come
-    // back in input order at the end.
-    let mut order: Vec<usize> = (0..samples.len()).collect();
-    order.sort_by_key(|&i| samples.get(i).map_or(0, |s| s.prompt.len() + s.answer.len()));
-    let sorted: Vec<&Sample> = order.iter().filter_map(|&i| samples.get(i).copied()).collect();
-    let mut out = vec![Vec::with_capacity(samples.len()); boundaries.len()];
-    let none = LayerMask::none();
-    let all = LayerMask::all();
-    for batch in forced_batches(model, tokenizer, &sorted, format, batch_size)? {
-        if let Some(shared) = &batch.shared {
-            sweep_shared(model, &batch, shared, boundaries, &mut out)?;
-            on_batch(batch.answers.len());
-            continue;
-        }
-        let opts = ForwardOptions { logits: Logits::Skip, hidden_states: true, ..ForwardOptions::new(&all) };
-        let full = model.forward(&batch.input, Some(&batch.attention), &opts)?;
-        for (&b, dst) in boundaries.iter().zip(out.iter_mut()) {
-            let states = &full.hidden_states;
-            let from = states
-                .get(b + 1)
-                .ok_or_else(|| ProbeError::InvalidArgument("model returned too few hidden states".into()))?;
-            let last = if b + 1 == l {
-                from.shallow_clone()
-            } else {
-                let opts = ForwardOptions { logits: Logits::Skip, hidden_states: true, ..ForwardOptions::new(&none) };
-                let tail = model.forward_from(from, b + 1, Some(&batch.attention), &opts)?;
-                tail.hidden_states
-                    .last()
-                    .map(Tensor::shallow_clone)
-                    .ok_or_else(|| ProbeError::InvalidArgument("no state".into()))?
-            };
-            row_logprobs(model, &batch, batch.max_len, &last, dst)?;
-        }
-        on_batch(batch.answers.len());
-    }
-    for row in &mut out {
-        let mut inputs = vec![0.0; row.len()];
-        for (&i, &v) in order.iter().zip(row.iter()) {
-            if let Some(slot) = inputs.get_mut(i) {
-                *slot = v;
-            }
-        }
-        *row = inputs;
-    }
-    Ok(out)
+    AnswerSweep::new(model, tokenizer, samples, format, batch_size)?.scores(boundaries, on_batch)
 }
 
-/// [`answer_logprobs_sweep`] for a batch whose prompts share a prefix: the prefix runs once (one row) and the rows'
-/// remaining tokens after it, for the full-LoRA pass and again for each boundary's tail above it, so the shared
-/// positions cost one row instead of one per sample. Equal to the padded batch up to summation order.
-fn sweep_shared(
+/// Bytes of full-LoRA hidden states an [`AnswerSweep`] keeps between calls at most (past it, a batch's states are
+/// dropped and computed again when asked for).
+pub const SWEEP_KEEP_BYTES: usize = 1 << 30;
+
+/// [`answer_logprobs_sweep`] over one set of samples, asked for boundaries several times (a search that scores some
+/// boundaries, then others around what it saw): the samples are tokenized and batched once, and with
+/// [`AnswerSweep::keep_states`] each batch's full-LoRA pass (every block's output) is kept for the next call, up to
+/// [`SWEEP_KEEP_BYTES`], so a later call runs only the blocks above its boundaries.
+///
+/// ```no_run
+/// # fn main() -> Result<(), Box<dyn std::error::Error>> {
+/// use lora_probe::scoring::AnswerSweep;
+/// use lora_probe::Sample;
+/// let model = lora_model::Llama::load("models/SmolLM2-135M-Instruct.Q4_1.gguf", Default::default())?;
+/// let tokenizer = lora_model::gguf_tokenizer_for("models/SmolLM2-135M-Instruct.Q4_1.gguf")?;
+/// let samples = [Sample::new("2 + 2 =", " 4")];
+/// let refs: Vec<&Sample> = samples.iter().collect();
+/// let format = lora_model::PromptFormat::Raw;
+/// let mut sweep = AnswerSweep::new(&model, &tokenizer, &refs, &format, 8)?.keep_states(true);
+/// let first = sweep.scores(&[29, 26, 23], |_| {})?; // one full-LoRA pass, then the blocks above each
+/// let more = sweep.scores(&[24, 25], |_| {})?; // the blocks above 24 and 25 only
+/// assert_eq!((first.len(), more[0].len()), (3, 1));
+/// # Ok(())
+/// # }
+/// ```
+pub struct AnswerSweep<'m> {
+    model: &'m Llama,
+    /// Input index of each sample in the batches' order (by text length).
+    order: Vec<usize>,
+    batches: Vec<SweepBatch>,
+    keep: bool,
+    kept_bytes: usize,
+}
+
+/// One batch of an [`AnswerSweep`] and, when kept, its full-LoRA pass.
+struct SweepBatch {
+    batch: ForcedBatch,
+    full: Option<FullPass>,
+}
+
+/// Every block's output under full LoRA for one batch: the shared prefix's (one row; empty without one) and the
+/// rows' (after the prefix when there is one).
+struct FullPass {
+    prefix: Vec<Tensor>,
+    rows: Vec<Tensor>,
+}
+
+impl FullPass {
+    fn bytes(&self) -> usize {
+        self.prefix.iter().chain(&self.rows).map(|t| t.numel() * t.kind().elt_size_in_bytes()).sum()
+    }
+}
+
+impl<'m> AnswerSweep<'m> {
+    /// Tokenizes and batches `samples` (`batch_size` a batch, in order of text length); no forward pass yet.
+    pub fn new(
+        model: &'m Llama,
+        tokenizer: &Tokenizer,
+        samples: &[&Sample],
+        format: &PromptFormat,
+        batch_size: usize,
+    ) -> Result<Self> {
+        // Batches of similar lengths pad less: the samples go through in order of text length, and the results
+        // come back in input order.
+        let mut order: Vec<usize> = (0..samples.len()).collect();
+        order.sort_by_key(|&i| samples.get(i).map_or(0, |s| s.prompt.len() + s.answer.len()));
+        let sorted: Vec<&Sample> = order.iter().filter_map(|&i| samples.get(i).copied()).collect();
+        let batches = forced_batches(model, tokenizer, &sorted, format, batch_size)?
+            .into_iter()
+            .map(|batch| SweepBatch { batch, full: None })
+            .collect();
+        Ok(AnswerSweep { model, order, batches, keep: false, kept_bytes: 0 })
+    }
+
+    /// Whether each batch's full-LoRA pass is kept for later calls (within [`SWEEP_KEEP_BYTES`]; default no).
+    pub fn keep_states(mut self, keep: bool) -> Self {
+        self.set_keep_states(keep);
+        self
+    }
+
+    /// [`AnswerSweep::keep_states`] on a sweep in use: from the next call on, its full-LoRA passes are kept (or,
+    /// with `false`, used once more if kept and then dropped).
+    pub fn set_keep_states(&mut self, keep: bool) {
+        self.keep = keep;
+    }
+
+    /// [`answer_logprobs_sweep`]'s result for `boundaries`: `result[i][j]` is boundary `boundaries[i]`, sample `j`
+    /// (input order). `on_batch` hears the number of samples after each batch.
+    pub fn scores(&mut self, boundaries: &[usize], mut on_batch: impl FnMut(usize)) -> Result<Vec<Vec<f64>>> {
+        let _guard = lora_model::tch::no_grad_guard();
+        let model = self.model;
+        let l = model.num_layers();
+        if let Some(&b) = boundaries.iter().find(|&&b| b >= l) {
+            return Err(ProbeError::InvalidArgument(format!("boundary {b} is past the last block ({l} blocks)")));
+        }
+        let mut out = vec![Vec::with_capacity(self.order.len()); boundaries.len()];
+        for sb in &mut self.batches {
+            let clock = std::time::Instant::now();
+            let full = match sb.full.take() {
+                Some(full) => {
+                    self.kept_bytes -= full.bytes();
+                    full
+                }
+                None => full_pass(model, &sb.batch)?,
+            };
+            let full_s = clock.elapsed().as_secs_f64();
+            let (tails_s, heads_s) = tails(model, &sb.batch, &full, boundaries, &mut out)?;
+            tracing::debug!(
+                rows = sb.batch.answers.len(),
+                prefix = sb.batch.shared.as_ref().map_or(0, |s| s.prefix_len),
+                answer_tokens = sb.batch.answers.iter().map(Vec::len).sum::<usize>(),
+                boundaries = boundaries.len(),
+                full_s,
+                tails_s,
+                heads_s,
+                "answer_logprobs_sweep batch"
+            );
+            let bytes = full.bytes();
+            if self.keep && self.kept_bytes + bytes <= SWEEP_KEEP_BYTES {
+                self.kept_bytes += bytes;
+                sb.full = Some(full);
+            }
+            on_batch(sb.batch.answers.len());
+        }
+        for row in &mut out {
+            let mut inputs = vec![0.0; row.len()];
+            for (&i, &v) in self.order.iter().zip(row.iter()) {
+                if let Some(slot) = inputs.get_mut(i) {
+                    *slot = v;
+                }
+            }
+            *row = inputs;
+        }
+        Ok(out)
+    }
+}
+
+/// The full-LoRA pass of one batch with every block's output: with a shared prefix, the prefix once (one row,
+/// cached) and the rows' remaining tokens after it; else the padded batch.
+fn full_pass(model: &Llama, batch: &ForcedBatch) -> Result<FullPass> {
+    let all = LayerMask::all();
+    let states = ForwardOptions { logits: Logits::Skip, hidden_states: true, ..ForwardOptions::new(&all) };
+    match &batch.shared {
+        Some(shared) => {
+            let rows = batch.answers.len() as i64;
+            let (p, cols) = (shared.prefix_len, shared.prefix_len + shared.len as i64);
+            let mut prefix_cache = model.new_cache(1, p)?;
+            let prefix = model.forward_cached(&shared.prefix, None, &mut prefix_cache, &states)?;
+            let mut cache = lora_model::KvCache::from_prefix(&prefix_cache, rows, cols)?;
+            let full = model.forward_cached(&shared.input, Some(&shared.attention), &mut cache, &states)?;
+            Ok(FullPass { prefix: prefix.hidden_states, rows: full.hidden_states })
+        }
+        None => {
+            let full = model.forward(&batch.input, Some(&batch.attention), &states)?;
+            Ok(FullPass { prefix: Vec::new(), rows: full.hidden_states })
+        }
+    }
+}
+
+/// Each boundary `b` of `boundaries` for one batch, from its full-LoRA pass: blocks `b+1..L` without LoRA (with a
+/// shared prefix, the prefix's keys and values above `b` once, then the rows after it), then the answer's
+/// log-probabilities, appended to `out[i]`. Returns the seconds spent in the blocks and in the LM head.
+fn tails(
     model: &Llama,
     batch: &ForcedBatch,
-    shared: &SharedForced,
+    full: &FullPass,
     boundaries: &[usize],
     out: &mut [Vec<f64>],
-) -> Result<()> {
+) -> Result<(f64, f64)> {
     let l = model.num_layers();
-    let (all, none) = (LayerMask::all(), LayerMask::none());
+    let none = LayerMask::none();
     let rows = batch.answers.len() as i64;
-    let (p, cols) = (shared.prefix_len, shared.prefix_len + shared.len as i64);
-    let states = ForwardOptions { logits: Logits::Skip, hidden_states: true, ..ForwardOptions::new(&all) };
-    let clock = std::time::Instant::now();
-    let mut prefix_cache = model.new_cache(1, p)?;
-    let prefix = model.forward_cached(&shared.prefix, None, &mut prefix_cache, &states)?;
-    let mut cache = lora_model::KvCache::from_prefix(&prefix_cache, rows, cols)?;
-    let full = model.forward_cached(&shared.input, Some(&shared.attention), &mut cache, &states)?;
-    let full_s = clock.elapsed().as_secs_f64();
     let (mut tails_s, mut heads_s) = (0.0, 0.0);
     let missing = || ProbeError::InvalidArgument("model returned too few hidden states".into());
     for (&b, dst) in boundaries.iter().zip(out.iter_mut()) {
-        let from = full.hidden_states.get(b + 1).ok_or_else(missing)?;
+        let from = full.rows.get(b + 1).ok_or_else(missing)?;
         let clock = std::time::Instant::now();
-        let last = if b + 1 == l {
-            from.shallow_clone()
-        } else {
-            // The prefix's keys and values above b without LoRA, then the rows after it.
-            let skip = ForwardOptions { logits: Logits::Skip, hidden_states: false, ..ForwardOptions::new(&none) };
-            let mut tail_prefix = model.new_cache(1, p)?;
-            let h = prefix.hidden_states.get(b + 1).ok_or_else(missing)?;
-            model.forward_from_cached(h, b + 1, None, &mut tail_prefix, &skip)?;
-            let mut tail_cache = lora_model::KvCache::from_prefix(&tail_prefix, rows, cols)?;
-            let opts = ForwardOptions { hidden_states: true, ..skip };
-            let tail = model.forward_from_cached(from, b + 1, Some(&shared.attention), &mut tail_cache, &opts)?;
-            tail.hidden_states.last().map(Tensor::shallow_clone).ok_or_else(missing)?
+        let skip = ForwardOptions { logits: Logits::Skip, hidden_states: false, ..ForwardOptions::new(&none) };
+        let opts = ForwardOptions { hidden_states: true, ..skip };
+        let (last, at) = match &batch.shared {
+            _ if b + 1 == l => (from.shallow_clone(), batch.shared.as_ref().map_or(batch.max_len, |s| s.len)),
+            Some(shared) => {
+                // The prefix's keys and values above b without LoRA, then the rows after it.
+                let (p, cols) = (shared.prefix_len, shared.prefix_len + shared.len as i64);
+                let mut tail_prefix = model.new_cache(1, p)?;
+                let h = full.prefix.get(b + 1).ok_or_else(missing)?;
+                model.forward_from_cached(h, b + 1, None, &mut tail_prefix, &skip)?;
+                let mut tail_cache = lora_model::KvCache::from_prefix(&tail_prefix, rows, cols)?;
+                let tail = model.forward_from_cached(from, b + 1, Some(&shared.attention), &mut tail_cache, &opts)?;
+                (tail.hidden_states.last().map(Tensor::shallow_clone).ok_or_else(missing)?, shared.len)
+            }
+            None => {
+                let tail = model.forward_from(from, b + 1, Some(&batch.attention), &opts)?;
+                (tail.hidden_states.last().map(Tensor::shallow_clone).ok_or_else(missing)?, batch.max_len)
+            }
         };
         let head = std::time::Instant::now();
         tails_s += (head - clock).as_secs_f64();
-        row_logprobs(model, batch, shared.len, &last, dst)?;
+        row_logprobs(model, batch, at, &last, dst)?;
         heads_s += head.elapsed().as_secs_f64();
     }
-    tracing::debug!(
-        rows,
-        prefix = p,
-        suffix = shared.len,
-        answer_tokens = batch.answers.iter().map(Vec::len).sum::<usize>(),
-        boundaries = boundaries.len(),
-        full_s,
-        tails_s,
-        heads_s,
-        "answer_logprobs_sweep batch"
-    );
-    Ok(())
+    Ok((tails_s, heads_s))
 }
