@@ -191,7 +191,7 @@ pub const SWEEP_KEEP_BYTES: usize = 1 << 30;
 /// use lora_probe::scoring::AnswerSweep;
 /// use lora_probe::Sample;
 /// let model = lora_model::Llama::load("models/SmolLM2-135M-Instruct.Q4_1.gguf", Default::default())?;
-/// let tokenizer = lora_model::gguf_tokenizer_for("models/SmolLM2-135M-Instruct.Q4_1.gguf")?;
+/// let tokenizer = lora_model::gguf_tokenizer_for(std::path::Path::new("models/SmolLM2-135M-Instruct.Q4_1.gguf"))?;
 /// let samples = [Sample::new("2 + 2 =", " 4")];
 /// let refs: Vec<&Sample> = samples.iter().collect();
 /// let format = lora_model::PromptFormat::Raw;
