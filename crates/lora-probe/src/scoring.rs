@@ -349,15 +349,17 @@ fn tails(
     let l = model.num_layers();
     let none = LayerMask::none();
     let rows = batch.answers.len() as i64;
+    // The columns of the rows' states: after the shared prefix when there is one.
+    let width = batch.shared.as_ref().map_or(batch.max_len, |s| s.len);
+    let skip = ForwardOptions { logits: Logits::Skip, hidden_states: false, ..ForwardOptions::new(&none) };
+    let opts = ForwardOptions { hidden_states: true, ..skip };
     let (mut tails_s, mut heads_s) = (0.0, 0.0);
     let missing = || ProbeError::InvalidArgument("model returned too few hidden states".into());
     for (&b, dst) in boundaries.iter().zip(out.iter_mut()) {
         let from = full.rows.get(b + 1).ok_or_else(missing)?;
         let clock = std::time::Instant::now();
-        let skip = ForwardOptions { logits: Logits::Skip, hidden_states: false, ..ForwardOptions::new(&none) };
-        let opts = ForwardOptions { hidden_states: true, ..skip };
-        let (last, at) = match &batch.shared {
-            _ if b + 1 == l => (from.shallow_clone(), batch.shared.as_ref().map_or(batch.max_len, |s| s.len)),
+        let last = match &batch.shared {
+            _ if b + 1 == l => from.shallow_clone(),
             Some(shared) => {
                 // The prefix's keys and values above b without LoRA, then the rows after it.
                 let (p, cols) = (shared.prefix_len, shared.prefix_len + shared.len as i64);
@@ -366,16 +368,16 @@ fn tails(
                 model.forward_from_cached(h, b + 1, None, &mut tail_prefix, &skip)?;
                 let mut tail_cache = lora_model::KvCache::from_prefix(&tail_prefix, rows, cols)?;
                 let tail = model.forward_from_cached(from, b + 1, Some(&shared.attention), &mut tail_cache, &opts)?;
-                (tail.hidden_states.last().map(Tensor::shallow_clone).ok_or_else(missing)?, shared.len)
+                tail.hidden_states.last().map(Tensor::shallow_clone).ok_or_else(missing)?
             }
             None => {
                 let tail = model.forward_from(from, b + 1, Some(&batch.attention), &opts)?;
-                (tail.hidden_states.last().map(Tensor::shallow_clone).ok_or_else(missing)?, batch.max_len)
+                tail.hidden_states.last().map(Tensor::shallow_clone).ok_or_else(missing)?
             }
         };
         let head = std::time::Instant::now();
         tails_s += (head - clock).as_secs_f64();
-        row_logprobs(model, batch, at, &last, dst)?;
+        row_logprobs(model, batch, width, &last, dst)?;
         heads_s += head.elapsed().as_secs_f64();
     }
     Ok((tails_s, heads_s))
