@@ -8,7 +8,7 @@ mod common;
 
 use lora_model::kernels::{self, SimdPath};
 use lora_model::tch::{Kind, Tensor};
-use lora_model::{load_adapter, ForwardOptions, LayerMask, Llama, Logits, Placement};
+use lora_model::{load_adapter, ForwardOptions, LayerMask, Llama, Logits, Module, Placement};
 
 use common::fixtures;
 
@@ -59,7 +59,10 @@ fn check(model: &Llama, prompts: &[Vec<i64>], steps: &[Vec<i64>], mask: &LayerMa
         assert_eq!(got.size(), full.size());
         assert_eq!(got.kind(), Kind::Float);
         let scale = full.abs().max().double_value(&[]).max(1.0);
-        worst = worst.max((&got - &full).abs().max().double_value(&[]) / scale);
+        let d = (&got - &full).abs().max().double_value(&[]) / scale;
+        // NaN (garbage logits) must fail, not vanish in `max`.
+        assert!(d.is_finite(), "non-finite logits or difference: {d}");
+        worst = worst.max(d);
     }
     worst
 }
@@ -88,6 +91,33 @@ fn fused_decode_equals_uncached_forward() {
     let steps: Vec<Vec<i64>> = (0..4).map(|k| vec![20 + k, 30 + k, 40 + k]).collect();
     let d = check(&model, &prompts, &steps, &LayerMask::all());
     assert!(d < 1e-5, "in a decode scope: {d:.2e}");
+}
+
+/// The decode step keeps the model's projections borrowed between calls; a projection changed through
+/// `projection_mut` (a new LoRA `B` tensor, the old one freed; a new scaling; a LoRA merged into its weight) must show in
+/// the very next fused step, which again equals the uncached forward.
+#[test]
+fn fused_decode_sees_changed_projections() {
+    let _g = lora_model::tch::no_grad_guard();
+    let prompts = vec![vec![5i64, 17, 42, 7, 99], vec![3, 8, 1]];
+    let steps: Vec<Vec<i64>> = (0..3).map(|k| vec![20 + k, 30 + k]).collect();
+    let mut model = load("tiny-llama", Some("tiny-llama-basic"), Kind::Float);
+    let before = check(&model, &prompts, &steps, &LayerMask::all());
+    assert!(before < 1e-5, "before the change: {before:.2e}");
+    let all = LayerMask::all();
+    let opts = ForwardOptions { logits: Logits::Last, ..ForwardOptions::new(&all) };
+    let (ids, att) = padded(&prompts);
+    let old = model.forward(&ids, Some(&att), &opts).unwrap().logits.unwrap();
+    {
+        let lora = model.projection_mut(0, Module::Q).unwrap().lora.as_mut().unwrap();
+        lora.b = &lora.b * 3.0 + 0.5;
+        model.projection_mut(1, Module::V).unwrap().lora.as_mut().unwrap().scaling *= 3.0;
+    }
+    model.projection_mut(1, Module::Down).unwrap().merge().unwrap();
+    let new = model.forward(&ids, Some(&att), &opts).unwrap().logits.unwrap();
+    assert!((&new - &old).abs().max().double_value(&[]) > 1e-3, "the change must move the logits");
+    let after = check(&model, &prompts, &steps, &LayerMask::all());
+    assert!(after < 1e-5, "after the change: {after:.2e}");
 }
 
 fn fused_decode_on_every_fixture(path: SimdPath) {

@@ -1,7 +1,6 @@
 //! The fused projections: `x Wᵀ + bias (+ scaling · (x Aᵀ) Bᵀ)` for a few activation rows, one weight stream for
 //! all of them, several projections of one input (q, k and v) in one call, split over two threads inside a
 //! [`decode_scope`](super::decode_scope).
-use std::cell::OnceCell;
 use std::sync::atomic::{AtomicU8, Ordering};
 
 use tch::{Device, Kind, Tensor};
@@ -147,7 +146,7 @@ impl LowRank {
         for p in prepared {
             bufs.push(p.lora.as_ref().map(|&(a, _, r, scaling)| {
                 let mut xa = pool::take(m * r);
-                simd::matvec(a, w_in, 0..r, xs, &mut xa, false);
+                simd::matvec(a, w_in, 0..r, xs, None, &mut xa, false);
                 for v in xa.iter_mut() {
                     *v *= scaling;
                 }
@@ -156,17 +155,38 @@ impl LowRank {
         }
     }
 
+    /// The inputs if they are ready (`Some(Some(..))`), `Some(None)` if computing them failed, `None` while they
+    /// are being computed.
+    fn poll(&self) -> Option<Option<&[Option<pool::Buf>]>> {
+        match self.state.load(Ordering::Acquire) {
+            // SAFETY: the front thread finished writing (and dropped its `&mut`) before its release store of 1,
+            // which this acquire load saw; from now on `bufs` is only read.
+            1 => Some(Some(unsafe { &*self.bufs.get() })),
+            2 => Some(None),
+            _ => None,
+        }
+    }
+
     /// The inputs once they are ready, or `None` if computing them failed.
     fn wait(&self) -> Option<&[Option<pool::Buf>]> {
         loop {
-            match self.state.load(Ordering::Acquire) {
-                // SAFETY: the front thread finished writing (and dropped its `&mut`) before its release store of
-                // 1, which this acquire load saw; from now on `bufs` is only read.
-                1 => return Some(unsafe { &*self.bufs.get() }),
-                2 => return None,
-                _ => std::hint::spin_loop(),
+            match self.poll() {
+                Some(done) => return done,
+                None => std::hint::spin_loop(),
             }
         }
+    }
+
+    /// Per projection, its low-rank rows (`[rows, r]` as `rows` slices; empty without LoRA).
+    fn rows<'a>(prepared: &[Prepared<'_>], low: &'a [Option<pool::Buf>]) -> Vec<Vec<&'a [f32]>> {
+        prepared
+            .iter()
+            .zip(low)
+            .map(|(q, xa)| match (&q.lora, xa) {
+                (Some((_, _, r, _)), Some(xa)) => xa.chunks_exact(*r).collect(),
+                _ => Vec::new(),
+            })
+            .collect()
     }
 }
 
@@ -177,13 +197,58 @@ pub(crate) struct Linear<'a> {
     pub lora: Option<LoraPart<'a>>,
 }
 
-/// A [`Linear`] borrowed for the kernels.
-struct Prepared<'a> {
-    w: Mat<'a>,
-    n_out: usize,
-    /// `A`, `B`, r and scaling.
-    lora: Option<(Mat<'a>, Mat<'a>, usize, f32)>,
-    bias: Option<Vec<f32>>,
+/// A projection borrowed for the kernels: what [`linear_rows`] makes of a [`Linear`] on every call, or what a
+/// caller that calls often with the same weights keeps (the model's decode step, see `models::decode`), so that
+/// libtorch is not asked for the tensors' shapes, kinds and data pointers again each time.
+#[derive(Clone)]
+pub(crate) struct Prepared<'a> {
+    /// `W`, `[n_out, n_in]` row-major.
+    pub w: Mat<'a>,
+    pub n_out: usize,
+    pub n_in: usize,
+    /// `A` (`[r, n_in]`), `B` (`[n_out, r]`), r and scaling; the same kind as `W`.
+    pub lora: Option<(Mat<'a>, Mat<'a>, usize, f32)>,
+    /// `n_out` values.
+    pub bias: Option<std::borrow::Cow<'a, [f32]>>,
+}
+
+impl<'a> Prepared<'a> {
+    /// Borrows `lin` for the kernels, or `None` when they do not take it (device, kind, layout, autograd or
+    /// shapes).
+    ///
+    /// # Safety
+    /// The returned slices alias the tensors' storage: the tensors must outlive them, and nothing may write the
+    /// tensors (or reallocate their storage) while they live.
+    pub(crate) unsafe fn new(lin: &Linear<'a>) -> Result<Option<Self>> {
+        let kind = lin.weight.kind();
+        let Some((w, n_out, n_in)) = borrow_mat(lin.weight) else { return Ok(None) };
+        let lora = match &lin.lora {
+            Some(l) => {
+                if l.a.kind() != kind || l.b.kind() != kind {
+                    return Ok(None);
+                }
+                let (Some((a, r, a_in)), Some((b, b_out, b_r))) = (borrow_mat(l.a), borrow_mat(l.b)) else {
+                    return Ok(None);
+                };
+                if a_in != n_in || b_out != n_out || b_r != r {
+                    return Ok(None);
+                }
+                Some((a, b, r, l.scaling as f32))
+            }
+            None => None,
+        };
+        let bias = match lin.bias {
+            Some(b) => {
+                if b.numel() != n_out || b.device() != Device::Cpu {
+                    return Ok(None);
+                }
+                let b = b.f_to_kind(Kind::Float)?.f_contiguous()?;
+                Some(std::borrow::Cow::Owned(Vec::<f32>::try_from(&b)?))
+            }
+            None => None,
+        };
+        Ok(Some(Prepared { w, n_out, n_in, lora, bias }))
+    }
 }
 
 /// `ys[p] = x Wₚᵀ + biasₚ (+ scalingₚ · (x Aₚᵀ) Bₚᵀ)` for the activation rows `rows` (each `in` long) and every
@@ -211,21 +276,55 @@ fn linear_rows_on(
     if rows.is_empty() || rows.len() > max_rows || lins.len() != ys.len() {
         return Ok(false);
     }
+    let mut prepared = Vec::with_capacity(lins.len());
+    for lin in lins {
+        // SAFETY: every borrowed tensor is borrowed (`&Tensor`) by `lins` until the end of this function, which
+        // outlives the slices. Aliasing: the model's weights are written only through `&mut` access to their owner
+        // (merging, training), which the caller's shared borrow excludes meanwhile. Threads: the slices are read
+        // only, by this thread and (inside `helper::join`, which returns before this function does) the helper.
+        match unsafe { Prepared::new(lin) }? {
+            Some(p) => prepared.push(p),
+            None => return Ok(false),
+        }
+    }
+    prepared_rows_on(path, max_rows, &prepared, rows, ys)
+}
+
+/// [`linear_rows`] for projections borrowed already ([`Prepared`]): no call into libtorch. Returns `Ok(false)`,
+/// with `ys` untouched, when the shapes disagree or the kernels are off.
+pub(crate) fn linear_rows_prepared(parts: &[Prepared<'_>], rows: &[&[f32]], ys: &mut [&mut [f32]]) -> Result<bool> {
+    if !enabled() {
+        return Ok(false);
+    }
+    prepared_rows_on(simd_path(), MAX_ROWS as usize, parts, rows, ys)
+}
+
+/// [`linear_rows_prepared`] on `path` for at most `max_rows` rows.
+fn prepared_rows_on(
+    path: SimdPath,
+    max_rows: usize,
+    prepared: &[Prepared<'_>],
+    rows: &[&[f32]],
+    ys: &mut [&mut [f32]],
+) -> Result<bool> {
+    if rows.is_empty() || rows.len() > max_rows || prepared.is_empty() || prepared.len() != ys.len() {
+        return Ok(false);
+    }
     let m = rows.len();
     let w_in = rows[0].len();
     if rows.iter().any(|r| r.len() != w_in) {
         return Ok(false);
     }
-    let mut prepared = Vec::with_capacity(lins.len());
-    for (lin, y) in lins.iter().zip(ys.iter()) {
-        // SAFETY: every borrowed tensor is borrowed (`&Tensor`) by `lins` until the end of this function, which
-        // outlives the slices. Aliasing: the model's weights are written only through `&mut` access to their owner
-        // (merging, training), which the caller's shared borrow excludes meanwhile. Threads: the slices are read
-        // only, by this thread and (inside `helper::join`, which returns before this function does) the helper.
-        match unsafe { prepare(lin, w_in) }? {
-            Some(p) if y.len() == m * p.n_out => prepared.push(p),
-            _ => return Ok(false),
-        }
+    let shapes_agree = prepared.iter().zip(ys.iter()).all(|(p, y)| {
+        let lora_ok = p.lora.as_ref().is_none_or(|(a, b, r, _)| a.len() == r * p.n_in && b.len() == p.n_out * r);
+        p.n_in == w_in
+            && p.w.len() == p.n_out * p.n_in
+            && lora_ok
+            && p.bias.as_ref().is_none_or(|b| b.len() == p.n_out)
+            && y.len() == m * p.n_out
+    });
+    if !shapes_agree {
+        return Ok(false);
     }
     let total: usize = prepared.iter().map(|p| p.n_out).sum();
     if u32::try_from(total).is_err() {
@@ -238,27 +337,36 @@ fn linear_rows_on(
     // `Out`s until this function returns (`ys` is not touched otherwise from here on).
     let outs: Vec<Out<'_>> = ys.iter_mut().map(|y| Out::new(y, m)).collect();
     let input = simd::Rows::on(path, rows);
-    for p in &prepared {
+    for p in prepared {
         input.prepare(p.w, w_in); // before the threads start (see `Rows`); `A` has the same width and kind
     }
 
-    // The front thread first computes every LoRA's `scaling · A x` ([`LowRank`]). Then each thread takes chunks
-    // of output rows until none are left and computes the rows of W (plus the bias) for them, then at once B's
-    // rows for them times the low-rank input: B is read in the same stream as W, once, and the output rows are
-    // still in cache. (The back thread's first chunk is a quarter of the rows, which outlasts `A x`, so it rarely
-    // waits for the low-rank input.)
+    // The front thread first computes every LoRA's `scaling · A x` ([`LowRank`]); meanwhile the back thread streams
+    // W from the other end in small chunks, W's rows only, and keeps a list of them. From then on each thread takes
+    // chunks of output rows until none are left and computes W's rows (plus B's rows against the low-rank input, in
+    // the same loop: `simd::Side`) and the bias. At the end the back thread adds B's rows of the chunks it took
+    // before the low-rank input was ready.
     let low_rank = LowRank::new();
     let any_lora = prepared.iter().any(|p| p.lora.is_some());
     let work = |front: bool| -> bool {
         if front && any_lora {
-            low_rank.compute(&prepared, w_in, &input);
+            low_rank.compute(prepared, w_in, &input);
         }
         let mut tmp = Vec::new();
-        // Per projection, the low-rank rows `scaling · A x` as B's input, made once per thread at its first B
-        // piece (so the back thread waits for them as late as it can) and shared by all its chunks.
-        let xa_rows: OnceCell<Vec<Vec<&[f32]>>> = OnceCell::new();
-        let b_inputs: OnceCell<Vec<simd::Rows<'_>>> = OnceCell::new();
-        while let Some(range) = chunks.claim(front) {
+        // Per projection, the low-rank rows `scaling · A x`, once this thread has seen them ready.
+        let mut xa_rows: Option<Vec<Vec<&[f32]>>> = None;
+        // (projection, its output rows) computed without B's part.
+        let mut pending: Vec<(usize, std::ops::Range<usize>)> = Vec::new();
+        loop {
+            if any_lora && xa_rows.is_none() {
+                match low_rank.poll() {
+                    Some(Some(low)) => xa_rows = Some(LowRank::rows(prepared, low)),
+                    Some(None) => return false,
+                    None => {}
+                }
+            }
+            let waiting = any_lora && xa_rows.is_none();
+            let Some(range) = chunks.claim(front, waiting) else { break };
             let mut start = 0;
             for (k, (p, out)) in prepared.iter().zip(&outs).enumerate() {
                 let (lo, hi) = (range.start.max(start), range.end.min(start + p.n_out));
@@ -269,6 +377,14 @@ fn linear_rows_on(
                 }
                 let local = lo - first..hi - first;
                 let len = local.len();
+                let side = match (&p.lora, &xa_rows) {
+                    (Some((_, b, r, _)), Some(rows)) => Some(simd::Side { b: *b, r: *r, xa: &rows[k] }),
+                    (Some(_), None) => {
+                        pending.push((k, local.clone()));
+                        None
+                    }
+                    (None, _) => None,
+                };
                 // SAFETY: threads: this thread claimed these output rows from `chunks`, so the other thread never
                 // touches them. Aliasing: this is the only slice over them alive (`dst` ends before the next piece),
                 // and `local.end ≤ n_out` of this projection.
@@ -279,7 +395,7 @@ fn linear_rows_on(
                     tmp.resize(m * len, 0.0);
                     &mut tmp
                 };
-                simd::matvec(p.w, w_in, local.clone(), &input, dst, false);
+                simd::matvec(p.w, w_in, local.clone(), &input, side, dst, false);
                 if let Some(bias) = &p.bias {
                     for row in dst.chunks_exact_mut(len) {
                         for (v, b) in row.iter_mut().zip(&bias[local.clone()]) {
@@ -287,25 +403,40 @@ fn linear_rows_on(
                         }
                     }
                 }
-                if let Some((_, b, r, _)) = &p.lora {
-                    if xa_rows.get().is_none() {
-                        let Some(low) = low_rank.wait() else { return false };
-                        let rows = prepared.iter().zip(low).map(|(q, xa)| match (&q.lora, xa) {
-                            (Some((_, _, r, _)), Some(xa)) => xa.chunks_exact(*r).collect(),
-                            _ => Vec::new(),
-                        });
-                        let _ = xa_rows.set(rows.collect());
-                    }
-                    let inputs = b_inputs.get_or_init(|| {
-                        xa_rows.get().map_or_else(Vec::new, |v| v.iter().map(|x| simd::Rows::on(path, x)).collect())
-                    });
-                    let Some(xa) = inputs.get(k).filter(|x| x.xs.len() == m) else { return false };
-                    simd::matvec(*b, *r, local.clone(), xa, dst, true);
-                }
                 if m > 1 {
                     // SAFETY: as above; with `m > 1` no slice of `out` is alive (`dst` is `tmp`).
                     unsafe { out.put(local, &tmp, false) };
                 }
+            }
+        }
+        if pending.is_empty() {
+            return true;
+        }
+        let rows = match xa_rows {
+            Some(rows) => rows,
+            None => match low_rank.wait() {
+                Some(low) => LowRank::rows(prepared, low),
+                None => return false,
+            },
+        };
+        for (k, local) in pending {
+            let (Some((_, b, r, _)), Some(out), Some(xa)) = (&prepared[k].lora, outs.get(k), rows.get(k)) else {
+                return false;
+            };
+            if xa.len() != m {
+                return false;
+            }
+            let xa = simd::Rows::on(path, xa);
+            if m == 1 {
+                // SAFETY: as above (this thread claimed these rows, and no other slice of them is alive).
+                let dst = unsafe { out.slice(local.clone()) };
+                simd::matvec(*b, *r, local, &xa, None, dst, true);
+            } else {
+                tmp.clear();
+                tmp.resize(m * local.len(), 0.0);
+                simd::matvec(*b, *r, local.clone(), &xa, None, &mut tmp, false);
+                // SAFETY: as above; no slice of `out` is alive.
+                unsafe { out.put(local, &tmp, true) };
             }
         }
         true
@@ -321,46 +452,6 @@ fn linear_rows_on(
         return Err(crate::error::ModelError::InvalidArgument("decode kernel helper thread failed".into()));
     }
     Ok(true)
-}
-
-/// Borrows one projection for [`linear_rows`] (`w_in` inputs), or `None` when the kernels do
-/// not take it.
-///
-/// # Safety
-/// The returned slices alias the tensors' storage: the tensors must outlive them, and nothing may write the
-/// tensors while they live.
-unsafe fn prepare<'a>(lin: &Linear<'a>, w_in: usize) -> Result<Option<Prepared<'a>>> {
-    let kind = lin.weight.kind();
-    let Some((w, n_out, in_)) = borrow_mat(lin.weight) else { return Ok(None) };
-    if in_ != w_in {
-        return Ok(None);
-    }
-    let lora = match &lin.lora {
-        Some(l) => {
-            if l.a.kind() != kind || l.b.kind() != kind {
-                return Ok(None);
-            }
-            let (Some((a, r, a_in)), Some((b, b_out, b_r))) = (borrow_mat(l.a), borrow_mat(l.b)) else {
-                return Ok(None);
-            };
-            if a_in != w_in || b_out != n_out || b_r != r {
-                return Ok(None);
-            }
-            Some((a, b, r, l.scaling as f32))
-        }
-        None => None,
-    };
-    let bias = match lin.bias {
-        Some(b) => {
-            if b.numel() != n_out || b.device() != Device::Cpu {
-                return Ok(None);
-            }
-            let b = b.f_to_kind(Kind::Float)?.f_contiguous()?;
-            Some(Vec::<f32>::try_from(&b)?)
-        }
-        None => None,
-    };
-    Ok(Some(Prepared { w, n_out, lora, bias }))
 }
 
 #[cfg(test)]

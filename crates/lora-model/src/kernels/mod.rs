@@ -35,8 +35,10 @@
 //! fixed order, so that a row's result is the same in any batch) and bf16 weights in tiles of four activation rows
 //! (one widening of the weights for four rows); AVX512-BF16 multiplies bf16 weights with
 //! `vdpbf16ps`, with the activation rows rounded to bf16 once per call (exact for bf16 activations; see
-//! [`SimdPath::Avx512Bf16`]). Narrow matrices (LoRA's `B`, at most 64 columns) take the AVX2 loop that reduces
-//! eight rows together on every vector path. The helpers of the decode step (dot products, `axpy`, SwiGLU) run on
+//! [`SimdPath::Avx512Bf16`]). LoRA's `B` rows are read in the same loop as `W`'s, beside them, into the same
+//! accumulators (one reduction per output value for both); the few rows one thread computes before the low-rank
+//! input `scaling · A x` is ready take `B` afterwards, in the AVX2 loop that reduces eight narrow rows together.
+//! The one-row loops on AVX-512 prefetch 8 KB ahead into L2 (the AVX2 loops 1 KB into L1, as tuned on Zen 1). The helpers of the decode step (dot products, `axpy`, SwiGLU) run on
 //! AVX2 on every vector path: they are short and not what limits a step.
 use std::sync::atomic::{AtomicU64, AtomicU8, Ordering};
 
@@ -51,7 +53,7 @@ mod stats;
 pub(crate) use borrow::{borrow, borrow_f32_mut, borrow_mut, Mat};
 pub use isa::{set_simd_path, simd_path, SimdPath};
 pub use linear::linear_on;
-pub(crate) use linear::{linear_rows, small_linear, Linear, LoraPart};
+pub(crate) use linear::{linear_rows, linear_rows_prepared, small_linear, Linear, LoraPart, Prepared};
 pub use runtime::{decode_scope, DecodeScope};
 pub(crate) use runtime::{join, pool};
 pub(crate) use simd::{attn_scores, attn_values, dot, scale_mul, swiglu};

@@ -18,8 +18,9 @@ impl Chunks {
         Chunks { left: AtomicU64::new((total as u64) << 32), min: min.max(1) }
     }
 
-    /// The next chunk for the front (or back) thread, or `None` when every row is taken.
-    pub(super) fn claim(&self, front: bool) -> Option<std::ops::Range<usize>> {
+    /// The next chunk for the front (or back) thread, or `None` when every row is taken: a quarter of what is
+    /// left, or only the smallest chunk (`min` rows) when `small`.
+    pub(super) fn claim(&self, front: bool, small: bool) -> Option<std::ops::Range<usize>> {
         let mut cur = self.left.load(Ordering::Relaxed);
         loop {
             let (lo, hi) = ((cur & 0xFFFF_FFFF) as usize, (cur >> 32) as usize);
@@ -27,7 +28,13 @@ impl Chunks {
                 return None;
             }
             let rest = hi - lo;
-            let size = if rest <= 2 * self.min { rest } else { (rest / 4).max(self.min).next_multiple_of(self.min) };
+            let size = if small {
+                rest.min(self.min)
+            } else if rest <= 2 * self.min {
+                rest
+            } else {
+                (rest / 4).max(self.min).next_multiple_of(self.min)
+            };
             let (range, next) = if front { (lo..lo + size, (lo + size, hi)) } else { (hi - size..hi, (lo, hi - size)) };
             let packed = ((next.1 as u64) << 32) | next.0 as u64;
             match self.left.compare_exchange_weak(cur, packed, Ordering::Relaxed, Ordering::Relaxed) {
@@ -114,7 +121,7 @@ mod tests {
                 loop {
                     let front = pattern.rotate_left(k) & 1 == 1;
                     k += 1;
-                    let Some(range) = chunks.claim(front).or_else(|| chunks.claim(!front)) else { break };
+                    let Some(range) = chunks.claim(front, false).or_else(|| chunks.claim(!front, false)) else { break };
                     assert!(range.len() >= min.min(total) || range.end == back_start || range.start == front_end);
                     if range.start == front_end {
                         front_end = range.end;

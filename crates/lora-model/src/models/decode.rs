@@ -216,8 +216,12 @@ impl Llama {
         }
         let (q_width, kv_width) = (c.num_heads * c.head_dim, c.num_kv_heads * c.head_dim);
         let mut scratch = Scratch::new(rows, h, q_width, kv_width, c.intermediate_size);
+        if self.decode_views.get().is_none() {
+            let _ = self.decode_views.set(DecodeViews::new(self)?);
+        }
+        let views = self.decode_views.get().ok_or_else(|| bad_tensor("decode views"))?;
         for block in &self.blocks {
-            self.fused_block(block, &mut x, cache, &step, &mut scratch)?;
+            self.fused_block(block, views, &mut x, cache, &step, &mut scratch)?;
         }
         if cache.lens.is_some() {
             cache.advance_ragged();
@@ -262,6 +266,7 @@ impl Llama {
     fn fused_block(
         &self,
         block: &Block,
+        views: &DecodeViews,
         x: &mut [f32],
         cache: &mut KvCache,
         step: &Step<'_>,
@@ -275,6 +280,7 @@ impl Llama {
         let rows = step.rows;
         let mask = step.opts.mask;
         let on = |m: Module| mask.is_active(l, m);
+        let view = |m: Module| views.get(self, l, m, on(m));
 
         // SAFETY: the norm weights live as long as `self`; as for the embedding in `fused_decode`, they are only
         // read while the slices live (`&self` excludes every writer; the helper thread only reads).
@@ -284,6 +290,7 @@ impl Llama {
         rms_norm(x, in_norm, eps, h, &mut sc.n);
         project(
             &[(&a.q, on(Module::Q)), (&a.k, on(Module::K)), (&a.v, on(Module::V))],
+            &[view(Module::Q), view(Module::K), view(Module::V)],
             &sc.n,
             h,
             &mut [&mut sc.q, &mut sc.k, &mut sc.v],
@@ -347,7 +354,7 @@ impl Llama {
         if !kernels::join(|| heads.attend(0..cut, lo), || heads.attend(cut..pairs, hi)) {
             return Err(ModelError::InvalidArgument(format!("block {l}: attention on the helper thread failed")));
         }
-        project(&[(&a.o, on(Module::O))], &sc.att, nh * hd, &mut [&mut sc.o])?;
+        project(&[(&a.o, on(Module::O))], &[view(Module::O)], &sc.att, nh * hd, &mut [&mut sc.o])?;
         // Gemma 3 normalises the attention output before the residual add, and the MLP input with its own norm.
         let gemma = match &block.gemma {
             // SAFETY: as for the block's norms above.
@@ -376,6 +383,7 @@ impl Llama {
         let mlp = &block.mlp;
         project(
             &[(&mlp.gate, on(Module::Gate)), (&mlp.up, on(Module::Up))],
+            &[view(Module::Gate), view(Module::Up)],
             &sc.n,
             h,
             &mut [&mut sc.gate, &mut sc.up],
@@ -385,7 +393,7 @@ impl Llama {
         } else {
             kernels::swiglu(&mut sc.gate, &sc.up);
         }
-        project(&[(&mlp.down, on(Module::Down))], &sc.gate, inter, &mut [&mut sc.down])?;
+        project(&[(&mlp.down, on(Module::Down))], &[view(Module::Down)], &sc.gate, inter, &mut [&mut sc.down])?;
         match gemma {
             Some((_, post_ff)) => {
                 rms_norm(&sc.down, post_ff, eps, h, &mut sc.n);
@@ -471,23 +479,137 @@ impl Heads<'_> {
     }
 }
 
+/// A tensor's values as the kernels read them, kept without a borrow: a [`Mat`] whose lifetime is the model's.
+#[derive(Clone, Copy)]
+struct RawMat {
+    ptr: *const u16,
+    /// Values (f32 or bf16).
+    len: usize,
+    f32: bool,
+}
+
+impl RawMat {
+    fn of(m: Mat<'_>) -> Self {
+        match m {
+            Mat::F32(v) => RawMat { ptr: v.as_ptr() as *const u16, len: v.len(), f32: true },
+            Mat::Bf16(v) => RawMat { ptr: v.as_ptr(), len: v.len(), f32: false },
+        }
+    }
+
+    /// The values again, for as long as `_model` is borrowed.
+    ///
+    /// # Safety
+    /// `self` must come from a tensor of `_model` borrowed since its [`DecodeViews`] were made (see there).
+    unsafe fn get<'a>(self, _model: &'a Llama) -> Mat<'a> {
+        if self.f32 {
+            Mat::F32(std::slice::from_raw_parts(self.ptr as *const f32, self.len))
+        } else {
+            Mat::Bf16(std::slice::from_raw_parts(self.ptr, self.len))
+        }
+    }
+}
+
+/// One projection as the kernels take it (see [`kernels::Prepared`]), LoRA included unless merged.
+struct ProjView {
+    w: RawMat,
+    n_out: usize,
+    n_in: usize,
+    /// `A`, `B`, r, scaling.
+    lora: Option<(RawMat, RawMat, usize, f32)>,
+    bias: Option<Vec<f32>>,
+}
+
+/// Every projection of the model borrowed for the kernels once, so that a decode step does not ask libtorch
+/// for the shapes, kinds and data pointers of about two hundred tensors again (each call a few lookups in
+/// tensor metadata that the step's stream of weights has pushed out of the caches: about 1 µs per projection,
+/// 2-3 % of a SmolLM2 step). Kept in [`Llama::decode_views`]; `None` for a projection the kernels do not take
+/// (then that call goes to libtorch, as before).
+///
+/// Why the raw pointers stay valid: they point into the storage of tensors the model owns. That storage is
+/// freed or reallocated only when a tensor is replaced, resized or moved, which takes `&mut` access to its
+/// projection: [`Llama::projection_mut`], the only way to one, drops these views first, and every use turns
+/// them back into slices for the length of a `&Llama` borrow, which excludes it meanwhile. (Shallow clones that
+/// the crate hands out, e.g. `named_weights`, are for reading: the same rule as for every borrow in the decode
+/// step.)
+pub(crate) struct DecodeViews {
+    /// Per block, its seven projections in [`Module::ALL`] order.
+    blocks: Vec<Vec<Option<ProjView>>>,
+}
+
+// SAFETY: threads: the pointers lead to tensor storage on the heap, owned by the model that holds these views and
+// moving with it; nothing here is tied to a thread, and the values are only read. Aliasing: as for the views
+// themselves (see above): no `&mut` to a weight exists while a slice made from them lives.
+unsafe impl Send for DecodeViews {}
+
+impl DecodeViews {
+    fn new(model: &Llama) -> Result<Self> {
+        let mut blocks = Vec::with_capacity(model.blocks.len());
+        for block in &model.blocks {
+            let mut views = Vec::with_capacity(Module::ALL.len());
+            for m in Module::ALL {
+                let lin = block.linear(m);
+                let part = kernels::Linear {
+                    weight: &lin.weight,
+                    bias: lin.bias.as_ref(),
+                    lora: match &lin.lora {
+                        Some(l) if !l.merged => Some(LoraPart { a: &l.a, b: &l.b, scaling: l.scaling }),
+                        _ => None,
+                    },
+                };
+                // SAFETY: the slices are turned into raw pointers at once; see `DecodeViews` for why those stay
+                // valid while they are used.
+                let view = unsafe { kernels::Prepared::new(&part) }?.map(|p| ProjView {
+                    w: RawMat::of(p.w),
+                    n_out: p.n_out,
+                    n_in: p.n_in,
+                    lora: p.lora.map(|(a, b, r, s)| (RawMat::of(a), RawMat::of(b), r, s)),
+                    bias: p.bias.map(|b| b.into_owned()),
+                });
+                views.push(view);
+            }
+            blocks.push(views);
+        }
+        Ok(DecodeViews { blocks })
+    }
+
+    /// Projection `m` of block `l` for the kernels, with its LoRA when `lora_on`, or `None` when the kernels do
+    /// not take it.
+    fn get<'a>(&'a self, model: &'a Llama, l: usize, m: Module, lora_on: bool) -> Option<kernels::Prepared<'a>> {
+        let i = Module::ALL.iter().position(|&x| x == m)?;
+        let v = self.blocks.get(l)?.get(i)?.as_ref()?;
+        // SAFETY: these views were made from `model`'s tensors and are still in `model.decode_views` (they go
+        // before any `&mut` access to a projection), and `model` stays borrowed while the slices live.
+        unsafe {
+            Some(kernels::Prepared {
+                w: v.w.get(model),
+                n_out: v.n_out,
+                n_in: v.n_in,
+                lora: match v.lora {
+                    Some((a, b, r, s)) if lora_on => Some((a.get(model), b.get(model), r, s)),
+                    _ => None,
+                },
+                bias: v.bias.as_deref().map(std::borrow::Cow::Borrowed),
+            })
+        }
+    }
+}
+
 /// `ys[p] = lins[p].0(x)` (with its LoRA when `lins[p].1`) for the rows of `x` (`[rows, n_in]`), all projections
-/// in one kernel call, or libtorch one by one for what the kernels do not take.
-fn project(lins: &[(&LoraLinear, bool)], x: &[f32], n_in: usize, ys: &mut [&mut [f32]]) -> Result<()> {
-    let parts: Vec<kernels::Linear<'_>> = lins
-        .iter()
-        .map(|&(lin, on)| kernels::Linear {
-            weight: &lin.weight,
-            bias: lin.bias.as_ref(),
-            lora: match &lin.lora {
-                Some(l) if on && !l.merged => Some(LoraPart { a: &l.a, b: &l.b, scaling: l.scaling }),
-                _ => None,
-            },
-        })
-        .collect();
+/// in one kernel call, or libtorch one by one for what the kernels do not take. `views` are the projections as
+/// the kernels take them (from [`DecodeViews`]), `None` where they do not.
+fn project(
+    lins: &[(&LoraLinear, bool)],
+    views: &[Option<kernels::Prepared<'_>>],
+    x: &[f32],
+    n_in: usize,
+    ys: &mut [&mut [f32]],
+) -> Result<()> {
     let rows: Vec<&[f32]> = x.chunks_exact(n_in).collect();
-    if kernels::linear_rows(&parts, &rows, ys)? {
-        return Ok(());
+    if views.len() == lins.len() && views.iter().all(Option::is_some) {
+        let parts: Vec<kernels::Prepared<'_>> = views.iter().flatten().cloned().collect();
+        if kernels::linear_rows_prepared(&parts, &rows, ys)? {
+            return Ok(());
+        }
     }
     let x32 = Tensor::from_slice(x).f_view([rows.len() as i64, n_in as i64])?;
     for (&(lin, on), y) in lins.iter().zip(ys.iter_mut()) {

@@ -60,7 +60,7 @@ impl Block {
         Ok(x1.f_add(&m)?)
     }
 
-    fn linear(&self, m: Module) -> &LoraLinear {
+    pub(super) fn linear(&self, m: Module) -> &LoraLinear {
         match m {
             Module::Q => &self.attn.q,
             Module::K => &self.attn.k,
@@ -119,6 +119,9 @@ pub struct Llama {
     /// The logit lens's f32 logits on the CPU ([`Llama::lens_stats`]), kept between calls: at most
     /// [`LENS_BUFFER_BYTES`], made on first use and freed with the model.
     lens_logits: std::cell::RefCell<Option<Tensor>>,
+    /// The projections as the fused decode step's kernels read them, made at the first fused step and kept until
+    /// a projection is borrowed mutably ([`Llama::projection_mut`], the only way to reach a weight for writing).
+    pub(super) decode_views: std::cell::OnceCell<super::decode::DecodeViews>,
 }
 
 /// Bytes of logits [`Llama::lens_stats`] computes at once (and keeps for the next call): 341 rows of SmolLM2's
@@ -271,6 +274,7 @@ impl Llama {
             place,
             devices: map,
             lens_logits: std::cell::RefCell::new(None),
+            decode_views: std::cell::OnceCell::new(),
         })
     }
 
@@ -308,6 +312,9 @@ impl Llama {
 
     /// Mutable access to the projection `module` of block `layer`.
     pub fn projection_mut(&mut self, layer: usize, module: Module) -> Option<&mut LoraLinear> {
+        // The caller may replace or reshape any tensor of the projection: the decode step's borrowed views of
+        // them go, and are made again at its next call.
+        self.decode_views.take();
         self.blocks.get_mut(layer).map(|b| b.linear_mut(module))
     }
 

@@ -7,6 +7,7 @@
 //! derived from shared slices and are never written.
 use std::arch::x86_64::*;
 
+use super::Side;
 use crate::kernels::borrow::Mat;
 
 /// How far ahead of the current column (in bytes of the same weight row, running on into the next
@@ -249,7 +250,7 @@ pub unsafe fn matvec_narrow(
 /// accumulators, prefetching [`AHEAD`] bytes ahead.
 #[target_feature(enable = "avx2,fma")]
 #[inline]
-unsafe fn row_f32(wp: *const f32, n_in: usize, x: &[f32]) -> f32 {
+unsafe fn row_f32(wp: *const f32, n_in: usize, x: &[f32], side: RowSide<f32>) -> f32 {
     let xp = x.as_ptr();
     let end = n_in - n_in % 32;
     let mut a = [_mm256_setzero_ps(); 4];
@@ -267,23 +268,88 @@ unsafe fn row_f32(wp: *const f32, n_in: usize, x: &[f32]) -> f32 {
         a[0] = _mm256_fmadd_ps(_mm256_loadu_ps(wp.add(i)), _mm256_loadu_ps(xp.add(i)), a[0]);
         i += 8;
     }
+    let mut c = 0;
+    while c + 8 <= side.r {
+        a[1] = _mm256_fmadd_ps(_mm256_loadu_ps(side.b.add(c)), _mm256_loadu_ps(side.xa.add(c)), a[1]);
+        c += 8;
+    }
     let mut s = hsum(_mm256_add_ps(_mm256_add_ps(a[0], a[1]), _mm256_add_ps(a[2], a[3])));
     while i < n_in {
         s += *wp.add(i) * x[i];
         i += 1;
     }
+    while c < side.r {
+        s += *side.b.add(c) * *side.xa.add(c);
+        c += 1;
+    }
     s
 }
 
-/// `y[m][o] (+)= W[o] · xs[m]`, one weight row at a time: the rows of a matrix are contiguous, so the
+/// One row's share of a [`Side`]: its `B` row (`r` values at `b`) and the activation row's low-rank input (`r`
+/// f32 at `xa`); `r = 0` (pointers never read) without one.
+#[derive(Clone, Copy)]
+struct RowSide<T> {
+    b: *const T,
+    r: usize,
+    xa: *const f32,
+}
+
+impl<T> RowSide<T> {
+    /// Row `o` of `b` (`[*, r]`) against low-rank row `m` of `side`, or the empty side.
+    fn at(side: Option<(&[T], &Side<'_>)>, o: usize, m: usize) -> Self {
+        match side {
+            Some((b, s)) => RowSide { b: b[o * s.r..(o + 1) * s.r].as_ptr(), r: s.r, xa: s.xa[m].as_ptr() },
+            None => RowSide { b: std::ptr::null(), r: 0, xa: std::ptr::null() },
+        }
+    }
+}
+
+/// `B`'s values of a [`Side`] whose kind is `T`'s (`matvec` checked that it is `W`'s).
+fn side_values<'a, T: SideKind>(side: &'a Option<Side<'a>>) -> Option<(&'a [T], &'a Side<'a>)> {
+    side.as_ref().and_then(|s| T::values(s.b).map(|b| (b, s)))
+}
+
+/// f32 or bf16 (as `u16`), the kinds a [`Side`]'s `B` comes in.
+trait SideKind: Sized {
+    fn values(b: Mat<'_>) -> Option<&[Self]>;
+}
+
+impl SideKind for f32 {
+    fn values(b: Mat<'_>) -> Option<&[f32]> {
+        match b {
+            Mat::F32(v) => Some(v),
+            Mat::Bf16(_) => None,
+        }
+    }
+}
+
+impl SideKind for u16 {
+    fn values(b: Mat<'_>) -> Option<&[u16]> {
+        match b {
+            Mat::Bf16(v) => Some(v),
+            Mat::F32(_) => None,
+        }
+    }
+}
+
+/// `y[m][o] (+)= W[o] · xs[m]` (`+ B[o] · xa[m]` with a [`Side`], in the same accumulators), one weight row at a time: the rows of a matrix are contiguous, so the
 /// product reads the weights as one sequential stream (the hardware prefetcher's best case, helped by a
 /// software prefetch a fixed distance ahead); further activation rows re-read the weight row from L1.
 #[target_feature(enable = "avx2,fma")]
-pub unsafe fn matvec_f32(w: &[f32], n_in: usize, n_out: usize, xs: &[&[f32]], y: &mut [f32], add: bool) {
+pub unsafe fn matvec_f32(
+    w: &[f32],
+    n_in: usize,
+    n_out: usize,
+    xs: &[&[f32]],
+    side: Option<Side<'_>>,
+    y: &mut [f32],
+    add: bool,
+) {
+    let bs = side_values::<f32>(&side);
     for o in 0..n_out {
         let wp = w[o * n_in..(o + 1) * n_in].as_ptr();
         for (m, x) in xs.iter().enumerate() {
-            store(y, m * n_out + o, row_f32(wp, n_in, x), add);
+            store(y, m * n_out + o, row_f32(wp, n_in, x, RowSide::at(bs, o, m)), add);
         }
     }
 }
@@ -294,7 +360,7 @@ pub unsafe fn matvec_f32(w: &[f32], n_in: usize, n_out: usize, xs: &[&[f32]], y:
 /// one. 32 columns (one cache line) per step in four accumulators, prefetching [`AHEAD`] bytes ahead.
 #[target_feature(enable = "avx2,fma")]
 #[inline]
-unsafe fn row_bf16(row: &[u16], x: &[f32], xs: &[f32]) -> f32 {
+unsafe fn row_bf16(row: &[u16], x: &[f32], xs: &[f32], side: RowSide<u16>) -> f32 {
     let n_in = row.len();
     let wp = row.as_ptr();
     let xp = xs.as_ptr();
@@ -320,10 +386,21 @@ unsafe fn row_bf16(row: &[u16], x: &[f32], xs: &[f32]) -> f32 {
         a[1] = _mm256_fmadd_ps(odd(v), _mm256_loadu_ps(xp.add(i + 8)), a[1]);
         i += 16;
     }
+    let mut c = 0;
+    while c + 8 <= side.r {
+        let h = _mm_loadu_si128(side.b.add(c) as *const __m128i);
+        let bv = _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_cvtepu16_epi32(h), 16));
+        a[2] = _mm256_fmadd_ps(bv, _mm256_loadu_ps(side.xa.add(c)), a[2]);
+        c += 8;
+    }
     let mut s = hsum(_mm256_add_ps(_mm256_add_ps(a[0], a[1]), _mm256_add_ps(a[2], a[3])));
     while i < n_in {
         s += f32::from_bits(u32::from(row[i]) << 16) * x[i];
         i += 1;
+    }
+    while c < side.r {
+        s += f32::from_bits(u32::from(*side.b.add(c)) << 16) * *side.xa.add(c);
+        c += 1;
     }
     s
 }
@@ -331,19 +408,22 @@ unsafe fn row_bf16(row: &[u16], x: &[f32], xs: &[f32]) -> f32 {
 /// [`matvec_f32`] for bf16 weights; `split` holds the rows of `xs` (`[rows, n_in]`, flat) in
 /// [`row_bf16`]'s column order.
 #[target_feature(enable = "avx2,fma")]
+#[allow(clippy::too_many_arguments)]
 pub unsafe fn matvec_bf16(
     w: &[u16],
     n_in: usize,
     n_out: usize,
     xs: &[&[f32]],
     split: &[f32],
+    side: Option<Side<'_>>,
     y: &mut [f32],
     add: bool,
 ) {
+    let bs = side_values::<u16>(&side);
     for o in 0..n_out {
         let row = &w[o * n_in..(o + 1) * n_in];
         for (m, (x, xp)) in xs.iter().zip(split.chunks_exact(n_in)).enumerate() {
-            store(y, m * n_out + o, row_bf16(row, x, xp), add);
+            store(y, m * n_out + o, row_bf16(row, x, xp, RowSide::at(bs, o, m)), add);
         }
     }
 }

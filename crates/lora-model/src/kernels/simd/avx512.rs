@@ -15,9 +15,19 @@
 //! the tile it lands in, so a row's result is the same whatever the batch around it.
 use std::arch::x86_64::*;
 
+use super::Side;
+use crate::kernels::borrow::Mat;
+
 /// How far ahead of the current column (in bytes of the same weight row, running on into the next rows) the
-/// loops prefetch: the AVX2 loops' distance, to be re-tuned on an AVX-512 machine (`docs/performance.md`).
-const AHEAD: usize = 1024;
+/// one-activation-row loops prefetch, into L2: 8 KB. A batch-1 product is a sequential stream whose speed is set
+/// by how many cache lines are in flight; prefetching a kilobyte ahead into L1 (the AVX2 loops' distance, tuned on
+/// Zen 1) keeps too few in flight on the Xeon VM of `docs/performance.md`, where SmolLM2's projections (one
+/// activation row, all 30 blocks) took 9.3 ms in bf16 and 16.9 ms in f32 that way against 7.7 ms and 16.0 ms with
+/// this distance into L2 (4 KB: 8.6 ms; 8 KB into L1: 9.3 ms).
+const AHEAD: usize = 8192;
+
+/// How far ahead of the current row of a [`Side`]'s `B` the loops prefetch it (bytes: 16 rows at r = 16 in bf16).
+const B_AHEAD: usize = 512;
 
 /// Activation rows that share one load of a weight vector.
 pub const TILE: usize = 4;
@@ -42,12 +52,12 @@ fn mask32(n: usize) -> __mmask32 {
     }
 }
 
-/// Prefetches the four cache lines [`AHEAD`] bytes past `p`.
+/// Prefetches the four cache lines [`AHEAD`] bytes past `p` into L2.
 #[inline(always)]
 unsafe fn prefetch4(p: *const u8) {
     let pf = p.wrapping_add(AHEAD) as *const i8;
     for l in 0..4 {
-        _mm_prefetch::<_MM_HINT_T0>(pf.wrapping_add(64 * l));
+        _mm_prefetch::<_MM_HINT_T1>(pf.wrapping_add(64 * l));
     }
 }
 
@@ -93,12 +103,64 @@ macro_rules! for_tiles {
     }};
 }
 
+/// A tile's share of a [`Side`]: `B`'s rows from the tile's first weight row on (`r` values each, at `b`) and the
+/// low-rank inputs of its `R` activation rows (`r` f32 each); `r = 0` (pointers never read) without one.
+#[derive(Clone, Copy)]
+struct TileSide<T, const R: usize> {
+    b: *const T,
+    r: usize,
+    xa: [*const f32; R],
+}
+
+impl<T, const R: usize> TileSide<T, R> {
+    /// Weight row `o` on of `b` (`[*, r]`) against the low-rank rows `start..start + R` of the side, or the empty
+    /// side. Bounds: `o < b`'s rows and `start + R ≤` the side's rows (checked).
+    fn at(side: Option<(&[T], &Side<'_>)>, o: usize, start: usize) -> Self {
+        match side {
+            Some((b, s)) => {
+                TileSide { b: b[o * s.r..].as_ptr(), r: s.r, xa: std::array::from_fn(|k| s.xa[start + k].as_ptr()) }
+            }
+            None => TileSide { b: std::ptr::null(), r: 0, xa: [std::ptr::null(); R] },
+        }
+    }
+}
+
+impl<const R: usize> TileSide<u16, R> {
+    /// Adds `B[o] · xa[r]` (the bf16 row widened, 16 columns per step, the last step masked) into accumulator
+    /// `slot` of each activation row `r`.
+    #[target_feature(enable = "avx512f,avx512bw,avx512vl,avx2,fma")]
+    #[inline]
+    unsafe fn add_bf16(&self, acc: &mut [[__m512; 4]; R], slot: usize) {
+        if self.r > 0 {
+            // `B`'s rows are a second, short stream beside W's: its next lines, a few rows on.
+            _mm_prefetch::<_MM_HINT_T0>((self.b as *const i8).wrapping_add(B_AHEAD));
+        }
+        let mut c = 0;
+        while c < self.r {
+            let k = mask16(self.r - c);
+            let w = widen16(self.b.add(c), self.r - c);
+            for (r, a) in acc.iter_mut().enumerate() {
+                a[slot] = _mm512_fmadd_ps(w, _mm512_maskz_loadu_ps(k, self.xa[r].add(c)), a[slot]);
+            }
+            c += 16;
+        }
+    }
+}
+
+/// `B`'s bf16 values of a [`Side`] (`matvec` checked that it is `W`'s kind).
+fn bf16_side<'a>(side: &'a Option<Side<'a>>) -> Option<(&'a [u16], &'a Side<'a>)> {
+    side.as_ref().and_then(|s| match s.b {
+        Mat::Bf16(b) => Some((b, s)),
+        Mat::F32(_) => None,
+    })
+}
+
 /// Dot products of `RW` consecutive f32 weight rows at `wp` (`n_in` values each) with the `RX` activation rows at
 /// `xp`: 16 columns per step, one accumulator per (weight row, activation row) pair, so each step loads `RW + RX`
 /// vectors for `RW · RX` FMAs; the columns past the last whole 16 masked. A pair's sum is taken in the same order
 /// (16-column chunks from the first, then one horizontal sum) whatever `RW` and `RX` are, so a row's result does
 /// not depend on the block it lands in. Each step also prefetches the same columns `ahead` bytes further on
-/// (into L1, or into L2 when `far`): with one activation row the next kilobyte of the stream; with several, the
+/// (into L1, or into L2 when `far`): with one activation row [`AHEAD`] bytes on in the stream; with several, the
 /// next block of weight rows, so that memory keeps streaming while the later tiles compute from L1.
 #[target_feature(enable = "avx512f,avx512bw,avx512vl,avx2,fma")]
 #[inline]
@@ -108,6 +170,7 @@ unsafe fn block_f32<const RW: usize, const RX: usize>(
     xp: [*const f32; RX],
     ahead: usize,
     far: bool,
+    side: TileSide<f32, RX>,
 ) -> [[f32; RX]; RW] {
     let mut acc = [[_mm512_setzero_ps(); RX]; RW];
     let end = n_in - n_in % 16;
@@ -139,6 +202,21 @@ unsafe fn block_f32<const RW: usize, const RX: usize>(
                 *a = _mm512_fmadd_ps(v, x[r], *a);
             }
         }
+    }
+    if side.r > 0 {
+        _mm_prefetch::<_MM_HINT_T0>((side.b as *const i8).wrapping_add(B_AHEAD));
+    }
+    let mut c = 0;
+    while c < side.r {
+        let k = mask16(side.r - c);
+        let x: [__m512; RX] = std::array::from_fn(|r| _mm512_maskz_loadu_ps(k, side.xa[r].add(c)));
+        for (w, a) in acc.iter_mut().enumerate() {
+            let v = _mm512_maskz_loadu_ps(k, side.b.add(w * side.r + c));
+            for (r, a) in a.iter_mut().enumerate() {
+                *a = _mm512_fmadd_ps(v, x[r], *a);
+            }
+        }
+        c += 16;
     }
     let mut out = [[0f32; RX]; RW];
     if RW * RX == 16 {
@@ -201,26 +279,29 @@ unsafe fn hsum16(v: &[__m512; 16]) -> __m512 {
 /// The weight rows `o0..o0 + RW` of [`matvec_f32`] against every activation row, in tiles of up to `T`.
 #[target_feature(enable = "avx512f,avx512bw,avx512vl,avx2,fma")]
 #[inline]
+#[allow(clippy::too_many_arguments)]
 unsafe fn rows_f32<const RW: usize, const T: usize>(
     w: &[f32],
     n_in: usize,
     n_out: usize,
     o0: usize,
     xs: &[&[f32]],
+    side: Option<(&[f32], &Side<'_>)>,
     y: &mut [f32],
     add: bool,
 ) {
     let wp = w.as_ptr().add(o0 * n_in);
     let m = xs.len();
-    // One row: the next kilobyte of this weight row; several: the next block of weight rows.
-    let (ahead, far) = if m == 1 { (AHEAD, false) } else { (RW * n_in * 4, RW * n_in * 4 > 16 << 10) };
+    // One row: [`AHEAD`] bytes on in this stream, into L2; several: the next block of weight rows.
+    let (ahead, far) = if m == 1 { (AHEAD, true) } else { (RW * n_in * 4, RW * n_in * 4 > 16 << 10) };
     let mut start = 0;
     while start < m {
         let n = (m - start).min(T);
         let xp = |r: usize| xs[start + r].as_ptr();
         macro_rules! emit {
             ($rx:literal) => {{
-                let sums = block_f32::<RW, $rx>(wp, n_in, std::array::from_fn(xp), ahead, far);
+                let side = TileSide::at(side, o0, start);
+                let sums = block_f32::<RW, $rx>(wp, n_in, std::array::from_fn(xp), ahead, far, side);
                 for (w, row) in sums.iter().enumerate() {
                     for (r, v) in row.iter().enumerate() {
                         store(y, (start + r) * n_out + o0 + w, *v, add);
@@ -248,22 +329,34 @@ unsafe fn rows_f32<const RW: usize, const T: usize>(
 /// vector feeds several FMAs (with many rows the product is limited by arithmetic, not bandwidth). Both give each
 /// row the same sums.
 #[target_feature(enable = "avx512f,avx512bw,avx512vl,avx2,fma")]
-pub unsafe fn matvec_f32(w: &[f32], n_in: usize, n_out: usize, xs: &[&[f32]], y: &mut [f32], add: bool) {
+pub unsafe fn matvec_f32(
+    w: &[f32],
+    n_in: usize,
+    n_out: usize,
+    xs: &[&[f32]],
+    side: Option<Side<'_>>,
+    y: &mut [f32],
+    add: bool,
+) {
+    let bs = side.as_ref().and_then(|s| match s.b {
+        Mat::F32(b) => Some((b, s)),
+        Mat::Bf16(_) => None,
+    });
     let mut o = 0;
     let m = xs.len();
     if (2..=4).contains(&m) {
         while o + 4 <= n_out {
-            rows_f32::<4, 4>(w, n_in, n_out, o, xs, y, add);
+            rows_f32::<4, 4>(w, n_in, n_out, o, xs, bs, y, add);
             o += 4;
         }
     } else if m > 4 {
         while o + 2 <= n_out {
-            rows_f32::<2, 8>(w, n_in, n_out, o, xs, y, add);
+            rows_f32::<2, 8>(w, n_in, n_out, o, xs, bs, y, add);
             o += 2;
         }
     }
     while o < n_out {
-        rows_f32::<1, 8>(w, n_in, n_out, o, xs, y, add);
+        rows_f32::<1, 8>(w, n_in, n_out, o, xs, bs, y, add);
         o += 1;
     }
 }
@@ -283,7 +376,12 @@ unsafe fn widen16(p: *const u16, n: usize) -> __m512 {
 /// per step in four accumulators per row.
 #[target_feature(enable = "avx512f,avx512bw,avx512vl,avx2,fma")]
 #[inline]
-unsafe fn tile_bf16<const R: usize>(wp: *const u16, n_in: usize, sp: [*const f32; R]) -> [f32; R] {
+unsafe fn tile_bf16<const R: usize>(
+    wp: *const u16,
+    n_in: usize,
+    sp: [*const f32; R],
+    side: TileSide<u16, R>,
+) -> [f32; R] {
     let high = _mm512_set1_epi32(0xFFFF_0000_u32 as i32);
     let even = |v: __m512i| _mm512_castsi512_ps(_mm512_slli_epi32::<16>(v));
     let odd = |v: __m512i| _mm512_castsi512_ps(_mm512_and_si512(v, high));
@@ -319,6 +417,7 @@ unsafe fn tile_bf16<const R: usize>(wp: *const u16, n_in: usize, sp: [*const f32
         }
         i += 16;
     }
+    side.add_bf16(&mut acc, 3);
     let mut out = [0f32; R];
     for r in 0..R {
         let a = &acc[r];
@@ -330,13 +429,29 @@ unsafe fn tile_bf16<const R: usize>(wp: *const u16, n_in: usize, sp: [*const f32
 /// [`matvec_f32`] for bf16 weights, widened; `split` holds the activation rows (`[xs.len(), n_in]`, flat) in
 /// [`super::Layout::Split32`] order.
 #[target_feature(enable = "avx512f,avx512bw,avx512vl,avx2,fma")]
-pub unsafe fn matvec_bf16(w: &[u16], n_in: usize, n_out: usize, m: usize, split: &[f32], y: &mut [f32], add: bool) {
+#[allow(clippy::too_many_arguments)]
+pub unsafe fn matvec_bf16(
+    w: &[u16],
+    n_in: usize,
+    n_out: usize,
+    m: usize,
+    split: &[f32],
+    side: Option<Side<'_>>,
+    y: &mut [f32],
+    add: bool,
+) {
     let sp = split.as_ptr();
+    let bs = bf16_side(&side);
     for o in 0..n_out {
         let wp = w.as_ptr().add(o * n_in);
         for_tiles!(
             m,
-            |start, R| tile_bf16::<R>(wp, n_in, std::array::from_fn(|r| sp.add((start + r) * n_in))),
+            |start, R| tile_bf16::<R>(
+                wp,
+                n_in,
+                std::array::from_fn(|r| sp.add((start + r) * n_in)),
+                TileSide::at(bs, o, start)
+            ),
             |start: usize, sums: &[f32]| {
                 for (r, s) in sums.iter().enumerate() {
                     store(y, (start + r) * n_out + o, *s, add);
@@ -352,7 +467,12 @@ pub unsafe fn matvec_bf16(w: &[u16], n_in: usize, n_out: usize, m: usize, split:
 /// steps of 32 (masked at the end) into the first.
 #[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512bf16,avx2,fma")]
 #[inline]
-unsafe fn tile_dpbf16<const R: usize>(wp: *const u16, n_in: usize, xp: [*const u16; R]) -> [f32; R] {
+unsafe fn tile_dpbf16<const R: usize>(
+    wp: *const u16,
+    n_in: usize,
+    xp: [*const u16; R],
+    side: TileSide<u16, R>,
+) -> [f32; R] {
     // SAFETY (of every `transmute` below): `__m512i` and `__m512bh` are both 64-byte vectors of plain bits with no
     // invalid values; the instruction reads the bits as 32 bf16 values.
     let bh = |v: __m512i| -> __m512bh { unsafe { std::mem::transmute::<__m512i, __m512bh>(v) } };
@@ -379,6 +499,7 @@ unsafe fn tile_dpbf16<const R: usize>(wp: *const u16, n_in: usize, xp: [*const u
         }
         i += 32;
     }
+    side.add_bf16(&mut acc, 1);
     let mut out = [0f32; R];
     for r in 0..R {
         let a = &acc[r];
@@ -398,15 +519,22 @@ pub unsafe fn matvec_dpbf16(
     m: usize,
     pairs: &[u16],
     stride: usize,
+    side: Option<Side<'_>>,
     y: &mut [f32],
     add: bool,
 ) {
     let xp = pairs.as_ptr();
+    let bs = bf16_side(&side);
     for o in 0..n_out {
         let wp = w.as_ptr().add(o * n_in);
         for_tiles!(
             m,
-            |start, R| tile_dpbf16::<R>(wp, n_in, std::array::from_fn(|r| xp.add((start + r) * stride))),
+            |start, R| tile_dpbf16::<R>(
+                wp,
+                n_in,
+                std::array::from_fn(|r| xp.add((start + r) * stride)),
+                TileSide::at(bs, o, start)
+            ),
             |start: usize, sums: &[f32]| {
                 for (r, s) in sums.iter().enumerate() {
                     store(y, (start + r) * n_out + o, *s, add);

@@ -130,13 +130,43 @@ fn layout(path: SimdPath, w: Mat<'_>, n_in: usize) -> Option<Layout> {
     }
 }
 
-/// Output rows `rows` of `W x` for every activation row `x` of `x`, into `y` laid out `[x.xs.len(), rows.len()]`
-/// (added to what `y` holds when `add`). `W` is `[*, n_in]` row-major.
-pub fn matvec(w: Mat<'_>, n_in: usize, rows: std::ops::Range<usize>, x: &Rows<'_>, y: &mut [f32], add: bool) {
+/// LoRA's `B` beside the weight matrix of a [`matvec`]: output row `o` also gets `B[o] · xa[m]` for activation
+/// row `m`, summed into the same accumulators as `W[o] · x[m]` before their one reduction, so `B` costs its bytes
+/// and a few vector instructions per row instead of a pass of its own with a horizontal sum per row.
+#[derive(Clone, Copy)]
+pub struct Side<'a> {
+    /// `[*, r]` row-major, the same kind as `W` and as many rows.
+    pub b: Mat<'a>,
+    /// `B`'s width (LoRA's rank).
+    pub r: usize,
+    /// The low-rank input per activation row (`scaling · A x[m]`, `r` values each, f32).
+    pub xa: &'a [&'a [f32]],
+}
+
+/// Output rows `rows` of `W x` (plus `B xa` with `side`) for every activation row `x` of `x`, into `y` laid out
+/// `[x.xs.len(), rows.len()]` (added to what `y` holds when `add`). `W` is `[*, n_in]` row-major.
+pub fn matvec(
+    w: Mat<'_>,
+    n_in: usize,
+    rows: std::ops::Range<usize>,
+    x: &Rows<'_>,
+    side: Option<Side<'_>>,
+    y: &mut [f32],
+    add: bool,
+) {
     let xs = x.xs;
     let len = rows.len();
     let w = w.slice(rows.start * n_in..rows.end * n_in);
     assert!(xs.iter().all(|x| x.len() == n_in) && y.len() == xs.len() * len, "matvec: shapes disagree");
+    // `B`'s rows for these output rows; `r = 0` (no side) makes every side loop empty.
+    let side = side.map(|s| Side { b: s.b.slice(rows.start * s.r..rows.end * s.r), ..s });
+    if let Some(s) = &side {
+        let kinds_agree = matches!((w, s.b), (Mat::F32(_), Mat::F32(_)) | (Mat::Bf16(_), Mat::Bf16(_)));
+        assert!(
+            kinds_agree && s.xa.len() == xs.len() && s.xa.iter().all(|v| v.len() == s.r),
+            "matvec: the side's shapes disagree"
+        );
+    }
     #[cfg(target_arch = "x86_64")]
     if x.path != SimdPath::Scalar && x.path.supported() {
         let copy = |w: Mat<'_>| match layout(x.path, w, n_in) {
@@ -147,16 +177,22 @@ pub fn matvec(w: Mat<'_>, n_in: usize, rows: std::ops::Range<usize>, x: &Rows<'_
         // SAFETY: the path's instruction sets were just detected (`supported`, which for the AVX-512 paths includes
         // AVX2/FMA, so the AVX2 narrow loop may run on them too). Bounds: `w` holds exactly `len` rows of `n_in`,
         // every row of `xs` has `n_in` values and `y` has `xs.len() * len` (asserted above); each copy holds
-        // `xs.len()` rows of its layout (`Rows::copy`), which bounds every load and store.
+        // `xs.len()` rows of its layout (`Rows::copy`), which bounds every load and store; a side's `b` holds exactly
+        // `len` rows of `r` (sliced above) and each of its `xs.len()` low-rank rows `r` values (asserted above).
         unsafe {
             if narrow {
                 avx2::matvec_narrow(w, n_in, len, xs, copy(w), y, add);
+                if let Some(s) = side {
+                    // A narrow `W` (tests' shapes, not a model's) takes `B` in a pass of its own.
+                    let xa = Rows::on(x.path, s.xa);
+                    matvec(s.b, s.r, 0..len, &xa, None, y, true);
+                }
                 return;
             }
             match (x.path, w) {
-                (SimdPath::Avx2, Mat::F32(w)) => avx2::matvec_f32(w, n_in, len, xs, y, add),
-                (SimdPath::Avx2, Mat::Bf16(wb)) => avx2::matvec_bf16(wb, n_in, len, xs, copy(w), y, add),
-                (_, Mat::F32(w)) => avx512::matvec_f32(w, n_in, len, xs, y, add),
+                (SimdPath::Avx2, Mat::F32(w)) => avx2::matvec_f32(w, n_in, len, xs, side, y, add),
+                (SimdPath::Avx2, Mat::Bf16(wb)) => avx2::matvec_bf16(wb, n_in, len, xs, copy(w), side, y, add),
+                (_, Mat::F32(w)) => avx512::matvec_f32(w, n_in, len, xs, side, y, add),
                 (SimdPath::Avx512Bf16, Mat::Bf16(wb)) => {
                     let pairs = copy(w);
                     // The bf16 copy holds two bf16 values per f32 slot, read here as u16: the same bytes (`2 ×
@@ -165,14 +201,14 @@ pub fn matvec(w: Mat<'_>, n_in: usize, rows: std::ops::Range<usize>, x: &Rows<'_
                     // `pairs` borrows it. Threads: the `OnceLock` published the finished copy to every reader.
                     let bits = std::slice::from_raw_parts(pairs.as_ptr() as *const u16, pairs.len() * 2);
                     let stride = n_in.next_multiple_of(2);
-                    avx512::matvec_dpbf16(wb, n_in, len, xs.len(), bits, stride, y, add)
+                    avx512::matvec_dpbf16(wb, n_in, len, xs.len(), bits, stride, side, y, add)
                 }
-                (_, Mat::Bf16(wb)) => avx512::matvec_bf16(wb, n_in, len, xs.len(), copy(w), y, add),
+                (_, Mat::Bf16(wb)) => avx512::matvec_bf16(wb, n_in, len, xs.len(), copy(w), side, y, add),
             }
         }
         return;
     }
-    scalar::matvec(w, n_in, len, xs, y, add)
+    scalar::matvec(w, n_in, len, xs, side, y, add)
 }
 
 /// Attention scores of the `g` query heads `qs` (`[g, hd]`) against the key rows `keys` (`[s, hd]`, f32 or bf16):
@@ -413,7 +449,7 @@ mod tests {
                     let mut fast = vec![0.5f32; m * n_out];
                     let rows = Rows::on(path, &xs);
                     rows.prepare(mat, n_in);
-                    matvec(mat, n_in, 0..n_out, &rows, &mut fast, true);
+                    matvec(mat, n_in, 0..n_out, &rows, None, &mut fast, true);
                     for (k, got) in fast.iter().enumerate() {
                         let (r, o) = (k / n_out, k % n_out);
                         let x = |i: usize| {
@@ -430,6 +466,80 @@ mod tests {
                             "{path} {}: {n_in}x{n_out}, {m} rows, row {r} out {o}: {got} vs {want}",
                             if matches!(mat, Mat::F32(_)) { "f32" } else { "bf16" }
                         );
+                    }
+                }
+            }
+        }
+    }
+
+    /// With a [`Side`] (LoRA's `B` beside `W`), every path this CPU has adds `B[o] · xa[m]` to each output: against
+    /// the f64 sum for ranks that are whole, partial and several vectors wide, f32 and bf16, 1..=9 activation rows
+    /// (tiles of four and a part), a weight range that does not start at row 0, and a narrow `W` (the pass of its
+    /// own); and each row gives the same bits in any batch, as without a side.
+    #[test]
+    fn the_side_adds_b_times_the_low_rank_input_on_every_path() {
+        for path in SimdPath::ALL {
+            if !path.supported() {
+                use std::io::Write;
+                let _ = writeln!(std::io::stderr(), "skipped: SIMD path {path} (this CPU lacks it)");
+                continue;
+            }
+            for &(n_in, n_out, r) in
+                &[(576usize, 21usize, 16usize), (100, 9, 5), (37, 6, 33), (1536, 5, 64), (48, 7, 8)]
+            {
+                let w = data(n_in * n_out, 5);
+                let wb: Vec<u16> = w.iter().map(|v| (v.to_bits() >> 16) as u16).collect();
+                let b = data(r * n_out, 6);
+                let bb: Vec<u16> = b.iter().map(|v| (v.to_bits() >> 16) as u16).collect();
+                let xs_own: Vec<Vec<f32>> = (0..9).map(|k| data(n_in, 21 + k as u32)).collect();
+                let xa_own: Vec<Vec<f32>> = (0..9).map(|k| data(r, 41 + k as u32)).collect();
+                for (mat, bmat) in [(Mat::F32(&w), Mat::F32(&b)), (Mat::Bf16(&wb), Mat::Bf16(&bb))] {
+                    let rounded = path == SimdPath::Avx512Bf16 && layout(path, mat, n_in) == Some(Layout::Bf16);
+                    let rows = 2..n_out;
+                    let run = |m: usize| {
+                        let xs: Vec<&[f32]> = xs_own.iter().take(m).map(Vec::as_slice).collect();
+                        let xa: Vec<&[f32]> = xa_own.iter().take(m).map(Vec::as_slice).collect();
+                        let mut y = vec![0.25f32; m * rows.len()];
+                        let input = Rows::on(path, &xs);
+                        input.prepare(mat, n_in);
+                        let side = Side { b: bmat, r, xa: &xa };
+                        matvec(mat, n_in, rows.clone(), &input, Some(side), &mut y, true);
+                        y
+                    };
+                    let alone: Vec<Vec<f32>> = (0..9)
+                        .map(|k| {
+                            let xs = [xs_own[k].as_slice()];
+                            let xa = [xa_own[k].as_slice()];
+                            let mut y = vec![0.25f32; rows.len()];
+                            let input = Rows::on(path, &xs);
+                            input.prepare(mat, n_in);
+                            matvec(mat, n_in, rows.clone(), &input, Some(Side { b: bmat, r, xa: &xa }), &mut y, true);
+                            y
+                        })
+                        .collect();
+                    for m in 1..=9 {
+                        let y = run(m);
+                        for (k, got) in y.iter().enumerate() {
+                            let (row, o) = (k / rows.len(), rows.start + k % rows.len());
+                            let x = |i: usize| {
+                                let v = xs_own[row][i];
+                                f64::from(if rounded { f32::from_bits(u32::from(to_bf16(v)) << 16) } else { v })
+                            };
+                            let main = (0..n_in).map(|i| f64::from(mat.get(o * n_in + i)) * x(i));
+                            let side = (0..r).map(|j| f64::from(bmat.get(o * r + j)) * f64::from(xa_own[row][j]));
+                            let terms: Vec<f64> = main.chain(side).collect();
+                            let want = 0.25 + terms.iter().sum::<f64>();
+                            let scale = 1.0 + terms.iter().map(|t| t.abs()).sum::<f64>();
+                            let tol = 4.0 * f64::from(f32::EPSILON) * scale * ((n_in + r) as f64).sqrt();
+                            assert!(
+                                (f64::from(*got) - want).abs() <= tol,
+                                "{path} {n_in}x{n_out} r{r}, {m} rows, row {row} out {o}: {got} vs {want}"
+                            );
+                        }
+                        for (row, want) in alone.iter().take(m).enumerate() {
+                            let got = y.get(row * rows.len()..(row + 1) * rows.len());
+                            assert_eq!(got, Some(want.as_slice()), "{path} {n_in}x{n_out} r{r}: row {row} of {m}");
+                        }
                     }
                 }
             }
@@ -456,7 +566,7 @@ mod tests {
                         let mut y = vec![0f32; xs.len() * n_out];
                         let rows = Rows::on(path, xs);
                         rows.prepare(mat, n_in);
-                        matvec(mat, n_in, 0..n_out, &rows, &mut y, false);
+                        matvec(mat, n_in, 0..n_out, &rows, None, &mut y, false);
                         y
                     };
                     let alone: Vec<Vec<f32>> = xs_own.iter().map(|x| run(&[x.as_slice()])).collect();

@@ -1,13 +1,17 @@
 //! Portable loops: what the dispatch in [`super`] runs on a CPU without AVX2 and FMA, and the reference the
 //! vector loops are tested against. Same shapes and arithmetic as the dispatching functions they stand in for.
+use super::Side;
 use crate::kernels::borrow::Mat;
 
-/// `y[m][o] (+)= Σᵢ W[o][i] xs[m][i]` for the `n_out` rows of `w` (`[n_out, n_in]`), into `y` laid out
-/// `[xs.len(), n_out]` (added to what `y` holds when `add`).
-pub fn matvec(w: Mat<'_>, n_in: usize, n_out: usize, xs: &[&[f32]], y: &mut [f32], add: bool) {
+/// `y[m][o] (+)= Σᵢ W[o][i] xs[m][i] (+ Σⱼ B[o][j] xa[m][j])` for the `n_out` rows of `w` (`[n_out, n_in]`), into
+/// `y` laid out `[xs.len(), n_out]` (added to what `y` holds when `add`).
+pub fn matvec(w: Mat<'_>, n_in: usize, n_out: usize, xs: &[&[f32]], side: Option<Side<'_>>, y: &mut [f32], add: bool) {
     for o in 0..n_out {
         for (m, x) in xs.iter().enumerate() {
-            let s: f32 = (0..n_in).map(|i| w.get(o * n_in + i) * x[i]).sum();
+            let mut s: f32 = (0..n_in).map(|i| w.get(o * n_in + i) * x[i]).sum();
+            if let Some(side) = &side {
+                s += (0..side.r).map(|j| side.b.get(o * side.r + j) * side.xa[m][j]).sum::<f32>();
+            }
             let dst = &mut y[m * n_out + o];
             *dst = if add { *dst + s } else { s };
         }
