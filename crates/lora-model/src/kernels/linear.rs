@@ -108,85 +108,146 @@ fn tensor_linear(
     Ok(Some(if kind == Kind::Float { out } else { out.f_to_kind(kind)? }))
 }
 
-/// The scaled low-rank inputs `scaling · A x` of a [`linear_rows`] call's LoRAs. The front thread computes them
-/// before it takes its first chunk of W (the back thread meanwhile streams W from the other end, so the short A
-/// matrices cost their bytes and no waiting); both threads read them when they add B's rows.
+/// The scaled low-rank inputs `scaling · A x` of a [`linear_rows`] call's LoRAs, computed by both threads: each
+/// projection's `A` in two halves of its rows, the front thread taking halves from the first projection on and the
+/// back thread from the last one back, before either streams W (so the short `A` matrices are read by both
+/// threads at once, and each thread first needs the projection it computed). A projection's input is ready once
+/// both its halves are; until then a thread computes W's rows without `B` and adds `B`'s later.
 struct LowRank {
-    /// 0 pending, 1 ready, 2 the computing thread failed.
-    state: AtomicU8,
-    /// Per projection, `[activation rows, r]` (`None` without LoRA); written only by the front thread, before
-    /// its release store of 1, and read only after an acquire load has seen it.
-    bufs: std::cell::UnsafeCell<Vec<Option<pool::Buf>>>,
+    /// Per projection, `[activation rows, r]` (`None` without LoRA): owned here, and not touched through the
+    /// `Buf` while the threads run (only through `values`).
+    _bufs: Vec<Option<pool::Buf>>,
+    /// Per projection, its buffer's values (pointer and length; null and 0 without LoRA), made once, before the
+    /// threads start. Written only through [`LowRank::write`], each value by the one thread that claimed its
+    /// half, before that half's release increment of `done`; read only through [`LowRank::ready`], after an
+    /// acquire load has seen both halves done.
+    values: Vec<(*mut f32, usize)>,
+    /// Per projection, how many of its two halves are written.
+    done: Vec<AtomicU8>,
+    /// The unclaimed halves `lo..hi` (half `2k + h` is half `h` of projection `k`): `lo` in the low 32 bits.
+    left: std::sync::atomic::AtomicU64,
+    /// A thread failed (panicked) while computing a half: waiting for it would never end.
+    failed: std::sync::atomic::AtomicBool,
 }
 
-// SAFETY: threads: `bufs` is written by one thread (the front one, in `compute`) before its release store to
-// `state`, and read by either thread only after an acquire load has seen that store. Aliasing: the `&mut` that
-// `compute` makes ends before that store, and `wait` makes its `&` only after it, so they never overlap.
+// SAFETY: threads: every value behind `values` is written by exactly one thread (the one that claimed its half
+// from `left`, an atomic hand-out), before the release increment of its projection's `done`; readers make a
+// shared slice of a projection's values only after an acquire load has seen both halves done, so every write
+// happens-before every read. Aliasing: writes go through the raw pointers to disjoint values, no `&mut` to a
+// buffer exists while the threads run (the pointers were made before, and the `Buf`s are not touched until drop),
+// and no `&` to a projection's values exists before its writes are done.
 unsafe impl Sync for LowRank {}
 
 impl LowRank {
-    fn new() -> Self {
-        LowRank { state: AtomicU8::new(0), bufs: std::cell::UnsafeCell::new(Vec::new()) }
+    /// Buffers for `m` activation rows of every LoRA of `prepared` (made by the calling thread, before the
+    /// threads start).
+    fn new(prepared: &[Prepared<'_>], m: usize) -> Self {
+        let mut bufs: Vec<Option<pool::Buf>> =
+            prepared.iter().map(|p| p.lora.as_ref().map(|&(_, _, r, _)| pool::zeros(m * r))).collect();
+        let values = bufs
+            .iter_mut()
+            .map(|b| b.as_mut().map_or((std::ptr::null_mut(), 0), |b| (b.as_mut_ptr(), b.len())))
+            .collect();
+        let halves = 2 * bufs.len() as u64;
+        LowRank {
+            done: bufs.iter().map(|b| AtomicU8::new(if b.is_some() { 0 } else { 2 })).collect(),
+            _bufs: bufs,
+            values,
+            left: std::sync::atomic::AtomicU64::new(halves << 32),
+            failed: std::sync::atomic::AtomicBool::new(false),
+        }
     }
 
-    /// Computes every projection's `scaling · A x` (the front thread, once).
-    fn compute(&self, prepared: &[Prepared<'_>], w_in: usize, xs: &simd::Rows<'_>) {
-        // Marks the inputs ready, or failed if a product panics, so that a waiting thread never spins forever.
-        struct Done<'a>(&'a AtomicU8);
-        impl Drop for Done<'_> {
-            fn drop(&mut self) {
-                self.0.store(if std::thread::panicking() { 2 } else { 1 }, Ordering::Release);
+    /// The next unclaimed half for the front (or back) thread.
+    fn claim(&self, front: bool) -> Option<usize> {
+        let mut cur = self.left.load(Ordering::Relaxed);
+        loop {
+            let (lo, hi) = (cur & 0xFFFF_FFFF, cur >> 32);
+            if lo >= hi {
+                return None;
+            }
+            let (got, next) = if front { (lo, (hi << 32) | (lo + 1)) } else { (hi - 1, ((hi - 1) << 32) | lo) };
+            match self.left.compare_exchange_weak(cur, next, Ordering::Relaxed, Ordering::Relaxed) {
+                Ok(_) => return Some(got as usize),
+                Err(now) => cur = now,
             }
         }
-        let _done = Done(&self.state);
-        let m = xs.xs.len();
-        // SAFETY: only this (front) thread writes `bufs`, once per call, and nobody reads it before the store of 1
-        // that `_done` makes after this borrow's last use: this `&mut` is the only reference to it while it lives.
-        let bufs = unsafe { &mut *self.bufs.get() };
-        for p in prepared {
-            bufs.push(p.lora.as_ref().map(|&(a, _, r, scaling)| {
-                let mut xa = pool::take(m * r);
-                simd::matvec(a, w_in, 0..r, xs, None, &mut xa, false);
-                for v in xa.iter_mut() {
-                    *v *= scaling;
+    }
+
+    /// Computes the halves this thread claims until none are left.
+    fn compute(&self, prepared: &[Prepared<'_>], w_in: usize, xs: &simd::Rows<'_>, front: bool) {
+        // Marks the call failed if a product panics, so that a waiting thread never spins forever.
+        struct Guard<'a>(&'a std::sync::atomic::AtomicBool);
+        impl Drop for Guard<'_> {
+            fn drop(&mut self) {
+                if std::thread::panicking() {
+                    self.0.store(true, Ordering::Release);
                 }
-                xa
-            }));
+            }
+        }
+        let _guard = Guard(&self.failed);
+        let m = xs.xs.len();
+        let mut tmp = Vec::new();
+        while let Some(half) = self.claim(front) {
+            let k = half / 2;
+            let Some((a, _, r, scaling)) = prepared.get(k).and_then(|p| p.lora) else { continue };
+            let rows = if half % 2 == 0 { 0..r / 2 } else { r / 2..r };
+            let len = rows.len();
+            if len > 0 {
+                tmp.clear();
+                tmp.resize(m * len, 0.0);
+                simd::matvec(a, w_in, rows.clone(), xs, None, &mut tmp, false);
+                for (row, vals) in tmp.chunks_exact(len).enumerate() {
+                    for (j, v) in rows.clone().zip(vals) {
+                        // SAFETY: this thread claimed this half (`write` checks the bounds).
+                        unsafe { self.write(k, row * r + j, v * scaling) };
+                    }
+                }
+            }
+            self.done[k].fetch_add(1, Ordering::Release);
         }
     }
 
-    /// The inputs if they are ready (`Some(Some(..))`), `Some(None)` if computing them failed, `None` while they
-    /// are being computed.
-    fn poll(&self) -> Option<Option<&[Option<pool::Buf>]>> {
-        match self.state.load(Ordering::Acquire) {
-            // SAFETY: the front thread finished writing (and dropped its `&mut`) before its release store of 1,
-            // which this acquire load saw; from now on `bufs` is only read.
-            1 => Some(Some(unsafe { &*self.bufs.get() })),
-            2 => Some(None),
-            _ => None,
+    /// Writes value `i` of projection `k`'s buffer.
+    ///
+    /// # Safety
+    /// The caller must be the thread that claimed the half `i` belongs to (see the `Sync` impl): no other thread
+    /// writes or reads that value meanwhile. Out-of-bounds `i` is ignored.
+    unsafe fn write(&self, k: usize, i: usize, v: f32) {
+        if let Some(&(ptr, len)) = self.values.get(k) {
+            if i < len {
+                *ptr.add(i) = v;
+            }
         }
     }
 
-    /// The inputs once they are ready, or `None` if computing them failed.
-    fn wait(&self) -> Option<&[Option<pool::Buf>]> {
+    /// Projection `k`'s input as `m` rows if both its halves are written (`Some(Some)`), `Some(None)` if a
+    /// thread failed, `None` while a half is still being computed.
+    fn ready(&self, k: usize, m: usize) -> Option<Option<Vec<&[f32]>>> {
+        if self.failed.load(Ordering::Acquire) {
+            return Some(None);
+        }
+        if self.done.get(k)?.load(Ordering::Acquire) < 2 {
+            return None;
+        }
+        let &(ptr, len) = self.values.get(k)?;
+        if ptr.is_null() {
+            return Some(Some(Vec::new()));
+        }
+        // SAFETY: both halves were written before their release increments, which the acquire load above saw;
+        // from now on these values are only read (see the `Sync` impl), and the buffer lives as long as `self`.
+        let vals: &[f32] = unsafe { std::slice::from_raw_parts(ptr, len) };
+        Some(Some(vals.chunks_exact((len / m.max(1)).max(1)).collect()))
+    }
+
+    /// [`LowRank::ready`], spinning until it is.
+    fn wait(&self, k: usize, m: usize) -> Option<Vec<&[f32]>> {
         loop {
-            match self.poll() {
+            match self.ready(k, m) {
                 Some(done) => return done,
                 None => std::hint::spin_loop(),
             }
         }
-    }
-
-    /// Per projection, its low-rank rows (`[rows, r]` as `rows` slices; empty without LoRA).
-    fn rows<'a>(prepared: &[Prepared<'_>], low: &'a [Option<pool::Buf>]) -> Vec<Vec<&'a [f32]>> {
-        prepared
-            .iter()
-            .zip(low)
-            .map(|(q, xa)| match (&q.lora, xa) {
-                (Some((_, _, r, _)), Some(xa)) => xa.chunks_exact(*r).collect(),
-                _ => Vec::new(),
-            })
-            .collect()
     }
 }
 
@@ -341,32 +402,39 @@ fn prepared_rows_on(
         input.prepare(p.w, w_in); // before the threads start (see `Rows`); `A` has the same width and kind
     }
 
-    // The front thread first computes every LoRA's `scaling · A x` ([`LowRank`]); meanwhile the back thread streams
-    // W from the other end in small chunks, W's rows only, and keeps a list of them. From then on each thread takes
-    // chunks of output rows until none are left and computes W's rows (plus B's rows against the low-rank input, in
-    // the same loop: `simd::Side`) and the bias. At the end the back thread adds B's rows of the chunks it took
-    // before the low-rank input was ready.
-    let low_rank = LowRank::new();
+    // Both threads first compute the LoRAs' `scaling · A x` ([`LowRank`]: halves of each `A`, the front thread
+    // from the first projection, the back thread from the last). Then each takes chunks of output rows until none
+    // are left and computes W's rows (plus B's rows against the low-rank input, in the same loop: `simd::Side`) and
+    // the bias; while a projection's input is not ready yet (its other half still being computed by the other
+    // thread), it takes small chunks, W's rows only, and adds their B's rows at the end.
+    let low_rank = LowRank::new(prepared, m);
     let any_lora = prepared.iter().any(|p| p.lora.is_some());
     let work = |front: bool| -> bool {
-        if front && any_lora {
-            low_rank.compute(prepared, w_in, &input);
+        if any_lora {
+            low_rank.compute(prepared, w_in, &input, front || threads <= 1);
         }
         let mut tmp = Vec::new();
-        // Per projection, the low-rank rows `scaling · A x`, once this thread has seen them ready.
-        let mut xa_rows: Option<Vec<Vec<&[f32]>>> = None;
+        // Per projection, its low-rank rows `scaling · A x` once this thread has seen them ready.
+        let mut xa_rows: Vec<Option<Vec<&[f32]>>> = vec![None; prepared.len()];
+        let mut missing = prepared.iter().filter(|p| p.lora.is_some()).count();
         // (projection, its output rows) computed without B's part.
         let mut pending: Vec<(usize, std::ops::Range<usize>)> = Vec::new();
         loop {
-            if any_lora && xa_rows.is_none() {
-                match low_rank.poll() {
-                    Some(Some(low)) => xa_rows = Some(LowRank::rows(prepared, low)),
-                    Some(None) => return false,
-                    None => {}
+            if missing > 0 {
+                for (k, (p, slot)) in prepared.iter().zip(xa_rows.iter_mut()).enumerate() {
+                    if p.lora.is_some() && slot.is_none() {
+                        match low_rank.ready(k, m) {
+                            Some(Some(rows)) => {
+                                *slot = Some(rows);
+                                missing -= 1;
+                            }
+                            Some(None) => return false,
+                            None => {}
+                        }
+                    }
                 }
             }
-            let waiting = any_lora && xa_rows.is_none();
-            let Some(range) = chunks.claim(front, waiting) else { break };
+            let Some(range) = chunks.claim(front, missing > 0) else { break };
             let mut start = 0;
             for (k, (p, out)) in prepared.iter().zip(&outs).enumerate() {
                 let (lo, hi) = (range.start.max(start), range.end.min(start + p.n_out));
@@ -377,8 +445,8 @@ fn prepared_rows_on(
                 }
                 let local = lo - first..hi - first;
                 let len = local.len();
-                let side = match (&p.lora, &xa_rows) {
-                    (Some((_, b, r, _)), Some(rows)) => Some(simd::Side { b: *b, r: *r, xa: &rows[k] }),
+                let side = match (&p.lora, &xa_rows[k]) {
+                    (Some((_, b, r, _)), Some(rows)) => Some(simd::Side { b: *b, r: *r, xa: rows }),
                     (Some(_), None) => {
                         pending.push((k, local.clone()));
                         None
@@ -409,35 +477,33 @@ fn prepared_rows_on(
                 }
             }
         }
-        if pending.is_empty() {
-            return true;
-        }
-        let rows = match xa_rows {
-            Some(rows) => rows,
-            None => match low_rank.wait() {
-                Some(low) => LowRank::rows(prepared, low),
-                None => return false,
-            },
-        };
         for (k, local) in pending {
-            let (Some((_, b, r, _)), Some(out), Some(xa)) = (&prepared[k].lora, outs.get(k), rows.get(k)) else {
+            let (Some((_, b, r, _)), Some(out)) = (&prepared[k].lora, outs.get(k)) else {
                 return false;
+            };
+            let xa = match xa_rows[k].take() {
+                Some(rows) => rows,
+                None => match low_rank.wait(k, m) {
+                    Some(rows) => rows,
+                    None => return false,
+                },
             };
             if xa.len() != m {
                 return false;
             }
-            let xa = simd::Rows::on(path, xa);
+            let input = simd::Rows::on(path, &xa);
             if m == 1 {
                 // SAFETY: as above (this thread claimed these rows, and no other slice of them is alive).
                 let dst = unsafe { out.slice(local.clone()) };
-                simd::matvec(*b, *r, local, &xa, None, dst, true);
+                simd::matvec(*b, *r, local, &input, None, dst, true);
             } else {
                 tmp.clear();
                 tmp.resize(m * local.len(), 0.0);
-                simd::matvec(*b, *r, local.clone(), &xa, None, &mut tmp, false);
+                simd::matvec(*b, *r, local.clone(), &input, None, &mut tmp, false);
                 // SAFETY: as above; no slice of `out` is alive.
                 unsafe { out.put(local, &tmp, true) };
             }
+            xa_rows[k] = Some(xa);
         }
         true
     };
@@ -480,7 +546,7 @@ mod tests {
         }
         // The second shape is large enough to be split over threads (when libtorch has more than one).
         // r = 8 and 16 take the narrow kernel for B (bf16: 8 and 16 columns per load).
-        for (n_in, n_out, r) in [(72, 40, 3), (256, 301, 5), (96, 24, 8), (256, 301, 16)] {
+        for (n_in, n_out, r) in [(72, 40, 3), (256, 301, 5), (96, 24, 8), (256, 301, 16), (256, 301, 1)] {
             check_shape(n_in, n_out, r);
         }
         // Inside a decode scope the large shape is split between this thread and the helper; same results, and
@@ -494,6 +560,7 @@ mod tests {
             }
             check_shape(256, 301, 5);
             check_shape(256, 301, 16);
+            check_shape(256, 301, 1);
             check_shared_input();
         }
         assert_eq!(tch::get_num_threads(), before);
