@@ -304,36 +304,8 @@ impl<T> RowSide<T> {
     }
 }
 
-/// `B`'s values of a [`Side`] whose kind is `T`'s (`matvec` checked that it is `W`'s).
-fn side_values<'a, T: SideKind>(side: &'a Option<Side<'a>>) -> Option<(&'a [T], &'a Side<'a>)> {
-    side.as_ref().and_then(|s| T::values(s.b).map(|b| (b, s)))
-}
-
-/// f32 or bf16 (as `u16`), the kinds a [`Side`]'s `B` comes in.
-trait SideKind: Sized {
-    fn values(b: Mat<'_>) -> Option<&[Self]>;
-}
-
-impl SideKind for f32 {
-    fn values(b: Mat<'_>) -> Option<&[f32]> {
-        match b {
-            Mat::F32(v) => Some(v),
-            Mat::Bf16(_) => None,
-        }
-    }
-}
-
-impl SideKind for u16 {
-    fn values(b: Mat<'_>) -> Option<&[u16]> {
-        match b {
-            Mat::Bf16(v) => Some(v),
-            Mat::F32(_) => None,
-        }
-    }
-}
-
-/// `y[m][o] (+)= W[o] · xs[m]` (`+ B[o] · xa[m]` with a [`Side`], in the same accumulators), one weight row at a time: the rows of a matrix are contiguous, so the
-/// product reads the weights as one sequential stream (the hardware prefetcher's best case, helped by a
+/// `y[m][o] (+)= W[o] · xs[m]` (`+ B[o] · xa[m]` with a [`Side`], in the same accumulators), one weight row at a
+/// time: the rows of a matrix are contiguous, so the product reads the weights as one sequential stream (the hardware prefetcher's best case, helped by a
 /// software prefetch a fixed distance ahead); further activation rows re-read the weight row from L1.
 #[target_feature(enable = "avx2,fma")]
 pub unsafe fn matvec_f32(
@@ -345,7 +317,7 @@ pub unsafe fn matvec_f32(
     y: &mut [f32],
     add: bool,
 ) {
-    let bs = side_values::<f32>(&side);
+    let bs = side.as_ref().and_then(Side::values::<f32>);
     for o in 0..n_out {
         let wp = w[o * n_in..(o + 1) * n_in].as_ptr();
         for (m, x) in xs.iter().enumerate() {
@@ -419,7 +391,7 @@ pub unsafe fn matvec_bf16(
     y: &mut [f32],
     add: bool,
 ) {
-    let bs = side_values::<u16>(&side);
+    let bs = side.as_ref().and_then(Side::values::<u16>);
     for o in 0..n_out {
         let row = &w[o * n_in..(o + 1) * n_in];
         for (m, (x, xp)) in xs.iter().zip(split.chunks_exact(n_in)).enumerate() {

@@ -16,7 +16,6 @@
 use std::arch::x86_64::*;
 
 use super::Side;
-use crate::kernels::borrow::Mat;
 
 /// How far ahead of the current column (in bytes of the same weight row, running on into the next rows) the
 /// one-activation-row loops prefetch, into L2: 8 KB. A batch-1 product is a sequential stream whose speed is set
@@ -145,14 +144,6 @@ impl<const R: usize> TileSide<u16, R> {
             c += 16;
         }
     }
-}
-
-/// `B`'s bf16 values of a [`Side`] (`matvec` checked that it is `W`'s kind).
-fn bf16_side<'a>(side: &'a Option<Side<'a>>) -> Option<(&'a [u16], &'a Side<'a>)> {
-    side.as_ref().and_then(|s| match s.b {
-        Mat::Bf16(b) => Some((b, s)),
-        Mat::F32(_) => None,
-    })
 }
 
 /// Dot products of `RW` consecutive f32 weight rows at `wp` (`n_in` values each) with the `RX` activation rows at
@@ -338,10 +329,7 @@ pub unsafe fn matvec_f32(
     y: &mut [f32],
     add: bool,
 ) {
-    let bs = side.as_ref().and_then(|s| match s.b {
-        Mat::F32(b) => Some((b, s)),
-        Mat::Bf16(_) => None,
-    });
+    let bs = side.as_ref().and_then(Side::values::<f32>);
     let mut o = 0;
     let m = xs.len();
     if (2..=4).contains(&m) {
@@ -441,7 +429,7 @@ pub unsafe fn matvec_bf16(
     add: bool,
 ) {
     let sp = split.as_ptr();
-    let bs = bf16_side(&side);
+    let bs = side.as_ref().and_then(Side::values::<u16>);
     for o in 0..n_out {
         let wp = w.as_ptr().add(o * n_in);
         for_tiles!(
@@ -524,7 +512,7 @@ pub unsafe fn matvec_dpbf16(
     add: bool,
 ) {
     let xp = pairs.as_ptr();
-    let bs = bf16_side(&side);
+    let bs = side.as_ref().and_then(Side::values::<u16>);
     for o in 0..n_out {
         let wp = w.as_ptr().add(o * n_in);
         for_tiles!(

@@ -143,6 +143,37 @@ pub struct Side<'a> {
     pub xa: &'a [&'a [f32]],
 }
 
+impl<'a> Side<'a> {
+    /// `B`'s values with the side, if `B` is of kind `T` (`f32`, or `u16` for bf16 bits).
+    #[cfg_attr(not(target_arch = "x86_64"), allow(dead_code))]
+    fn values<T: SideKind>(&self) -> Option<(&'a [T], &Self)> {
+        T::values(self.b).map(|b| (b, self))
+    }
+}
+
+/// The kinds a [`Side`]'s `B` comes in: f32, or bf16 as raw `u16` bits.
+trait SideKind: Sized {
+    fn values(b: Mat<'_>) -> Option<&[Self]>;
+}
+
+impl SideKind for f32 {
+    fn values(b: Mat<'_>) -> Option<&[f32]> {
+        match b {
+            Mat::F32(v) => Some(v),
+            Mat::Bf16(_) => None,
+        }
+    }
+}
+
+impl SideKind for u16 {
+    fn values(b: Mat<'_>) -> Option<&[u16]> {
+        match b {
+            Mat::Bf16(v) => Some(v),
+            Mat::F32(_) => None,
+        }
+    }
+}
+
 /// Output rows `rows` of `W x` (plus `B xa` with `side`) for every activation row `x` of `x`, into `y` laid out
 /// `[x.xs.len(), rows.len()]` (added to what `y` holds when `add`). `W` is `[*, n_in]` row-major.
 pub fn matvec(
