@@ -124,14 +124,14 @@ struct LowRank {
     values: Vec<(*mut f32, usize)>,
     /// Per projection, how many of its two halves are written.
     done: Vec<AtomicU8>,
-    /// The unclaimed halves `lo..hi` (half `2k + h` is half `h` of projection `k`): `lo` in the low 32 bits.
-    left: std::sync::atomic::AtomicU64,
+    /// The halves, handed out one at a time from both ends (half `2k + h` is half `h` of projection `k`).
+    halves: Chunks,
     /// A thread failed (panicked) while computing a half: waiting for it would never end.
     failed: std::sync::atomic::AtomicBool,
 }
 
 // SAFETY: threads: every value behind `values` is written by exactly one thread (the one that claimed its half
-// from `left`, an atomic hand-out), before the release increment of its projection's `done`; readers make a
+// from `halves`, an atomic hand-out), before the release increment of its projection's `done`; readers make a
 // shared slice of a projection's values only after an acquire load has seen both halves done, so every write
 // happens-before every read. Aliasing: writes go through the raw pointers to disjoint values, no `&mut` to a
 // buffer exists while the threads run (the pointers were made before, and the `Buf`s are not touched until drop),
@@ -148,29 +148,12 @@ impl LowRank {
             .iter_mut()
             .map(|b| b.as_mut().map_or((std::ptr::null_mut(), 0), |b| (b.as_mut_ptr(), b.len())))
             .collect();
-        let halves = 2 * bufs.len() as u64;
         LowRank {
             done: bufs.iter().map(|b| AtomicU8::new(if b.is_some() { 0 } else { 2 })).collect(),
+            halves: Chunks::new(2 * bufs.len(), 1),
             _bufs: bufs,
             values,
-            left: std::sync::atomic::AtomicU64::new(halves << 32),
             failed: std::sync::atomic::AtomicBool::new(false),
-        }
-    }
-
-    /// The next unclaimed half for the front (or back) thread.
-    fn claim(&self, front: bool) -> Option<usize> {
-        let mut cur = self.left.load(Ordering::Relaxed);
-        loop {
-            let (lo, hi) = (cur & 0xFFFF_FFFF, cur >> 32);
-            if lo >= hi {
-                return None;
-            }
-            let (got, next) = if front { (lo, (hi << 32) | (lo + 1)) } else { (hi - 1, ((hi - 1) << 32) | lo) };
-            match self.left.compare_exchange_weak(cur, next, Ordering::Relaxed, Ordering::Relaxed) {
-                Ok(_) => return Some(got as usize),
-                Err(now) => cur = now,
-            }
         }
     }
 
@@ -188,7 +171,8 @@ impl LowRank {
         let _guard = Guard(&self.failed);
         let m = xs.xs.len();
         let mut tmp = Vec::new();
-        while let Some(half) = self.claim(front) {
+        while let Some(claimed) = self.halves.claim(front, true) {
+            let half = claimed.start;
             let k = half / 2;
             let Some((a, _, r, scaling)) = prepared.get(k).and_then(|p| p.lora) else { continue };
             let rows = if half % 2 == 0 { 0..r / 2 } else { r / 2..r };
@@ -411,7 +395,7 @@ fn prepared_rows_on(
     let any_lora = prepared.iter().any(|p| p.lora.is_some());
     let work = |front: bool| -> bool {
         if any_lora {
-            low_rank.compute(prepared, w_in, &input, front || threads <= 1);
+            low_rank.compute(prepared, w_in, &input, front);
         }
         let mut tmp = Vec::new();
         // Per projection, its low-rank rows `scaling · A x` once this thread has seen them ready.
@@ -478,20 +462,16 @@ fn prepared_rows_on(
             }
         }
         for (k, local) in pending {
-            let (Some((_, b, r, _)), Some(out)) = (&prepared[k].lora, outs.get(k)) else {
+            if xa_rows[k].is_none() {
+                xa_rows[k] = low_rank.wait(k, m);
+            }
+            let (Some((_, b, r, _)), Some(out), Some(xa)) = (&prepared[k].lora, outs.get(k), &xa_rows[k]) else {
                 return false;
-            };
-            let xa = match xa_rows[k].take() {
-                Some(rows) => rows,
-                None => match low_rank.wait(k, m) {
-                    Some(rows) => rows,
-                    None => return false,
-                },
             };
             if xa.len() != m {
                 return false;
             }
-            let input = simd::Rows::on(path, &xa);
+            let input = simd::Rows::on(path, xa);
             if m == 1 {
                 // SAFETY: as above (this thread claimed these rows, and no other slice of them is alive).
                 let dst = unsafe { out.slice(local.clone()) };
@@ -503,7 +483,6 @@ fn prepared_rows_on(
                 // SAFETY: as above; no slice of `out` is alive.
                 unsafe { out.put(local, &tmp, true) };
             }
-            xa_rows[k] = Some(xa);
         }
         true
     };

@@ -38,8 +38,9 @@
 //! [`SimdPath::Avx512Bf16`]). LoRA's `B` rows are read in the same loop as `W`'s, beside them, into the same
 //! accumulators (one reduction per output value for both); the few rows one thread computes before the low-rank
 //! input `scaling · A x` is ready take `B` afterwards, in the AVX2 loop that reduces eight narrow rows together.
-//! The one-row loops on AVX-512 prefetch 8 KB ahead into L2 (the AVX2 loops 1 KB into L1, as tuned on Zen 1). The helpers of the decode step (dot products, `axpy`, SwiGLU) run on
-//! AVX2 on every vector path: they are short and not what limits a step.
+//! The one-row loops on AVX-512 prefetch 8 KB ahead into L2 (the AVX2 loops 1 KB into L1, as tuned on Zen 1).
+//! The helpers of the decode step (dot products, `axpy`, SwiGLU) run on AVX2 on every vector path: they are short
+//! and not what limits a step.
 use std::sync::atomic::{AtomicU64, AtomicU8, Ordering};
 
 mod borrow;

@@ -280,7 +280,12 @@ impl Llama {
         let rows = step.rows;
         let mask = step.opts.mask;
         let on = |m: Module| mask.is_active(l, m);
-        let view = |m: Module| views.get(self, l, m, on(m));
+        // Projections `ms` of this block on the rows of `x` (`n_in` wide) into `ys`, LoRA where the mask says.
+        let proj = |ms: &[Module], x: &[f32], n_in: usize, ys: &mut [&mut [f32]]| -> Result<()> {
+            let lins: Vec<(&LoraLinear, bool)> = ms.iter().map(|&m| (block.linear(m), on(m))).collect();
+            let parts: Option<Vec<kernels::Prepared<'_>>> = ms.iter().map(|&m| views.get(self, l, m, on(m))).collect();
+            project(&lins, parts.as_deref(), x, n_in, ys)
+        };
 
         // SAFETY: the norm weights live as long as `self`; as for the embedding in `fused_decode`, they are only
         // read while the slices live (`&self` excludes every writer; the helper thread only reads).
@@ -288,13 +293,7 @@ impl Llama {
         let post_norm = unsafe { norm_scale(&block.post_norm, "post_attention_layernorm") }?;
         let eps = c.rms_norm_eps;
         rms_norm(x, in_norm, eps, h, &mut sc.n);
-        project(
-            &[(&a.q, on(Module::Q)), (&a.k, on(Module::K)), (&a.v, on(Module::V))],
-            &[view(Module::Q), view(Module::K), view(Module::V)],
-            &sc.n,
-            h,
-            &mut [&mut sc.q, &mut sc.k, &mut sc.v],
-        )?;
+        proj(&[Module::Q, Module::K, Module::V], &sc.n, h, &mut [&mut sc.q, &mut sc.k, &mut sc.v])?;
         // Gemma 3: each query and key head normalised before RoPE.
         if let (Some(qn), Some(kn)) = (&a.q_norm, &a.k_norm) {
             // SAFETY: as for the block's norms above.
@@ -354,7 +353,7 @@ impl Llama {
         if !kernels::join(|| heads.attend(0..cut, lo), || heads.attend(cut..pairs, hi)) {
             return Err(ModelError::InvalidArgument(format!("block {l}: attention on the helper thread failed")));
         }
-        project(&[(&a.o, on(Module::O))], &[view(Module::O)], &sc.att, nh * hd, &mut [&mut sc.o])?;
+        proj(&[Module::O], &sc.att, nh * hd, &mut [&mut sc.o])?;
         // Gemma 3 normalises the attention output before the residual add, and the MLP input with its own norm.
         let gemma = match &block.gemma {
             // SAFETY: as for the block's norms above.
@@ -381,19 +380,13 @@ impl Llama {
         rms_norm(x, mlp_norm, eps, h, &mut sc.n);
         let inter = c.intermediate_size;
         let mlp = &block.mlp;
-        project(
-            &[(&mlp.gate, on(Module::Gate)), (&mlp.up, on(Module::Up))],
-            &[view(Module::Gate), view(Module::Up)],
-            &sc.n,
-            h,
-            &mut [&mut sc.gate, &mut sc.up],
-        )?;
+        proj(&[Module::Gate, Module::Up], &sc.n, h, &mut [&mut sc.gate, &mut sc.up])?;
         if mlp.gelu_tanh {
             gelu_tanh_mul(&mut sc.gate, &sc.up);
         } else {
             kernels::swiglu(&mut sc.gate, &sc.up);
         }
-        project(&[(&mlp.down, on(Module::Down))], &[view(Module::Down)], &sc.gate, inter, &mut [&mut sc.down])?;
+        proj(&[Module::Down], &sc.gate, inter, &mut [&mut sc.down])?;
         match gemma {
             Some((_, post_ff)) => {
                 rms_norm(&sc.down, post_ff, eps, h, &mut sc.n);
@@ -595,19 +588,18 @@ impl DecodeViews {
 }
 
 /// `ys[p] = lins[p].0(x)` (with its LoRA when `lins[p].1`) for the rows of `x` (`[rows, n_in]`), all projections
-/// in one kernel call, or libtorch one by one for what the kernels do not take. `views` are the projections as
-/// the kernels take them (from [`DecodeViews`]), `None` where they do not.
+/// in one kernel call, or libtorch one by one for what the kernels do not take. `parts` are the same projections
+/// as the kernels take them (from [`DecodeViews`]), `None` when the kernels do not take one of them.
 fn project(
     lins: &[(&LoraLinear, bool)],
-    views: &[Option<kernels::Prepared<'_>>],
+    parts: Option<&[kernels::Prepared<'_>]>,
     x: &[f32],
     n_in: usize,
     ys: &mut [&mut [f32]],
 ) -> Result<()> {
     let rows: Vec<&[f32]> = x.chunks_exact(n_in).collect();
-    if views.len() == lins.len() && views.iter().all(Option::is_some) {
-        let parts: Vec<kernels::Prepared<'_>> = views.iter().flatten().cloned().collect();
-        if kernels::linear_rows_prepared(&parts, &rows, ys)? {
+    if let Some(parts) = parts {
+        if kernels::linear_rows_prepared(parts, &rows, ys)? {
             return Ok(());
         }
     }

@@ -305,8 +305,9 @@ impl<T> RowSide<T> {
 }
 
 /// `y[m][o] (+)= W[o] · xs[m]` (`+ B[o] · xa[m]` with a [`Side`], in the same accumulators), one weight row at a
-/// time: the rows of a matrix are contiguous, so the product reads the weights as one sequential stream (the hardware prefetcher's best case, helped by a
-/// software prefetch a fixed distance ahead); further activation rows re-read the weight row from L1.
+/// time: the rows of a matrix are contiguous, so the product reads the weights as one sequential stream (the
+/// hardware prefetcher's best case, helped by a software prefetch a fixed distance ahead); further activation rows
+/// re-read the weight row from L1.
 #[target_feature(enable = "avx2,fma")]
 pub unsafe fn matvec_f32(
     w: &[f32],
