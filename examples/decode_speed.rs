@@ -4,14 +4,15 @@
 //!
 //! ```text
 //! cargo run --release --example decode_speed -- [--tokens 64] [--rounds 3] [--dtype f32|bf16|both] [--r 16]
-//!     [--compare-libtorch] [--bandwidth-only]
+//!     [--compare-libtorch] [--bandwidth-only] [--only base|full|pruned|merged]
 //! ```
 //! The LoRA adapter is random, rank `r` on all seven projections of every block (what the speed goals were
 //! stated for). The cap is the measured read bandwidth (sum over a 512 MiB tensor on huge pages, as the weights
 //! are, with libtorch's threads) divided by the bytes of weights one decode step streams (every projection, the LM
 //! head, LoRA A/B where active).
 //! `--compare-libtorch` adds rows with the fused decode kernels switched off (libtorch's BLAS for every product);
-//! `--bandwidth-only` prints the measured read bandwidth and stops.
+//! `--bandwidth-only` prints the measured read bandwidth and stops; `--only` times one variant (for a profiler:
+//! nothing else runs between its decodes).
 use std::path::Path;
 use std::time::Instant;
 
@@ -21,7 +22,7 @@ use lora_boundary::model::{adapter, init_lora, kernels};
 use lora_boundary::{ForwardOptions, LayerMask, Llama, Logits, LoraConfig, Placement, DEFAULT_MODEL};
 
 const USAGE: &str = "usage: decode_speed [--tokens 64] [--rounds 3] [--dtype f32|bf16|both] [--r 16] \
-                     [--compare-libtorch] [--bandwidth-only]";
+                     [--compare-libtorch] [--bandwidth-only] [--only base|full|pruned|merged]";
 
 struct Args {
     tokens: i64,
@@ -31,6 +32,8 @@ struct Args {
     compare: bool,
     /// Print the measured read bandwidth and stop.
     bandwidth_only: bool,
+    /// Time only this variant (index into the variants).
+    only: Option<usize>,
 }
 
 fn parse() -> Result<Args> {
@@ -41,6 +44,7 @@ fn parse() -> Result<Args> {
         r: 16,
         compare: false,
         bandwidth_only: false,
+        only: None,
     };
     let mut it = std::env::args().skip(1);
     while let Some(flag) = it.next() {
@@ -59,6 +63,15 @@ fn parse() -> Result<Args> {
             }
             "--compare-libtorch" => a.compare = true,
             "--bandwidth-only" => a.bandwidth_only = true,
+            "--only" => {
+                a.only = Some(match value()?.as_str() {
+                    "base" => 0,
+                    "full" => 1,
+                    "pruned" => 2,
+                    "merged" => 3,
+                    other => bail!("--only base|full|pruned|merged, got {other}"),
+                })
+            }
             "-h" | "--help" => {
                 println!("{USAGE}");
                 std::process::exit(0);
@@ -155,6 +168,9 @@ fn main() -> Result<()> {
             decode(&m, &LayerMask::all(), 4)?; // warm-up
             for _ in 0..args.rounds {
                 for (i, (name, mask)) in variants.iter().enumerate() {
+                    if args.only.is_some_and(|o| o != i) {
+                        continue;
+                    }
                     let merged = *name == "merged";
                     if merged {
                         adapter::merge(&mut m, &LayerMask::all())?;
@@ -165,15 +181,20 @@ fn main() -> Result<()> {
                     }
                 }
             }
-            let base = median(speeds[0].clone());
+            let base = if speeds[0].is_empty() { f64::NAN } else { median(speeds[0].clone()) };
             for ((name, mask), s) in variants.iter().zip(speeds) {
+                if s.is_empty() {
+                    continue;
+                }
                 let s = median(s);
                 let cap = bw / bytes_per_token(&m, mask, *name == "merged" || *name == "base");
+                // Without a base row (`--only`) there is nothing to compare with.
+                let vs_base =
+                    if base.is_nan() { "—".to_string() } else { format!("{:+.1} %", (s / base - 1.0) * 100.0) };
                 println!(
-                    "| {} | {} | {name} | {s:.1} | {:+.1} % | {cap:.1} | {:.0} % |",
+                    "| {} | {} | {name} | {s:.1} | {vs_base} | {cap:.1} | {:.0} % |",
                     if kind == Kind::Float { "f32" } else { "bf16" },
                     if fused { "fused kernels" } else { "libtorch" },
-                    (s / base - 1.0) * 100.0,
                     100.0 * s / cap
                 );
             }

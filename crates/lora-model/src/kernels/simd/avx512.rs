@@ -52,6 +52,11 @@ fn mask32(n: usize) -> __mmask32 {
 }
 
 /// Prefetches the four cache lines [`AHEAD`] bytes past `p` into L2.
+///
+/// The bf16 loops call this once per two lines they read, so that every line is asked for twice, 128
+/// bytes of stream apart. On the Xeon VM of `docs/performance.md` a second request for the same line streams
+/// faster than one (one thread over 270 MB of rows of 576 bf16 values: 15.1–15.4 GB/s with one prefetch per line,
+/// 17.1–17.8 GB/s with two; three were no better), as though single requests were sometimes dropped.
 #[inline(always)]
 unsafe fn prefetch4(p: *const u8) {
     let pf = p.wrapping_add(AHEAD) as *const i8;
@@ -451,8 +456,8 @@ pub unsafe fn matvec_bf16(
 
 /// Dot products of the bf16 weight row at `wp` (`n_in` values) with `R` activation rows in bf16 (`xp`, column
 /// order): `vdpbf16ps` multiplies the two bf16 values of each 32-bit lane and adds both products to the f32 lane.
-/// 128 columns (four cache lines) per step in four accumulators per row; the columns past the last whole 128 in
-/// steps of 32 (masked at the end) into the first.
+/// 64 columns (two cache lines) per step, alternately into accumulators 0-1 and 2-3 of each row; the columns past
+/// the last whole 64 in steps of 32 (masked at the end) into the first.
 #[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512bf16,avx2,fma")]
 #[inline]
 unsafe fn tile_dpbf16<const R: usize>(
@@ -465,19 +470,30 @@ unsafe fn tile_dpbf16<const R: usize>(
     // invalid values; the instruction reads the bits as 32 bf16 values.
     let bh = |v: __m512i| -> __m512bh { unsafe { std::mem::transmute::<__m512i, __m512bh>(v) } };
     let mut acc = [[_mm512_setzero_ps(); 4]; R];
-    let end = n_in - n_in % 128;
-    let mut i = 0;
-    while i < end {
+    // Two cache lines (64 columns) per step, alternately into accumulators 0-1 and 2-3 (four independent chains).
+    // Each step prefetches the four lines [`AHEAD`] bytes on, so every line is asked for twice, one step apart:
+    // see [`prefetch4`] for why.
+    let pair = |acc: &mut [[__m512; 4]; R], i: usize, s: usize| {
         prefetch4(wp.add(i) as *const u8);
-        let w: [__m512bh; 4] = std::array::from_fn(|k| bh(_mm512_loadu_si512(wp.add(i + 32 * k) as *const __m512i)));
+        let w = [0, 1].map(|k| bh(_mm512_loadu_si512(wp.add(i + 32 * k) as *const __m512i)));
         for r in 0..R {
-            for k in 0..4 {
+            for (k, &w) in w.iter().enumerate() {
                 let x = bh(_mm512_loadu_si512(xp[r].add(i + 32 * k) as *const __m512i));
-                acc[r][k] = _mm512_dpbf16_ps(acc[r][k], w[k], x);
+                acc[r][s + k] = _mm512_dpbf16_ps(acc[r][s + k], w, x);
             }
         }
+    };
+    let mut i = 0;
+    while i + 128 <= n_in {
+        pair(&mut acc, i, 0);
+        pair(&mut acc, i + 64, 2);
         i += 128;
     }
+    if i + 64 <= n_in {
+        pair(&mut acc, i, 0);
+        i += 64;
+    }
+    // The last 1-63 columns: one or two (masked) loads of 32.
     while i < n_in {
         let k = mask32(n_in - i);
         let w = bh(_mm512_maskz_loadu_epi16(k, wp.add(i) as *const i16));
