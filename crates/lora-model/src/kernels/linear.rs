@@ -437,28 +437,20 @@ fn prepared_rows_on(
                     }
                     (None, _) => None,
                 };
-                // SAFETY: threads: this thread claimed these output rows from `chunks`, so the other thread never
-                // touches them. Aliasing: this is the only slice over them alive (`dst` ends before the next piece),
-                // and `local.end ≤ n_out` of this projection.
-                let dst: &mut [f32] = if m == 1 {
-                    unsafe { out.slice(local.clone()) }
-                } else {
-                    tmp.clear();
-                    tmp.resize(m * len, 0.0);
-                    &mut tmp
-                };
-                simd::matvec(p.w, w_in, local.clone(), &input, side, dst, false);
-                if let Some(bias) = &p.bias {
-                    for row in dst.chunks_exact_mut(len) {
-                        for (v, b) in row.iter_mut().zip(&bias[local.clone()]) {
-                            *v += b;
+                let rows_w = |dst: &mut [f32], _: bool| {
+                    simd::matvec(p.w, w_in, local.clone(), &input, side, dst, false);
+                    if let Some(bias) = &p.bias {
+                        for row in dst.chunks_exact_mut(len) {
+                            for (v, b) in row.iter_mut().zip(&bias[local.clone()]) {
+                                *v += b;
+                            }
                         }
                     }
-                }
-                if m > 1 {
-                    // SAFETY: as above; with `m > 1` no slice of `out` is alive (`dst` is `tmp`).
-                    unsafe { out.put(local, &tmp, false) };
-                }
+                };
+                // SAFETY: threads: this thread claimed these output rows from `chunks`, so the other thread never
+                // touches them. Aliasing: no other slice over them is alive (each piece's ends with its call), and
+                // `local.end ≤ n_out` of this projection.
+                unsafe { out.with_rows(local.clone(), &mut tmp, false, rows_w) };
             }
         }
         for (k, local) in pending {
@@ -472,17 +464,9 @@ fn prepared_rows_on(
                 return false;
             }
             let input = simd::Rows::on(path, xa);
-            if m == 1 {
-                // SAFETY: as above (this thread claimed these rows, and no other slice of them is alive).
-                let dst = unsafe { out.slice(local.clone()) };
-                simd::matvec(*b, *r, local, &input, None, dst, true);
-            } else {
-                tmp.clear();
-                tmp.resize(m * local.len(), 0.0);
-                simd::matvec(*b, *r, local.clone(), &input, None, &mut tmp, false);
-                // SAFETY: as above; no slice of `out` is alive.
-                unsafe { out.put(local, &tmp, true) };
-            }
+            let rows_b = |dst: &mut [f32], add: bool| simd::matvec(*b, *r, local.clone(), &input, None, dst, add);
+            // SAFETY: as above (this thread claimed these rows, and no other slice of them is alive).
+            unsafe { out.with_rows(local.clone(), &mut tmp, true, rows_b) };
         }
         true
     };

@@ -77,7 +77,7 @@ impl<'a> Out<'a> {
     /// # Safety
     /// No other thread may touch output rows `rows` meanwhile (nor may a slice of them from [`Out::slice`] be
     /// alive), and `rows.end ≤ n_out`.
-    pub(super) unsafe fn put(&self, rows: std::ops::Range<usize>, vals: &[f32], add: bool) {
+    unsafe fn put(&self, rows: std::ops::Range<usize>, vals: &[f32], add: bool) {
         let len = rows.len();
         for (row, src) in vals.chunks_exact(len).take(self.m).enumerate() {
             let dst = std::slice::from_raw_parts_mut(self.ptr.add(row * self.n_out + rows.start), len);
@@ -91,12 +91,35 @@ impl<'a> Out<'a> {
         }
     }
 
+    /// Runs `f(dst, add)` for output rows `rows`: with one activation row `dst` is those rows themselves (and `f`
+    /// adds to them when `add`); with several, `dst` is `tmp` resized to `[m, rows.len()]` and zeroed (`f`
+    /// writes it), which then goes into the buffer, or is added to it when `add`.
+    ///
+    /// # Safety
+    /// As for [`Out::put`].
+    pub(super) unsafe fn with_rows(
+        &self,
+        rows: std::ops::Range<usize>,
+        tmp: &mut Vec<f32>,
+        add: bool,
+        f: impl FnOnce(&mut [f32], bool),
+    ) {
+        if self.m == 1 {
+            f(self.slice(rows), add);
+        } else {
+            tmp.clear();
+            tmp.resize(self.m * rows.len(), 0.0);
+            f(tmp, false);
+            self.put(rows, tmp, add);
+        }
+    }
+
     /// Output rows `rows` as one slice, possible when there is one activation row.
     ///
     /// # Safety
     /// As for [`Out::put`], and `m` must be 1.
     #[allow(clippy::mut_from_ref)] // the caller's claim on `rows` is what makes this borrow exclusive
-    pub(super) unsafe fn slice(&self, rows: std::ops::Range<usize>) -> &mut [f32] {
+    unsafe fn slice(&self, rows: std::ops::Range<usize>) -> &mut [f32] {
         std::slice::from_raw_parts_mut(self.ptr.add(rows.start), rows.len())
     }
 }

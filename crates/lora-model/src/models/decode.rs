@@ -282,9 +282,8 @@ impl Llama {
         let on = |m: Module| mask.is_active(l, m);
         // Projections `ms` of this block on the rows of `x` (`n_in` wide) into `ys`, LoRA where the mask says.
         let proj = |ms: &[Module], x: &[f32], n_in: usize, ys: &mut [&mut [f32]]| -> Result<()> {
-            let lins: Vec<(&LoraLinear, bool)> = ms.iter().map(|&m| (block.linear(m), on(m))).collect();
             let parts: Option<Vec<kernels::Prepared<'_>>> = ms.iter().map(|&m| views.get(self, l, m, on(m))).collect();
-            project(&lins, parts.as_deref(), x, n_in, ys)
+            project(parts.as_deref(), ms.iter().map(|&m| (block.linear(m), on(m))), x, n_in, ys)
         };
 
         // SAFETY: the norm weights live as long as `self`; as for the embedding in `fused_decode`, they are only
@@ -589,10 +588,11 @@ impl DecodeViews {
 
 /// `ys[p] = lins[p].0(x)` (with its LoRA when `lins[p].1`) for the rows of `x` (`[rows, n_in]`), all projections
 /// in one kernel call, or libtorch one by one for what the kernels do not take. `parts` are the same projections
-/// as the kernels take them (from [`DecodeViews`]), `None` when the kernels do not take one of them.
-fn project(
-    lins: &[(&LoraLinear, bool)],
+/// as the kernels take them (from [`DecodeViews`]), `None` when the kernels do not take one of them; `lins` is only
+/// walked on the libtorch path.
+fn project<'a>(
     parts: Option<&[kernels::Prepared<'_>]>,
+    lins: impl Iterator<Item = (&'a LoraLinear, bool)>,
     x: &[f32],
     n_in: usize,
     ys: &mut [&mut [f32]],
@@ -604,7 +604,7 @@ fn project(
         }
     }
     let x32 = Tensor::from_slice(x).f_view([rows.len() as i64, n_in as i64])?;
-    for (&(lin, on), y) in lins.iter().zip(ys.iter_mut()) {
+    for ((lin, on), y) in lins.zip(ys.iter_mut()) {
         let xt = x32.f_to_kind(lin.weight.kind())?;
         let out = lin.forward(&xt, on, false)?.f_to_kind(Kind::Float)?.f_contiguous()?;
         let v: Vec<f32> = Vec::try_from(out.f_view([-1])?)?;

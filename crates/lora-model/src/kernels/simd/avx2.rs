@@ -7,7 +7,7 @@
 //! derived from shared slices and are never written.
 use std::arch::x86_64::*;
 
-use super::Side;
+use super::{Side, TileSide};
 use crate::kernels::borrow::Mat;
 
 /// How far ahead of the current column (in bytes of the same weight row, running on into the next
@@ -250,7 +250,7 @@ pub unsafe fn matvec_narrow(
 /// accumulators, prefetching [`AHEAD`] bytes ahead.
 #[target_feature(enable = "avx2,fma")]
 #[inline]
-unsafe fn row_f32(wp: *const f32, n_in: usize, x: &[f32], side: RowSide<f32>) -> f32 {
+unsafe fn row_f32(wp: *const f32, n_in: usize, x: &[f32], side: TileSide<f32, 1>) -> f32 {
     let xp = x.as_ptr();
     let end = n_in - n_in % 32;
     let mut a = [_mm256_setzero_ps(); 4];
@@ -270,7 +270,7 @@ unsafe fn row_f32(wp: *const f32, n_in: usize, x: &[f32], side: RowSide<f32>) ->
     }
     let mut c = 0;
     while c + 8 <= side.r {
-        a[1] = _mm256_fmadd_ps(_mm256_loadu_ps(side.b.add(c)), _mm256_loadu_ps(side.xa.add(c)), a[1]);
+        a[1] = _mm256_fmadd_ps(_mm256_loadu_ps(side.b.add(c)), _mm256_loadu_ps(side.xa[0].add(c)), a[1]);
         c += 8;
     }
     let mut s = hsum(_mm256_add_ps(_mm256_add_ps(a[0], a[1]), _mm256_add_ps(a[2], a[3])));
@@ -279,29 +279,10 @@ unsafe fn row_f32(wp: *const f32, n_in: usize, x: &[f32], side: RowSide<f32>) ->
         i += 1;
     }
     while c < side.r {
-        s += *side.b.add(c) * *side.xa.add(c);
+        s += *side.b.add(c) * *side.xa[0].add(c);
         c += 1;
     }
     s
-}
-
-/// One row's share of a [`Side`]: its `B` row (`r` values at `b`) and the activation row's low-rank input (`r`
-/// f32 at `xa`); `r = 0` (pointers never read) without one.
-#[derive(Clone, Copy)]
-struct RowSide<T> {
-    b: *const T,
-    r: usize,
-    xa: *const f32,
-}
-
-impl<T> RowSide<T> {
-    /// Row `o` of `b` (`[*, r]`) against low-rank row `m` of `side`, or the empty side.
-    fn at(side: Option<(&[T], &Side<'_>)>, o: usize, m: usize) -> Self {
-        match side {
-            Some((b, s)) => RowSide { b: b[o * s.r..(o + 1) * s.r].as_ptr(), r: s.r, xa: s.xa[m].as_ptr() },
-            None => RowSide { b: std::ptr::null(), r: 0, xa: std::ptr::null() },
-        }
-    }
 }
 
 /// `y[m][o] (+)= W[o] · xs[m]` (`+ B[o] · xa[m]` with a [`Side`], in the same accumulators), one weight row at a
@@ -322,7 +303,7 @@ pub unsafe fn matvec_f32(
     for o in 0..n_out {
         let wp = w[o * n_in..(o + 1) * n_in].as_ptr();
         for (m, x) in xs.iter().enumerate() {
-            store(y, m * n_out + o, row_f32(wp, n_in, x, RowSide::at(bs, o, m)), add);
+            store(y, m * n_out + o, row_f32(wp, n_in, x, TileSide::at(bs, o, m)), add);
         }
     }
 }
@@ -333,7 +314,7 @@ pub unsafe fn matvec_f32(
 /// one. 32 columns (one cache line) per step in four accumulators, prefetching [`AHEAD`] bytes ahead.
 #[target_feature(enable = "avx2,fma")]
 #[inline]
-unsafe fn row_bf16(row: &[u16], x: &[f32], xs: &[f32], side: RowSide<u16>) -> f32 {
+unsafe fn row_bf16(row: &[u16], x: &[f32], xs: &[f32], side: TileSide<u16, 1>) -> f32 {
     let n_in = row.len();
     let wp = row.as_ptr();
     let xp = xs.as_ptr();
@@ -363,7 +344,7 @@ unsafe fn row_bf16(row: &[u16], x: &[f32], xs: &[f32], side: RowSide<u16>) -> f3
     while c + 8 <= side.r {
         let h = _mm_loadu_si128(side.b.add(c) as *const __m128i);
         let bv = _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_cvtepu16_epi32(h), 16));
-        a[2] = _mm256_fmadd_ps(bv, _mm256_loadu_ps(side.xa.add(c)), a[2]);
+        a[2] = _mm256_fmadd_ps(bv, _mm256_loadu_ps(side.xa[0].add(c)), a[2]);
         c += 8;
     }
     let mut s = hsum(_mm256_add_ps(_mm256_add_ps(a[0], a[1]), _mm256_add_ps(a[2], a[3])));
@@ -372,7 +353,7 @@ unsafe fn row_bf16(row: &[u16], x: &[f32], xs: &[f32], side: RowSide<u16>) -> f3
         i += 1;
     }
     while c < side.r {
-        s += f32::from_bits(u32::from(*side.b.add(c)) << 16) * *side.xa.add(c);
+        s += f32::from_bits(u32::from(*side.b.add(c)) << 16) * *side.xa[0].add(c);
         c += 1;
     }
     s
@@ -396,7 +377,7 @@ pub unsafe fn matvec_bf16(
     for o in 0..n_out {
         let row = &w[o * n_in..(o + 1) * n_in];
         for (m, (x, xp)) in xs.iter().zip(split.chunks_exact(n_in)).enumerate() {
-            store(y, m * n_out + o, row_bf16(row, x, xp, RowSide::at(bs, o, m)), add);
+            store(y, m * n_out + o, row_bf16(row, x, xp, TileSide::at(bs, o, m)), add);
         }
     }
 }

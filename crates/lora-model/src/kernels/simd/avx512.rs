@@ -15,7 +15,7 @@
 //! the tile it lands in, so a row's result is the same whatever the batch around it.
 use std::arch::x86_64::*;
 
-use super::Side;
+use super::{Side, TileSide};
 
 /// How far ahead of the current column (in bytes of the same weight row, running on into the next rows) the
 /// one-activation-row loops prefetch, into L2: 8 KB. A batch-1 product is a sequential stream whose speed is set
@@ -105,28 +105,6 @@ macro_rules! for_tiles {
             $start += n;
         }
     }};
-}
-
-/// A tile's share of a [`Side`]: `B`'s rows from the tile's first weight row on (`r` values each, at `b`) and the
-/// low-rank inputs of its `R` activation rows (`r` f32 each); `r = 0` (pointers never read) without one.
-#[derive(Clone, Copy)]
-struct TileSide<T, const R: usize> {
-    b: *const T,
-    r: usize,
-    xa: [*const f32; R],
-}
-
-impl<T, const R: usize> TileSide<T, R> {
-    /// Weight row `o` on of `b` (`[*, r]`) against the low-rank rows `start..start + R` of the side, or the empty
-    /// side. Bounds: `o < b`'s rows and `start + R ≤` the side's rows (checked).
-    fn at(side: Option<(&[T], &Side<'_>)>, o: usize, start: usize) -> Self {
-        match side {
-            Some((b, s)) => {
-                TileSide { b: b[o * s.r..].as_ptr(), r: s.r, xa: std::array::from_fn(|k| s.xa[start + k].as_ptr()) }
-            }
-            None => TileSide { b: std::ptr::null(), r: 0, xa: [std::ptr::null(); R] },
-        }
-    }
 }
 
 impl<const R: usize> TileSide<u16, R> {

@@ -174,6 +174,32 @@ impl SideKind for u16 {
     }
 }
 
+/// The share of a [`Side`] that the loops of one weight row and `R` activation rows read: `B`'s rows from that
+/// weight row on (`r` values each, at `b`) and the low-rank inputs of those activation rows (`r` f32 each); `r = 0`
+/// (pointers never read) without a side. The AVX2 loops take one activation row at a time (`R = 1`), the AVX-512
+/// ones tiles of up to four.
+#[cfg(target_arch = "x86_64")]
+#[derive(Clone, Copy)]
+struct TileSide<T, const R: usize> {
+    b: *const T,
+    r: usize,
+    xa: [*const f32; R],
+}
+
+#[cfg(target_arch = "x86_64")]
+impl<T, const R: usize> TileSide<T, R> {
+    /// Weight row `o` on of `b` (`[*, r]`) against the low-rank rows `start..start + R` of the side, or the empty
+    /// side. Bounds: `o < b`'s rows and `start + R ≤` the side's rows (checked).
+    fn at(side: Option<(&[T], &Side<'_>)>, o: usize, start: usize) -> Self {
+        match side {
+            Some((b, s)) => {
+                TileSide { b: b[o * s.r..].as_ptr(), r: s.r, xa: std::array::from_fn(|k| s.xa[start + k].as_ptr()) }
+            }
+            None => TileSide { b: std::ptr::null(), r: 0, xa: [std::ptr::null(); R] },
+        }
+    }
+}
+
 /// Output rows `rows` of `W x` (plus `B xa` with `side`) for every activation row `x` of `x`, into `y` laid out
 /// `[x.xs.len(), rows.len()]` (added to what `y` holds when `add`). `W` is `[*, n_in]` row-major.
 pub fn matvec(
@@ -527,29 +553,20 @@ mod tests {
                 for (mat, bmat) in [(Mat::F32(&w), Mat::F32(&b)), (Mat::Bf16(&wb), Mat::Bf16(&bb))] {
                     let rounded = path == SimdPath::Avx512Bf16 && layout(path, mat, n_in) == Some(Layout::Bf16);
                     let rows = 2..n_out;
-                    let run = |m: usize| {
-                        let xs: Vec<&[f32]> = xs_own.iter().take(m).map(Vec::as_slice).collect();
-                        let xa: Vec<&[f32]> = xa_own.iter().take(m).map(Vec::as_slice).collect();
-                        let mut y = vec![0.25f32; m * rows.len()];
+                    // The product for activation rows `ks` of `xs_own` (with their low-rank inputs).
+                    let run = |ks: std::ops::Range<usize>| {
+                        let xs: Vec<&[f32]> = xs_own[ks.clone()].iter().map(Vec::as_slice).collect();
+                        let xa: Vec<&[f32]> = xa_own[ks].iter().map(Vec::as_slice).collect();
+                        let mut y = vec![0.25f32; xs.len() * rows.len()];
                         let input = Rows::on(path, &xs);
                         input.prepare(mat, n_in);
                         let side = Side { b: bmat, r, xa: &xa };
                         matvec(mat, n_in, rows.clone(), &input, Some(side), &mut y, true);
                         y
                     };
-                    let alone: Vec<Vec<f32>> = (0..9)
-                        .map(|k| {
-                            let xs = [xs_own[k].as_slice()];
-                            let xa = [xa_own[k].as_slice()];
-                            let mut y = vec![0.25f32; rows.len()];
-                            let input = Rows::on(path, &xs);
-                            input.prepare(mat, n_in);
-                            matvec(mat, n_in, rows.clone(), &input, Some(Side { b: bmat, r, xa: &xa }), &mut y, true);
-                            y
-                        })
-                        .collect();
+                    let alone: Vec<Vec<f32>> = (0..9).map(|k| run(k..k + 1)).collect();
                     for m in 1..=9 {
-                        let y = run(m);
+                        let y = run(0..m);
                         for (k, got) in y.iter().enumerate() {
                             let (row, o) = (k / rows.len(), rows.start + k % rows.len());
                             let x = |i: usize| {
