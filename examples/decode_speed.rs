@@ -10,6 +10,8 @@
 //! stated for). The cap is the measured read bandwidth (sum over a 512 MiB tensor on huge pages, as the weights
 //! are, with libtorch's threads) divided by the bytes of weights one decode step streams (every projection, the LM
 //! head, LoRA A/B where active).
+//! "vs base" is the median over the rounds of each round's speed against the base's in the same round (the variants
+//! take turns within a round, so the host's drift during the run cancels out of it).
 //! `--compare-libtorch` adds rows with the fused decode kernels switched off (libtorch's BLAS for every product);
 //! `--bandwidth-only` prints the measured read bandwidth and stops; `--only` times one variant (for a profiler:
 //! nothing else runs between its decodes).
@@ -181,16 +183,19 @@ fn main() -> Result<()> {
                     }
                 }
             }
-            let base = if speeds[0].is_empty() { f64::NAN } else { median(speeds[0].clone()) };
+            let base = speeds[0].clone();
             for ((name, mask), s) in variants.iter().zip(speeds) {
                 if s.is_empty() {
                     continue;
                 }
+                // Each round's speed against the base's in the same round (the rounds interleave the variants, so
+                // a drift of the host's speed during the run cancels), then the median of those ratios.
+                let paired: Vec<f64> = s.iter().zip(&base).map(|(v, b)| v / b - 1.0).collect();
                 let s = median(s);
                 let cap = bw / bytes_per_token(&m, mask, *name == "merged" || *name == "base");
                 // Without a base row (`--only`) there is nothing to compare with.
                 let vs_base =
-                    if base.is_nan() { "—".to_string() } else { format!("{:+.1} %", (s / base - 1.0) * 100.0) };
+                    if paired.is_empty() { "—".to_string() } else { format!("{:+.1} %", median(paired) * 100.0) };
                 println!(
                     "| {} | {} | {name} | {s:.1} | {vs_base} | {cap:.1} | {:.0} % |",
                     if kind == Kind::Float { "f32" } else { "bf16" },

@@ -6,6 +6,8 @@
 //!   (`kernels::linear_on`), with and without an r = 16 LoRA (`+lora`), beside libtorch's `linear` (`libtorch`, and
 //!   `libtorch+lora` for the unfused five ops). Reported as bytes of weights per second: compare with `stream/sum`,
 //!   a plain reduction over the same bytes (the read-bandwidth cap of the same run).
+//! - `stream/side/{alone,beside,within}`: what a second, short stream read beside the weights costs against the
+//!   same bytes inside the weight rows (LoRA's `B` beside `W`; see [`stream_side`]).
 //! - `rows/<model>/<dtype>/<projection>/<rows>`: the active path against libtorch for 1–32 activation rows: where
 //!   libtorch's GEMM overtakes the kernels is what `kernels::MAX_ROWS` should be set to (see its documentation).
 //!
@@ -98,6 +100,107 @@ fn stream(c: &mut Criterion) {
     g.finish();
 }
 
+/// Bytes of one weight row in `stream/side` (a bf16 row of SmolLM2's width) and of its LoRA `B` row (r = 16, bf16).
+const SIDE_ROW: usize = 1152;
+const SIDE_B: usize = 32;
+
+/// How a second, short stream read beside a weight stream costs: two threads (as in decoding) each read half of
+/// [`STREAM_BYTES`] of [`SIDE_ROW`]-byte rows the way the AVX-512 decode loops do (every line asked for into L2
+/// twice, 8 KB ahead), and with each row a [`SIDE_B`]-byte row of `B` (2.8 % more bytes): `alone` reads the rows
+/// only; `beside` reads `B` from a buffer of its own (as LoRA's `B` is read in `W`'s loop, asked for into L1 512
+/// bytes ahead); `within` reads the same bytes laid out in the rows themselves (each row followed by its `B` row,
+/// one stream). Compare the times: on the Xeon VM of `docs/performance.md`, `beside` costs several times its bytes
+/// and `within` about its bytes.
+fn stream_side(c: &mut Criterion) {
+    #[cfg(target_arch = "x86_64")]
+    {
+        if !is_x86_feature_detected!("avx2") {
+            eprintln!("stream/side skipped: this CPU lacks AVX2");
+            return;
+        }
+        let rows = STREAM_BYTES as usize / SIDE_ROW;
+        let buffer = |bytes: usize| {
+            let mut t = lora_model::weights::empty_on_huge_pages(&[bytes as i64], Kind::Uint8).expect("buffer");
+            let _ = t.fill_(1);
+            t
+        };
+        let (w, b, wb) = (buffer(rows * SIDE_ROW), buffer(rows * SIDE_B), buffer(rows * (SIDE_ROW + SIDE_B)));
+        let mut g = configure(c, "stream/side".into());
+        for (name, stride, side) in [("alone", 0, false), ("beside", 0, true), ("within", SIDE_B, true)] {
+            let base = if stride == 0 { &w } else { &wb };
+            let bytes = rows * (SIDE_ROW + if side { SIDE_B } else { 0 });
+            g.throughput(Throughput::Bytes(bytes as u64));
+            // Addresses as integers, so that the threads can take them (the tensors outlive the runs and are only
+            // read).
+            let (wp, bp) = (base.data_ptr() as usize, b.data_ptr() as usize);
+            let beside = (name == "beside").then_some(bp);
+            g.bench_function(name, |bench| {
+                bench.iter(|| {
+                    let half = rows / 2;
+                    std::thread::scope(|s| {
+                        let t = s.spawn(|| {
+                            // SAFETY: the rows `half..rows` lie in the buffers (`rows` rows of `SIDE_ROW + stride`
+                            // bytes, and of `SIDE_B` for `B`), which live and are not written while this runs; the
+                            // CPU has AVX2 (checked above).
+                            unsafe { side_rows(wp, SIDE_ROW + stride, half..rows, beside, stride > 0) }
+                        });
+                        // SAFETY: as above, for the rows `0..half`.
+                        let a = unsafe { side_rows(wp, SIDE_ROW + stride, 0..half, beside, stride > 0) };
+                        std::hint::black_box(a + t.join().expect("thread"))
+                    })
+                })
+            });
+        }
+        g.finish();
+    }
+    #[cfg(not(target_arch = "x86_64"))]
+    let _ = c;
+}
+
+/// Sums (as 32-bit integers) the first [`SIDE_ROW`] bytes of rows `rows` of `stride` bytes at address `w`, plus per
+/// row [`SIDE_B`] bytes of `B`: from the buffer at `beside` (row `o` at `o · SIDE_B`), or from the row's own tail
+/// when `within`.
+///
+/// # Safety
+/// The CPU must have AVX2; every row of `rows` (and its `B` row) must lie in live memory that nothing writes
+/// meanwhile.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2")]
+unsafe fn side_rows(w: usize, stride: usize, rows: std::ops::Range<usize>, beside: Option<usize>, within: bool) -> i32 {
+    use std::arch::x86_64::*;
+    let mut acc = [_mm256_setzero_si256(); 3];
+    for o in rows {
+        let row = (w + o * stride) as *const u8;
+        let mut i = 0;
+        while i < SIDE_ROW {
+            let ahead = row.wrapping_add(i + 8192) as *const i8;
+            for l in 0..4 {
+                _mm_prefetch::<_MM_HINT_T1>(ahead.wrapping_add(64 * l));
+            }
+            for k in 0..4 {
+                let v = _mm256_loadu_si256(row.add(i + 32 * k) as *const __m256i);
+                acc[k % 2] = _mm256_add_epi32(acc[k % 2], v);
+            }
+            i += 128;
+        }
+        let side = match beside {
+            Some(b) => {
+                let p = (b + o * SIDE_B) as *const u8;
+                _mm_prefetch::<_MM_HINT_T0>(p.wrapping_add(512) as *const i8);
+                Some(p)
+            }
+            None => within.then(|| row.add(SIDE_ROW)),
+        };
+        if let Some(p) = side {
+            acc[2] = _mm256_add_epi32(acc[2], _mm256_loadu_si256(p as *const __m256i));
+        }
+    }
+    let mut out = [0i32; 8];
+    let sum = _mm256_add_epi32(acc[0], _mm256_add_epi32(acc[1], acc[2]));
+    _mm256_storeu_si256(out.as_mut_ptr() as *mut __m256i, sum);
+    out.iter().fold(0i32, |a, &v| a.wrapping_add(v))
+}
+
 /// Batch-1 products on every path, and libtorch.
 fn decode(c: &mut Criterion) {
     let _g = tch::no_grad_guard();
@@ -177,5 +280,5 @@ fn rows(c: &mut Criterion) {
     }
 }
 
-criterion_group!(benches, stream, decode, rows);
+criterion_group!(benches, stream, stream_side, decode, rows);
 criterion_main!(benches);
