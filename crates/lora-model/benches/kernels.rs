@@ -146,7 +146,7 @@ fn stream_side(c: &mut Criterion) {
                         });
                         // SAFETY: as above, for the rows `0..half`.
                         let a = unsafe { side_rows(wp, SIDE_ROW + stride, 0..half, beside, stride > 0) };
-                        std::hint::black_box(a + t.join().expect("thread"))
+                        std::hint::black_box(a.wrapping_add(t.join().expect("thread")))
                     })
                 })
             });
