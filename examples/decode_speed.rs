@@ -26,6 +26,9 @@ use lora_boundary::{ForwardOptions, LayerMask, Llama, Logits, LoraConfig, Placem
 const USAGE: &str = "usage: decode_speed [--tokens 64] [--rounds 3] [--dtype f32|bf16|both] [--r 16] \
                      [--compare-libtorch] [--bandwidth-only] [--only base|full|pruned|merged]";
 
+/// The variants' names for `--only`, in the order `main` times them (base, full LoRA, LoRA 0-14, merged).
+const ONLY: [&str; 4] = ["base", "full", "pruned", "merged"];
+
 struct Args {
     tokens: i64,
     rounds: usize,
@@ -34,7 +37,7 @@ struct Args {
     compare: bool,
     /// Print the measured read bandwidth and stop.
     bandwidth_only: bool,
-    /// Time only this variant (index into the variants).
+    /// Time only this variant (index into [`ONLY`] and the variants).
     only: Option<usize>,
 }
 
@@ -66,12 +69,10 @@ fn parse() -> Result<Args> {
             "--compare-libtorch" => a.compare = true,
             "--bandwidth-only" => a.bandwidth_only = true,
             "--only" => {
-                a.only = Some(match value()?.as_str() {
-                    "base" => 0,
-                    "full" => 1,
-                    "pruned" => 2,
-                    "merged" => 3,
-                    other => bail!("--only base|full|pruned|merged, got {other}"),
+                let v = value()?;
+                a.only = Some(match ONLY.iter().position(|&k| k == v) {
+                    Some(i) => i,
+                    None => bail!("--only {}, got {v}", ONLY.join("|")),
                 })
             }
             "-h" | "--help" => {

@@ -101,16 +101,55 @@ fn stream(c: &mut Criterion) {
 }
 
 /// Bytes of one weight row in `stream/side` (a bf16 row of SmolLM2's width) and of its LoRA `B` row (r = 16, bf16).
+#[cfg(target_arch = "x86_64")]
 const SIDE_ROW: usize = 1152;
+#[cfg(target_arch = "x86_64")]
 const SIDE_B: usize = 32;
+
+/// How far ahead `stream/side` prefetches the rows, in bytes of the stream: the AVX-512 decode loops' distance.
+#[cfg(target_arch = "x86_64")]
+const SIDE_AHEAD: usize = 8192;
+
+/// Where `stream/side` reads `B`'s rows from.
+#[cfg(target_arch = "x86_64")]
+#[derive(Clone, Copy, PartialEq)]
+enum SideLayout {
+    /// No `B`: the weight rows only.
+    Alone,
+    /// A buffer of its own, beside the rows (as LoRA's `B` is read in `W`'s loop).
+    Beside,
+    /// Inside the rows: each weight row followed by its `B` row.
+    Within,
+}
+
+#[cfg(target_arch = "x86_64")]
+impl SideLayout {
+    /// Bytes from one weight row to the next.
+    fn stride(self) -> usize {
+        if self == SideLayout::Within {
+            SIDE_ROW + SIDE_B
+        } else {
+            SIDE_ROW
+        }
+    }
+
+    /// Bytes read per row.
+    fn bytes(self) -> usize {
+        if self == SideLayout::Alone {
+            SIDE_ROW
+        } else {
+            SIDE_ROW + SIDE_B
+        }
+    }
+}
 
 /// How a second, short stream read beside a weight stream costs: two threads (as in decoding) each read half of
 /// [`STREAM_BYTES`] of [`SIDE_ROW`]-byte rows the way the AVX-512 decode loops do (every line asked for into L2
-/// twice, 8 KB ahead), and with each row a [`SIDE_B`]-byte row of `B` (2.8 % more bytes): `alone` reads the rows
-/// only; `beside` reads `B` from a buffer of its own (as LoRA's `B` is read in `W`'s loop, asked for into L1 512
-/// bytes ahead); `within` reads the same bytes laid out in the rows themselves (each row followed by its `B` row,
-/// one stream). Compare the times: on the Xeon VM of `docs/performance.md`, `beside` costs several times its bytes
-/// and `within` about its bytes.
+/// twice, [`SIDE_AHEAD`] bytes ahead), and with each row a [`SIDE_B`]-byte row of `B` (2.8 % more bytes): `alone`
+/// reads the rows only; `beside` reads `B` from a buffer of its own (as LoRA's `B` is read in `W`'s loop, asked for
+/// into L1 512 bytes ahead); `within` reads the same bytes laid out in the rows themselves (each row followed by its
+/// `B` row, one stream). Compare the times: on the Xeon VM of `docs/performance.md`, `beside` costs several times
+/// its bytes and `within` about its bytes.
 fn stream_side(c: &mut Criterion) {
     #[cfg(target_arch = "x86_64")]
     {
@@ -119,33 +158,30 @@ fn stream_side(c: &mut Criterion) {
             return;
         }
         let rows = STREAM_BYTES as usize / SIDE_ROW;
+        let half = rows / 2;
         let buffer = |bytes: usize| {
             let mut t = lora_model::weights::empty_on_huge_pages(&[bytes as i64], Kind::Uint8).expect("buffer");
             let _ = t.fill_(1);
             t
         };
         let (w, b, wb) = (buffer(rows * SIDE_ROW), buffer(rows * SIDE_B), buffer(rows * (SIDE_ROW + SIDE_B)));
+        // Addresses as integers, so that the threads can take them (the tensors outlive the runs and are only read).
+        let (wp, bp, wbp) = (w.data_ptr() as usize, b.data_ptr() as usize, wb.data_ptr() as usize);
         let mut g = configure(c, "stream/side".into());
-        for (name, stride, side) in [("alone", 0, false), ("beside", 0, true), ("within", SIDE_B, true)] {
-            let base = if stride == 0 { &w } else { &wb };
-            let bytes = rows * (SIDE_ROW + if side { SIDE_B } else { 0 });
-            g.throughput(Throughput::Bytes(bytes as u64));
-            // Addresses as integers, so that the threads can take them (the tensors outlive the runs and are only
-            // read).
-            let (wp, bp) = (base.data_ptr() as usize, b.data_ptr() as usize);
-            let beside = (name == "beside").then_some(bp);
+        for (name, layout) in
+            [("alone", SideLayout::Alone), ("beside", SideLayout::Beside), ("within", SideLayout::Within)]
+        {
+            g.throughput(Throughput::Bytes((rows * layout.bytes()) as u64));
+            let base = if layout == SideLayout::Within { wbp } else { wp };
             g.bench_function(name, |bench| {
                 bench.iter(|| {
-                    let half = rows / 2;
                     std::thread::scope(|s| {
-                        let t = s.spawn(|| {
-                            // SAFETY: the rows `half..rows` lie in the buffers (`rows` rows of `SIDE_ROW + stride`
-                            // bytes, and of `SIDE_B` for `B`), which live and are not written while this runs; the
-                            // CPU has AVX2 (checked above).
-                            unsafe { side_rows(wp, SIDE_ROW + stride, half..rows, beside, stride > 0) }
-                        });
+                        // SAFETY: the rows `half..rows` lie in the buffers (`rows` rows of `layout.stride()` bytes,
+                        // and of `SIDE_B` for `B`), which live and are not written while this runs; the CPU has AVX2
+                        // (checked above).
+                        let t = s.spawn(|| unsafe { side_rows(base, bp, layout, half..rows) });
                         // SAFETY: as above, for the rows `0..half`.
-                        let a = unsafe { side_rows(wp, SIDE_ROW + stride, 0..half, beside, stride > 0) };
+                        let a = unsafe { side_rows(base, bp, layout, 0..half) };
                         std::hint::black_box(a.wrapping_add(t.join().expect("thread")))
                     })
                 })
@@ -157,23 +193,23 @@ fn stream_side(c: &mut Criterion) {
     let _ = c;
 }
 
-/// Sums (as 32-bit integers) the first [`SIDE_ROW`] bytes of rows `rows` of `stride` bytes at address `w`, plus per
-/// row [`SIDE_B`] bytes of `B`: from the buffer at `beside` (row `o` at `o · SIDE_B`), or from the row's own tail
-/// when `within`.
+/// Sums (as 32-bit integers) the first [`SIDE_ROW`] bytes of rows `rows` at address `w` (`layout.stride()` bytes
+/// apart), plus per row [`SIDE_B`] bytes of `B` where `layout` has them: from the buffer at `b` (row `o` at
+/// `o · SIDE_B`), or from the row's own tail.
 ///
 /// # Safety
 /// The CPU must have AVX2; every row of `rows` (and its `B` row) must lie in live memory that nothing writes
 /// meanwhile.
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx2")]
-unsafe fn side_rows(w: usize, stride: usize, rows: std::ops::Range<usize>, beside: Option<usize>, within: bool) -> i32 {
+unsafe fn side_rows(w: usize, b: usize, layout: SideLayout, rows: std::ops::Range<usize>) -> i32 {
     use std::arch::x86_64::*;
     let mut acc = [_mm256_setzero_si256(); 3];
     for o in rows {
-        let row = (w + o * stride) as *const u8;
+        let row = (w + o * layout.stride()) as *const u8;
         let mut i = 0;
         while i < SIDE_ROW {
-            let ahead = row.wrapping_add(i + 8192) as *const i8;
+            let ahead = row.wrapping_add(i + SIDE_AHEAD) as *const i8;
             for l in 0..4 {
                 _mm_prefetch::<_MM_HINT_T1>(ahead.wrapping_add(64 * l));
             }
@@ -183,13 +219,14 @@ unsafe fn side_rows(w: usize, stride: usize, rows: std::ops::Range<usize>, besid
             }
             i += 128;
         }
-        let side = match beside {
-            Some(b) => {
+        let side = match layout {
+            SideLayout::Alone => None,
+            SideLayout::Beside => {
                 let p = (b + o * SIDE_B) as *const u8;
                 _mm_prefetch::<_MM_HINT_T0>(p.wrapping_add(512) as *const i8);
                 Some(p)
             }
-            None => within.then(|| row.add(SIDE_ROW)),
+            SideLayout::Within => Some(row.add(SIDE_ROW)),
         };
         if let Some(p) = side {
             acc[2] = _mm256_add_epi32(acc[2], _mm256_loadu_si256(p as *const __m256i));
