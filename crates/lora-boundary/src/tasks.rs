@@ -291,9 +291,10 @@ fn load_e2e(text: &str, bad: &dyn Fn(usize, String) -> Error) -> Result<Vec<Samp
 
 /// A seeded shuffle-and-split into disjoint parts of the given sizes (the rest is dropped).
 pub fn split(samples: &[Sample], sizes: &[usize], seed: u64) -> Result<Vec<Vec<Sample>>> {
-    let need: usize = sizes.iter().sum();
-    if need > samples.len() {
-        return Err(Error::Usage(format!("split needs {need} samples, only {} available", samples.len())));
+    let need = sizes.iter().try_fold(0usize, |a, &n| a.checked_add(n)).filter(|&n| n <= samples.len());
+    if need.is_none() {
+        let asked = sizes.iter().map(|n| n.to_string()).collect::<Vec<_>>().join(" + ");
+        return Err(Error::Usage(format!("split needs {asked} samples, only {} available", samples.len())));
     }
     let mut idx: Vec<usize> = (0..samples.len()).collect();
     let mut state = seed ^ 0x9E37_79B9_7F4A_7C15;
@@ -339,5 +340,8 @@ mod tests {
         assert_eq!(a, b);
         assert!(a[0].iter().all(|x| !a[1].contains(x)));
         assert!(split(&s, &[6, 6], 7).is_err());
+        // Sizes whose sum overflows are refused, not wrapped into a small sum.
+        let err = split(&s, &[usize::MAX, 2], 7).unwrap_err().to_string();
+        assert!(err.contains(&format!("{} + 2", usize::MAX)), "{err}");
     }
 }

@@ -32,11 +32,11 @@ impl TextFileError {
 /// Reads `path` as UTF-8 text (a leading byte-order mark is dropped).
 ///
 /// ```
-/// # fn main() -> std::io::Result<()> {
+/// # fn main() -> Result<(), Box<dyn std::error::Error>> {
 /// let dir = tempfile::tempdir()?;
 /// let p = dir.path().join("bad.jsonl");
 /// std::fs::write(&p, b"{\"prompt\": \"ok\"}\n{\"prompt\": \"\xff\"}\n")?;
-/// let err = lora_common::text::read_text(&p).expect_err("line 2 is not UTF-8");
+/// let err = lora_common::text::read_text(&p).err().ok_or("line 2 is not UTF-8")?;
 /// assert_eq!(err.line(), Some(2));
 /// # Ok(()) }
 /// ```
@@ -65,11 +65,11 @@ pub fn read_text(path: &Path) -> Result<String, TextFileError> {
 /// ```
 /// #[derive(Debug, serde::Deserialize)]
 /// struct Row { prompt: String }
-/// # fn main() -> std::io::Result<()> {
+/// # fn main() -> Result<(), Box<dyn std::error::Error>> {
 /// let dir = tempfile::tempdir()?;
 /// let p = dir.path().join("p.jsonl");
 /// std::fs::write(&p, "{\"prompt\": \"a\"}\n\n{\"prompt\": 3}\n")?;
-/// let err = lora_common::text::read_jsonl_lines::<Row>(&p).expect_err("line 3 is not a Row");
+/// let err = lora_common::text::read_jsonl_lines::<Row>(&p).err().ok_or("line 3 is not a Row")?;
 /// assert!(err.to_string().contains("p.jsonl:3"), "{err}");
 /// # Ok(()) }
 /// ```

@@ -224,6 +224,9 @@ impl LoraConfig {
         if self.r == 0 {
             return refuse("`r` must be positive".into());
         }
+        if let Some((key, _)) = self.rank_pattern.iter().find(|(_, r)| *r == 0) {
+            return refuse(format!("`rank_pattern` gives `{key}` rank 0; ranks must be positive"));
+        }
         for key in REFUSED_WHEN_SET {
             let set = match self.other.get(*key) {
                 None | Some(serde_json::Value::Null) | Some(serde_json::Value::Bool(false)) => false,
@@ -604,6 +607,13 @@ fn adapter_tensors(
         let key = parse_module_path(module).ok_or_else(|| {
             err(format!("tensor `{name}` is not on a decoder-block projection (model.layers.N.self_attn|mlp.*_proj)"))
         })?;
+        if key.0 >= crate::mask::MAX_BLOCKS {
+            return Err(err(format!(
+                "tensor `{name}` is on block {}, past the largest supported index {}",
+                key.0,
+                crate::mask::MAX_BLOCKS - 1
+            )));
+        }
         let t = weights.load(&name, None)?;
         crate::weights::check_finite(&t, &name, file)?;
         if t.dim() != 2 {
@@ -867,6 +877,7 @@ mod tests {
             r#"{"modules_to_save":["lm_head"]}"#,
             r#"{"bias":"all"}"#,
             r#"{"peft_type":"IA3"}"#,
+            r#"{"r":8,"rank_pattern":{"q_proj":0}}"#,
         ] {
             let cfg: LoraConfig = serde_json::from_str(json).unwrap();
             assert!(cfg.check_supported(Path::new("x")).is_err(), "{json}");

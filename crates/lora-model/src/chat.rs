@@ -495,8 +495,12 @@ mod py {
         let fmt = std::ffi::CString::new(format).map_err(|_| invalid("strftime_now: format contains a NUL byte"))?;
         let t = libc::time_t::try_from(secs).map_err(|_| invalid("strftime_now: time out of range"))?;
         // SAFETY: `tm` is a plain C struct for which all-zero is a valid value; `localtime_r` only writes into it.
+        // Aliasing and threads: a fresh local, no other reference to it exists.
         let mut tm: libc::tm = unsafe { std::mem::zeroed() };
-        // SAFETY: both pointers are valid for the call; `localtime_r` is the thread-safe variant.
+        // SAFETY: both pointers are valid for the call and point at locals no one else references (aliasing);
+        // `localtime_r` writes only `tm` and is the thread-safe variant (threads). It reads the process's time-zone
+        // settings, which another thread changing the environment at the same time (`set_var`, itself `unsafe`
+        // for that reason) could race with; this crate never changes the environment.
         if unsafe { libc::localtime_r(&t, &mut tm) }.is_null() {
             return Err(invalid("strftime_now: localtime_r failed"));
         }
@@ -505,6 +509,8 @@ mod py {
             let mut buf = vec![0u8; size];
             // SAFETY: `buf` has `size` writable bytes, `fmt` is NUL-terminated and `tm` was filled above;
             // `strftime` writes at most `size` bytes and returns how many (without the NUL), or 0 if too small.
+            // Aliasing: `buf`, `fmt` and `tm` are locals of this call, `buf` its only writable one. Threads: as for
+            // `localtime_r` (locale and time zone are read, never changed by this crate).
             let n = unsafe { libc::strftime(buf.as_mut_ptr().cast::<libc::c_char>(), size, fmt.as_ptr(), &tm) };
             if n > 0 {
                 buf.truncate(n);

@@ -354,6 +354,22 @@ impl ModelConfig {
         if num_layers == 0 || hidden_size == 0 || vocab_size == 0 || intermediate_size == 0 {
             return Err(cfg_err("sizes must be positive".into()));
         }
+        if num_layers > crate::mask::MAX_BLOCKS {
+            return Err(cfg_err(format!(
+                "num_hidden_layers is {num_layers}; at most {} are supported",
+                crate::mask::MAX_BLOCKS
+            )));
+        }
+        check_parameter_count(
+            hidden_size,
+            intermediate_size,
+            vocab_size,
+            num_heads,
+            num_kv_heads,
+            head_dim,
+            num_layers,
+        )
+        .map_err(cfg_err)?;
         let per_type = raw.rope_parameters.as_ref().is_some_and(RopeParametersField::is_per_layer_type);
         if per_type && !gemma {
             return Err(cfg_err(
@@ -426,6 +442,43 @@ impl ModelConfig {
             "down_proj" => (h, i),
             _ => return None,
         })
+    }
+}
+
+/// Most weight values a model may declare (2^50, about a thousand times the largest open models): every size
+/// the crate derives from a config (bytes per block, per device, of the whole model) then fits in `u64`, and a
+/// config with absurd sizes is refused before anything is allocated for it.
+pub const MAX_PARAMETERS: u64 = 1 << 50;
+
+/// Checks that the projections, embedding and blocks of a model of these sizes hold at most [`MAX_PARAMETERS`]
+/// values (each product checked, so that sizes that overflow are refused too).
+fn check_parameter_count(
+    hidden: usize,
+    inter: usize,
+    vocab: usize,
+    heads: usize,
+    kv_heads: usize,
+    head_dim: usize,
+    layers: usize,
+) -> std::result::Result<(), String> {
+    let m = |a: u64, b: u64| a.checked_mul(b);
+    let total = (|| {
+        let (h, i) = (hidden as u64, inter as u64);
+        let q = m(heads as u64, head_dim as u64)?;
+        let kv = m(kv_heads as u64, head_dim as u64)?;
+        // q and o, k and v, gate/up/down, biases and norms (a generous bound: every optional part counted).
+        let block = m(m(q, h)?, 2)?
+            .checked_add(m(m(kv, h)?, 2)?)?
+            .checked_add(m(m(i, h)?, 3)?)?
+            .checked_add(m(q.checked_add(kv)?.checked_add(i)?.checked_add(h)?, 4)?)?;
+        m(block, layers as u64)?.checked_add(m(m(vocab as u64, h)?, 2)?)
+    })();
+    match total {
+        Some(n) if n <= MAX_PARAMETERS => Ok(()),
+        _ => Err(format!(
+            "sizes (hidden_size {hidden}, intermediate_size {inter}, vocab_size {vocab}, {heads} heads and {kv_heads} \
+             key/value heads of {head_dim}, {layers} layers) describe more than 2^50 weights"
+        )),
     }
 }
 
@@ -548,6 +601,27 @@ mod tests {
         let cfg = parse(r#"{"model_type":"qwen2","vocab_size":10,"hidden_size":8,"intermediate_size":16,"num_hidden_layers":2,"num_attention_heads":2,"num_key_value_heads":1,"rope_scaling":{"rope_type":"llama3","factor":8.0,"low_freq_factor":1.0,"high_freq_factor":4.0,"original_max_position_embeddings":64}}"#).unwrap();
         assert!(cfg.qkv_bias && !cfg.o_bias);
         assert!(matches!(cfg.rope_scaling, RopeScaling::Llama3 { factor, .. } if factor == 8.0));
+    }
+
+    #[test]
+    fn absurd_sizes_are_refused_before_anything_is_allocated() {
+        let cfg = |layers: &str, hidden: &str| {
+            format!(
+                r#"{{"model_type":"llama","vocab_size":10,"hidden_size":{hidden},"intermediate_size":16,"num_hidden_layers":{layers},"num_attention_heads":2}}"#
+            )
+        };
+        let err = parse(&cfg("2305843009213693952", "8")).unwrap_err();
+        assert!(matches!(err, ModelError::Config { .. }) && err.to_string().contains("num_hidden_layers"), "{err}");
+        // 2^31 wide: q_proj alone holds 2^62 values, the products overflow nothing but exceed the bound.
+        let err = parse(&cfg("2", "2147483648")).unwrap_err();
+        assert!(err.to_string().contains("2^50 weights"), "{err}");
+        // Products that overflow 64 bits.
+        let err = parse(&cfg("2", "9223372036854775808")).unwrap_err();
+        assert!(err.to_string().contains("2^50 weights"), "{err}");
+        // The largest block count accepted, and a Llama-3.1-405B shape, still parse.
+        assert_eq!(parse(&cfg("65536", "8")).unwrap().num_layers, 65536);
+        let big = parse(r#"{"model_type":"llama","vocab_size":128256,"hidden_size":16384,"intermediate_size":53248,"num_hidden_layers":126,"num_attention_heads":128,"num_key_value_heads":8}"#).unwrap();
+        assert_eq!(big.num_layers, 126);
     }
 
     #[test]

@@ -10,8 +10,9 @@
 //! use lora_model::dtype_support::{check_dtype, dtype_name};
 //! use lora_model::tch::{Device, Kind};
 //! assert!(check_dtype(Device::Cpu, Kind::Float).is_ok());
-//! let err = check_dtype(Device::Cpu, Kind::Int64).unwrap_err();
+//! let err = check_dtype(Device::Cpu, Kind::Int64).err().ok_or("int64 weights must be refused")?;
 //! assert!(err.to_string().contains(dtype_name(Kind::Int64)));
+//! # Ok::<(), Box<dyn std::error::Error>>(())
 //! ```
 use tch::{Device, Kind, Tensor};
 

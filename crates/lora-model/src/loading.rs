@@ -175,7 +175,9 @@ impl DeviceSpec {
         match self {
             DeviceSpec::Cpu => Ok(Device::Cpu),
             DeviceSpec::Auto => Ok(Device::cuda_if_available()),
-            DeviceSpec::Cuda(n) if tch::Cuda::is_available() && (*n as i64) < tch::Cuda::device_count() => {
+            DeviceSpec::Cuda(n)
+                if tch::Cuda::is_available() && i64::try_from(*n).is_ok_and(|n| n < tch::Cuda::device_count()) =>
+            {
                 Ok(Device::Cuda(*n))
             }
             DeviceSpec::Cuda(n) => Err(no_cuda(*n)),

@@ -29,7 +29,7 @@ pub use data::{
     causal_lm_loss, causal_lm_loss_sum, encode_sample, read_jsonl, Batch, EncodedSample, Padding, TrainSample,
     IGNORE_INDEX,
 };
-pub use optim::{clip_grad_norm, lr_factor, AdamW, Schedule};
+pub use optim::{clip_grad_norm, lr_factor, AdamW, Schedule, MAX_STEPS};
 pub use setup::{fine_tune, training_kind, FineTune};
 
 use crate::adapter::{lora_scaling, targeted_modules, AdapterInfo, LoraConfig, ModuleSelector};
@@ -715,7 +715,14 @@ pub fn train_encoded(
     let n = kept.len();
     let batches = n.div_ceil(cfg.batch_size);
     let steps_per_epoch = batches.div_ceil(cfg.grad_accum);
-    let total = steps_per_epoch * cfg.epochs;
+    let total =
+        steps_per_epoch.checked_mul(cfg.epochs).filter(|&t| t as u64 <= optim::MAX_STEPS as u64).ok_or_else(|| {
+            ModelError::InvalidArgument(format!(
+                "{} epochs of {steps_per_epoch} steps exceed the largest number of optimizer steps ({})",
+                cfg.epochs,
+                optim::MAX_STEPS
+            ))
+        })?;
     let warmup = cfg.warmup_steps.unwrap_or_else(|| (total as f64 * cfg.warmup_ratio).ceil() as usize);
     let fp = fingerprint(&kept);
 

@@ -154,6 +154,31 @@ fn prune_writes_what_peft_loads() {
     assert!(prune_adapter(&src, &LayerMask::keep_through(1), &out).is_err());
 }
 
+#[test]
+fn a_tensor_on_an_absurd_block_is_refused_naming_it() {
+    // The block index comes from the tensor's name in the file; a huge one must not make the loaders or the pruner
+    // walk (or allocate for) every block up to it.
+    let src = fixtures().join("adapters/tiny-llama-basic");
+    let tmp = tempfile::tempdir().unwrap();
+    let dir = tmp.path().join("far");
+    std::fs::create_dir_all(&dir).unwrap();
+    std::fs::copy(src.join("adapter_config.json"), dir.join("adapter_config.json")).unwrap();
+    let mut tensors = Tensor::read_safetensors(src.join("adapter_model.safetensors")).unwrap();
+    for (name, _) in tensors.iter_mut() {
+        if name.contains(".layers.0.self_attn.q_proj.") {
+            *name = name.replace(".layers.0.", ".layers.99999999999.");
+        }
+    }
+    Tensor::write_safetensors(&tensors, dir.join("adapter_model.safetensors")).unwrap();
+    let out = tmp.path().join("pruned");
+    let err = prune_adapter(&dir, &LayerMask::keep_through(1), &out).unwrap_err().to_string();
+    assert!(err.contains("layers.99999999999") && err.contains("block 99999999999"), "{err}");
+    assert!(!out.exists(), "a refused prune left {}", out.display());
+    let mut m = load("tiny-llama", None);
+    let err = load_adapter(&mut m, &dir).unwrap_err().to_string();
+    assert!(err.contains("99999999999"), "{err}");
+}
+
 fn write_adapter(dir: &Path, config: serde_json::Value, from: &str) {
     std::fs::create_dir_all(dir).unwrap();
     std::fs::write(dir.join("adapter_config.json"), config.to_string()).unwrap();

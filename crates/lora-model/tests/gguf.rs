@@ -143,6 +143,9 @@ fn synthetic_unpermute_matches_transformers() {
     assert!(unpermute_qk(&q, &[64, 64], 3).is_err());
     assert!(unpermute_qk(&q, &[64, 63], 4).is_err());
     assert!(unpermute_qk(&q, &[64, 64], 0).is_err());
+    // A head count whose double overflows (read from a file) is an error, not a division by zero.
+    assert!(unpermute_qk(&q, &[64, 64], 1 << 63).is_err());
+    assert!(unpermute_qk(&q, &[64, 64], usize::MAX).is_err());
 }
 
 #[test]

@@ -72,6 +72,14 @@ pub(crate) fn forced_batches(
                     s.prompt
                 )));
             }
+            if p.is_empty() {
+                // The first answer token is predicted from the position before it: there must be one.
+                return Err(ProbeError::InvalidArgument(format!(
+                    "sample with answer {:?} has a prompt of no tokens (its first answer token has nothing to be \
+                     predicted from)",
+                    s.answer
+                )));
+            }
             lora_model::generate::check_context(model, "a validation sample (prompt + answer)", p.len() + a.len(), 0)?;
             rows.push((p, a));
         }
@@ -101,6 +109,13 @@ pub(crate) fn forced_batches(
     Ok(out)
 }
 
+/// The position that predicts the first of `answer` tokens in a row of `max_len` that ends with them.
+fn answer_start(max_len: usize, answer: usize) -> Result<i64> {
+    max_len.checked_sub(answer + 1).and_then(|s| i64::try_from(s).ok()).ok_or_else(|| {
+        ProbeError::InvalidArgument(format!("a row of {max_len} tokens has no room before its {answer} answer tokens"))
+    })
+}
+
 /// Mean answer-token log-probability of each row of `batch`, read from the last hidden state `last` (pre-norm),
 /// whose rows end with their answers at column `max_len` (the batch's, or its shared layout's).
 fn row_logprobs(model: &Llama, batch: &ForcedBatch, max_len: usize, last: &Tensor, out: &mut Vec<f64>) -> Result<()> {
@@ -108,7 +123,7 @@ fn row_logprobs(model: &Llama, batch: &ForcedBatch, max_len: usize, last: &Tenso
     // On CPU: every row's predicting positions through the head at once, scored in two passes per row of logits.
     let mut states = Vec::with_capacity(batch.answers.len());
     for (r, a) in batch.answers.iter().enumerate() {
-        let start = (max_len - a.len() - 1) as i64;
+        let start = answer_start(max_len, a.len())?;
         states.push(last.f_select(0, r as i64).and_then(|h| h.f_narrow(0, start, a.len() as i64)).map_err(err)?);
     }
     let targets: Vec<i64> = batch.answers.iter().flatten().copied().collect();
@@ -123,7 +138,7 @@ fn row_logprobs(model: &Llama, batch: &ForcedBatch, max_len: usize, last: &Tenso
     }
     for (r, a) in batch.answers.iter().enumerate() {
         // Answer token j sits at position max_len - |a| + j and is predicted from the position before it.
-        let start = (max_len - a.len() - 1) as i64;
+        let start = answer_start(max_len, a.len())?;
         let h = last.f_select(0, r as i64).and_then(|h| h.f_narrow(0, start, a.len() as i64)).map_err(err)?;
         let logits = model.lm_head(&model.final_norm(&h)?)?;
         let logp = logits.f_log_softmax(-1, Kind::Float).map_err(err)?;

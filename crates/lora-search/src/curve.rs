@@ -337,13 +337,13 @@ fn steepest(p: &[f64], l: usize, h: usize) -> (Option<usize>, Evidence, String) 
     let smoothed: Vec<f64> = (0..l)
         .map(|k| {
             let a = k.saturating_sub(h);
-            let b = (k + h).min(l - 1);
+            let b = k.saturating_add(h).min(l - 1);
             diffs[a..=b].iter().sum::<f64>() / (b - a + 1) as f64
         })
         .collect();
     let centre = argmax_first(&smoothed);
     let a = centre.saturating_sub(h);
-    let b = (centre + h).min(l - 1);
+    let b = centre.saturating_add(h).min(l - 1);
     let inner = argmax_first(&diffs[a..=b]);
     let boundary = a + inner;
     let peak_smoothed = smoothed[centre];

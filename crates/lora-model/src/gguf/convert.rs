@@ -93,7 +93,7 @@ pub fn unpermute_qk(data: &[f32], shape: &[usize], n_head: usize) -> Result<Vec<
     if rows.checked_mul(cols) != Some(data.len()) {
         return Err(bad(format!("unpermute_qk: shape {shape:?} does not match {} values", data.len())));
     }
-    if n_head == 0 || rows % (2 * n_head) != 0 {
+    if n_head.checked_mul(2).is_none_or(|d| d == 0 || rows % d != 0) {
         return Err(bad(format!("unpermute_qk: {rows} rows do not split into {n_head} heads of even size")));
     }
     let d = rows / n_head / 2;
@@ -259,6 +259,12 @@ pub fn gemma3_hf_config(file: &GgufFile) -> Result<Value> {
     let n_head = file.get_u64(&key("attention.head_count"))?;
     let n_kv = file.get_u64_opt(&key("attention.head_count_kv"))?.unwrap_or(n_head);
     let layers = file.get_u64(&key("block_count"))?;
+    if layers == 0 || layers > crate::mask::MAX_BLOCKS as u64 {
+        return Err(crate::error::ModelError::InvalidArgument(format!(
+            "GGUF `{arch}.block_count` is {layers}; supported: 1 to {}",
+            crate::mask::MAX_BLOCKS
+        )));
+    }
     let theta = file.get_f32_opt(&key("rope.freq_base"))?.map_or(1_000_000.0, short_f64);
     let layer_types: Vec<&str> =
         (0..layers).map(|i| if (i + 1) % 6 == 0 { "full_attention" } else { "sliding_attention" }).collect();

@@ -79,7 +79,8 @@ fn row_stats(row: &[f32], target: usize, vector: bool) -> SoftmaxStats {
     #[cfg(target_arch = "x86_64")]
     if vector {
         // SAFETY: `vector` says the active path has AVX2 and FMA, which the CPU was checked for
-        // (`SimdPath::supported`); the function only reads `row` within its length.
+        // (`SimdPath::supported`); the function only reads `row` within its length. Aliasing and threads: `row` is a
+        // shared borrow, only read, on this thread.
         let (m, above, nan, s, t) = unsafe { avx2::passes(row, lt) };
         return finish(m, above, nan, s, t, lt);
     }

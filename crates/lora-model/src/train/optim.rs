@@ -63,6 +63,9 @@ pub fn clip_grad_norm(grads: &[Tensor], max_norm: f64) -> Result<f64> {
     Ok(total)
 }
 
+/// Most updates an [`AdamW`] takes (its bias corrections raise the betas to the step's power as an `i32`).
+pub const MAX_STEPS: i64 = i32::MAX as i64;
+
 /// AdamW exactly as `torch.optim.AdamW` (single-tensor path, `amsgrad=False`): decoupled weight decay
 /// `p ← p·(1 − lr·wd)`, then `m ← β₁m + (1−β₁)g`, `v ← β₂v + (1−β₂)g²`,
 /// `p ← p − lr/(1−β₁ᵗ) · m / (√v/√(1−β₂ᵗ) + ε)`. State is kept in f32.
@@ -111,8 +114,13 @@ impl AdamW {
         &self.exp_avg_sq
     }
 
-    /// Restores the state (e.g. from a checkpoint); shapes must match.
+    /// Restores the state (e.g. from a checkpoint); shapes must match, and `step` lie in `0..=`[`MAX_STEPS`].
     pub fn restore(&mut self, step: i64, exp_avg: &[Tensor], exp_avg_sq: &[Tensor]) -> Result<()> {
+        if !(0..=MAX_STEPS).contains(&step) {
+            return Err(ModelError::InvalidArgument(format!(
+                "optimizer step {step} is outside 0..={MAX_STEPS} (a corrupt checkpoint?)"
+            )));
+        }
         if exp_avg.len() != self.exp_avg.len() || exp_avg_sq.len() != self.exp_avg_sq.len() {
             return Err(ModelError::InvalidArgument(format!(
                 "optimizer state holds {} tensors, expected {}",
@@ -146,8 +154,14 @@ impl AdamW {
             )));
         }
         let _guard = tch::no_grad_guard();
+        if self.step >= MAX_STEPS {
+            return Err(ModelError::InvalidArgument(format!(
+                "AdamW has taken its largest number of steps ({MAX_STEPS})"
+            )));
+        }
         self.step += 1;
-        let t = self.step as i32;
+        // `step ≤ MAX_STEPS` fits an i32 (checked above and in `restore`).
+        let t = i32::try_from(self.step).unwrap_or(i32::MAX);
         let bc1 = 1.0 - self.beta1.powi(t);
         let bc2_sqrt = (1.0 - self.beta2.powi(t)).sqrt();
         let step_size = lr / bc1;
@@ -198,6 +212,25 @@ mod tests {
         assert_eq!(s, (0..50).collect::<Vec<_>>());
         assert_eq!(p, Rng::derived(7, 1).permutation(50));
         assert_ne!(p, Rng::derived(7, 2).permutation(50));
+    }
+
+    #[test]
+    fn a_restored_step_outside_the_range_is_refused() {
+        let p = [Tensor::from_slice(&[1.0f32, 2.0])];
+        let mut opt = AdamW::new(&p, 0.9, 0.999, 1e-8, 0.0).unwrap();
+        let zeros = [Tensor::zeros([2], (Kind::Float, tch::Device::Cpu))];
+        for bad in [-1, MAX_STEPS + 1, i64::MAX] {
+            let err = opt.restore(bad, &zeros, &zeros).unwrap_err().to_string();
+            assert!(err.contains(&bad.to_string()), "{err}");
+        }
+        assert_eq!(opt.steps(), 0, "a refused restore changed the state");
+        opt.restore(MAX_STEPS, &zeros, &zeros).unwrap();
+        // No step past the largest: an error, not a wrapped exponent.
+        let g = [Tensor::from_slice(&[0.5f32, 0.5])];
+        assert!(opt.step(&p, &g, 1e-3).is_err());
+        opt.restore(3, &zeros, &zeros).unwrap();
+        opt.step(&p, &g, 1e-3).unwrap();
+        assert_eq!(opt.steps(), 4);
     }
 
     #[test]

@@ -421,10 +421,8 @@ impl BoundarySearch {
         let k = hi - lo + 1;
         let s = self.stride.unwrap_or_else(|| ((k as f64).sqrt().round() as usize).max(2));
         table.eval(ctx.reference, ctx.order)?;
-        let mut b = lo;
-        while b <= hi {
+        for b in (lo..=hi).step_by(s.max(1)) {
             table.eval(b, ctx.order)?;
-            b += s;
         }
         table.eval(hi, ctx.order)?;
         let mut t = s;
