@@ -236,7 +236,8 @@ fn pipeline_runs_end_to_end_on_the_tiny_model() {
     let empty = lora_boundary::tasks::Sample { prompt: String::new(), ..val[0].clone() };
     let err = lora_boundary::scoring::answer_logprobs(&m3, &tok3, &[&empty], &LayerMask::all(), &raw, 3).unwrap_err();
     assert!(err.to_string().contains("prompt of no tokens"), "{err}");
-    assert!(lora_boundary::scoring::answer_logprobs_sweep(&m3, &tok3, &[&empty], &[0, 1], &raw, 3).is_err());
+    let err = lora_boundary::scoring::answer_logprobs_sweep(&m3, &tok3, &[&empty], &[0, 1], &raw, 3).unwrap_err();
+    assert!(err.to_string().contains("prompt of no tokens"), "{err}");
     // Prompts that share a long start (an instruction before each input) take the sweep's shared-prefix path (the
     // prefix runs once per batch, the rest after it): still the values of one pass per boundary.
     let head = "Describe the following item in one or two sentences, using every attribute it lists.\n";

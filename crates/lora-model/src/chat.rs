@@ -498,9 +498,9 @@ mod py {
         // Aliasing and threads: a fresh local, no other reference to it exists.
         let mut tm: libc::tm = unsafe { std::mem::zeroed() };
         // SAFETY: both pointers are valid for the call and point at locals no one else references (aliasing);
-        // `localtime_r` writes only `tm` and is the thread-safe variant (threads). It reads the process's time-zone
-        // settings, which another thread changing the environment at the same time (`set_var`, itself `unsafe`
-        // for that reason) could race with; this crate never changes the environment.
+        // `localtime_r` writes only `tm` and is the thread-safe variant (threads). It reads the process's `TZ`
+        // without std's environment lock, so a host program calling `set_var`/`remove_var` on another thread at
+        // the same moment could race with it; no crate of this workspace changes the environment.
         if unsafe { libc::localtime_r(&t, &mut tm) }.is_null() {
             return Err(invalid("strftime_now: localtime_r failed"));
         }

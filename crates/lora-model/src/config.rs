@@ -612,8 +612,10 @@ mod tests {
         };
         let err = parse(&cfg("2305843009213693952", "8")).unwrap_err();
         assert!(matches!(err, ModelError::Config { .. }) && err.to_string().contains("num_hidden_layers"), "{err}");
-        // 2^31 wide: q_proj alone holds 2^62 values, the products overflow nothing but exceed the bound.
-        let err = parse(&cfg("2", "2147483648")).unwrap_err();
+        let err = parse(&cfg("65537", "8")).unwrap_err();
+        assert!(err.to_string().contains("num_hidden_layers"), "{err}");
+        // 2^26 wide: about 2^54 weights, no product overflows but the total exceeds the bound.
+        let err = parse(&cfg("2", "67108864")).unwrap_err();
         assert!(err.to_string().contains("2^50 weights"), "{err}");
         // Products that overflow 64 bits.
         let err = parse(&cfg("2", "9223372036854775808")).unwrap_err();

@@ -583,6 +583,18 @@ impl Trainer {
         let text = std::fs::read_to_string(&state_path).map_err(|e| ModelError::io(&state_path, e))?;
         let state: TrainerState =
             serde_json::from_str(&text).map_err(|source| ModelError::Json { path: state_path.clone(), source })?;
+        // Checked before anything is restored (in f32 the masters are the model's own LoRA tensors).
+        if !(0..=optim::MAX_STEPS).contains(&state.adam_step) || state.global_step as u64 > optim::MAX_STEPS as u64 {
+            return Err(ModelError::Config {
+                path: state_path,
+                message: format!(
+                    "adam_step {} / global_step {} lie outside 0..={} (a corrupt checkpoint?)",
+                    state.adam_step,
+                    state.global_step,
+                    optim::MAX_STEPS
+                ),
+            });
+        }
         let weights = SafetensorsWeights::open_file(dir.join("adapter_model.safetensors"))?;
         let opt = SafetensorsWeights::open_file(dir.join("optimizer.safetensors"))?;
         let (mut m, mut v) = (Vec::new(), Vec::new());

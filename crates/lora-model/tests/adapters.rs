@@ -156,8 +156,8 @@ fn prune_writes_what_peft_loads() {
 
 #[test]
 fn a_tensor_on_an_absurd_block_is_refused_naming_it() {
-    // The block index comes from the tensor's name in the file; a huge one must not make the loaders or the pruner
-    // walk (or allocate for) every block up to it.
+    // The block index comes from the tensor's name in the file; a huge one must not make the pruner walk (or
+    // allocate for) every block up to it. The loader refuses it as a block the model does not have.
     let src = fixtures().join("adapters/tiny-llama-basic");
     let tmp = tempfile::tempdir().unwrap();
     let dir = tmp.path().join("far");

@@ -300,6 +300,22 @@ fn resume_continues_exactly() {
     let other: Vec<EncodedSample> = samples.iter().take(8).cloned().collect();
     let mut model3 = tiny();
     assert!(train_encoded(&mut model3, &other, 0, &lora, &cfg2, resumed.path(), |_| {}).is_err());
+
+    // A checkpoint whose optimizer step is out of range is refused naming its state file.
+    let bad = tempfile::tempdir().unwrap();
+    let ckpt = bad.path().join("checkpoint-2");
+    std::fs::create_dir(&ckpt).unwrap();
+    for f in ["adapter_model.safetensors", "adapter_config.json", "optimizer.safetensors"] {
+        std::fs::copy(full.path().join("checkpoint-2").join(f), ckpt.join(f)).unwrap();
+    }
+    let state = std::fs::read_to_string(full.path().join("checkpoint-2/trainer_state.json")).unwrap();
+    let mut state: serde_json::Value = serde_json::from_str(&state).unwrap();
+    state["adam_step"] = serde_json::json!(-5);
+    std::fs::write(ckpt.join("trainer_state.json"), state.to_string()).unwrap();
+    let cfg4 = TrainConfig { resume_from: Some(ckpt), ..cfg.clone() };
+    let out4 = tempfile::tempdir().unwrap();
+    let err = train_encoded(&mut tiny(), &samples, 0, &lora, &cfg4, out4.path(), |_| {}).unwrap_err().to_string();
+    assert!(err.contains("trainer_state.json") && err.contains("adam_step -5"), "{err}");
 }
 
 #[test]

@@ -260,10 +260,7 @@ pub fn gemma3_hf_config(file: &GgufFile) -> Result<Value> {
     let n_kv = file.get_u64_opt(&key("attention.head_count_kv"))?.unwrap_or(n_head);
     let layers = file.get_u64(&key("block_count"))?;
     if layers == 0 || layers > crate::mask::MAX_BLOCKS as u64 {
-        return Err(crate::error::ModelError::InvalidArgument(format!(
-            "GGUF `{arch}.block_count` is {layers}; supported: 1 to {}",
-            crate::mask::MAX_BLOCKS
-        )));
+        return Err(file.err(format!("`{arch}.block_count` is {layers}; supported: 1 to {}", crate::mask::MAX_BLOCKS)));
     }
     let theta = file.get_f32_opt(&key("rope.freq_base"))?.map_or(1_000_000.0, short_f64);
     let layer_types: Vec<&str> =

@@ -61,8 +61,9 @@ fn gelu_tanh_mul(gate: &mut [f32], up: &[f32]) {
 unsafe fn norm_scale<'a>(n: &'a RmsNorm, what: &str) -> Result<Mat<'a>> {
     let t = n.gemma_scale.as_ref().unwrap_or(&n.weight);
     // SAFETY: the caller's contract (no write while the slice lives) is `borrow`'s; the slice borrows `n` for `'a`.
-    // Aliasing: the norm's tensors are written only through `&mut Llama`, which the caller's borrow of `n`
-    // excludes. Threads: the slice is only read, here and by the kernels' helper inside calls that return first.
+    // Aliasing: norm weights are written only through `&mut Llama` (loading, `projection_mut`), which the caller's
+    // borrow of `n` excludes. Threads: the slice is only read, here and by the kernels' helper inside calls that
+    // return first.
     unsafe { borrow(t) }.ok_or_else(|| bad_tensor(what))
 }
 
@@ -498,9 +499,11 @@ impl RawMat {
     unsafe fn get<'a>(self, _model: &'a Llama) -> Mat<'a> {
         // SAFETY: `ptr` and `len` came from a live slice of one of `_model`'s tensors (`RawMat::of`, with the
         // alignment of its kind), whose storage stays put while `_model` is borrowed (the caller's contract, see
-        // `DecodeViews`). Aliasing: weights are written only through `&mut Llama`, which the `&'a Llama` excludes
-        // for `'a`. Threads: the values are only read, by this thread and the kernels' helper inside calls that
-        // return before `'a` ends.
+        // `DecodeViews`: replacing or resizing a tensor takes `&mut Llama`). Aliasing: nothing writes these values
+        // while the slice lives: merging and replacing take `&mut Llama`, which the `&'a Llama` excludes, and the
+        // trainer's in-place updates of LoRA tensors it shares storage with (f32 training) run between forward
+        // passes on the caller's thread, never while a decode step holds these slices. Threads: the values are only
+        // read, by this thread and the kernels' helper inside calls that return before `'a` ends.
         unsafe {
             if self.f32 {
                 Mat::F32(std::slice::from_raw_parts(self.ptr as *const f32, self.len))

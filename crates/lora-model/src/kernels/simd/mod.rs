@@ -280,8 +280,8 @@ pub fn attn_scores(qs: &[f32], keys: Mat<'_>, hd: usize, s: usize, scale: f32, o
     if vector() && hd.is_multiple_of(8) {
         // SAFETY: the active path is a vector path, so AVX2 and FMA were detected; `qs` holds `g` rows of `hd`,
         // `keys` at least `s` rows of `hd` and `out` at least `g · s` values (asserted), which bounds every access.
-        // Aliasing and threads: only these slices are touched, whose borrows Rust checks (inputs shared, the output
-        // exclusive), on this thread.
+        // Aliasing and threads: only these slices are touched, whose borrows Rust checks (inputs shared and only
+        // read, possibly by the other decode thread at once; the output exclusive to this call).
         unsafe { avx2::attn_scores(qs, keys, hd, s, scale, out) };
         return;
     }
@@ -305,8 +305,8 @@ pub fn attn_values(ws: &[f32], values: Mat<'_>, hd: usize, s: usize, out: &mut [
         // SAFETY: the active path is a vector path, so AVX2 and FMA were detected; `out` holds `g` rows of `hd`,
         // `ws` at least `g · s` weights and `values` at least `s` rows of `hd` (asserted), which bounds every
         // access.
-        // Aliasing and threads: only these slices are touched, whose borrows Rust checks (inputs shared, the output
-        // exclusive), on this thread.
+        // Aliasing and threads: only these slices are touched, whose borrows Rust checks (inputs shared and only
+        // read, possibly by the other decode thread at once; the output exclusive to this call).
         unsafe { avx2::attn_values(ws, values, hd, s, out) };
         return;
     }
@@ -326,8 +326,8 @@ pub fn dot(a: &[f32], b: Mat<'_>) -> f32 {
     #[cfg(target_arch = "x86_64")]
     if vector() {
         // SAFETY: the active path is a vector path, so AVX2 and FMA were detected; `b` holds at least `a.len()` values (asserted).
-        // Aliasing and threads: only these slices are touched, whose borrows Rust checks (inputs shared, the output
-        // exclusive), on this thread.
+        // Aliasing and threads: only these slices are touched, whose borrows Rust checks (inputs shared and only
+        // read, possibly by the other decode thread at once; the output exclusive to this call).
         return unsafe { avx2::dot(a, b) };
     }
     scalar::dot(a, b)
@@ -339,8 +339,8 @@ pub fn axpy(y: &mut [f32], alpha: f32, x: Mat<'_>) {
     #[cfg(target_arch = "x86_64")]
     if vector() {
         // SAFETY: the active path is a vector path, so AVX2 and FMA were detected; `x` holds at least `y.len()` values (asserted).
-        // Aliasing and threads: only these slices are touched, whose borrows Rust checks (inputs shared, the output
-        // exclusive), on this thread.
+        // Aliasing and threads: only these slices are touched, whose borrows Rust checks (inputs shared and only
+        // read, possibly by the other decode thread at once; the output exclusive to this call).
         unsafe { avx2::axpy(y, alpha, x) };
         return;
     }
@@ -353,8 +353,8 @@ pub fn scale_mul(x: &[f32], scale: f32, w: Mat<'_>, out: &mut [f32]) {
     #[cfg(target_arch = "x86_64")]
     if vector() {
         // SAFETY: the active path is a vector path, so AVX2 and FMA were detected; the lengths were just checked.
-        // Aliasing and threads: only these slices are touched, whose borrows Rust checks (inputs shared, the output
-        // exclusive), on this thread.
+        // Aliasing and threads: only these slices are touched, whose borrows Rust checks (inputs shared and only
+        // read, possibly by the other decode thread at once; the output exclusive to this call).
         unsafe { avx2::scale_mul(x, scale, w, out) };
         return;
     }
@@ -367,8 +367,8 @@ pub fn swiglu(gate: &mut [f32], up: &[f32]) {
     #[cfg(target_arch = "x86_64")]
     if vector() {
         // SAFETY: the active path is a vector path, so AVX2 and FMA were detected; the lengths were just checked.
-        // Aliasing and threads: only these slices are touched, whose borrows Rust checks (inputs shared, the output
-        // exclusive), on this thread.
+        // Aliasing and threads: only these slices are touched, whose borrows Rust checks (inputs shared and only
+        // read, possibly by the other decode thread at once; the output exclusive to this call).
         unsafe { avx2::swiglu(gate, up) };
         return;
     }
