@@ -29,13 +29,13 @@ pub fn tokenize_13a(line: &str) -> Vec<String> {
 #[derive(Default)]
 pub(crate) struct Tokens13a {
     text: String,
-    spans: Vec<(u32, u32)>,
+    spans: Vec<(usize, usize)>,
 }
 
 /// Tokenizes the segment `b[start..end]` (see [`Tokens13a::tokenize`]), which has `active` bytes
 /// `.`, `,` or `-`, appending the byte ranges of its tokens.
-fn segment(b: &[u8], start: usize, end: usize, active: u32, spans: &mut Vec<(u32, u32)>) {
-    let (s, e) = (start as u32, end as u32);
+fn segment(b: &[u8], start: usize, end: usize, active: u32, spans: &mut Vec<(usize, usize)>) {
+    let (s, e) = (start, end);
     if active == 0 {
         // No pattern can match.
         spans.push((s, e));
@@ -111,7 +111,7 @@ struct Pipe<'o> {
     h3: u64,
     h4: u64,
     open: bool,
-    spans: &'o mut Vec<(u32, u32)>,
+    spans: &'o mut Vec<(usize, usize)>,
 }
 
 #[inline]
@@ -182,7 +182,7 @@ impl Pipe<'_> {
             self.open = false;
             return;
         }
-        let at = (v >> 8) as u32;
+        let at = (v >> 8) as usize;
         match self.spans.last_mut() {
             Some(last) if self.open => last.1 = at + 1,
             _ => {
@@ -252,13 +252,13 @@ impl Tokens13a {
                 if i > start {
                     if active == 0 {
                         // No pattern can match.
-                        self.spans.push((start as u32, i as u32));
+                        self.spans.push((start, i));
                     } else {
                         segment(b, start, i, active, &mut self.spans);
                     }
                 }
                 if k & PUNCT != 0 {
-                    self.spans.push((i as u32, i as u32 + 1));
+                    self.spans.push((i, i + 1));
                 }
                 (start, active) = (i + 1, 0);
             } else {
@@ -282,19 +282,19 @@ impl Tokens13a {
         let text = self.text.as_str();
         let old = std::mem::take(&mut self.spans);
         for (s, e) in old {
-            let tok = &text[s as usize..e as usize];
+            let tok = text.get(s..e).unwrap_or_default();
             let mut start = None;
             for (k, c) in tok.char_indices() {
                 if py_isspace(c) {
                     if let Some(b) = start.take() {
-                        self.spans.push((s + b as u32, s + k as u32));
+                        self.spans.push((s + b, s + k));
                     }
                 } else if start.is_none() {
                     start = Some(k);
                 }
             }
             if let Some(b) = start {
-                self.spans.push((s + b as u32, e));
+                self.spans.push((s + b, e));
             }
         }
     }
@@ -302,7 +302,7 @@ impl Tokens13a {
     /// The tokens.
     pub(crate) fn iter(&self) -> impl Iterator<Item = &str> + '_ {
         // Tokens start and end next to ASCII bytes or at the ends of the line: character boundaries.
-        self.spans.iter().map(|&(s, e)| self.text.get(s as usize..e as usize).unwrap_or_default())
+        self.spans.iter().map(|&(s, e)| self.text.get(s..e).unwrap_or_default())
     }
 
     /// Number of tokens.
