@@ -369,6 +369,15 @@ impl PipelineConfig {
         at_least_one("k", self.k)?;
         at_least_one("batch_size", self.batch_size)?;
         at_least_one("max_new_tokens", self.max_new_tokens)?;
+        at_least_one("validation_samples", self.validation_samples)?;
+        at_least_one("test_samples", self.test_samples)?;
+        if self.speed_tokens == 1 {
+            return Err(Error::Usage(
+                "config key `speed_tokens` must be 0 (no speed run) or at least 2 (the first new token comes from the \
+                 prefill, so one token leaves no decode step to time)"
+                    .into(),
+            ));
+        }
         if let Some(t) = &self.train {
             at_least_one("train.r", t.r)?;
             at_least_one("train.epochs", t.epochs)?;
@@ -597,6 +606,11 @@ fn train_adapter(cfg: &PipelineConfig, t: &TrainSection, task: Task, place: Plac
 /// Batch-1 greedy decode speed of base, full LoRA, LoRA pruned at `boundary` (unmerged) and merged full LoRA,
 /// interleaved over three rounds (median). The model is left unmerged.
 pub fn decode_speeds(model: &mut Llama, prompt: &[i64], tokens: usize, boundary: usize) -> Result<Vec<SpeedResult>> {
+    if tokens < 2 {
+        return Err(Error::Usage(format!(
+            "a decode-speed run needs at least 2 new tokens (the first comes from the prefill), got {tokens}"
+        )));
+    }
     let cfg = lora_model::GenerationConfig { max_new_tokens: tokens, ..Default::default() };
     let settings: [(String, LayerMask, bool); 4] = [
         ("base".into(), LayerMask::none(), false),
@@ -623,6 +637,12 @@ pub fn decode_speeds(model: &mut Llama, prompt: &[i64], tokens: usize, boundary:
         v[v.len() / 2]
     };
     let speeds: Vec<f64> = runs.iter_mut().map(median).collect();
+    if let Some(((label, _, _), v)) = settings.iter().zip(&speeds).find(|(_, v)| !(v.is_finite() && **v > 0.0)) {
+        return Err(Error::Usage(format!(
+            "the decode-speed run `{label}` timed no decode step ({v} tokens/s): generation stopped after the \
+             prefill's token"
+        )));
+    }
     Ok(settings
         .iter()
         .zip(&speeds)

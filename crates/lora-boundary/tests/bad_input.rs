@@ -96,6 +96,9 @@ fn nan_in_an_adapter_is_refused_by_every_command_naming_tensor_and_block() {
     let data = jsonl(tmp.path(), "d.jsonl", &[serde_json::json!({"prompt": "a", "answer": "b"})]);
     let out = run(&["probe", "--model", s(&model()), "--adapter", s(&nan), "--data", s(&data)], None);
     expect(&out, 1, &want);
+    // A `--k` past the context is refused before the per-position arrays are sized by it.
+    let out = run(&["probe", "--model", s(&model()), "--data", s(&data), "--k", "100000000"], None);
+    expect(&out, 2, &["k = 100000000", "context of 256 tokens"]);
 }
 
 #[test]
@@ -184,6 +187,15 @@ fn train_refuses_an_output_it_would_clobber_before_training() {
     // A file.
     let out = run(&[&base[..], &[s(&data)]].concat(), None);
     expect(&out, 2, &["not a directory"]);
+    // LoRA settings beside `--resume` (which takes the checkpoint's) and a target naming no projection.
+    let fresh = tmp.path().join("fresh");
+    for flag in [["--r", "4"], ["--alpha", "8"], ["--targets", "q_proj"], ["--dropout", "0.1"]] {
+        let out = run(&[&base[..], &[s(&fresh), "--resume", s(&existing)], &flag[..]].concat(), None);
+        expect(&out, 2, &[flag[0], "--resume"]);
+    }
+    let out = run(&[&base[..], &[s(&fresh), "--targets", "q_proj,v_prj", "--epochs", "1"]].concat(), None);
+    expect(&out, 1, &["`v_prj`", "names no projection"]);
+    assert!(!fresh.exists(), "a refused run left {}", fresh.display());
 }
 
 #[test]

@@ -377,4 +377,19 @@ fn system_prompt_reaches_the_prompt_on_the_cli_and_in_the_pipeline_config() {
     let stderr = String::from_utf8_lossy(&bad.stderr);
     assert!(stderr.contains("`system` needs `chat = true`"), "{stderr}");
     assert!(!tmp.path().join("out").exists());
+    // `speed_tokens = 1` (no decode step to time) is refused before any work; an unknown key is named with its
+    // 1-based line.
+    let body = std::fs::read_to_string(&config).unwrap().replace("system = \"Be brief.\"\n", "");
+    std::fs::write(&config, format!("{body}speed_tokens = 1\n")).unwrap();
+    let bad = Command::new(bin).arg("run").arg(&config).output().unwrap();
+    assert_eq!(bad.status.code(), Some(2));
+    let stderr = String::from_utf8_lossy(&bad.stderr);
+    assert!(stderr.contains("`speed_tokens`"), "{stderr}");
+    std::fs::write(&config, format!("{body}frobnicate = 3\n")).unwrap();
+    let line = body.lines().count() + 1;
+    let bad = Command::new(bin).arg("run").arg(&config).output().unwrap();
+    assert_eq!(bad.status.code(), Some(2));
+    let stderr = String::from_utf8_lossy(&bad.stderr);
+    assert!(stderr.contains(&format!("run.toml:{line}:")) && stderr.contains("frobnicate"), "{stderr}");
+    assert!(!tmp.path().join("out").exists());
 }

@@ -75,19 +75,57 @@ pub fn clean_stale(dir: &Path) -> Vec<PathBuf> {
     removed
 }
 
-/// Writes a file atomically: the bytes go to [`partial_path`], which is then renamed to `path`.
+/// Writes a file atomically: the bytes go to [`partial_path`], are flushed to the disk, and the file is then
+/// renamed to `path` (so that after a power loss `path` holds either its old contents or all of the new ones).
 pub fn write_file(path: &Path, contents: &[u8]) -> Result<()> {
+    use std::io::Write;
     let parent = parent_of(path);
     clean_stale(parent);
     let tmp = partial_path(path);
-    if let Err(e) = std::fs::write(&tmp, contents) {
+    let written = std::fs::File::create(&tmp).and_then(|mut f| {
+        f.write_all(contents)?;
+        f.sync_all()
+    });
+    if let Err(e) = written {
         let _ = std::fs::remove_file(&tmp);
         return Err(CommonError::Io { path: path.to_path_buf(), source: e });
     }
     std::fs::rename(&tmp, path).map_err(|e| {
         let _ = std::fs::remove_file(&tmp);
         CommonError::Io { path: path.to_path_buf(), source: e }
-    })
+    })?;
+    sync_dir(parent);
+    Ok(())
+}
+
+/// Flushes a written file's contents to the disk (before it is renamed into place).
+pub fn sync_file(path: &Path) -> Result<()> {
+    std::fs::File::open(path)
+        .and_then(|f| f.sync_all())
+        .map_err(|e| CommonError::Io { path: path.to_path_buf(), source: e })
+}
+
+/// Flushes every regular file under `dir` (recursively) to the disk.
+fn sync_tree(dir: &Path) -> Result<()> {
+    let entries = std::fs::read_dir(dir).map_err(|e| CommonError::Io { path: dir.to_path_buf(), source: e })?;
+    for entry in entries {
+        let entry = entry.map_err(|e| CommonError::Io { path: dir.to_path_buf(), source: e })?;
+        let path = entry.path();
+        match entry.file_type() {
+            Ok(t) if t.is_dir() => sync_tree(&path)?,
+            Ok(t) if t.is_file() => sync_file(&path)?,
+            _ => {}
+        }
+    }
+    Ok(())
+}
+
+/// Flushes a directory's entries (a rename into it) to the disk, where the platform allows it (best effort:
+/// some file systems refuse `fsync` on a directory, which changes nothing about the data already synced).
+fn sync_dir(dir: &Path) {
+    if let Ok(d) = std::fs::File::open(dir) {
+        let _ = d.sync_all();
+    }
 }
 
 /// A directory output under construction: created under its partial name, renamed into place by
@@ -124,9 +162,12 @@ impl PartialDir {
         if self.target.exists() {
             return Err(CommonError::Exists { path: self.target.clone() });
         }
+        // Everything inside reaches the disk before the directory appears under its final name.
+        sync_tree(&self.tmp)?;
         std::fs::rename(&self.tmp, &self.target)
             .map_err(|e| CommonError::Io { path: self.target.clone(), source: e })?;
         self.committed = true;
+        sync_dir(parent_of(&self.target));
         Ok(())
     }
 }

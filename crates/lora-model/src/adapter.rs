@@ -375,6 +375,8 @@ pub struct AdapterInfo {
     pub modules: Vec<(usize, Module, usize, f64)>,
     /// LoRA parameters per block (A and B elements).
     pub params_per_layer: Vec<u64>,
+    /// LoRA parameters (A and B elements) of each entry of `modules`, in the same order.
+    pub params_per_module: Vec<u64>,
 }
 
 impl AdapterInfo {
@@ -396,7 +398,12 @@ impl AdapterInfo {
     }
 
     fn module_params(&self, layer: usize, module: Module) -> u64 {
-        // Per-module counts are not stored separately; split the block's count by rank share.
+        if self.params_per_module.len() == self.modules.len() {
+            let at = self.modules.iter().position(|m| m.0 == layer && m.1 == module);
+            return at.and_then(|i| self.params_per_module.get(i)).copied().unwrap_or(0);
+        }
+        // An info built without per-module counts: split the block's count by rank share (exact only when every
+        // wrapped projection of the block has the same `in + out`).
         let in_layer: Vec<_> = self.modules.iter().filter(|m| m.0 == layer).collect();
         let ranks: usize = in_layer.iter().map(|m| m.2).sum();
         let mine = in_layer.iter().find(|m| m.1 == module).map_or(0, |m| m.2);
@@ -557,6 +564,7 @@ pub fn load_adapter(model: &mut Llama, dir: impl AsRef<Path>) -> Result<AdapterI
     let kind = model.kind();
     let mut modules = Vec::with_capacity(plan.len());
     let mut params_per_layer = vec![0u64; n_layers];
+    let mut params_per_module = Vec::with_capacity(plan.len());
     // Detach any previous adapter first so a partial failure cannot mix two adapters.
     for l in 0..n_layers {
         for m in Module::ALL {
@@ -568,6 +576,7 @@ pub fn load_adapter(model: &mut Llama, dir: impl AsRef<Path>) -> Result<AdapterI
     }
     for (l, m, r, scaling, a, b) in plan {
         params_per_layer[l] += (a.numel() + b.numel()) as u64;
+        params_per_module.push((a.numel() + b.numel()) as u64);
         let device = model.device_map().block(l);
         let lw = LoraWeights {
             a: a.f_to_device(device)?.f_to_kind(kind)?,
@@ -581,7 +590,7 @@ pub fn load_adapter(model: &mut Llama, dir: impl AsRef<Path>) -> Result<AdapterI
         proj.attach(lw, &m.hf_path(l))?;
         modules.push((l, m, r, scaling));
     }
-    Ok(AdapterInfo { path: dir.to_path_buf(), config: cfg, modules, params_per_layer })
+    Ok(AdapterInfo { path: dir.to_path_buf(), config: cfg, modules, params_per_layer, params_per_module })
 }
 
 /// A module's LoRA tensors from an adapter file: (name, tensor) of A and of B.

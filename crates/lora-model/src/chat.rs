@@ -207,6 +207,9 @@ mod py {
         Error::new(ErrorKind::InvalidOperation, msg.into())
     }
 
+    /// Widest `tojson(indent=N)` a template may ask for (chat templates use 2 or 4).
+    const MAX_TOJSON_INDENT: i64 = 256;
+
     /// `repr(float)`: the shortest round-trip digits, positional for exponents -4..16, else `d.ddde±XX`.
     pub fn float(f: f64) -> String {
         if f.is_nan() {
@@ -430,6 +433,12 @@ mod py {
             Some(v) if v.is_none() => None,
             Some(v) if v.kind() == ValueKind::String => Some(v.as_str().unwrap_or_default().to_string()),
             Some(v) => match v.as_i64() {
+                // The template comes with the model's files: an indent of millions would repeat for every level.
+                Some(n) if n > MAX_TOJSON_INDENT => {
+                    return Err(invalid(format!(
+                        "tojson: indent {n} is past the largest supported ({MAX_TOJSON_INDENT})"
+                    )))
+                }
                 Some(n) => Some(" ".repeat(usize::try_from(n).unwrap_or(0))),
                 None => return Err(invalid("tojson: indent must be an int, a string or None")),
             },

@@ -73,13 +73,26 @@ impl Tokenizer {
         let chat_template = template.map(|t| ChatTemplate::with_special_tokens(t, bos.clone(), eos.clone()));
         let mut eos_ids: Vec<i64> = id_of(&eos).into_iter().collect();
         let gen_cfg = dir.join("generation_config.json");
-        if let Ok(text) = std::fs::read_to_string(&gen_cfg) {
-            if let Ok(v) = serde_json::from_str::<serde_json::Value>(&text) {
-                match v.get("eos_token_id") {
-                    Some(serde_json::Value::Number(n)) => eos_ids.extend(n.as_i64()),
-                    Some(serde_json::Value::Array(a)) => eos_ids.extend(a.iter().filter_map(|x| x.as_i64())),
-                    _ => {}
+        // Optional, but when present it is read as transformers reads it: a file it cannot parse, or end-of-sequence
+        // ids that are not integers, are errors (ignoring them would let generation run past the model's stop
+        // tokens without a word).
+        if gen_cfg.exists() {
+            let text = std::fs::read_to_string(&gen_cfg).map_err(|e| ModelError::io(&gen_cfg, e))?;
+            let v: serde_json::Value =
+                serde_json::from_str(&text).map_err(|source| ModelError::Json { path: gen_cfg.clone(), source })?;
+            let bad = |what: &serde_json::Value| ModelError::Config {
+                path: gen_cfg.clone(),
+                message: format!("`eos_token_id` must be an integer or a list of integers, got {what}"),
+            };
+            match v.get("eos_token_id") {
+                None | Some(serde_json::Value::Null) => {}
+                Some(serde_json::Value::Number(n)) => eos_ids.push(n.as_i64().ok_or_else(|| bad(&v["eos_token_id"]))?),
+                Some(serde_json::Value::Array(a)) => {
+                    for x in a {
+                        eos_ids.push(x.as_i64().ok_or_else(|| bad(x))?);
+                    }
                 }
+                Some(other) => return Err(bad(other)),
             }
         }
         eos_ids.sort_unstable();

@@ -70,6 +70,19 @@ fn attach_fresh(
         });
     }
     let n_layers = model.num_layers();
+    // A listed target that names no projection (a typo such as `v_prj`) would silently train less than asked.
+    if let Some(ModuleSelector::List(list)) = &cfg.target_modules {
+        let paths: Vec<String> = (0..n_layers).flat_map(|l| Module::ALL.map(|m| m.hf_path(l))).collect();
+        if let Some(t) = list.iter().find(|t| !paths.iter().any(|p| p == *t || p.ends_with(&format!(".{t}")))) {
+            return Err(ModelError::Adapter {
+                path: origin.to_path_buf(),
+                message: format!(
+                    "target `{t}` names no projection of this model (targets are module names such as q_proj, \
+                     v_proj, down_proj, or `all-linear`)"
+                ),
+            });
+        }
+    }
     let targets = targeted_modules(cfg, n_layers, origin)?;
     if targets.is_empty() {
         return Err(ModelError::Adapter {
@@ -89,6 +102,7 @@ fn attach_fresh(
     let mut rng = Rng::new(seed);
     let mut modules = Vec::with_capacity(targets.len());
     let mut params_per_layer = vec![0u64; n_layers];
+    let mut params_per_module = Vec::with_capacity(targets.len());
     let mut values = Vec::with_capacity(targets.len());
     for (l, m, r, alpha) in targets {
         if r == 0 {
@@ -119,10 +133,11 @@ fn attach_fresh(
             .ok_or_else(|| ModelError::InvalidArgument(format!("block {l} has no {}", m.hf_name())))?;
         proj.attach(lw, &m.hf_path(l))?;
         params_per_layer[l] += (r * inp + out * r) as u64;
+        params_per_module.push((r * inp + out * r) as u64);
         modules.push((l, m, r, scaling));
         values.push((l, m, a, b));
     }
-    let info = AdapterInfo { path: PathBuf::new(), config: cfg.clone(), modules, params_per_layer };
+    let info = AdapterInfo { path: PathBuf::new(), config: cfg.clone(), modules, params_per_layer, params_per_module };
     Ok((info, values))
 }
 
@@ -846,14 +861,22 @@ pub fn train_encoded(
     write_state(&out_dir.join("trainer_state.json"), &state)?;
     let mut modules = Vec::new();
     let mut params_per_layer = vec![0u64; model.num_layers()];
+    let mut params_per_module = Vec::new();
     for (l, m, p) in model.projections() {
         if let Some(w) = &p.lora {
             modules.push((l, m, w.rank() as usize, w.scaling));
             params_per_layer[l] += (w.a.numel() + w.b.numel()) as u64;
+            params_per_module.push((w.a.numel() + w.b.numel()) as u64);
         }
     }
     Ok(TrainSummary {
-        adapter: AdapterInfo { path: out_dir.to_path_buf(), config: trainer.lora.clone(), modules, params_per_layer },
+        adapter: AdapterInfo {
+            path: out_dir.to_path_buf(),
+            config: trainer.lora.clone(),
+            modules,
+            params_per_layer,
+            params_per_module,
+        },
         steps: total,
         final_loss,
         samples: n,

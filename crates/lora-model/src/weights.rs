@@ -822,6 +822,11 @@ pub fn save_safetensors(
         let _ = std::fs::remove_file(&tmp);
         return Err(ModelError::Safetensors { path: path.to_path_buf(), message: e.to_string() });
     }
+    // On the disk before it takes the final name (see `atomic::write_file`).
+    if let Err(e) = crate::atomic::sync_file(&tmp) {
+        let _ = std::fs::remove_file(&tmp);
+        return Err(e.into());
+    }
     std::fs::rename(&tmp, path).map_err(|e| ModelError::io(path, e))
 }
 

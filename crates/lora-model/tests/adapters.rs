@@ -155,6 +155,31 @@ fn prune_writes_what_peft_loads() {
 }
 
 #[test]
+fn kept_fraction_counts_each_modules_own_parameters() {
+    // q/k/v/o and the MLP projections have different `in + out`: a module-filtered mask keeps the share of the
+    // parameters those modules hold, counted from the adapter's own tensors.
+    let dir = fixtures().join("adapters/tiny-llama-basic");
+    let mut m = load("tiny-llama", None);
+    let info = load_adapter(&mut m, &dir).unwrap();
+    let tensors = Tensor::read_safetensors(dir.join("adapter_model.safetensors")).unwrap();
+    let count = |keep: &dyn Fn(&str) -> bool| -> f64 {
+        tensors.iter().filter(|(n, _)| keep(n)).map(|(_, t)| t.numel() as f64).sum()
+    };
+    let total = count(&|_| true);
+    let attn = count(&|n| n.contains(".self_attn."));
+    assert!(attn > 0.0 && attn < total);
+    // Not the share of the ranks (4 of 7 equal-rank modules per block), which the fraction used to be.
+    let modules = tensors.iter().filter(|(n, _)| n.contains("lora_A")).count() as f64;
+    let attn_modules = tensors.iter().filter(|(n, _)| n.contains("lora_A") && n.contains(".self_attn.")).count() as f64;
+    assert!((attn / total - attn_modules / modules).abs() > 0.01, "this fixture cannot tell the two apart");
+    let mask = LayerMask::all().with_modules([Module::Q, Module::K, Module::V, Module::O]);
+    let got = info.kept_fraction(&mask);
+    assert!((got - attn / total).abs() < 1e-12, "kept {got}, the tensors say {}", attn / total);
+    let blocks01 = count(&|n| n.contains(".layers.0.") || n.contains(".layers.1."));
+    assert!((info.kept_fraction(&LayerMask::keep_through(1)) - blocks01 / total).abs() < 1e-12);
+}
+
+#[test]
 fn a_tensor_on_an_absurd_block_is_refused_naming_it() {
     // The block index comes from the tensor's name in the file; a huge one must not make the pruner walk (or
     // allocate for) every block up to it. The loader refuses it as a block the model does not have.

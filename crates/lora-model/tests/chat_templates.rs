@@ -131,3 +131,30 @@ fn tokenizer_with(template: ChatTemplate) -> Tokenizer {
     let inner = tokenizers::Tokenizer::from_file(file).expect("tokenizer.json");
     Tokenizer::new(inner, Some(template), None, vec![], None)
 }
+
+#[test]
+fn generation_config_eos_ids_are_read_and_a_broken_file_is_an_error() {
+    let src = common::fixtures().join("chat_templates/tokenizer-llama31");
+    let tmp = tempfile::tempdir().unwrap();
+    for f in ["chat_template.jinja", "tokenizer.json", "tokenizer_config.json"] {
+        std::fs::copy(src.join(f), tmp.path().join(f)).unwrap();
+    }
+    let gen = tmp.path().join("generation_config.json");
+    std::fs::write(&gen, r#"{"eos_token_id": [128001, 128008, 128009]}"#).unwrap();
+    let tok = Tokenizer::from_dir(tmp.path()).expect("load tokenizer");
+    for id in [128001, 128008, 128009] {
+        assert!(tok.eos_token_ids().contains(&id), "{:?}", tok.eos_token_ids());
+    }
+    for (body, needle) in [
+        (r#"{"eos_token_id": [128001, "x"]}"#, "eos_token_id"),
+        (r#"{"eos_token_id": 1.5}"#, "eos_token_id"),
+        (r#"{"eos_token_id": [128001"#, "generation_config.json"),
+    ] {
+        std::fs::write(&gen, body).unwrap();
+        let Err(err) = Tokenizer::from_dir(tmp.path()) else {
+            panic!("{body}: a broken generation_config.json loaded")
+        };
+        let msg = err.to_string();
+        assert!(msg.contains(needle) && msg.contains("generation_config.json"), "{body}: {msg}");
+    }
+}

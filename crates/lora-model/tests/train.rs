@@ -191,6 +191,12 @@ fn init_follows_peft_rules_and_seed() {
         rank_pattern: vec![("down_proj".into(), 2)],
         ..LoraConfig::default()
     };
+    // A listed target that names no projection is refused (it used to be dropped as long as another matched).
+    let typo =
+        LoraConfig { target_modules: Some(ModuleSelector::List(vec!["q_proj".into(), "v_prj".into()])), ..cfg.clone() };
+    let err = init_lora(&mut model, &typo, 7).unwrap_err().to_string();
+    assert!(err.contains("`v_prj`"), "{err}");
+    assert!(model.projections().all(|(_, _, p)| p.lora.is_none()), "a refused config attached LoRA");
     let info = init_lora(&mut model, &cfg, 7).unwrap();
     let got: Vec<(usize, Module, usize)> = info.modules.iter().map(|m| (m.0, m.1, m.2)).collect();
     assert_eq!(got, vec![(1, Module::Q, 4), (1, Module::Down, 2), (3, Module::Q, 4), (3, Module::Down, 2)]);

@@ -168,6 +168,15 @@ impl Probe {
                 )));
             }
         }
+        // The per-sample arrays hold `k` positions per point: no sample can have more than the context, and
+        // a `k` past it would only size those arrays (samples × (L + 1) × k, four of them) past any use.
+        let ctx = model.config().max_position_embeddings;
+        if cfg.k > ctx {
+            return Err(ProbeError::InvalidArgument(format!(
+                "k = {} answer positions is past the model's context of {ctx} tokens",
+                cfg.k
+            )));
+        }
         let num_layers = model.num_layers();
         for (label, mask) in masks {
             mask.validate(num_layers).map_err(|e| ProbeError::Mask { spec: label.clone(), message: e.to_string() })?;

@@ -29,7 +29,10 @@ pub fn run(a: &RunArgs) -> Result<()> {
     let text = std::fs::read_to_string(&a.config).map_err(|source| Error::Io { path: a.config.clone(), source })?;
     let cfg: crate::pipeline::PipelineConfig = toml::from_str(&text).map_err(|e| Error::Data {
         path: a.config.clone(),
-        line: e.span().map_or(0, |s| text[..s.start.min(text.len())].lines().count()),
+        // 1-based: the newlines before the span's start, plus one.
+        line: e
+            .span()
+            .map_or(0, |s| text.as_bytes()[..s.start.min(text.len())].iter().filter(|&&b| b == b'\n').count() + 1),
         message: e.message().to_string(),
     })?;
     let place = Placement { device: a.device.resolve()?, kind: a.dtype.resolve(&cfg.model)? };

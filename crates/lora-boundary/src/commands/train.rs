@@ -21,17 +21,17 @@ pub struct TrainArgs {
     /// Output adapter directory.
     #[arg(long)]
     pub out: PathBuf,
-    /// LoRA rank.
-    #[arg(long, default_value_t = 8, value_parser = positive)]
+    /// LoRA rank (with `--resume`, the checkpoint's).
+    #[arg(long, default_value_t = 8, value_parser = positive, conflicts_with = "resume")]
     pub r: usize,
-    /// LoRA alpha.
-    #[arg(long, default_value_t = 16.0, value_parser = positive_f64)]
+    /// LoRA alpha (with `--resume`, the checkpoint's).
+    #[arg(long, default_value_t = 16.0, value_parser = positive_f64, conflicts_with = "resume")]
     pub alpha: f64,
-    /// Target modules, comma-separated, or `all-linear`.
-    #[arg(long, default_value = "all-linear")]
+    /// Target modules, comma-separated, or `all-linear` (with `--resume`, the checkpoint's).
+    #[arg(long, default_value = "all-linear", conflicts_with = "resume")]
     pub targets: String,
-    /// LoRA dropout.
-    #[arg(long, default_value_t = 0.0, value_parser = dropout_rate)]
+    /// LoRA dropout (with `--resume`, the checkpoint's).
+    #[arg(long, default_value_t = 0.0, value_parser = dropout_rate, conflicts_with = "resume")]
     pub dropout: f64,
     /// Epochs.
     #[arg(long, default_value_t = 1, value_parser = positive)]
