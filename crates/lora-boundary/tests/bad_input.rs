@@ -191,7 +191,7 @@ fn train_refuses_an_output_it_would_clobber_before_training() {
     let fresh = tmp.path().join("fresh");
     for flag in [["--r", "4"], ["--alpha", "8"], ["--targets", "q_proj"], ["--dropout", "0.1"]] {
         let out = run(&[&base[..], &[s(&fresh), "--resume", s(&existing)], &flag[..]].concat(), None);
-        expect(&out, 2, &[flag[0], "--resume"]);
+        expect(&out, 2, &[&format!("{} <", flag[0]), "cannot be used with", "--resume"]);
     }
     let out = run(&[&base[..], &[s(&fresh), "--targets", "q_proj,v_prj", "--epochs", "1"]].concat(), None);
     expect(&out, 1, &["`v_prj`", "names no projection"]);

@@ -385,6 +385,15 @@ fn system_prompt_reaches_the_prompt_on_the_cli_and_in_the_pipeline_config() {
     assert_eq!(bad.status.code(), Some(2));
     let stderr = String::from_utf8_lossy(&bad.stderr);
     assert!(stderr.contains("`speed_tokens`"), "{stderr}");
+    for key in ["validation_samples", "test_samples"] {
+        let zero = body.replace(&format!("{key} = 2"), &format!("{key} = 0"));
+        assert_ne!(zero, body);
+        std::fs::write(&config, zero).unwrap();
+        let bad = Command::new(bin).arg("run").arg(&config).output().unwrap();
+        assert_eq!(bad.status.code(), Some(2));
+        let stderr = String::from_utf8_lossy(&bad.stderr);
+        assert!(stderr.contains(&format!("`{key}` must be at least 1")), "{stderr}");
+    }
     std::fs::write(&config, format!("{body}frobnicate = 3\n")).unwrap();
     let line = body.lines().count() + 1;
     let bad = Command::new(bin).arg("run").arg(&config).output().unwrap();

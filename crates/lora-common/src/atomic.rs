@@ -100,7 +100,10 @@ pub fn write_file(path: &Path, contents: &[u8]) -> Result<()> {
 
 /// Flushes a written file's contents to the disk (before it is renamed into place).
 pub fn sync_file(path: &Path) -> Result<()> {
-    std::fs::File::open(path)
+    // Opened for writing: some platforms flush only through a writable handle.
+    std::fs::OpenOptions::new()
+        .write(true)
+        .open(path)
         .and_then(|f| f.sync_all())
         .map_err(|e| CommonError::Io { path: path.to_path_buf(), source: e })
 }
@@ -117,12 +120,13 @@ fn sync_tree(dir: &Path) -> Result<()> {
             _ => {}
         }
     }
+    sync_dir(dir);
     Ok(())
 }
 
 /// Flushes a directory's entries (a rename into it) to the disk, where the platform allows it (best effort:
 /// some file systems refuse `fsync` on a directory, which changes nothing about the data already synced).
-fn sync_dir(dir: &Path) {
+pub fn sync_dir(dir: &Path) {
     if let Ok(d) = std::fs::File::open(dir) {
         let _ = d.sync_all();
     }

@@ -583,7 +583,9 @@ impl Trainer {
             if dir.exists() {
                 std::fs::remove_dir_all(dir).map_err(|e| ModelError::io(dir, e))?;
             }
-            std::fs::rename(&tmp, dir).map_err(|e| ModelError::io(dir, e))
+            std::fs::rename(&tmp, dir).map_err(|e| ModelError::io(dir, e))?;
+            crate::atomic::sync_dir(dir.parent().unwrap_or(Path::new(".")));
+            Ok(())
         })();
         if result.is_err() {
             let _ = std::fs::remove_dir_all(&tmp);

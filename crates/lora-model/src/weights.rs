@@ -827,7 +827,9 @@ pub fn save_safetensors(
         let _ = std::fs::remove_file(&tmp);
         return Err(e.into());
     }
-    std::fs::rename(&tmp, path).map_err(|e| ModelError::io(path, e))
+    std::fs::rename(&tmp, path).map_err(|e| ModelError::io(path, e))?;
+    crate::atomic::sync_dir(path.parent().filter(|p| !p.as_os_str().is_empty()).unwrap_or(Path::new(".")));
+    Ok(())
 }
 
 /// The floating-point kind a checkpoint stores its weights in, as transformers' `dtype="auto"` picks it: an HF

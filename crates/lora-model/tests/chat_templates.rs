@@ -65,6 +65,14 @@ fn a_template_that_does_not_compile_is_a_template_error() {
     // A failure other than raise_exception (here, an unknown filter) is a Template error too.
     let t = ChatTemplate::new("{{ messages | no_such_filter }}", "<s>", "</s>");
     assert!(matches!(t.render(&[ChatMessage::user("x")], true), Err(ModelError::Template(_))));
+    // `tojson(indent=N)` as templates use it, and an indent from the model's files that would repeat megabytes
+    // per nesting level refused.
+    let t = ChatTemplate::new("{{ messages | tojson(indent=2) }}", "<s>", "</s>");
+    let out = t.render(&[ChatMessage::user("x")], true).unwrap();
+    assert!(out.contains("\n  {\n    \"role\": \"user\""), "{out}");
+    let t = ChatTemplate::new("{{ messages | tojson(indent=100000000) }}", "<s>", "</s>");
+    let err = t.render(&[ChatMessage::user("x")], true).unwrap_err().to_string();
+    assert!(err.contains("indent 100000000"), "{err}");
 }
 
 #[test]

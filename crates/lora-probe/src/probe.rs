@@ -178,6 +178,23 @@ impl Probe {
             )));
         }
         let num_layers = model.num_layers();
+        // Four f32 arrays of samples × (L + 1) × k per mask, kept for every mask until the result is built.
+        let per_mask = 16u128 * samples.len() as u128 * (num_layers as u128 + 1) * cfg.k as u128;
+        let need = per_mask * masks.len() as u128;
+        if let Some(free) = lora_model::generate::available_memory() {
+            if need > u128::from(free) / 2 {
+                return Err(ProbeError::InvalidArgument(format!(
+                    "probing {} samples × {} points × k = {} positions under {} masks needs {:.1} GiB of per-position \
+                     statistics; {:.1} GiB are available (lower --k or the number of samples)",
+                    samples.len(),
+                    num_layers + 1,
+                    cfg.k,
+                    masks.len(),
+                    need as f64 / f64::from(1u32 << 30),
+                    free as f64 / f64::from(1u32 << 30)
+                )));
+            }
+        }
         for (label, mask) in masks {
             mask.validate(num_layers).map_err(|e| ProbeError::Mask { spec: label.clone(), message: e.to_string() })?;
         }

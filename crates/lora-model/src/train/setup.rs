@@ -45,7 +45,7 @@ impl ModuleSelector {
         if s == "all-linear" {
             ModuleSelector::Regex("all-linear".into())
         } else {
-            ModuleSelector::List(s.split(',').map(|t| t.trim().to_string()).collect())
+            ModuleSelector::List(s.split(',').map(str::trim).filter(|t| !t.is_empty()).map(str::to_string).collect())
         }
     }
 }
