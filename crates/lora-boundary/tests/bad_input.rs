@@ -99,6 +99,17 @@ fn nan_in_an_adapter_is_refused_by_every_command_naming_tensor_and_block() {
     // A `--k` past the context is refused before the per-position arrays are sized by it.
     let out = run(&["probe", "--model", s(&model()), "--data", s(&data), "--k", "100000000"], None);
     expect(&out, 2, &["k = 100000000", "context of 256 tokens"]);
+    // Output flags the chosen format would leave out are refused, not ignored; the text output has the differences.
+    let (m, ad) = (model(), adapter());
+    let probe = ["probe", "--model", s(&m), "--adapter", s(&ad), "--data", s(&data)];
+    let out = run(&[&probe[..], &["--per-sample"]].concat(), None);
+    expect(&out, 2, &["--per-sample", "--format json"]);
+    let out = run(&[&probe[..], &["--diff", "all,none", "--format", "csv"]].concat(), None);
+    expect(&out, 2, &["--diff", "not in CSV"]);
+    let out = run(&[&probe[..], &["--diff", "all,none"]].concat(), None);
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(stdout.contains("all − none: gt_prob difference per point"), "{stdout}");
 }
 
 #[test]

@@ -31,7 +31,7 @@ pub struct ProbeArgs {
     /// `teacher` (ground truth) or `free` (the model's own greedy tokens).
     #[arg(long, default_value = "teacher")]
     pub mode: ProbeMode,
-    /// Difference curves `A,B` (repeatable): mask A minus mask B.
+    /// Difference curves `A,B` (repeatable): mask A minus mask B (in the text and JSON output, and the plot).
     #[arg(long = "diff")]
     pub diffs: Vec<String>,
     /// Write an SVG plot here.
@@ -43,7 +43,7 @@ pub struct ProbeArgs {
     /// Bootstrap seed.
     #[arg(long, default_value_t = 0)]
     pub seed: u64,
-    /// Include the per-sample matrices in JSON.
+    /// Include the per-sample matrices (JSON output only).
     #[arg(long)]
     pub per_sample: bool,
     /// `text`, `json` or `csv`.
@@ -54,6 +54,19 @@ pub struct ProbeArgs {
 /// `lora-boundary probe`: loads the model (and adapter), reads and tokenizes the data, probes every mask, adds the
 /// requested difference curves and writes the plot.
 pub fn run(a: &ProbeArgs) -> Result<()> {
+    // Refused before any work rather than accepted and left out of the output.
+    if a.per_sample && a.format != ProbeFormat::Json {
+        return Err(Error::Usage(
+            "--per-sample adds the per-sample matrices to JSON: use it with --format json".into(),
+        ));
+    }
+    if !a.diffs.is_empty() && a.format == ProbeFormat::Csv && a.plot.is_none() {
+        return Err(Error::Usage(
+            "--diff curves are written in the text and JSON output and the plot, not in CSV: use --format text|json \
+             or --plot"
+                .into(),
+        ));
+    }
     let specs: Vec<String> = if !a.masks.is_empty() {
         a.masks.clone()
     } else if a.model.adapter.is_some() {
@@ -117,6 +130,16 @@ pub fn run(a: &ProbeArgs) -> Result<()> {
             for c in &result.curves {
                 println!("mask {}: gt_prob per point (state after i blocks)", c.mask);
                 let row: Vec<String> = c.gt_prob.iter().map(|p| format!("{p:.3}")).collect();
+                println!("  {}", row.join(" "));
+            }
+            for d in &result.differences {
+                println!("{} − {}: gt_prob difference per point [95% paired bootstrap CI]", d.a, d.b);
+                let row: Vec<String> = d
+                    .gt_prob
+                    .iter()
+                    .zip(d.gt_prob_ci_low.iter().zip(&d.gt_prob_ci_high))
+                    .map(|(m, (lo, hi))| format!("{m:+.3} [{lo:+.3}, {hi:+.3}]"))
+                    .collect();
                 println!("  {}", row.join(" "));
             }
             Ok(())
