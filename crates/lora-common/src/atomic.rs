@@ -78,28 +78,30 @@ pub fn clean_stale(dir: &Path) -> Vec<PathBuf> {
 /// Writes a file atomically: the bytes go to [`partial_path`], are flushed to the disk, and the file is then
 /// renamed to `path` (so that after a power loss `path` holds either its old contents or all of the new ones).
 pub fn write_file(path: &Path, contents: &[u8]) -> Result<()> {
-    use std::io::Write;
-    let parent = parent_of(path);
-    clean_stale(parent);
+    clean_stale(parent_of(path));
     let tmp = partial_path(path);
-    let written = std::fs::File::create(&tmp).and_then(|mut f| {
-        f.write_all(contents)?;
-        f.sync_all()
-    });
-    if let Err(e) = written {
+    if let Err(e) = std::fs::write(&tmp, contents) {
         let _ = std::fs::remove_file(&tmp);
         return Err(CommonError::Io { path: path.to_path_buf(), source: e });
     }
-    std::fs::rename(&tmp, path).map_err(|e| {
-        let _ = std::fs::remove_file(&tmp);
-        CommonError::Io { path: path.to_path_buf(), source: e }
-    })?;
-    sync_dir(parent);
+    commit_file(&tmp, path)
+}
+
+/// Puts the finished file `tmp` (written beside `path`, e.g. at [`partial_path`]) in place: flushes it to the disk,
+/// renames it to `path` and flushes the directory's entry. `tmp` is removed if any step fails.
+pub fn commit_file(tmp: &Path, path: &Path) -> Result<()> {
+    let moved = sync_file(tmp)
+        .and_then(|()| std::fs::rename(tmp, path).map_err(|e| CommonError::Io { path: path.to_path_buf(), source: e }));
+    if moved.is_err() {
+        let _ = std::fs::remove_file(tmp);
+    }
+    moved?;
+    sync_parent(path);
     Ok(())
 }
 
 /// Flushes a written file's contents to the disk (before it is renamed into place).
-pub fn sync_file(path: &Path) -> Result<()> {
+fn sync_file(path: &Path) -> Result<()> {
     // Opened for writing: some platforms flush only through a writable handle.
     std::fs::OpenOptions::new()
         .write(true)
@@ -124,9 +126,14 @@ fn sync_tree(dir: &Path) -> Result<()> {
     Ok(())
 }
 
+/// Flushes the entry of `target` (a file or directory just renamed into place) in its directory to the disk.
+pub fn sync_parent(target: &Path) {
+    sync_dir(parent_of(target));
+}
+
 /// Flushes a directory's entries (a rename into it) to the disk, where the platform allows it (best effort:
 /// some file systems refuse `fsync` on a directory, which changes nothing about the data already synced).
-pub fn sync_dir(dir: &Path) {
+fn sync_dir(dir: &Path) {
     if let Ok(d) = std::fs::File::open(dir) {
         let _ = d.sync_all();
     }
@@ -171,7 +178,7 @@ impl PartialDir {
         std::fs::rename(&self.tmp, &self.target)
             .map_err(|e| CommonError::Io { path: self.target.clone(), source: e })?;
         self.committed = true;
-        sync_dir(parent_of(&self.target));
+        sync_parent(&self.target);
         Ok(())
     }
 }

@@ -184,7 +184,9 @@ enum Either {
     Regex(Regex),
 }
 
-fn list_match(list: &[String], key: &str) -> bool {
+/// Whether module path `key` is named by `list` as PEFT matches a target list: the whole path, or its last dotted
+/// components.
+pub(crate) fn list_match(list: &[String], key: &str) -> bool {
     list.iter().any(|t| key == t || key.ends_with(&format!(".{t}")))
 }
 
@@ -380,6 +382,24 @@ pub struct AdapterInfo {
 }
 
 impl AdapterInfo {
+    /// The info of the wrapped `modules` (block, module, rank, scaling) with their LoRA parameters (A and B
+    /// elements) in the same order, in a model of `num_layers` blocks: the per-block counts are their sums.
+    pub(crate) fn new(
+        path: PathBuf,
+        config: LoraConfig,
+        num_layers: usize,
+        modules: Vec<(usize, Module, usize, f64)>,
+        params_per_module: Vec<u64>,
+    ) -> Self {
+        let mut params_per_layer = vec![0u64; num_layers];
+        for (m, &n) in modules.iter().zip(&params_per_module) {
+            if let Some(slot) = params_per_layer.get_mut(m.0) {
+                *slot += n;
+            }
+        }
+        AdapterInfo { path, config, modules, params_per_layer, params_per_module }
+    }
+
     /// Blocks that carry LoRA.
     pub fn layers(&self) -> BTreeSet<usize> {
         self.modules.iter().map(|m| m.0).collect()
@@ -387,30 +407,13 @@ impl AdapterInfo {
 
     /// Fraction of the adapter's parameters that a mask keeps.
     pub fn kept_fraction(&self, mask: &LayerMask) -> f64 {
-        let total: u64 = self.modules.iter().map(|m| self.module_params(m.0, m.1)).sum();
-        let kept: u64 =
-            self.modules.iter().filter(|m| mask.is_active(m.0, m.1)).map(|m| self.module_params(m.0, m.1)).sum();
+        let counted = || self.modules.iter().zip(&self.params_per_module);
+        let total: u64 = counted().map(|(_, &n)| n).sum();
+        let kept: u64 = counted().filter(|(m, _)| mask.is_active(m.0, m.1)).map(|(_, &n)| n).sum();
         if total == 0 {
             0.0
         } else {
             kept as f64 / total as f64
-        }
-    }
-
-    fn module_params(&self, layer: usize, module: Module) -> u64 {
-        if self.params_per_module.len() == self.modules.len() {
-            let at = self.modules.iter().position(|m| m.0 == layer && m.1 == module);
-            return at.and_then(|i| self.params_per_module.get(i)).copied().unwrap_or(0);
-        }
-        // An info built without per-module counts: split the block's count by rank share (exact only when every
-        // wrapped projection of the block has the same `in + out`).
-        let in_layer: Vec<_> = self.modules.iter().filter(|m| m.0 == layer).collect();
-        let ranks: usize = in_layer.iter().map(|m| m.2).sum();
-        let mine = in_layer.iter().find(|m| m.1 == module).map_or(0, |m| m.2);
-        if ranks == 0 {
-            0
-        } else {
-            self.params_per_layer.get(layer).copied().unwrap_or(0) * mine as u64 / ranks as u64
         }
     }
 }
@@ -563,7 +566,6 @@ pub fn load_adapter(model: &mut Llama, dir: impl AsRef<Path>) -> Result<AdapterI
     }
     let kind = model.kind();
     let mut modules = Vec::with_capacity(plan.len());
-    let mut params_per_layer = vec![0u64; n_layers];
     let mut params_per_module = Vec::with_capacity(plan.len());
     // Detach any previous adapter first so a partial failure cannot mix two adapters.
     for l in 0..n_layers {
@@ -575,7 +577,6 @@ pub fn load_adapter(model: &mut Llama, dir: impl AsRef<Path>) -> Result<AdapterI
         }
     }
     for (l, m, r, scaling, a, b) in plan {
-        params_per_layer[l] += (a.numel() + b.numel()) as u64;
         params_per_module.push((a.numel() + b.numel()) as u64);
         let device = model.device_map().block(l);
         let lw = LoraWeights {
@@ -590,7 +591,7 @@ pub fn load_adapter(model: &mut Llama, dir: impl AsRef<Path>) -> Result<AdapterI
         proj.attach(lw, &m.hf_path(l))?;
         modules.push((l, m, r, scaling));
     }
-    Ok(AdapterInfo { path: dir.to_path_buf(), config: cfg, modules, params_per_layer, params_per_module })
+    Ok(AdapterInfo::new(dir.to_path_buf(), cfg, n_layers, modules, params_per_module))
 }
 
 /// A module's LoRA tensors from an adapter file: (name, tensor) of A and of B.

@@ -86,7 +86,7 @@ impl Tokenizer {
             };
             match v.get("eos_token_id") {
                 None | Some(serde_json::Value::Null) => {}
-                Some(serde_json::Value::Number(n)) => eos_ids.push(n.as_i64().ok_or_else(|| bad(&v["eos_token_id"]))?),
+                Some(id @ serde_json::Value::Number(_)) => eos_ids.push(id.as_i64().ok_or_else(|| bad(id))?),
                 Some(serde_json::Value::Array(a)) => {
                     for x in a {
                         eos_ids.push(x.as_i64().ok_or_else(|| bad(x))?);

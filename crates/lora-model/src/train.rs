@@ -32,7 +32,7 @@ pub use data::{
 pub use optim::{clip_grad_norm, lr_factor, AdamW, Schedule, MAX_STEPS};
 pub use setup::{fine_tune, training_kind, FineTune};
 
-use crate::adapter::{lora_scaling, targeted_modules, AdapterInfo, LoraConfig, ModuleSelector};
+use crate::adapter::{list_match, lora_scaling, targeted_modules, AdapterInfo, LoraConfig, ModuleSelector};
 use crate::error::{ModelError, Result};
 use crate::lora::LoraWeights;
 use crate::mask::{LayerMask, Module};
@@ -73,7 +73,7 @@ fn attach_fresh(
     // A listed target that names no projection (a typo such as `v_prj`) would silently train less than asked.
     if let Some(ModuleSelector::List(list)) = &cfg.target_modules {
         let paths: Vec<String> = (0..n_layers).flat_map(|l| Module::ALL.map(|m| m.hf_path(l))).collect();
-        if let Some(t) = list.iter().find(|t| !paths.iter().any(|p| p == *t || p.ends_with(&format!(".{t}")))) {
+        if let Some(t) = list.iter().find(|t| !paths.iter().any(|p| list_match(std::slice::from_ref(*t), p))) {
             return Err(ModelError::Adapter {
                 path: origin.to_path_buf(),
                 message: format!(
@@ -101,7 +101,6 @@ fn attach_fresh(
     let kind = model.kind();
     let mut rng = Rng::new(seed);
     let mut modules = Vec::with_capacity(targets.len());
-    let mut params_per_layer = vec![0u64; n_layers];
     let mut params_per_module = Vec::with_capacity(targets.len());
     let mut values = Vec::with_capacity(targets.len());
     for (l, m, r, alpha) in targets {
@@ -132,12 +131,11 @@ fn attach_fresh(
             .projection_mut(l, m)
             .ok_or_else(|| ModelError::InvalidArgument(format!("block {l} has no {}", m.hf_name())))?;
         proj.attach(lw, &m.hf_path(l))?;
-        params_per_layer[l] += (r * inp + out * r) as u64;
         params_per_module.push((r * inp + out * r) as u64);
         modules.push((l, m, r, scaling));
         values.push((l, m, a, b));
     }
-    let info = AdapterInfo { path: PathBuf::new(), config: cfg.clone(), modules, params_per_layer, params_per_module };
+    let info = AdapterInfo::new(PathBuf::new(), cfg.clone(), n_layers, modules, params_per_module);
     Ok((info, values))
 }
 
@@ -584,7 +582,7 @@ impl Trainer {
                 std::fs::remove_dir_all(dir).map_err(|e| ModelError::io(dir, e))?;
             }
             std::fs::rename(&tmp, dir).map_err(|e| ModelError::io(dir, e))?;
-            crate::atomic::sync_dir(dir.parent().unwrap_or(Path::new(".")));
+            crate::atomic::sync_parent(dir);
             Ok(())
         })();
         if result.is_err() {
@@ -862,23 +860,21 @@ pub fn train_encoded(
     };
     write_state(&out_dir.join("trainer_state.json"), &state)?;
     let mut modules = Vec::new();
-    let mut params_per_layer = vec![0u64; model.num_layers()];
     let mut params_per_module = Vec::new();
     for (l, m, p) in model.projections() {
         if let Some(w) = &p.lora {
             modules.push((l, m, w.rank() as usize, w.scaling));
-            params_per_layer[l] += (w.a.numel() + w.b.numel()) as u64;
             params_per_module.push((w.a.numel() + w.b.numel()) as u64);
         }
     }
     Ok(TrainSummary {
-        adapter: AdapterInfo {
-            path: out_dir.to_path_buf(),
-            config: trainer.lora.clone(),
+        adapter: AdapterInfo::new(
+            out_dir.to_path_buf(),
+            trainer.lora.clone(),
+            model.num_layers(),
             modules,
-            params_per_layer,
             params_per_module,
-        },
+        ),
         steps: total,
         final_loss,
         samples: n,

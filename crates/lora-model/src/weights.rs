@@ -822,14 +822,7 @@ pub fn save_safetensors(
         let _ = std::fs::remove_file(&tmp);
         return Err(ModelError::Safetensors { path: path.to_path_buf(), message: e.to_string() });
     }
-    // On the disk before it takes the final name (see `atomic::write_file`).
-    if let Err(e) = crate::atomic::sync_file(&tmp) {
-        let _ = std::fs::remove_file(&tmp);
-        return Err(e.into());
-    }
-    std::fs::rename(&tmp, path).map_err(|e| ModelError::io(path, e))?;
-    crate::atomic::sync_dir(path.parent().filter(|p| !p.as_os_str().is_empty()).unwrap_or(Path::new(".")));
-    Ok(())
+    Ok(crate::atomic::commit_file(&tmp, path)?)
 }
 
 /// The floating-point kind a checkpoint stores its weights in, as transformers' `dtype="auto"` picks it: an HF
